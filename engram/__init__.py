@@ -1,0 +1,1 @@
+"""engram: conditional memory (DeepSeek Engram) for PyTorch language models."""

@@ -1,0 +1,267 @@
+"""Configuration dataclasses: what a model is, validated once, saved beside every checkpoint.
+
+Every config validates itself in ``__post_init__`` and raises ``ValueError`` naming the field and the
+reason. ``to_dict`` / ``from_dict`` round-trip through plain JSON types; unknown keys are refused so a
+typo in a saved or user-supplied config never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+GATES = ("signed_sqrt", "sigmoid")
+
+
+def _require(ok: bool, cls: str, name: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{cls}.{name}: {why}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _pos_int(cls: str, name: str, value: Any, minimum: int = 1) -> None:
+    _require(_is_int(value), cls, name, f"must be an int, got {value!r}")
+    _require(value >= minimum, cls, name, f"must be >= {minimum}, got {value}")
+
+
+class _Serialisable:
+    """to_dict/from_dict for (nested) config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}: expected a dict, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(known)}")
+        kwargs = {}
+        for name, value in data.items():
+            sub = _NESTED.get((cls.__name__, name))
+            kwargs[name] = sub.from_dict(value) if (sub is not None and value is not None) else value
+        return cls(**kwargs)
+
+
+@dataclass
+class EngramConfig(_Serialisable):
+    """The Engram module, with the official demo's field names and meanings (SPEC §2).
+
+    engram_vocab_size: nominal table rows per hash head, one entry per n-gram order 2..N; each head
+        gets its own prime a little above this (SPEC §2 step 3).
+    max_ngram_size: N, the largest n-gram order (also the short conv's dilation).
+    n_embed_per_ngram: width of one order's slice of the memory; d_h = n_embed_per_ngram / K.
+    n_head_per_ngram: K, hash heads per order; H = K * (N - 1) in total.
+    layer_ids: 0-based blocks that hold an Engram module (the paper's "layer 2" is 1 here).
+    pad_id: the *raw* pad id; its compressed image pads n-grams on the left and across boundaries.
+    seed: base seed of the per-layer multipliers (numpy PCG64, SPEC §2 step 2).
+    kernel_size: taps of the dilated causal short conv.
+    gate: "signed_sqrt" (demo and paper kernels, default) or "sigmoid" (plain sigmoid of the score).
+    hc_mult: G, the number of hyper-connection branches the module reads and writes.
+    """
+
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    pad_id: int = 2
+    seed: int = 0
+    kernel_size: int = 4
+    gate: str = "signed_sqrt"
+    hc_mult: int = 1
+
+    def __post_init__(self) -> None:
+        c = "EngramConfig"
+        _pos_int(c, "max_ngram_size", self.max_ngram_size, minimum=2)
+        _require(isinstance(self.engram_vocab_size, (list, tuple)), c, "engram_vocab_size",
+                 f"must be a list with one size per n-gram order, got {self.engram_vocab_size!r}")
+        self.engram_vocab_size = list(self.engram_vocab_size)
+        _require(len(self.engram_vocab_size) == self.max_ngram_size - 1, c, "engram_vocab_size",
+                 f"needs one entry per order 2..{self.max_ngram_size} "
+                 f"({self.max_ngram_size - 1} entries), got {len(self.engram_vocab_size)}")
+        for size in self.engram_vocab_size:
+            _require(_is_int(size) and size >= 2, c, "engram_vocab_size",
+                     f"every size must be an int >= 2, got {size!r}")
+        _pos_int(c, "n_head_per_ngram", self.n_head_per_ngram)
+        _pos_int(c, "n_embed_per_ngram", self.n_embed_per_ngram)
+        _require(self.n_embed_per_ngram % self.n_head_per_ngram == 0, c, "n_embed_per_ngram",
+                 f"must be divisible by n_head_per_ngram={self.n_head_per_ngram}, "
+                 f"got {self.n_embed_per_ngram}")
+        _require(isinstance(self.layer_ids, (list, tuple)), c, "layer_ids",
+                 f"must be a list of 0-based block indices, got {self.layer_ids!r}")
+        self.layer_ids = list(self.layer_ids)
+        for lid in self.layer_ids:
+            _require(_is_int(lid) and lid >= 0, c, "layer_ids",
+                     f"must hold 0-based block indices (ints >= 0), got {lid!r}")
+        _require(len(set(self.layer_ids)) == len(self.layer_ids), c, "layer_ids",
+                 f"must not repeat a block, got {self.layer_ids}")
+        _pos_int(c, "pad_id", self.pad_id, minimum=0)
+        _require(_is_int(self.seed) and self.seed >= 0, c, "seed", f"must be an int >= 0, got {self.seed!r}")
+        _pos_int(c, "kernel_size", self.kernel_size)
+        _require(self.gate in GATES, c, "gate", f"must be one of {GATES}, got {self.gate!r}")
+        _pos_int(c, "hc_mult", self.hc_mult)
+
+    # Derived sizes (SPEC §2 notation).
+    @property
+    def n_orders(self) -> int:
+        return self.max_ngram_size - 1
+
+    @property
+    def n_heads(self) -> int:
+        """H: hash heads over all orders."""
+        return self.n_head_per_ngram * self.n_orders
+
+    @property
+    def head_dim(self) -> int:
+        """d_h: width of one table row."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def memory_dim(self) -> int:
+        """d_mem = H * d_h: width of the concatenated memory vector e_t."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def dilation(self) -> int:
+        return self.max_ngram_size
+
+
+@dataclass
+class MoEConfig(_Serialisable):
+    """DeepSeekMoE: shared experts every token uses plus fine-grained routed experts, top-k.
+
+    Routing scores are sigmoids of a linear router; a per-expert bias (not a parameter, not trained
+    by gradient) is added only when choosing the top-k and moves by ``bias_update_rate`` per step
+    toward balanced load (auxiliary-loss-free balancing). Blocks ``< first_dense_layers`` use the
+    dense SwiGLU FFN instead (the paper keeps the first block dense).
+    """
+
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden: int = 128
+    first_dense_layers: int = 1
+    bias_update_rate: float = 1e-3
+    route_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        c = "MoEConfig"
+        _pos_int(c, "n_routed_experts", self.n_routed_experts)
+        _pos_int(c, "n_shared_experts", self.n_shared_experts, minimum=0)
+        _pos_int(c, "top_k", self.top_k)
+        _require(self.top_k <= self.n_routed_experts, c, "top_k",
+                 f"must be <= n_routed_experts={self.n_routed_experts}, got {self.top_k}")
+        _pos_int(c, "expert_hidden", self.expert_hidden)
+        _pos_int(c, "first_dense_layers", self.first_dense_layers, minimum=0)
+        _require(isinstance(self.bias_update_rate, (int, float)) and self.bias_update_rate >= 0,
+                 c, "bias_update_rate", f"must be a float >= 0, got {self.bias_update_rate!r}")
+        _require(isinstance(self.route_scale, (int, float)) and self.route_scale > 0,
+                 c, "route_scale", f"must be a float > 0, got {self.route_scale!r}")
+
+
+@dataclass
+class BackboneConfig(_Serialisable):
+    """The decoder-only transformer that hosts Engram.
+
+    hc_mult: G, hyper-connection branches (mHC); 1 gives a plain residual stream.
+    ffn_hidden: width of the dense SwiGLU FFN (every block when ``moe`` is None, else the first
+        ``moe.first_dense_layers`` blocks).
+    """
+
+    vocab_size: int = 512
+    n_layers: int = 4
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    ffn_hidden: int = 172
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        c = "BackboneConfig"
+        _pos_int(c, "vocab_size", self.vocab_size, minimum=2)
+        _pos_int(c, "n_layers", self.n_layers)
+        _pos_int(c, "d_model", self.d_model)
+        _pos_int(c, "n_heads", self.n_heads)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        _pos_int(c, "n_kv_heads", self.n_kv_heads)
+        _require(self.d_model % self.n_heads == 0, c, "d_model",
+                 f"must be divisible by n_heads={self.n_heads}, got {self.d_model}")
+        _require((self.d_model // self.n_heads) % 2 == 0, c, "d_model",
+                 f"head width d_model/n_heads must be even for RoPE, got {self.d_model // self.n_heads}")
+        _require(self.n_heads % self.n_kv_heads == 0, c, "n_kv_heads",
+                 f"must divide n_heads={self.n_heads} (grouped-query attention), got {self.n_kv_heads}")
+        _pos_int(c, "ffn_hidden", self.ffn_hidden)
+        _pos_int(c, "max_seq_len", self.max_seq_len)
+        _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, c, "rope_theta",
+                 f"must be > 0, got {self.rope_theta!r}")
+        _require(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, c, "norm_eps",
+                 f"must be > 0, got {self.norm_eps!r}")
+        _pos_int(c, "hc_mult", self.hc_mult)
+        _pos_int(c, "hc_sinkhorn_iters", self.hc_sinkhorn_iters)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        _require(self.moe is None or isinstance(self.moe, MoEConfig), c, "moe",
+                 f"must be a MoEConfig or None, got {type(self.moe).__name__}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class ModelConfig(_Serialisable):
+    """A backbone plus an optional Engram module; ``engram=None`` (or no layer_ids) is the baseline."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    engram: EngramConfig | None = None
+
+    def __post_init__(self) -> None:
+        c = "ModelConfig"
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig.from_dict(self.backbone)
+        if isinstance(self.engram, dict):
+            self.engram = EngramConfig.from_dict(self.engram)
+        _require(isinstance(self.backbone, BackboneConfig), c, "backbone",
+                 f"must be a BackboneConfig, got {type(self.backbone).__name__}")
+        if self.engram is None:
+            return
+        _require(isinstance(self.engram, EngramConfig), c, "engram",
+                 f"must be an EngramConfig or None, got {type(self.engram).__name__}")
+        bad = [lid for lid in self.engram.layer_ids if lid >= self.backbone.n_layers]
+        _require(not bad, c, "engram.layer_ids",
+                 f"{bad} out of range for backbone.n_layers={self.backbone.n_layers} (ids are 0-based)")
+        _require(self.engram.hc_mult == self.backbone.hc_mult, c, "engram.hc_mult",
+                 f"must equal backbone.hc_mult={self.backbone.hc_mult} (the module reads and writes "
+                 f"every branch), got {self.engram.hc_mult}")
+        _require(self.engram.pad_id < self.backbone.vocab_size, c, "engram.pad_id",
+                 f"raw pad id {self.engram.pad_id} is outside backbone.vocab_size={self.backbone.vocab_size}")
+
+    @property
+    def engram_layer_ids(self) -> list[int]:
+        return [] if self.engram is None else list(self.engram.layer_ids)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        from engram.presets import get_preset
+
+        return get_preset(name)
+
+
+_NESTED: dict[tuple[str, str], type] = {
+    ("BackboneConfig", "moe"): MoEConfig,
+    ("ModelConfig", "backbone"): BackboneConfig,
+    ("ModelConfig", "engram"): EngramConfig,
+}
