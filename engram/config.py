@@ -255,8 +255,6 @@ class ModelConfig(_Serialisable):
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
-        from engram.presets import get_preset
-
         return get_preset(name)
 
 
@@ -265,3 +263,35 @@ _NESTED: dict[tuple[str, str], type] = {
     ("ModelConfig", "backbone"): BackboneConfig,
     ("ModelConfig", "engram"): EngramConfig,
 }
+
+
+# -- named presets ---------------------------------------------------------------------------------
+def _tiny_backbone(moe: bool) -> BackboneConfig:
+    return BackboneConfig(
+        vocab_size=512, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=172,
+        max_seq_len=256, hc_mult=2,
+        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=32) if moe else None,
+    )
+
+
+def _tiny_engram() -> ModelConfig:
+    return ModelConfig(
+        backbone=_tiny_backbone(moe=True),
+        engram=EngramConfig(engram_vocab_size=[1009, 1009], max_ngram_size=3, n_embed_per_ngram=32,
+                            n_head_per_ngram=4, layer_ids=[1], pad_id=2, hc_mult=2),
+    )
+
+
+# Unit-test sized (seconds on a CPU). Training-sized presets are added beside these.
+PRESETS = {
+    "tiny-dense": lambda: ModelConfig(backbone=_tiny_backbone(moe=False)),
+    "tiny-moe": lambda: ModelConfig(backbone=_tiny_backbone(moe=True)),
+    "tiny-engram": _tiny_engram,
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh ModelConfig for a named preset; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]()

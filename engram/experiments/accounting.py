@@ -1,0 +1,113 @@
+"""Parameter and FLOP accounting (SPEC §4), computed from a config without building the model.
+
+P_tot: trainable parameters excluding the input embedding and the LM head (the paper's convention).
+P_act: parameters used by one token: everything in P_tot except the routed experts a token does not
+    visit and the Engram tables (a token reads H rows out of millions; the paper counts tables as sparse).
+P_sparse = P_tot - P_act: the budget split by the allocation ratio rho between routed experts and Engram.
+
+``tests/experiments/test_accounting.py`` pins every count to ``numel`` of a built model, so the
+allocation sweeps can trust these numbers without instantiating huge tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from engram.config import ModelConfig
+from engram.hashing import table_primes
+from engram.model.attention import attention_params
+from engram.model.hyper import hyper_params
+from engram.model.layers import swiglu_params
+from engram.model.moe import moe_params
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int  # P_tot
+    active: int  # P_act
+    sparse: int  # P_sparse = P_tot - P_act
+    routed_experts: int  # all routed-expert parameters (active and not)
+    engram_tables: int  # table rows * row width, summed over Engram layers
+    engram_dense: int  # Engram projections, norms and conv (active)
+    embedding: int  # input embedding (excluded from P_tot)
+    head: int  # LM head (excluded from P_tot)
+    flops_per_token: int  # forward FLOPs per token at max_seq_len (see ``forward_flops_per_token``)
+
+    @property
+    def with_embeddings(self) -> int:
+        return self.total + self.embedding + self.head
+
+    @property
+    def engram_share_of_sparse(self) -> float:
+        """1 - rho: share of P_sparse held by Engram tables."""
+        return self.engram_tables / self.sparse if self.sparse else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"with_embeddings": self.with_embeddings,
+                               "engram_share_of_sparse": self.engram_share_of_sparse}
+
+
+def engram_dense_params(config: ModelConfig) -> int:
+    """Per Engram layer: W_K per branch, shared W_V, three per-branch RMSNorms, depthwise conv taps."""
+    e, D = config.engram, config.backbone.d_model
+    G, M = e.hc_mult, e.memory_dim
+    return G * M * D + M * D + 3 * G * D + G * D * e.kernel_size
+
+
+def engram_table_params(config: ModelConfig) -> int:
+    e = config.engram
+    if e is None or not e.layer_ids:
+        return 0
+    primes = table_primes(e.engram_vocab_size, e.n_head_per_ngram, e.layer_ids)
+    rows = sum(p for lid in e.layer_ids for order in primes[lid] for p in order)
+    return rows * e.head_dim
+
+
+def forward_flops_per_token(config: ModelConfig, active_matmul_params: int, seq_len: int) -> int:
+    """2 FLOPs per active weight (including the head) plus attention scores and mixing.
+
+    Causal attention at sequence length T attends to (T+1)/2 keys on average; QK^T and AV each cost
+    2 * heads * head_dim FLOPs per key. Element-wise work (norms, gates, activations) is ignored, as
+    usual; a training step costs about 3x the forward.
+    """
+    bb = config.backbone
+    attn = 2 * 2 * bb.n_layers * bb.n_heads * bb.head_dim * (seq_len + 1) // 2
+    return 2 * active_matmul_params + attn
+
+
+def count_parameters(config: ModelConfig, seq_len: int | None = None) -> ParameterCount:
+    """P_tot, P_act, P_sparse, Engram and embedding/head parameters, and forward FLOPs per token."""
+    bb = config.backbone
+    D, V = bb.d_model, bb.vocab_size
+    total = active = routed = 0
+    for layer_id in range(bb.n_layers):
+        block = attention_params(bb) + 2 * D + 2 * hyper_params(D, bb.hc_mult)  # attn, 2 norms, 2 residuals
+        if bb.moe is not None and layer_id >= bb.moe.first_dense_layers:
+            moe_total, moe_active = moe_params(D, bb.moe)
+            total += block + moe_total
+            active += block + moe_active
+            routed += bb.moe.n_routed_experts * swiglu_params(D, bb.moe.expert_hidden)
+        else:
+            total += block + swiglu_params(D, bb.ffn_hidden)
+            active += block + swiglu_params(D, bb.ffn_hidden)
+        if layer_id in config.engram_layer_ids:
+            total += engram_dense_params(config)
+            active += engram_dense_params(config)
+    total += D  # final norm
+    active += D
+    tables = engram_table_params(config)
+    total += tables
+    engram_dense = engram_dense_params(config) * len(config.engram_layer_ids) if config.engram else 0
+    flops = forward_flops_per_token(config, active + D * V, seq_len or bb.max_seq_len)
+    return ParameterCount(total=total, active=active, sparse=total - active, routed_experts=routed,
+                          engram_tables=tables, engram_dense=engram_dense, embedding=V * D, head=V * D,
+                          flops_per_token=flops)
+
+
+def format_count(count: ParameterCount) -> str:
+    """A short human-readable table."""
+    rows = [("P_tot", count.total), ("P_act", count.active), ("P_sparse", count.sparse),
+            ("routed experts", count.routed_experts), ("Engram tables", count.engram_tables),
+            ("Engram dense", count.engram_dense), ("embedding", count.embedding), ("head", count.head),
+            ("FLOPs/token (fwd)", count.flops_per_token)]
+    return "\n".join(f"{name:<18} {value:>16,}" for name, value in rows)

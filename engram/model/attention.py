@@ -1,0 +1,40 @@
+"""Causal self-attention with RoPE and optional grouped-query heads, on PyTorch SDPA.
+
+Legend: B batch, T time, D model width, h query heads, k key/value heads, d head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import BackboneConfig
+from engram.model.layers import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        D, hd, kd = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.wq = nn.Linear(D, hd, bias=False)
+        self.wk = nn.Linear(D, kd, bias=False)
+        self.wv = nn.Linear(D, kd, bias=False)
+        self.wo = nn.Linear(hd, D, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D); cos/sin (T, d) -> (B, T, D), causal."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, k, T, d)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, k, T, d)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, h, T, d)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention_params(config: BackboneConfig) -> int:
+    D, d = config.d_model, config.head_dim
+    return 2 * D * config.n_heads * d + 2 * D * config.n_kv_heads * d

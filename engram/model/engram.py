@@ -1,0 +1,145 @@
+"""The Engram module (SPEC §2 steps 5-9): gather hashed n-gram rows, gate them with the hidden state,
+pass them through a dilated causal short conv and return the contribution to the residual stream.
+
+Legend: B batch, T time, G hyper-connection branches, D model width, H hash heads, d_h row width,
+M = d_mem = H*d_h memory width, K conv taps.
+
+The module takes precomputed hash ids (``NgramHasher``, once per batch for every layer) and never
+touches numpy or the host in ``forward`` (PITFALLS 11). It returns Y only; the block adds it
+(PITFALLS 9: the V4.1 variant that returns x + alpha*v is a different convention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import EngramConfig
+from engram.hashing import shift_back
+
+GATE_SQRT_FLOOR = 1e-6  # sqrt'(s) explodes at 0 (PITFALLS 10)
+
+
+class MultiHeadEmbedding(nn.Module):
+    """All heads of one layer in one flat table; head j's rows start at ``offsets[j]`` (SPEC §2 step 5).
+
+    ``sparse`` makes the backward produce a sparse gradient holding only the looked-up rows, so a
+    sparse optimizer costs O(rows touched) (PITFALLS 12). Storage tiers replace this module.
+    """
+
+    def __init__(self, table_sizes: list[int], dim: int):
+        super().__init__()
+        sizes = torch.tensor(table_sizes, dtype=torch.int64)
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)  # (H,)
+        self.weight = nn.Parameter(torch.empty(int(sizes.sum()), dim))
+        self.sparse = False
+
+    @property
+    def num_rows(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H, d_h)
+        return F.embedding(hash_ids + self.offsets, self.weight, sparse=self.sparse)
+
+
+class BranchLinear(nn.Module):
+    """One bias-free matrix per branch, stored as a (G, out, in) tensor: (B, T, in) -> (B, T, G, out)."""
+
+    def __init__(self, branches: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(branches, out_dim, in_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("btm,gdm->btgd", x, self.weight)
+
+
+class BranchRMSNorm(nn.Module):
+    """RMSNorm with its own weight per branch: (B, T, G, D) -> (B, T, G, D), optionally kept in fp32."""
+
+    def __init__(self, branches: int, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(branches, dim))
+
+    def forward(self, x: torch.Tensor, keep_fp32: bool = False) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()
+        return y if keep_fp32 else y.to(x.dtype)
+
+
+class Engram(nn.Module):
+    """One Engram module at one block. ``table_sizes``: prime row count of each of the H heads."""
+
+    def __init__(self, config: EngramConfig, dim: int, table_sizes: list[int], norm_eps: float = 1e-6):
+        super().__init__()
+        if len(table_sizes) != config.n_heads:
+            raise ValueError(f"need one table size per hash head ({config.n_heads}), got {len(table_sizes)}")
+        G, M = config.hc_mult, config.memory_dim
+        self.config = config
+        self.dim = dim
+        self.embedding = MultiHeadEmbedding(table_sizes, config.head_dim)
+        self.key_proj = BranchLinear(G, M, dim)  # W_K^g, one per branch (branch-specific fusion)
+        self.value_proj = nn.Linear(M, dim, bias=False)  # W_V, shared by all branches
+        self.norm_query = BranchRMSNorm(G, dim, norm_eps)
+        self.norm_key = BranchRMSNorm(G, dim, norm_eps)
+        self.norm_conv = BranchRMSNorm(G, dim, norm_eps)
+        self.conv_weight = nn.Parameter(torch.zeros(G, dim, config.kernel_size))  # depthwise taps
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, table_std: float = 1.0) -> None:
+        """Initialisation, per parameter:
+
+        | parameter            | init                                                    |
+        |----------------------|---------------------------------------------------------|
+        | embedding.weight     | N(0, table_std)                                          |
+        | key_proj.weight      | N(0, std)                                                |
+        | value_proj.weight    | N(0, std)                                                |
+        | norm_*.weight        | ones                                                     |
+        | conv_weight          | zeros: the conv branch starts as identity (SPEC §2 step 8)|
+        """
+        nn.init.normal_(self.embedding.weight, std=table_std)
+        nn.init.normal_(self.key_proj.weight, std=std)
+        nn.init.normal_(self.value_proj.weight, std=std)
+        for norm in (self.norm_query, self.norm_key, self.norm_conv):
+            nn.init.ones_(norm.weight)
+        nn.init.zeros_(self.conv_weight)
+
+    def gate(self, hidden: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """alpha (B, T, G, 1) from hidden (B, T, G, D) and key (B, T, G, D), all in fp32 (PITFALLS 10)."""
+        q = self.norm_query(hidden, keep_fp32=True)
+        k = self.norm_key(key, keep_fp32=True)
+        score = (q * k).sum(dim=-1, keepdim=True) / math.sqrt(self.dim)  # (B, T, G, 1)
+        if self.config.gate == "signed_sqrt":
+            score = score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt()
+        return torch.sigmoid(score)
+
+    def short_conv(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise causal conv over time with dilation N: (B, T, G, D) -> (B, T, G, D).
+
+        Tap j reads t - (K-1-j)*N (left padding (K-1)*N, PITFALLS 8); a tap that reaches into an
+        earlier document reads zero, like the sequence start (PITFALLS 7).
+        """
+        K, N = self.config.kernel_size, self.config.dilation
+        out = x * self.conv_weight[..., K - 1]
+        for j in range(K - 1):
+            out = out + shift_back(x, (K - 1 - j) * N, 0, doc_ids) * self.conv_weight[..., j]
+        return out
+
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, G, D), hash_ids (B, T, H) int64, doc_ids (B, T) -> Y (B, T, G, D)."""
+        B, T = hash_ids.shape[:2]
+        # 1. gather: one row per head, concatenated into the memory vector e_t
+        e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)
+        # 2. key: one projection per branch
+        key = self.key_proj(e)  # (B, T, G, D)
+        # 3. gate: the hidden state decides how much of the retrieved memory it trusts
+        alpha = self.gate(hidden, key)  # (B, T, G, 1), fp32
+        # 4. value: shared projection, gated per branch
+        value = alpha.to(e.dtype) * self.value_proj(e)[:, :, None, :]  # (B, T, 1, D) -> (B, T, G, D)
+        # 5. short conv on the normalised value, residual inside the module
+        conv = self.short_conv(self.norm_conv(value), doc_ids)  # (B, T, G, D)
+        return value + F.silu(conv)

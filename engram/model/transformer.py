@@ -1,0 +1,170 @@
+"""EngramLM: a decoder-only transformer with Engram modules at configured blocks.
+
+Legend: B batch, T time, G hyper-connection branches, D model width, V vocabulary, H hash heads.
+
+Data flow: raw ids (B, T) -> hasher: {layer: (B, T, H)} once per batch -> token embedding (B, T, D)
+copied into G branches (B, T, G, D) -> blocks [Engram? -> attention -> FFN/MoE], each sub-layer
+through a residual/hyper-connection -> mean over branches -> norm -> head (B, T, V).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import ModelConfig
+from engram.hashing import NgramHasher, document_ids
+from engram.model.attention import Attention
+from engram.model.engram import Engram
+from engram.model.hyper import make_residual
+from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from engram.model.moe import MoE
+from engram.tokenizer import CompressedTokenizer
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """[Engram ->] attention -> FFN or MoE. The FFN variant is chosen here, at build time."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, table_sizes: list[int] | None):
+        super().__init__()
+        bb = config.backbone
+        self.layer_id = layer_id
+        self.engram = Engram(config.engram, bb.d_model, table_sizes, bb.norm_eps) if table_sizes else None
+        self.attn_norm = RMSNorm(bb.d_model, bb.norm_eps)
+        self.attn = Attention(bb)
+        self.attn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)
+        self.ffn_norm = RMSNorm(bb.d_model, bb.norm_eps)
+        use_moe = bb.moe is not None and layer_id >= bb.moe.first_dense_layers
+        self.ffn = MoE(bb.d_model, bb.moe) if use_moe else SwiGLU(bb.d_model, bb.ffn_hidden)
+        self.ffn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                hash_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, G, D) -> (B, T, G, D)."""
+        if self.engram is not None:
+            x = x + self.engram(x, hash_ids, doc_ids)  # the module returns its contribution only
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin))
+        return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
+
+
+class EngramLM(nn.Module):
+    """``model(input_ids).logits`` is (B, T, V); with ``labels`` the output also carries the loss.
+
+    ``compressed_tokenizer`` fixes the Engram addresses; without one, compressed id = raw id (no
+    compression). A config without Engram layers builds the plain dense/MoE baseline.
+    """
+
+    def __init__(self, config: ModelConfig, compressed_tokenizer: CompressedTokenizer | None = None):
+        super().__init__()
+        self.config = config
+        bb = config.backbone
+        self.hasher = None
+        if config.engram_layer_ids:
+            tok = compressed_tokenizer or CompressedTokenizer.identity(bb.vocab_size)
+            if tok.raw_vocab_size != bb.vocab_size:
+                raise ValueError(f"compressed tokenizer covers {tok.raw_vocab_size} raw ids but "
+                                 f"backbone.vocab_size is {bb.vocab_size}")
+            self.hasher = NgramHasher(config.engram, tok)
+        self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
+        self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta)
+        self.layers = nn.ModuleList(Block(config, i, self._table_sizes(i)) for i in range(bb.n_layers))
+        self.norm = RMSNorm(bb.d_model, bb.norm_eps)
+        self.output = nn.Linear(bb.d_model, bb.vocab_size, bias=False)
+        self.init_weights()
+
+    def _table_sizes(self, layer_id: int) -> list[int] | None:
+        if self.hasher is None or layer_id not in self.hasher.layer_ids:
+            return None
+        return [p for order in self.hasher.primes[layer_id] for p in order]
+
+    @property
+    def engram_layers(self) -> dict[int, Engram]:
+        return {blk.layer_id: blk.engram for blk in self.layers if blk.engram is not None}
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Initialisation, per parameter:
+
+        | parameter                         | init                                   |
+        |-----------------------------------|----------------------------------------|
+        | tok_embeddings.weight             | N(0, 1)                                |
+        | attention wq/wk/wv, FFN w1/w3     | N(0, std)                              |
+        | attention wo, FFN/expert w2       | N(0, std / sqrt(2 * n_layers))         |
+        | output.weight                     | N(0, std)                              |
+        | norms                             | ones                                   |
+        | MoE, hyper-connections, Engram    | their own ``init_weights``             |
+        """
+        out_std = std / math.sqrt(2 * self.config.backbone.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+        nn.init.normal_(self.output.weight, std=std)
+        for blk in self.layers:
+            for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(blk.attn.wo.weight, std=out_std)
+            if isinstance(blk.ffn, SwiGLU):
+                nn.init.normal_(blk.ffn.w1.weight, std=std)
+                nn.init.normal_(blk.ffn.w3.weight, std=std)
+                nn.init.normal_(blk.ffn.w2.weight, std=out_std)
+            else:
+                blk.ffn.init_weights(std, out_std)
+            for res in (blk.attn_res, blk.ffn_res):
+                if hasattr(res, "init_weights"):
+                    res.init_weights()
+            if blk.engram is not None:
+                blk.engram.init_weights(std)
+
+    def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Hash ids for every Engram layer, computed once per batch (empty for a baseline)."""
+        return {} if self.hasher is None else self.hasher(input_ids, boundary)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                boundary: torch.Tensor | None = None,
+                hash_ids: dict[int, torch.Tensor] | None = None) -> LMOutput:
+        """input_ids (B, T) raw ids; labels (B, T), the loss predicts labels[:, t+1] at position t
+        (ignore index -100); boundary (B, T) bool, True where a packed document starts, resets the
+        n-grams and the short conv; hash_ids, if already computed (e.g. by a prefetcher)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        V = self.config.backbone.vocab_size
+        if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= V)).any()):
+            bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
+            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {V})")
+        if hash_ids is None:
+            hash_ids = self.hash(input_ids, boundary)
+        doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
+        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        x = x[:, :, None, :].expand(-1, -1, self.config.backbone.hc_mult, -1).contiguous()  # (B, T, G, D)
+        for blk in self.layers:
+            x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids)
+        logits = self.output(self.norm(x.mean(dim=2)))  # (B, T, G, D) -> (B, T, D) -> (B, T, V)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return LMOutput(logits=logits, loss=loss)
+
+    def moe_layers(self) -> list[MoE]:
+        return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoE)]
+
+    def update_moe_bias(self) -> None:
+        """Auxiliary-loss-free balancing: call once per optimizer step."""
+        for moe in self.moe_layers():
+            moe.update_bias()
