@@ -1,0 +1,93 @@
+import dataclasses
+
+import pytest
+import torch
+
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+from engram.experiments.accounting import count_parameters, format_count
+from engram.model.transformer import EngramLM
+
+CONFIGS = {
+    "tiny-dense": get_preset("tiny-dense"),
+    "tiny-moe": get_preset("tiny-moe"),
+    "tiny-engram": get_preset("tiny-engram"),
+    "g1-gqa-4gram-two-layers": ModelConfig(
+        backbone=BackboneConfig(vocab_size=300, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                                moe=MoEConfig(n_routed_experts=5, n_shared_experts=0, top_k=3, expert_hidden=16,
+                                              first_dense_layers=0)),
+        engram=EngramConfig(engram_vocab_size=[101, 103, 107], max_ngram_size=4, n_head_per_ngram=3,
+                            n_embed_per_ngram=12, layer_ids=[0, 2], kernel_size=3)),
+}
+
+
+def _classify(model: EngramLM) -> dict[str, int]:
+    """Count parameters by name, independently of the analytic formulas."""
+    out = {"embedding": 0, "head": 0, "tables": 0, "routed": 0, "other": 0}
+    for name, p in model.named_parameters():
+        key = ("embedding" if name.startswith("tok_embeddings") else "head" if name.startswith("output")
+               else "tables" if name.endswith("engram.embedding.weight") else "routed" if ".experts." in name
+               else "other")
+        out[key] += p.numel()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_counts_match_the_built_model(name):
+    config = CONFIGS[name]
+    model = EngramLM(config)
+    count = count_parameters(config)
+    parts = _classify(model)
+    assert count.with_embeddings == sum(p.numel() for p in model.parameters())
+    assert (count.embedding, count.head, count.engram_tables, count.routed_experts) == (
+        parts["embedding"], parts["head"], parts["tables"], parts["routed"])
+    assert count.total == parts["tables"] + parts["routed"] + parts["other"]
+    assert count.sparse == count.total - count.active
+    moe = config.backbone.moe
+    inactive = 0
+    if moe is not None:
+        per_expert = parts["routed"] // moe.n_routed_experts
+        inactive = (moe.n_routed_experts - moe.top_k) * per_expert
+    assert count.active == count.total - parts["tables"] - inactive
+
+
+def test_active_parameters_are_what_one_token_touches():
+    """One token's backward touches exactly P_act dense/expert weights plus H rows per Engram layer."""
+    config = CONFIGS["g1-gqa-4gram-two-layers"]
+    model = EngramLM(config)
+    with torch.no_grad():
+        for layer in model.engram_layers.values():
+            layer.conv_weight.normal_()
+    model(torch.tensor([[7]])).logits.sum().backward()
+    touched = 0
+    for name, p in model.named_parameters():
+        if name.startswith(("tok_embeddings", "output")) or p.grad is None:
+            continue
+        if name.endswith("engram.embedding.weight"):
+            assert (p.grad.abs().sum(1) > 0).sum() == config.engram.n_heads
+            continue
+        if ".experts." in name:  # whole experts are either used or not
+            touched += p[0].numel() * int((p.grad.flatten(1).abs().sum(1) > 0).sum())
+            continue
+        touched += p.numel()
+    assert touched == count_parameters(config).active
+
+
+def test_flops_by_hand():
+    config = ModelConfig(backbone=BackboneConfig(vocab_size=100, n_layers=2, d_model=8, n_heads=2, ffn_hidden=16,
+                                                 max_seq_len=10))
+    count = count_parameters(config, seq_len=10)
+    per_block = 4 * 8 * 8 + 3 * 8 * 16 + 2 * 8
+    assert count.active == 2 * per_block + 8
+    attention = 2 * 2 * 2 * 8 * (10 + 1) // 2
+    assert count.flops_per_token == 2 * (count.active + 8 * 100) + attention
+    assert "P_tot" in format_count(count)
+
+
+def test_engram_share_of_sparse():
+    count = count_parameters(get_preset("tiny-engram"))
+    assert 0 < count.engram_share_of_sparse < 1
+    # 2 orders x 4 heads, primes just above 1009, rows of width 32 / 4 = 8
+    primes = [1013, 1019, 1021, 1031, 1033, 1039, 1049, 1051]
+    assert count.engram_tables == sum(primes) * 8
+    assert count.engram_share_of_sparse == pytest.approx(count.engram_tables / count.sparse)
+    assert count_parameters(get_preset("tiny-moe")).engram_share_of_sparse == 0

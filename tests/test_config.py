@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from engram.config import PRESETS, BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_ngram_size": 1}, "max_ngram_size"),
+    ({"engram_vocab_size": [100]}, "engram_vocab_size"),
+    ({"engram_vocab_size": [100, 1]}, "engram_vocab_size"),
+    ({"engram_vocab_size": 100}, "engram_vocab_size"),
+    ({"engram_vocab_size": [100, 2.5]}, "engram_vocab_size"),
+    ({"n_head_per_ngram": 0}, "n_head_per_ngram"),
+    ({"n_embed_per_ngram": 500}, "n_embed_per_ngram"),
+    ({"layer_ids": [-1]}, "layer_ids"),
+    ({"layer_ids": [1, 1]}, "layer_ids"),
+    ({"layer_ids": 3}, "layer_ids"),
+    ({"pad_id": -1}, "pad_id"),
+    ({"seed": -5}, "seed"),
+    ({"kernel_size": 0}, "kernel_size"),
+    ({"gate": "relu"}, "gate"),
+    ({"hc_mult": 0}, "hc_mult"),
+    ({"n_head_per_ngram": True}, "n_head_per_ngram"),
+])
+def test_engram_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"EngramConfig\.{field}:"):
+        EngramConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cls,kwargs,field", [
+    (BackboneConfig, {"d_model": 30, "n_heads": 4}, "d_model"),
+    (BackboneConfig, {"d_model": 12, "n_heads": 4}, "d_model"),  # odd head width: no RoPE
+    (BackboneConfig, {"n_kv_heads": 3}, "n_kv_heads"),
+    (BackboneConfig, {"vocab_size": 1}, "vocab_size"),
+    (BackboneConfig, {"norm_eps": 0}, "norm_eps"),
+    (BackboneConfig, {"moe": 3}, "moe"),
+    (MoEConfig, {"top_k": 9, "n_routed_experts": 8}, "top_k"),
+    (MoEConfig, {"bias_update_rate": -1}, "bias_update_rate"),
+    (MoEConfig, {"n_shared_experts": -1}, "n_shared_experts"),
+])
+def test_backbone_and_moe_errors(cls, kwargs, field):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{field}:"):
+        cls(**kwargs)
+
+
+def test_model_config_cross_checks():
+    bb = BackboneConfig(n_layers=4, hc_mult=2)
+    with pytest.raises(ValueError, match=r"engram\.layer_ids.*\[4\]"):
+        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1, 4], hc_mult=2))
+    with pytest.raises(ValueError, match=r"engram\.hc_mult"):
+        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1], hc_mult=1))
+    with pytest.raises(ValueError, match=r"engram\.pad_id"):
+        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1], hc_mult=2, pad_id=600))
+
+
+def test_demo_field_names_and_defaults():
+    """The official demo's EngramConfig fields, names and defaults."""
+    c = EngramConfig()
+    assert c.engram_vocab_size == [646400, 646400] and c.max_ngram_size == 3
+    assert c.n_embed_per_ngram == 512 and c.n_head_per_ngram == 8 and c.layer_ids == [1, 15]
+    assert c.pad_id == 2 and c.seed == 0 and c.kernel_size == 4 and c.gate == "signed_sqrt"
+    assert (c.n_heads, c.head_dim, c.memory_dim, c.dilation) == (16, 64, 1024, 3)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_json(name):
+    config = get_preset(name)
+    again = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and ModelConfig.from_name(name) == config
+
+
+def test_from_dict_refuses_unknown_fields():
+    data = get_preset("tiny-engram").to_dict()
+    data["engram"]["n_heads_per_ngram"] = 8  # typo
+    with pytest.raises(ValueError, match="unknown field.*n_heads_per_ngram"):
+        ModelConfig.from_dict(data)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        get_preset("nope")
