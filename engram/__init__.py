@@ -1,1 +1,22 @@
-"""engram: conditional memory (DeepSeek Engram) for PyTorch language models."""
+"""engram: conditional memory (DeepSeek's Engram, arXiv 2601.07372) for PyTorch language models.
+
+The public surface::
+
+    from engram import CompressedTokenizer, NgramHasher, EngramConfig, ModelConfig, EngramLM
+    model = EngramLM(ModelConfig.from_name("tiny-engram"))
+    logits = model(input_ids).logits
+"""
+
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+from engram.experiments.accounting import ParameterCount, count_parameters
+from engram.hashing import NgramHasher
+from engram.model.engram import Engram
+from engram.model.transformer import EngramLM, LMOutput
+from engram.tokenizer import CompressedTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackboneConfig", "CompressedTokenizer", "Engram", "EngramConfig", "EngramLM", "LMOutput", "ModelConfig",
+    "MoEConfig", "NgramHasher", "ParameterCount", "count_parameters", "get_preset",
+]
