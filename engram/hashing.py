@@ -117,24 +117,29 @@ def ngram_mixes(compressed: torch.Tensor, multipliers: torch.Tensor, pad_id: int
     compressed: (B, T) int64 compressed ids; multipliers: (L, N) int64.
     Returns (L, N-1, B, T): entry [l, n-2] = XOR_{k<n} x'_{t-k} * m_{l,k}, the mix of order n.
     """
-    N = multipliers.shape[1]
+    L, N = multipliers.shape
+    out = compressed.new_empty((L, N - 1, *compressed.shape))  # (L, N-1, B, T), written in place
     mix = compressed[None] * multipliers[:, 0, None, None]  # (L, B, T)
-    mixes = []
     for k in range(1, N):
         back = shift_back(compressed, k, pad_id, doc_ids)  # (B, T)
-        mix = torch.bitwise_xor(mix, back[None] * multipliers[:, k, None, None])
-        mixes.append(mix)
-    return torch.stack(mixes, dim=1)  # (L, N-1, B, T)
+        mix = torch.bitwise_xor(mix, back[None] * multipliers[:, k, None, None], out=out[:, k - 1])
+    return out
 
 
 def heads_from_mixes(mixes: torch.Tensor, moduli: torch.Tensor, n_head_per_ngram: int) -> torch.Tensor:
     """(L, N-1, B, T) mixes, (L, H) primes -> (L, B, T, H) hash ids; heads ordered by order, then head.
 
     Mixes are non-negative (products of ids < V' and multipliers bounded by ``multiplier_bound``), so
-    remainder is the floor mod of the reference (PITFALLS 2).
+    remainder is the floor mod of the reference (PITFALLS 2). The K heads of one order broadcast one
+    mix against K primes, so the mix is never copied per head.
     """
-    per_head = mixes.repeat_interleave(n_head_per_ngram, dim=1)  # (L, H, B, T)
-    return torch.remainder(per_head, moduli[:, :, None, None]).permute(0, 2, 3, 1)  # (L, B, T, H)
+    L, O, B, T = mixes.shape
+    K = n_head_per_ngram
+    out = mixes.new_empty(L, O, K, B, T)
+    primes = moduli.view(L, O, K, 1, 1)
+    for o in range(O):
+        torch.remainder(mixes[:, o, None], primes[:, o], out=out[:, o])  # (L, 1, B, T) % (L, K, 1, 1)
+    return out.view(L, O * K, B, T).permute(0, 2, 3, 1)  # (L, B, T, H)
 
 
 # -- the object models and trainers use -------------------------------------------------------------
@@ -183,10 +188,18 @@ class NgramHasher(nn.Module):
     def compress(self, input_ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """Raw ids -> compressed ids. Negative ids (ignore index, -1 padding) become the pad id first
         (PITFALLS 2); ids past the tokenizer raise ValueError when ``validate``."""
-        ids = torch.where(input_ids < 0, torch.full_like(input_ids, self.config.pad_id), input_ids).long()
-        if validate:
-            self.tokenizer.check_ids(ids)
-        return self.lookup[ids]
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"token ids must be an integer tensor, got {input_ids.dtype}")
+        ids = input_ids.long()
+        if validate and ids.numel():
+            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync per batch, never per layer
+            if hi >= self.tokenizer.raw_vocab_size:
+                self.tokenizer.check_ids(ids.clamp_min(0))  # raises, naming the bad id
+            if lo < 0:
+                ids = torch.where(ids < 0, self.config.pad_id, ids)
+        elif not validate:
+            ids = torch.where(ids < 0, self.config.pad_id, ids)
+        return self.lookup.index_select(0, ids.reshape(-1)).view(ids.shape)  # faster than lookup[ids]
 
     def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
                 validate: bool = True) -> dict[int, torch.Tensor]:

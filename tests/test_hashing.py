@@ -241,3 +241,19 @@ def test_buffers_follow_the_module_but_are_not_weights():
 def test_no_engram_layers_hash_to_nothing():
     hasher = _small_hasher(layer_ids=[])
     assert hasher(torch.tensor([[1, 2]])) == {}
+
+
+def test_float_and_bool_ids_are_refused_not_truncated():
+    hasher = _small_hasher()
+    with pytest.raises(ValueError, match="integer"):
+        hasher(torch.tensor([[0.5, 3.7]]))
+    with pytest.raises(ValueError, match="integer"):
+        hasher(torch.tensor([[True, False]]))
+
+
+def test_narrow_integer_dtypes_hash_like_int64():
+    hasher = _small_hasher()
+    ids = torch.tensor([[3, -1, 7, 19]])
+    for dtype in (torch.int32, torch.int16):
+        for lid, h in hasher(ids.to(dtype)).items():
+            assert torch.equal(h, hasher(ids)[lid])
