@@ -258,10 +258,120 @@ class ModelConfig(_Serialisable):
         return get_preset(name)
 
 
+@dataclass
+class DataConfig(_Serialisable):
+    """Where training text comes from and how it becomes token shards.
+
+    source: "stdlib" (the running interpreter's standard library: always present, no download),
+        a local file or directory of text files, or "hf:NAME[:CONFIG]" for a Hugging Face dataset
+        (local cache, or the hub where reachable; needs the optional ``datasets`` package).
+    tokenizer: "bpe" trains a byte-level BPE of ``vocab_size`` on the training split (cached);
+        anything else is a Hugging Face tokenizer directory or tokenizer.json path.
+    val_fraction: share of documents in the validation split, chosen by a stable hash of the path.
+    cache_dir: prepared corpora, tokenizers and shards, keyed by everything that changes them.
+    """
+
+    source: str = "stdlib"
+    tokenizer: str = "bpe"
+    vocab_size: int = 8192
+    val_fraction: float = 0.02
+    include_tests: bool = False
+    text_field: str = "text"
+    cache_dir: str = "runs/cache"
+
+    def __post_init__(self) -> None:
+        c = "DataConfig"
+        _require(isinstance(self.source, str) and self.source != "", c, "source",
+                 f"must be 'stdlib', a path, or 'hf:NAME', got {self.source!r}")
+        _require(isinstance(self.tokenizer, str) and self.tokenizer != "", c, "tokenizer",
+                 f"must be 'bpe' or a tokenizer path, got {self.tokenizer!r}")
+        _pos_int(c, "vocab_size", self.vocab_size, minimum=259)  # 256 bytes + special tokens
+        _require(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, c, "val_fraction",
+                 f"must be in (0, 1), got {self.val_fraction!r}")
+
+
+@dataclass
+class TrainConfig(_Serialisable):
+    """Optimisation and bookkeeping. Tokens per step = batch_size * seq_len * grad_accum.
+
+    Learning rate: linear warmup for ``warmup_steps``, then constant, multiplied by ``decay_factor`` at
+    each fraction of ``max_steps`` in ``decay_at`` (step decay). Engram tables use Adam (sparse, lazy)
+    at ``table_lr_mult`` x the base rate with no weight decay (SPEC §3).
+    """
+
+    max_steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    table_lr_mult: float = 5.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 20
+    decay_at: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    decay_factor: float = 0.316
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        c = "TrainConfig"
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "log_every", "save_every"):
+            _pos_int(c, name, getattr(self, name))
+        _pos_int(c, "warmup_steps", self.warmup_steps, minimum=0)
+        for name in ("lr", "table_lr_mult", "decay_factor"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and value > 0, c, name, f"must be > 0, got {value!r}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and value >= 0, c, name, f"must be >= 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and 0 <= value < 1, c, name, f"must be in [0, 1), got {value!r}")
+        _require(isinstance(self.decay_at, (list, tuple)) and all(
+            isinstance(f, (int, float)) and 0 < f < 1 for f in self.decay_at), c, "decay_at",
+            f"must be a list of fractions in (0, 1), got {self.decay_at!r}")
+        self.decay_at = sorted(self.decay_at)
+        _pos_int(c, "seed", self.seed, minimum=0)
+        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), c, "device",
+                 f"must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {self.device!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+@dataclass
+class RunConfig(_Serialisable):
+    """Everything one training run needs: the model, the data and the optimisation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls.from_dict(value))
+            _require(isinstance(getattr(self, name), cls), "RunConfig", name,
+                     f"must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
+
 _NESTED: dict[tuple[str, str], type] = {
     ("BackboneConfig", "moe"): MoEConfig,
     ("ModelConfig", "backbone"): BackboneConfig,
     ("ModelConfig", "engram"): EngramConfig,
+    ("RunConfig", "model"): ModelConfig,
+    ("RunConfig", "data"): DataConfig,
+    ("RunConfig", "train"): TrainConfig,
 }
 
 
