@@ -36,11 +36,14 @@ class RoutedExperts(nn.Module):
         xs = x.index_select(0, tokens)  # (N*k, D)
         # The one host sync: split sizes must be Python ints.
         outs = []
+        # unbind once: indexing w[e] per expert would give every expert's backward its own zero-filled
+        # (E, F, D) gradient; unbind's backward stacks the per-expert gradients in one allocation.
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
         for e, xe in enumerate(xs.split(counts.tolist())):
             if xe.shape[0] == 0:
                 continue
-            h = F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e])  # (n_e, F)
-            outs.append(F.linear(h, self.w2[e]))  # (n_e, D)
+            h = F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e])  # (n_e, F)
+            outs.append(F.linear(h, w2[e]))  # (n_e, D)
         if not outs:
             return torch.zeros_like(x)
         ys = torch.cat(outs) * weights.flatten()[order, None]  # (N*k, D)

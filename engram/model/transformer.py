@@ -157,8 +157,10 @@ class EngramLM(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            # shift the labels, not the logits: slicing (B, T, V) logits costs a full zero-filled copy
+            # in backward
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), last position ignored
+            loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return LMOutput(logits=logits, loss=loss)
 
     def moe_layers(self) -> list[MoE]:
