@@ -1,0 +1,186 @@
+"""Command line: one subcommand per library function, help on every flag.
+
+    engram train --preset demo-engram [--set train.max_steps=100 ...] [--out DIR] [--no-resume]
+    engram eval --ckpt runs/demo/demo-engram
+    engram sample --ckpt runs/demo/demo-engram --prompt "import os"
+    engram data prepare [--preset NAME] [--set data.vocab_size=4096]
+    engram demo [--quick]
+    engram presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_config_flags(p: argparse.ArgumentParser, default_preset: str | None) -> None:
+    p.add_argument("--preset", default=default_preset, required=default_preset is None,
+                   help="run or model preset (see `engram presets`)" +
+                        (f"; default {default_preset}" if default_preset else ""))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted key, e.g. train.lr=1e-3 or model.engram.layer_ids=[1,3] "
+                        "(repeatable; values parsed as JSON when possible)")
+
+
+def _run_config(args):
+    from engram.config import apply_overrides, get_run_preset
+
+    return apply_overrides(get_run_preset(args.preset), args.overrides)
+
+
+def cmd_train(args) -> int:
+    from engram.train import train
+
+    run = _run_config(args)
+    result = train(run, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
+    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
+                      "tokens_per_s": round(result.tokens_per_s, 1), **result.final_eval,
+                      "checkpoint": str(result.checkpoint)}, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from engram.data import prepare_data
+    from engram.train import evaluate, load_checkpoint
+    from engram.train.loop import resolve_device
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.ckpt, device=device)
+    tc = ckpt.run_config.train
+    prepared = prepare_data(ckpt.run_config.data)
+    result = evaluate(ckpt.model, prepared.val, args.batch_size or tc.batch_size, args.seq_len or tc.seq_len,
+                      args.batches or tc.eval_batches, device)
+    print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, **result}, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from engram.infer import generate
+    from engram.train import load_checkpoint
+    from engram.train.loop import resolve_device
+
+    ckpt = load_checkpoint(args.ckpt, device=resolve_device(args.device))
+    tok = ckpt.tokenizer
+    prompt = tok.encode(args.prompt).ids
+    bos = tok.token_to_id("<|bos|>")
+    if bos is not None:
+        prompt = [bos] + prompt  # training documents start with <|bos|>
+    eos = tok.token_to_id("<|eos|>")
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tok.decode(generated)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    generate(ckpt.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from engram.data import prepare_data
+
+    run = _run_config(args)
+    prepared = prepare_data(run.data)
+    print(json.dumps(prepared.describe(), indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from engram.experiments.demo import run_demo
+
+    run_demo(out_dir=args.out, overrides=args.overrides, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from engram.config import PRESETS, RUN_PRESETS, get_run_preset
+    from engram.experiments.accounting import count_parameters
+
+    print(f"{'preset':<14} {'kind':<6} {'P_tot':>12} {'P_act':>12} {'Engram tables':>14}")
+    for name in list(RUN_PRESETS) + list(PRESETS):
+        c = count_parameters(get_run_preset(name).model)
+        print(f"{name:<14} {'run' if name in RUN_PRESETS else 'model':<6} {c.total:>12,} {c.active:>12,} "
+              f"{c.engram_tables:>14,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram", description="Engram: conditional memory for language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a preset (resumes from the run's latest checkpoint)")
+    _add_config_flags(p, None)
+    p.add_argument("--out", default=None, help="run directory (default: the preset's train.out_dir)")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or run directory (uses its latest)")
+    p.add_argument("--batches", type=int, default=None, help="evaluation batches (default: the run's eval_batches)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("sample", help="continue a prompt with a trained model, streaming the text")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or run directory (uses its latest)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("data", help="data preparation")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("prepare", help="build (or reuse) the corpus, tokenizer and token shards of a preset")
+    _add_config_flags(q, "demo-engram")
+    q.set_defaults(fn=cmd_data_prepare)
+
+    p = sub.add_parser("demo", help="train demo-moe and demo-engram and compare them (what `make demo` runs)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (a few steps each)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of both runs, e.g. train.max_steps=100 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("presets", help="list presets with their parameter counts")
+    p.set_defaults(fn=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engram.train.loop import TrainingDiverged
+
+    try:
+        return args.fn(args)
+    except TrainingDiverged as err:
+        print(f"engram {args.command}: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:
+        # configuration, data and checkpoint problems are the user's to fix: say what, not where in torch
+        print(f"engram {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"engram {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
