@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"engram {args.command}: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         # configuration, data and checkpoint problems are the user's to fix: say what, not where in torch
         print(f"engram {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import torch
 from engram.config import ModelConfig, RunConfig
 from engram.experiments.accounting import count_parameters
 from engram.model.transformer import EngramLM
+from engram.train.allocator import fix_mmap_threshold
 from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.train.optim import Optimizers, learning_rate
 
@@ -116,6 +117,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     from engram.data import prepare_data
 
     tc = run.train
+    fix_mmap_threshold()  # consistent step times on glibc (see engram/train/allocator.py)
     run_dir = Path(out_dir or tc.out_dir)
     device = resolve_device(tc.device)
     prepared = prepare_data(run.data)

@@ -91,3 +91,19 @@ def test_engram_share_of_sparse():
     assert count.engram_tables == sum(primes) * 8
     assert count.engram_share_of_sparse == pytest.approx(count.engram_tables / count.sparse)
     assert count_parameters(get_preset("tiny-moe")).engram_share_of_sparse == 0
+
+
+def test_demo_presets_are_iso_parameter():
+    """demo-engram vs demo-moe: same backbone, P_act within 1%, P_tot within 2%, Engram 20-25% of sparse."""
+    from engram.config import get_run_preset
+
+    moe_cfg, eng_cfg = get_run_preset("demo-moe").model, get_run_preset("demo-engram").model
+    moe, eng = count_parameters(moe_cfg), count_parameters(eng_cfg)
+    assert abs(eng.active / moe.active - 1) <= 0.01
+    assert abs(eng.total / moe.total - 1) <= 0.02
+    assert 0.20 <= eng.engram_tables / eng.sparse <= 0.25
+    same = lambda c: {k: v for k, v in c.backbone.to_dict().items() if k != "moe"}  # noqa: E731
+    assert same(moe_cfg) == same(eng_cfg)
+    assert eng_cfg.backbone.moe.n_routed_experts < moe_cfg.backbone.moe.n_routed_experts
+    assert {k: v for k, v in eng_cfg.backbone.moe.to_dict().items() if k != "n_routed_experts"} == \
+        {k: v for k, v in moe_cfg.backbone.moe.to_dict().items() if k != "n_routed_experts"}
