@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engram.config import EngramConfig
@@ -213,6 +214,27 @@ class NgramHasher(nn.Module):
         mixes = ngram_mixes(compressed, self.multiplier_table, self.compressed_pad_id, doc_ids)  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}
+
+    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor,
+                          boundary: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Hash (B, T) raw ids that continue earlier ids whose last N-1 compressed ids are ``history``.
+
+        Used by incremental decoding (PITFALLS 5). Returns the hashes of the T new positions and the
+        new history (B, N-1); positions before a document start in this call read as pad.
+        """
+        n = history.shape[1]
+        compressed = self.compress(input_ids)
+        full = torch.cat([history, compressed], dim=1)  # (B, N-1+T)
+        doc_ids = None
+        if boundary is not None:
+            doc_ids = F.pad(boundary.to(torch.int64), (n, 0)).cumsum(dim=1)  # history: the previous document
+        mixes = ngram_mixes(full, self.multiplier_table, self.compressed_pad_id, doc_ids)[..., n:]  # (L, N-1, B, T)
+        hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)
+        new_history = full[:, -n:]
+        if doc_ids is not None:
+            same_doc = doc_ids[:, -n:] == doc_ids[:, -1:]
+            new_history = new_history.masked_fill(~same_doc, self.compressed_pad_id)
+        return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}, new_history
 
     # -- layout persistence (PITFALLS 3, 4) ------------------------------------------------------
     def layout(self) -> dict[str, Any]:

@@ -1,13 +1,13 @@
-"""Text generation by recomputing the whole prefix each step.
+"""Incremental generation with the decode cache (``engram.infer.cache``).
 
-Exact by construction (every step is one full causal forward, so n-grams, the short conv and
-attention see exactly what training saw), at O(T^2) cost. Meant for short samples (CLI ``sample``,
-the demo); a cached incremental decoder is a separate piece of work.
+Prompts of different lengths are left-padded into one batch, run through the model once (the
+prefill fills the cache), then each step feeds one new token per sequence. The logits are the same
+as one full forward over each sequence alone (tested to 1e-5 for dense, MoE and Engram models).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -34,28 +34,55 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts -> ids (B, T) left-padded with ``pad_id``, starts (B,) index of each first real token."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    return ids, torch.tensor([T - len(p) for p in prompts])
+
+
 @torch.no_grad()
-def generate(model: EngramLM, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
-             stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
-    """Continue ``prompt`` (raw ids); returns the new ids. ``on_token`` streams each id as it comes."""
-    if not prompt:
-        raise ValueError("generate needs a non-empty prompt")
+def generate_batch(model: EngramLM, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
+                   top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
+                   stop_ids: set[int] | None = None,
+                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continue every prompt (raw ids); returns the new ids per prompt, each ending at its first stop id.
+
+    ``on_token(row, id)`` streams tokens as they come.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    pad_id = model.config.engram.pad_id if model.config.engram is not None else 0
+    ids, starts = left_pad(prompts, pad_id)
+    cache = model.new_cache(starts, ids.shape[1] + max_new_tokens)
     generator = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.tensor([prompt], device=device)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(ids).logits[:, -1]  # (1, V)
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        token = int(nxt)
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        if stop_ids and token in stop_ids:
+    logits = model(ids.to(device), cache=cache).logits[:, -1]  # (B, V)
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        for b, token in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            outs[b].append(token)
+            if on_token is not None:
+                on_token(b, token)
+            done[b] = bool(stop_ids) and token in stop_ids
+        if all(done) or step == max_new_tokens - 1:
             break
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        logits = model(nxt[:, None], cache=cache).logits[:, -1]
     model.train(was_training)
-    return out
+    return outs
+
+
+def generate(model: EngramLM, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
+             stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Continue one prompt; ``on_token(id)`` streams each new id."""
+    stream = None if on_token is None else (lambda _row, token: on_token(token))
+    return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, stream)[0]

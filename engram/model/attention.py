@@ -23,15 +23,22 @@ class Attention(nn.Module):
         self.wv = nn.Linear(D, kd, bias=False)
         self.wo = nn.Linear(hd, D, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D); cos/sin (T, d) -> (B, T, D), causal."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """x (B, T, D); cos/sin (T, d) or (B, T, d) -> (B, T, D), causal.
+
+        ``cache`` (``engram.infer.cache.LayerCache``): keys/values of earlier calls are kept there and
+        its mask says which cached positions each query may see."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, k, T, d)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, k, T, d)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, h, T, d)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, h, T, d)
+        else:
+            k, v = cache.update(k, v)  # (B, k, L+T, d)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

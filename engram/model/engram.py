@@ -115,17 +115,27 @@ class Engram(nn.Module):
             score = score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt()
         return torch.sigmoid(score)
 
-    def short_conv(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def short_conv(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Depthwise causal conv over time with dilation N: (B, T, G, D) -> (B, T, G, D).
 
         Tap j reads t - (K-1-j)*N (left padding (K-1)*N, PITFALLS 8); a tap that reaches into an
         earlier document reads zero, like the sequence start (PITFALLS 7). The input is padded once
-        and each tap is a view of it (no per-tap copy), about 2x faster than shifting copies.
+        and each tap is a view of it (no per-tap copy), about 2x faster than shifting copies. With a
+        decode ``cache`` the padding is the last (K-1)*N normalised inputs instead (PITFALLS 6), and
+        the cache keeps the new last ones.
         """
         K, N = self.config.kernel_size, self.config.dilation
         T, P = x.shape[1], (K - 1) * N
-        padded = F.pad(x, (0, 0, 0, 0, P, 0))  # (B, P+T, G, D), zeros before t = 0
+        if cache is None:
+            padded = F.pad(x, (0, 0, 0, 0, P, 0))  # (B, P+T, G, D), zeros before t = 0
+        else:
+            padded = torch.cat([cache.conv_history, x], dim=1)  # (B, P+T, G, D)
         docs = None if doc_ids is None else F.pad(doc_ids, (P, 0), value=-1)  # (B, P+T)
+        if cache is not None:
+            history = padded[:, -P:]
+            if docs is not None:  # inputs before this call's document start read as zero later on
+                history = history * (docs[:, -P:] == doc_ids[:, -1:])[:, :, None, None].to(x.dtype)
+            cache.conv_history = history.detach().clone()
         out = x * self.conv_weight[..., K - 1]
         for j in range(K - 1):
             start = P - (K - 1 - j) * N
@@ -136,9 +146,11 @@ class Engram(nn.Module):
             out = out + tap * self.conv_weight[..., j]
         return out
 
-    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (B, T, G, D), hash_ids (B, T, H) int64, doc_ids (B, T) -> Y (B, T, G, D)."""
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """hidden (B, T, G, D), hash_ids (B, T, H) int64, doc_ids (B, T) -> Y (B, T, G, D).
+
+        ``cache``: the block's decode state (``engram.infer.cache.LayerCache``) when decoding."""
         B, T = hash_ids.shape[:2]
         # 1. gather: one row per head, concatenated into the memory vector e_t
         e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)
@@ -149,5 +161,5 @@ class Engram(nn.Module):
         # 4. value: shared projection, gated per branch
         value = alpha.to(e.dtype) * self.value_proj(e)[:, :, None, :]  # (B, T, 1, D) -> (B, T, G, D)
         # 5. short conv on the normalised value, residual inside the module
-        conv = self.short_conv(self.norm_conv(value), doc_ids)  # (B, T, G, D)
+        conv = self.short_conv(self.norm_conv(value), doc_ids, cache)  # (B, T, G, D)
         return value + F.silu(conv)

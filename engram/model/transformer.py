@@ -51,11 +51,12 @@ class Block(nn.Module):
         self.ffn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                hash_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, G, D) -> (B, T, G, D)."""
+                hash_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """x (B, T, G, D) -> (B, T, G, D). ``cache``: this block's decode state, when decoding."""
         if self.engram is not None:
-            x = x + self.engram(x, hash_ids, doc_ids)  # the module returns its contribution only
-        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin))
+            x = x + self.engram(x, hash_ids, doc_ids, cache)  # the module returns its contribution only
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin, cache))
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
 
 
@@ -129,12 +130,21 @@ class EngramLM(nn.Module):
         """Hash ids for every Engram layer, computed once per batch (empty for a baseline)."""
         return {} if self.hasher is None else self.hasher(input_ids, boundary)
 
+    def new_cache(self, starts: torch.Tensor, max_len: int):
+        """Decode state for ``len(starts)`` left-padded sequences (``starts[b]``: first real token)."""
+        from engram.infer.cache import InferenceCache
+
+        return InferenceCache(self, starts, max_len)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 boundary: torch.Tensor | None = None,
-                hash_ids: dict[int, torch.Tensor] | None = None) -> LMOutput:
+                hash_ids: dict[int, torch.Tensor] | None = None, cache=None) -> LMOutput:
         """input_ids (B, T) raw ids; labels (B, T), the loss predicts labels[:, t+1] at position t
         (ignore index -100); boundary (B, T) bool, True where a packed document starts, resets the
-        n-grams and the short conv; hash_ids, if already computed (e.g. by a prefetcher)."""
+        n-grams and the short conv; hash_ids, if already computed (e.g. by a prefetcher).
+
+        With ``cache`` (``new_cache``), the call continues the cached sequences: T new tokens per row,
+        attending to and hashing with everything cached before; prompts go in the first call."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -142,15 +152,28 @@ class EngramLM(nn.Module):
         if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= V)).any()):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {V})")
-        if hash_ids is None:
-            hash_ids = self.hash(input_ids, boundary)
+        if cache is None:
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
+            if hash_ids is None:
+                hash_ids = self.hash(input_ids, boundary)
+        else:
+            if boundary is not None or labels is not None:
+                raise ValueError("a cached call takes neither boundary (the cache's starts are the "
+                                 "document starts) nor labels")
+            positions, boundary = cache.begin(T)  # (B, T), (B, T) or None
+            if self.hasher is not None:
+                hash_ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary)
+            else:
+                hash_ids = {}
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
-        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        cos, sin = self.rope(positions)
 
         x = self.tok_embeddings(input_ids)  # (B, T, D)
         x = x[:, :, None, :].expand(-1, -1, self.config.backbone.hc_mult, -1).contiguous()  # (B, T, G, D)
-        for blk in self.layers:
-            x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids)
+        for i, blk in enumerate(self.layers):
+            x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.end(T)
         logits = self.output(self.norm(x.mean(dim=2)))  # (B, T, G, D) -> (B, T, D) -> (B, T, V)
 
         loss = None

@@ -1,0 +1,97 @@
+"""Decode state for incremental generation of a batch of sequences (SPEC §2, "decode-time state").
+
+Legend: B sequences, T new tokens this call, L tokens cached so far, k key/value heads, d head width,
+G branches, D model width, N max n-gram order, K conv taps, P = (K-1)*N conv lookback.
+
+Per sequence the model must remember what training-time full forwards see:
+  - attention: keys and values of every earlier position (B, k, L, d) per block;
+  - hashing: the last N-1 *compressed* ids (PITFALLS 5: hashing only the new token would pad the
+    history and give other n-grams than training did);
+  - each Engram conv: the last P *normalised* conv inputs per branch (PITFALLS 6).
+
+Prompts of different lengths are left-padded; ``starts[b]`` is row b's first real token. The model
+treats ``starts`` as a document start (n-grams and the conv reset there), attention masks the pad keys,
+and RoPE positions count from ``starts``, so each row decodes exactly as if it were alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """One block's slice of the state: its KV buffers and, for an Engram block, its conv history."""
+
+    def __init__(self, parent: "InferenceCache", keys: torch.Tensor, values: torch.Tensor,
+                 conv_history: torch.Tensor | None):
+        self.parent = parent
+        self.keys, self.values = keys, values  # (B, k, max_len, d)
+        self.conv_history = conv_history  # (B, P, G, D) or None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's (B, k, T, d) keys/values; return all keys/values so far (B, k, L+T, d)."""
+        start, T = self.parent.length, k.shape[2]
+        self.keys[:, :, start: start + T] = k
+        self.values[:, :, start: start + T] = v
+        return self.keys[:, :, : start + T], self.values[:, :, : start + T]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.parent.mask
+
+
+class InferenceCache:
+    """Everything a model needs to continue B sequences one call at a time.
+
+    Build it with ``model.new_cache(starts, max_len)``; pass it to ``model(ids, cache=cache)``.
+    """
+
+    def __init__(self, model, starts: torch.Tensor, max_len: int):
+        bb = model.config.backbone
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        self.starts = starts.to(device=device, dtype=torch.long)  # (B,)
+        if self.starts.dim() != 1:
+            raise ValueError(f"starts must be (B,), got shape {tuple(self.starts.shape)}")
+        B = self.starts.numel()
+        self.max_len = max_len
+        self.length = 0
+        self.mask: torch.Tensor | None = None  # (B, 1, T, L+T) for the current call
+        shape = (B, bb.n_kv_heads, max_len, bb.head_dim)
+        self.layers = []
+        for blk in model.layers:
+            conv = None
+            if blk.engram is not None:
+                e = blk.engram.config
+                conv = torch.zeros(B, (e.kernel_size - 1) * e.dilation, e.hc_mult, bb.d_model, device=device, dtype=dtype)
+            self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
+                                          torch.zeros(shape, device=device, dtype=dtype), conv))
+        self.ngram_history = None  # (B, N-1) compressed ids, set from the hasher on the first call
+        if model.hasher is not None:
+            n = model.hasher.config.max_ngram_size - 1
+            self.ngram_history = torch.full((B, n), model.hasher.compressed_pad_id, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.starts.numel()
+
+    def begin(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepare a call of T tokens: returns RoPE positions (B, T) and the boundary (B, T) or None."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; {self.length} used, {T} more requested")
+        device = self.starts.device
+        absolute = torch.arange(self.length, self.length + T, device=device)  # (T,)
+        positions = (absolute[None] - self.starts[:, None]).clamp_min(0)  # (B, T)
+        keys = torch.arange(self.length + T, device=device)  # (L+T,)
+        # a query sees real keys up to itself; a pad query sees only itself (a row of -inf would be NaN)
+        allowed = (keys[None, None] <= absolute[None, :, None]) & (keys[None, None] >= self.starts[:, None, None])
+        allowed |= keys[None, None] == absolute[None, :, None]
+        self.mask = allowed[:, None]  # (B, 1, T, L+T)
+        boundary = None
+        if bool(((self.starts >= self.length) & (self.starts < self.length + T)).any()):
+            boundary = absolute[None] == self.starts[:, None]  # (B, T): each row's first real token
+        return positions, boundary
+
+    def end(self, T: int) -> None:
+        self.length += T
+        self.mask = None

@@ -1,0 +1,120 @@
+"""Incremental decoding equals one full forward (PITFALLS 5, 6), for every model kind and G."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from engram.config import ModelConfig, get_preset
+from engram.infer import generate, generate_batch, left_pad, sample_next
+from engram.model.transformer import EngramLM
+
+
+def variant(name: str, hc_mult: int | None = None, **engram) -> ModelConfig:
+    config = get_preset(name)
+    bb = config.backbone if hc_mult is None else dataclasses.replace(config.backbone, hc_mult=hc_mult)
+    eg = config.engram
+    if eg is not None:
+        eg = dataclasses.replace(eg, hc_mult=bb.hc_mult, **engram)
+    return ModelConfig(backbone=bb, engram=eg)
+
+
+CASES = {
+    "dense": variant("tiny-dense"),
+    "moe": variant("tiny-moe"),
+    "engram-G2": variant("tiny-engram"),
+    "engram-G1": variant("tiny-engram", 1),
+    "engram-4gram-two-layers": variant("tiny-engram", 2, max_ngram_size=4, engram_vocab_size=[1009, 1013, 1019],
+                                       layer_ids=[0, 2]),
+}
+
+
+def build(config: ModelConfig) -> EngramLM:
+    torch.manual_seed(0)
+    model = EngramLM(config).eval()
+    with torch.no_grad():  # trained-looking conv and MoE bias, so the decode state really matters
+        for layer in model.engram_layers.values():
+            layer.conv_weight.normal_()
+        for moe in model.moe_layers():
+            moe.expert_bias.normal_(std=0.1)
+    return model
+
+
+def reference_logits(model, sequence):
+    with torch.no_grad():
+        return model(torch.tensor([sequence])).logits[0]  # (T, V)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_decode_equals_full_forward(name, chunk):
+    model = build(CASES[name])
+    gen = torch.Generator().manual_seed(1)
+    lengths, new = [7, 1, 13], 12  # one prompt shorter than the n-gram and conv lookbacks
+    sequences = [torch.randint(3, 512, (n + new,), generator=gen).tolist() for n in lengths]
+    ids, starts = left_pad([s[:n] for s, n in zip(sequences, lengths)], pad_id=2)
+    cache = model.new_cache(starts, ids.shape[1] + new)
+    with torch.no_grad():
+        prefill = model(ids, cache=cache).logits  # (B, T0, V)
+        steps = []
+        for s in range(0, new, chunk):
+            block = torch.tensor([seq[n + s: n + min(s + chunk, new)] for seq, n in zip(sequences, lengths)])
+            steps.append(model(block, cache=cache).logits)
+    decoded = torch.cat(steps, dim=1)  # (B, new, V)
+    worst = 0.0
+    for b, (seq, n) in enumerate(zip(sequences, lengths)):
+        ref = reference_logits(model, seq)
+        worst = max(worst, (prefill[b, ids.shape[1] - n:] - ref[:n]).abs().max().item())
+        # decoded[:, s] is the prediction after feeding token n+s, i.e. the full forward's position n+s
+        worst = max(worst, (decoded[b] - ref[n: n + new]).abs().max().item())
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("name", ["engram-G2", "moe"])
+def test_greedy_generation_matches_recomputing_the_prefix(name):
+    model = build(CASES[name])
+    prompts = [[5, 17, 99, 4], [300], [8, 9, 10, 11, 12, 13, 14, 15]]
+    cached = generate_batch(model, prompts, 10, temperature=0.0)
+    for prompt, out in zip(prompts, cached):
+        seq = list(prompt)
+        for _ in range(10):
+            seq.append(int(reference_logits(model, seq)[-1].argmax()))
+        assert out == seq[len(prompt):]
+
+
+def test_stop_ids_and_streaming():
+    model = build(CASES["engram-G2"])
+    first = generate(model, [5, 6, 7], 6, temperature=0.0)
+    streamed = []
+    out = generate(model, [5, 6, 7], 6, temperature=0.0, stop_ids={first[2]}, on_token=streamed.append)
+    assert out == first[:3] == streamed
+
+
+def test_sampling_is_seeded():
+    model = build(CASES["dense"])
+    a = generate(model, [1, 2, 3], 8, temperature=1.0, seed=4)
+    assert a == generate(model, [1, 2, 3], 8, temperature=1.0, seed=4)
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    assert sample_next(logits, 0.0).tolist() == [1]
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(i))) for i in range(50)}
+    assert draws <= {1, 2}
+    draws = {int(sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(i))) for i in range(50)}
+    assert draws == {1}
+    with pytest.raises(ValueError):
+        sample_next(logits, -1.0)
+
+
+def test_cache_errors():
+    model = build(CASES["engram-G2"])
+    cache = model.new_cache(torch.tensor([0]), 4)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with pytest.raises(ValueError, match="cache holds 4 positions"):
+            model(torch.tensor([[1, 2]]), cache=cache)
+        with pytest.raises(ValueError, match="neither boundary"):
+            model(torch.tensor([[1]]), labels=torch.tensor([[1]]), cache=cache)
+    with pytest.raises(ValueError, match="at least one token"):
+        left_pad([[1], []], 0)
