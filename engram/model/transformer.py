@@ -165,6 +165,7 @@ class EngramLM(nn.Module):
                 hash_ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary)
             else:
                 hash_ids = {}
+        self.prefetch(hash_ids)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
         cos, sin = self.rope(positions)
 
@@ -185,6 +186,15 @@ class EngramLM(nn.Module):
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), last position ignored
             loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return LMOutput(logits=logits, loss=loss)
+
+    def prefetch(self, hash_ids: dict[int, torch.Tensor]) -> None:
+        """Addresses depend only on token ids, so every Engram layer's rows are known before block 0
+        runs: a storage tier (``engram.storage``) that replaced a table starts fetching them here, in
+        the background, while the first blocks compute (SPEC §5). Device-resident tables do nothing."""
+        for layer_id, layer in self.engram_layers.items():
+            start = getattr(layer.embedding, "prefetch", None)
+            if start is not None:
+                start(hash_ids[layer_id])
 
     def moe_layers(self) -> list[MoE]:
         return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoE)]
