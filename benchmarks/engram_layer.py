@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
+
+from timing import time_calls
 
 from engram.config import EngramConfig
 from engram.hashing import NgramHasher
@@ -87,20 +87,6 @@ def train_fn(module: torch.nn.Module, x: torch.Tensor, rest: tuple, before: Call
     return run
 
 
-def time_calls(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call, round-robin over the functions so load from other processes hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def matmul_macs_per_token(config: EngramConfig, dim: int, ffn_hidden: int) -> tuple[int, int]:
     """Multiply-accumulates per token of the projections: Engram (W_K per branch + shared W_V) vs SwiGLU."""
     M, G = config.memory_dim, config.hc_mult
@@ -144,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         fns[f"engram {tag}|forward+backward"] = train_fn(layer, hidden, (hash_ids,), set_sparse(sparse))
     fns["ffn|forward"] = forward_fn(ffn, (x_ffn,))
     fns["ffn|forward+backward"] = train_fn(ffn, x_ffn, ())
-    times = time_calls(fns, args.repeats, args.warmup)
+    times = {name: t["median_s"] for name, t in time_calls(fns, args.repeats, args.warmup).items()}
 
     # Gradient sizes: what an optimizer step has to read afterwards.
     grads = {}

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from typing import Callable
 
 import numpy as np
 import torch
+
+from timing import time_calls
 
 from engram.config import EngramConfig
 from engram.hashing import NgramHasher, heads_from_mixes, ngram_mixes
@@ -118,23 +118,6 @@ def check_identical(hasher: NgramHasher, raw: torch.Tensor, reference: dict[int,
     except ValueError:
         return
     raise AssertionError("an id past the tokenizer was hashed instead of raising ValueError")
-
-
-def time_calls(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]) -> dict:
-    """Seconds per call for each function: round-robin over the functions so load spikes from other
-    processes hit all of them alike; returns median and min per name."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(s), "min_s": min(s)} for name, s in samples.items()}
 
 
 def stage_times(hasher: NgramHasher, raw: torch.Tensor, repeats: int, sync: Callable[[], None]) -> dict:
