@@ -1,0 +1,184 @@
+"""Placement of Engram tables as a transform on a finished model (STYLE: "Placement is a transform").
+
+Legend: B batch, T time, H hash heads, d_h row width, n unique rows of one call.
+
+``apply_storage(model, tier)`` swaps each ``MultiHeadEmbedding`` for an ``OffloadedEmbedding`` over a
+row store (host RAM or a memory-mapped file, optionally behind a ``RowCache``). The model code does
+not change: ``EngramLM.prefetch`` calls ``embedding.prefetch(hash_ids)`` right after hashing, before
+block 0 runs, and the block later calls ``embedding(hash_ids)`` with the same tensor. Addresses depend
+only on token ids, so the fetch overlaps the first blocks (SPEC §5).
+
+Inference only: an offloaded table has no parameter, so its output never requires grad, the model's
+``state_dict`` no longer holds the tables, and training or checkpointing a transformed model is not
+supported (export with ``export_tables`` before, keep the checkpoint).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engram.storage.cache import RowCache
+from engram.storage.export import open_tables
+from engram.storage.prefetch import Prefetcher
+from engram.storage.stores import DeviceStore, DiskStore, HostStore
+
+TIERS = ("device", "host", "disk")
+
+
+@dataclass
+class _Pending:
+    hash_ids: torch.Tensor  # the exact tensor prefetch saw; forward matches it by identity
+    future: object  # Future of (n, d_h) fp32 CPU rows
+    inverse: torch.Tensor  # (B*T*H,) index into the unique rows
+
+
+class OffloadedEmbedding(nn.Module):
+    """Drop-in for ``MultiHeadEmbedding`` whose rows live in ``store``: (B, T, H) -> (B, T, H, d_h)."""
+
+    def __init__(self, store, offsets: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                 prefetcher: Prefetcher | None = None):
+        super().__init__()
+        self.store = store
+        self.register_buffer("offsets", offsets.detach().clone(), persistent=False)  # (H,)
+        self._offsets_cpu = offsets.detach().cpu()  # rows are computed on the host, where the store is
+        self.device, self.dtype = torch.device(device), dtype
+        self.prefetcher = prefetcher
+        self._pending: _Pending | None = None
+        self._lock = threading.Lock()  # the store/cache sees one gather at a time (worker vs. fallback)
+        self.rows_fetched = 0
+        self.calls_prefetched = 0  # forwards served by a finished background fetch (overlap worked)
+
+    @property
+    def num_rows(self) -> int:
+        return self.store.num_rows
+
+    def _gather(self, unique: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h) fp32 CPU
+        with self._lock:
+            rows = self.store.gather(unique)
+            self.rows_fetched += unique.numel()
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()  # so the host-to-device copy in forward can be asynchronous
+        return rows
+
+    def _rows(self, hash_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H) -> unique table rows (n,) ascending, inverse (B*T*H,)."""
+        rows = (hash_ids.to("cpu") + self._offsets_cpu).reshape(-1)  # (B*T*H,)
+        return torch.unique(rows, sorted=True, return_inverse=True)  # sorted: disk locality
+
+    def prefetch(self, hash_ids: torch.Tensor) -> None:
+        """Start fetching the rows of ``hash_ids`` (B, T, H) in the background."""
+        if self.prefetcher is None or self.prefetcher.closed:
+            return
+        unique, inverse = self._rows(hash_ids)
+        self._pending = _Pending(hash_ids, self.prefetcher.submit(self._gather, unique), inverse)
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H, d_h)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.hash_ids is hash_ids:
+            rows, inverse = pending.future.result(), pending.inverse
+            self.calls_prefetched += 1
+        else:
+            if pending is not None:
+                pending.future.result()  # a stale prefetch: let it finish so it cannot race ours
+            unique, inverse = self._rows(hash_ids)
+            rows = self._gather(unique)
+        rows = rows.to(self.device, non_blocking=rows.is_pinned())  # (n, d_h)
+        out = rows[inverse.to(self.device, non_blocking=True)]  # (B*T*H, d_h)
+        return out.view(*hash_ids.shape, -1).to(self.dtype)
+
+    def drop_pending(self) -> None:
+        self._pending = None
+
+
+class StorageHandle:
+    """What ``apply_storage`` returns: ``stats()``, and ``close()`` (or ``with``) to stop the prefetch
+    thread. After ``close`` the model still works; it gathers synchronously."""
+
+    def __init__(self, model, tier: str, prefetcher: Prefetcher | None):
+        self.model, self.tier, self.prefetcher = model, tier, prefetcher
+
+    def embeddings(self) -> dict[int, nn.Module]:
+        return {lid: layer.embedding for lid, layer in self.model.engram_layers.items()}
+
+    def stats(self) -> dict:
+        layers, total = {}, 0
+        for lid, emb in self.embeddings().items():
+            if isinstance(emb, OffloadedEmbedding):
+                store = emb.store
+                cached = isinstance(store, RowCache)
+                entry = {"tier": self.tier, "table_bytes": store.nbytes, "ram_bytes": store.ram_bytes,
+                         "rows_fetched": emb.rows_fetched, "calls_prefetched": emb.calls_prefetched,
+                         "cache_rows": store.capacity if cached else 0,
+                         "hits": store.hits if cached else 0, "misses": store.misses if cached else 0,
+                         "evictions": store.evictions if cached else 0,
+                         "hit_rate": store.hit_rate if cached else None}
+            else:  # device tier: the untouched parameter
+                ref = DeviceStore(emb.weight)
+                entry = {"tier": "device", "table_bytes": ref.nbytes, "ram_bytes": ref.ram_bytes, "rows_fetched": 0,
+                         "calls_prefetched": 0,
+                         "cache_rows": 0, "hits": 0, "misses": 0, "evictions": 0, "hit_rate": None}
+            layers[lid] = entry
+            total += entry["ram_bytes"]
+        return {"tier": self.tier, "ram_bytes": total, "layers": layers}
+
+    def close(self) -> None:
+        for emb in self.embeddings().values():
+            if isinstance(emb, OffloadedEmbedding):
+                emb.drop_pending()
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def __enter__(self) -> "StorageHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int = 0, policy: str = "lru",
+                  verify: str = "size") -> StorageHandle:
+    """Move every Engram table of ``model`` to ``tier`` in place; returns the handle to close.
+
+    device: tables stay parameters (the reference). host: each table becomes a ``HostStore`` and the
+    parameter is freed. disk: rows come from ``tables_dir`` (``export_tables`` of this model, checked
+    against ``model.hasher``), the parameter is freed. ``cache_rows`` > 0 puts a ``RowCache`` of that
+    many rows per layer (``policy`` lru or lfu) in front of host or disk.
+    """
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
+    if tier != "disk" and tables_dir is not None:
+        raise ValueError(f"tables_dir is only used by the disk tier, not {tier!r}")
+    if cache_rows < 0:
+        raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
+    if tier == "device":
+        if cache_rows:
+            raise ValueError("a row cache sits in front of the host or disk tier, not the device tier")
+        return StorageHandle(model, tier, None)
+    if tier == "disk" and tables_dir is None:
+        raise ValueError("the disk tier needs tables_dir (written by `engram export-tables`)")
+    layers = model.engram_layers
+    if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
+        raise ValueError("the model's tables are already offloaded; apply_storage once per model")
+    manifest = open_tables(tables_dir, model.hasher, verify) if tier == "disk" else None
+
+    prefetcher = Prefetcher()
+    for lid, layer in layers.items():
+        old = layer.embedding
+        weight = old.weight
+        if tier == "host":
+            store = HostStore(weight)
+        else:
+            entry = manifest.layers.get(lid)
+            if entry is None or (entry.rows, entry.dim) != tuple(weight.shape):
+                prefetcher.close()
+                got = None if entry is None else (entry.rows, entry.dim)
+                raise ValueError(f"{tables_dir}: layer {lid} table is {got}, the model needs {tuple(weight.shape)}")
+            store = DiskStore.from_entry(entry)
+        if cache_rows:
+            store = RowCache(store, cache_rows, policy)
+        layer.embedding = OffloadedEmbedding(store, old.offsets, weight.device, weight.dtype, prefetcher)
+    return StorageHandle(model, tier, prefetcher)

@@ -1,0 +1,168 @@
+"""Engram tables as plain files: one raw little-endian (rows, d_h) array per layer plus a manifest.
+
+Layout of a tables directory::
+
+    layer_{id}.bin   rows x d_h values, C order, little-endian, dtype from the manifest
+    manifest.json    written LAST: format, the hasher layout, per layer {file, rows, dim, dtype, bytes, sha256}
+
+A directory without ``manifest.json`` is an unfinished export. Every file goes through a temp file and
+``os.replace``, and an old manifest is removed before any table is rewritten, so a crash never leaves a
+manifest that describes other bytes than the files hold. The hasher layout travels with the tables
+because a row is meaningless without the addresses that chose it (PITFALLS 3, 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "engram.tables/1"
+MANIFEST = "manifest.json"
+_CHUNK_BYTES = 64 << 20  # write in slices so a big table needs no second full copy in RAM
+
+# bfloat16 has no numpy dtype: its bytes travel as little-endian uint16 and are reinterpreted on read
+DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<u2")}
+
+
+class TableError(ValueError):
+    """A tables directory that cannot be used as is (missing, truncated, corrupt or for another layout)."""
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    layer_id: int
+    path: Path
+    rows: int
+    dim: int
+    dtype: str  # key of DTYPES
+    bytes: int
+    sha256: str
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(DTYPES[self.dtype][1])
+
+
+@dataclass(frozen=True)
+class TableManifest:
+    directory: Path
+    layout: dict
+    layers: dict[int, TableEntry]
+
+    def store(self, layer_id: int):
+        """A read-only ``DiskStore`` over one layer's file."""
+        from engram.storage.stores import DiskStore
+
+        return DiskStore.from_entry(self.layers[layer_id])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, (torch_dtype, _) in DTYPES.items():
+        if torch_dtype == dtype:
+            return name
+    raise ValueError(f"tables can be exported as {sorted(DTYPES)}, not {dtype}")
+
+
+def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[int, str]:
+    """Stream ``weight`` (rows, d_h) to ``path`` through a temp file; returns (bytes, sha256)."""
+    torch_dtype, np_dtype = DTYPES[_dtype_name(dtype)]
+    rows, dim = weight.shape
+    step = max(1, _CHUNK_BYTES // max(1, dim * np.dtype(np_dtype).itemsize))
+    digest, total = hashlib.sha256(), 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for start in range(0, rows, step):
+            chunk = weight[start: start + step].detach().to("cpu", torch_dtype).contiguous()  # (n, d_h)
+            if torch_dtype == torch.bfloat16:
+                chunk = chunk.view(torch.int16)  # same bytes; numpy has no bfloat16
+            arr = chunk.numpy()
+            data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()  # little-endian on any host
+            digest.update(data)
+            f.write(data)
+            total += len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return total, digest.hexdigest()
+
+
+@torch.no_grad()
+def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write every Engram layer's table of ``model`` to ``directory``; returns the manifest path."""
+    if model.hasher is None or not model.engram_layers:
+        raise TableError("the model has no Engram layers: nothing to export")
+    name = _dtype_name(dtype)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path = directory / MANIFEST
+    manifest_path.unlink(missing_ok=True)  # the old manifest must not vouch for half-rewritten files
+    layers = {}
+    for layer_id, layer in sorted(model.engram_layers.items()):
+        weight = getattr(layer.embedding, "weight", None)
+        if weight is None:
+            raise TableError(f"layer {layer_id}'s table is not a parameter (already offloaded?); export "
+                             "from the model before apply_storage")
+        file = f"layer_{layer_id}.bin"
+        nbytes, sha = _write_table(weight, directory / file, dtype)
+        layers[str(layer_id)] = {"file": file, "rows": int(weight.shape[0]), "dim": int(weight.shape[1]),
+                                 "dtype": name, "bytes": nbytes, "sha256": sha}
+    manifest = {"format": FORMAT, "layout": model.hasher.layout(), "layers": layers}
+    tmp = manifest_path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)
+    return manifest_path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size") -> TableManifest:
+    """Read and check a tables directory. ``verify``: "size" (cheap, catches truncation) or "sha256"
+    (reads every byte). With ``hasher``, the stored layout must equal ``hasher.layout()``."""
+    if verify not in ("size", "sha256"):
+        raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise TableError(f"{manifest_path} is missing: not an Engram tables directory, or the export did not "
+                         "finish (the manifest is written last)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise TableError(f"{manifest_path} is not valid JSON: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise TableError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if hasher is not None:
+        try:
+            hasher.check_layout(manifest.get("layout"))
+        except ValueError as err:
+            raise TableError(f"{manifest_path}: {err}") from None
+    layers = {}
+    for key, info in manifest["layers"].items():
+        path = directory / info["file"]
+        if info["dtype"] not in DTYPES:
+            raise TableError(f"{manifest_path}: layer {key} has unknown dtype {info['dtype']!r}")
+        expected = info["rows"] * info["dim"] * np.dtype(DTYPES[info["dtype"]][1]).itemsize
+        if expected != info["bytes"]:
+            raise TableError(f"{manifest_path}: layer {key} claims {info['bytes']} bytes but "
+                             f"{info['rows']}x{info['dim']} {info['dtype']} is {expected}")
+        if not path.is_file():
+            raise TableError(f"{path} is missing (listed in {manifest_path})")
+        size = path.stat().st_size
+        if size != expected:
+            raise TableError(f"{path} has {size} bytes, the manifest expects {expected} (truncated or replaced)")
+        if verify == "sha256" and _file_sha256(path) != info["sha256"]:
+            raise TableError(f"{path}: sha256 mismatch with {manifest_path} (file corrupted or replaced)")
+        layers[int(key)] = TableEntry(int(key), path, info["rows"], info["dim"], info["dtype"], expected, info["sha256"])
+    return TableManifest(directory, manifest["layout"], layers)
