@@ -30,8 +30,3 @@ def deepseek_compressed(deepseek_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def devices() -> list[str]:
-    """CPU always; CUDA too when present (GPU cases skip cleanly otherwise)."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import devices
+from support import devices
 from engram.config import EngramConfig
 from engram.hashing import (NgramHasher, is_prime, layer_multipliers, multiplier_bound, next_prime,
                             table_primes)

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_run, write_corpus
+from support import tiny_run, write_corpus
 from engram.train import CheckpointError, load_checkpoint, train, verify_checkpoint
 
 

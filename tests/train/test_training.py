@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_run
+from support import tiny_run
 from engram.train import TrainingDiverged, latest_checkpoint, load_checkpoint, train
 
 
