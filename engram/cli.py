@@ -26,6 +26,16 @@ def _add_config_flags(p: argparse.ArgumentParser, default_preset: str | None) ->
                         "(repeatable; values parsed as JSON when possible)")
 
 
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+
+
 def _run_config(args):
     from engram.config import apply_overrides, get_run_preset
 
@@ -58,34 +68,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
+def _stream_completion(model, tokenizer, args) -> None:
+    """Encode ``args.prompt`` as training documents start (with <|bos|>), stream the continuation."""
     from engram.infer import generate
-    from engram.train import load_checkpoint
-    from engram.train.loop import resolve_device
 
-    ckpt = load_checkpoint(args.ckpt, device=resolve_device(args.device))
-    tok = ckpt.tokenizer
-    prompt = tok.encode(args.prompt).ids
-    bos = tok.token_to_id("<|bos|>")
+    prompt = tokenizer.encode(args.prompt).ids
+    bos = tokenizer.token_to_id("<|bos|>")
     if bos is not None:
-        prompt = [bos] + prompt  # training documents start with <|bos|>
-    eos = tok.token_to_id("<|eos|>")
+        prompt = [bos] + prompt
+    eos = tokenizer.token_to_id("<|eos|>")
     generated: list[int] = []
     shown = ""
 
     def stream(token: int) -> None:
         nonlocal shown
         generated.append(token)
-        text = tok.decode(generated)
+        text = tokenizer.decode(generated)
         if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
             sys.stdout.write(text[len(shown):])
             sys.stdout.flush()
             shown = text
 
     sys.stdout.write(args.prompt)
-    generate(ckpt.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
     sys.stdout.write("\n")
+
+
+def cmd_sample(args) -> int:
+    from engram.train import load_checkpoint
+    from engram.train.loop import resolve_device
+
+    ckpt = load_checkpoint(args.ckpt, device=resolve_device(args.device))
+    _stream_completion(ckpt.model, ckpt.tokenizer, args)
     return 0
 
 
@@ -103,35 +118,13 @@ def cmd_export_tables(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from engram.infer import generate
     from engram.storage import apply_storage
     from engram.train import load_checkpoint
     from engram.train.loop import resolve_device
 
     ckpt = load_checkpoint(args.ckpt, device=resolve_device(args.device))
-    tok = ckpt.tokenizer
-    prompt = tok.encode(args.prompt).ids
-    bos = tok.token_to_id("<|bos|>")
-    if bos is not None:
-        prompt = [bos] + prompt  # training documents start with <|bos|>
-    eos = tok.token_to_id("<|eos|>")
-    generated: list[int] = []
-    shown = ""
-
-    def stream(token: int) -> None:
-        nonlocal shown
-        generated.append(token)
-        text = tok.decode(generated)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-
     with apply_storage(ckpt.model, args.tier, args.tables, args.cache_rows, args.policy) as handle:
-        sys.stdout.write(args.prompt)
-        generate(ckpt.model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
-        sys.stdout.write("\n")
+        _stream_completion(ckpt.model, ckpt.tokenizer, args)
         if args.stats:
             print(json.dumps(handle.stats(), indent=2), file=sys.stderr)
     return 0
@@ -186,13 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="continue a prompt with a trained model, streaming the text")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or run directory (uses its latest)")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_sampling_flags(p)
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("export-tables", help="write a checkpoint's Engram tables as raw files for the disk tier")
@@ -204,19 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="like sample, with the Engram tables on device, in host RAM or on disk")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or run directory (uses its latest)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    _add_sampling_flags(p)
     p.add_argument("--tier", default="device", choices=["device", "host", "disk"],
                    help="where the tables live (default device); disk needs --tables")
     p.add_argument("--tables", default=None, help="tables directory from `engram export-tables` (disk tier)")
     p.add_argument("--cache-rows", type=int, default=0,
                    help="rows per layer cached in RAM in front of the host/disk tier (default 0 = no cache)")
     p.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="cache eviction policy (default lru)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--stats", action="store_true", help="print per-layer cache hits and RAM use to stderr")
     p.set_defaults(fn=cmd_generate)
 
