@@ -146,6 +146,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench_offload(args) -> int:
+    from engram.experiments.offload import main as offload
+
+    return offload(args.passthrough, prog="engram bench offload")
+
+
 def cmd_presets(args) -> int:
     from engram.config import PRESETS, RUN_PRESETS, get_run_preset
     from engram.experiments.accounting import count_parameters
@@ -215,13 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser("bench", help="benchmarks that ship with the package")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    # its options (see `engram bench offload --help`) belong to the benchmark and are passed through
+    q = bench_sub.add_parser("offload", add_help=False,
+                             help="prefill/decode tokens/s per table tier vs device-resident, hit rate, peak RSS")
+    q.set_defaults(fn=cmd_bench_offload)
+
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.set_defaults(fn=cmd_presets)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.fn is cmd_bench_offload:
+        args.passthrough = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from engram.train.loop import TrainingDiverged
 
     try:

@@ -31,3 +31,20 @@ def test_generate_errors_are_one_line(checkpoint, capsys, flags, message):
     assert main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_bench_offload_smoke(tmp_path, capsys):
+    """`engram bench offload` at a tiny size: every tier, identical tokens, JSON written."""
+    import json
+
+    from engram.cli import main
+
+    out = tmp_path / "offload.json"
+    code = main(["bench", "offload", "--table-gb", "0.01", "--batch", "2", "--seq", "16", "--new-tokens", "3",
+                 "--repeats", "1", "--cache-rows", "64", "--dir", str(tmp_path / "tables"), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["tokens_identical"] is True
+    assert [r["tier"] for r in result["results"]] == ["device", "host", "disk", "disk+cache", "disk-cold"]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in result["results"])
+    assert not list((tmp_path / "tables").glob("layer_*.bin"))  # cleaned up without --keep

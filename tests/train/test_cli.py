@@ -72,7 +72,8 @@ def test_errors_are_one_clear_line(argv, message, capsys):
 def test_help_for_every_subcommand(capsys):
     done = subprocess.run([sys.executable, "-m", "engram.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage: engram" in done.stdout  # the real entry point
-    for sub in (["train"], ["eval"], ["sample"], ["data", "prepare"], ["demo"], ["presets"]):
+    for sub in (["train"], ["eval"], ["sample"], ["generate"], ["export-tables"], ["data", "prepare"], ["demo"],
+                ["presets"], ["bench", "offload"]):
         with pytest.raises(SystemExit) as exit_:
             main([*sub, "--help"])
         assert exit_.value.code == 0

@@ -1,0 +1,273 @@
+"""Engram table tiers: prefill and decode throughput with the tables on device, in host RAM, on disk
+(warm page cache), on disk behind a row cache, and on disk with a cold page cache, each relative to
+device in the same run. Run it as ``engram bench offload`` or ``python benchmarks/offload.py``.
+
+Legend: B prompts, T prompt length, H hash heads, d_h row width.
+
+Model: the ``tiny-engram`` backbone with its Engram tables scaled to ``--table-gb`` in total (rows of
+``--head-dim`` floats; the default 64 makes a row 256 bytes, so a disk read fetches few rows per page).
+Tables are filled by tiling one random block (memcpy speed, not ``normal_``): values do not matter
+for timing, and every tier must still produce the same greedy tokens, which the script checks.
+The tables are exported once to ``--dir`` (default a fresh directory under /tmp; it needs
+``--table-gb`` of disk space and is deleted afterwards unless ``--keep``), then read once to warm the
+page cache. Each tier runs in its own process, so the peak RSS (``VmHWM``, else ``resource.getrusage``) is
+that tier's alone. For the disk tiers it includes the page-cache pages the memory map touched (shared
+and reclaimable); ``RssAnon`` is the process's own memory, reported beside it.
+
+Prompts are Zipf-distributed token ids (text-like reuse, so a cache can hit). Prefill: tokens/s of
+one full forward over (B, T), median of ``--repeats``. Decode: ``generate_batch`` greedy,
+tokens/s over the steps after the first token, best of ``--repeats``.
+
+    engram bench offload [--table-gb 2] [--head-dim 64] [--batch 8] [--seq 128] [--new-tokens 32]
+                         [--cache-rows 65536] [--policy lru] [--repeats 5] [--threads 2]
+                         [--dir DIR] [--keep] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram.config import get_preset
+from engram.infer import generate_batch
+from engram.model.engram import Engram
+from engram.model.transformer import EngramLM
+from engram.storage import apply_storage, export_tables
+
+TIERS = [("device", 0), ("host", 0), ("disk", 0), ("disk+cache", None)]  # None: --cache-rows
+COLD_RUNS = 3  # fresh processes for the cold-page-cache tier; the median is reported
+
+
+@contextlib.contextmanager
+def tables_left_uninitialised():
+    """Build models whose tables skip ``normal_`` (``Engram.__init__`` runs it): a multi-GB N(0,1)
+    init costs seconds and, for the disk tiers, would make the table's pages resident (inflating
+    peak RSS) before the tier frees them. Restores ``Engram.init_weights`` on exit."""
+    original = Engram.init_weights
+
+    def init_without_table(self, std: float = 0.02, table_std: float = 1.0) -> None:
+        table = self.embedding.weight
+        self.embedding.weight = torch.nn.Parameter(torch.empty(0, table.shape[1]))
+        try:
+            original(self, std, table_std)
+        finally:
+            self.embedding.weight = table
+
+    Engram.init_weights = init_without_table
+    try:
+        yield
+    finally:
+        Engram.init_weights = original
+
+
+def config_for(table_gb: float, head_dim: int):
+    config = get_preset("tiny-engram")
+    e = config.engram
+    per_head = int(table_gb * 2**30 / (head_dim * 4) / (e.n_heads * len(e.layer_ids)))
+    e.engram_vocab_size = [per_head] * (e.max_ngram_size - 1)
+    e.n_embed_per_ngram = head_dim * e.n_head_per_ngram
+    return config
+
+
+def build(args, fill: bool) -> EngramLM:
+    torch.manual_seed(0)
+    with tables_left_uninitialised():
+        model = EngramLM(config_for(args.table_gb, args.head_dim)).eval()
+    if fill:
+        block = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1))
+        for layer in model.engram_layers.values():
+            flat = layer.embedding.weight.data.view(-1)
+            for start in range(0, flat.numel(), block.numel()):
+                piece = flat[start: start + block.numel()]
+                piece.copy_(block[: piece.numel()])
+    return model
+
+
+def prompts(args) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    vocab = get_preset("tiny-engram").backbone.vocab_size
+    ids = (rng.zipf(1.3, size=(args.batch, args.seq)) - 1) % vocab
+    return ids.tolist()
+
+
+def drop_page_cache(directory: Path) -> None:
+    """Evict the table files from the page cache (POSIX_FADV_DONTNEED: clean pages, no root needed).
+    Only pages no process has mapped are dropped, so this makes the *first* access in a fresh process
+    cold; that is what the disk-cold tier measures."""
+    for path in sorted(directory.glob("layer_*.bin")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_cold(args) -> dict:
+    """Worker process: one generate_batch straight after dropping the page cache. Prefill is the time
+    to the first token; decode the rest (new n-grams mostly read rows not read before, so cold too)."""
+    torch.set_num_threads(args.threads)
+    model = build(args, fill=False)
+    drop_page_cache(Path(args.dir))
+    batch = prompts(args)
+    with apply_storage(model, "disk", args.dir), torch.no_grad():
+        first = []
+        t0 = time.perf_counter()
+        tokens = generate_batch(model, batch, args.new_tokens, temperature=0,
+                                on_token=lambda row, tok: first or first.append(time.perf_counter()))
+        end = time.perf_counter()
+    return {"tier": "disk-cold", "cache_rows": 0, "prefill_tok_s": args.batch * args.seq / (first[0] - t0),
+            "decode_tok_s": args.batch * (args.new_tokens - 1) / (end - first[0]), "hit_rate": None,
+            "store_ram_mb": 0.0, "peak_rss_mb": proc_status_mb("VmHWM"), "anon_rss_mb": proc_status_mb("RssAnon"),
+            "tokens": tokens}
+
+
+def run_tier(args) -> dict:
+    """Worker process: one tier, timed; prints one JSON line."""
+    if args.worker == "disk-cold":
+        return run_cold(args)
+    torch.set_num_threads(args.threads)
+    tier, cache_rows = args.worker, args.worker_cache_rows
+    model = build(args, fill=tier in ("device", "host"))
+    handle = apply_storage(model, tier.split("+")[0], args.dir if tier.startswith("disk") else None, cache_rows,
+                           args.policy)
+    batch = prompts(args)
+    ids = torch.tensor(batch)
+    with handle, torch.no_grad():
+        model(ids)  # warm-up (and, for a cache, its first fill)
+        prefill = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            model(ids)
+            prefill.append(time.perf_counter() - t0)
+        decode, tokens = [], None
+        for _ in range(args.repeats):
+            first = []
+            t0 = time.perf_counter()
+            tokens = generate_batch(model, batch, args.new_tokens, temperature=0,
+                                    on_token=lambda row, tok: first or first.append(time.perf_counter()))
+            decode.append(time.perf_counter() - first[0])
+        stats = handle.stats()
+    layers = stats["layers"].values()
+    hits, misses = sum(s["hits"] for s in layers), sum(s["misses"] for s in layers)
+    return {"tier": tier, "cache_rows": cache_rows,
+            "prefill_tok_s": args.batch * args.seq / statistics.median(prefill),
+            "decode_tok_s": args.batch * (args.new_tokens - 1) / min(decode),
+            "hit_rate": hits / (hits + misses) if cache_rows else None, "store_ram_mb": stats["ram_bytes"] / 2**20,
+            "peak_rss_mb": proc_status_mb("VmHWM"), "anon_rss_mb": proc_status_mb("RssAnon"), "tokens": tokens}
+
+
+def proc_status_mb(field: str) -> float:
+    """A /proc/self/status memory field in MB. Peak RSS is ``VmHWM`` where it exists: ``getrusage``
+    ru_maxrss carries the parent's peak across fork+exec, so every tier would report the exporting
+    parent's high-water mark. Peak RSS counts page-cache pages mapped by the disk tier's memmap
+    (shared and reclaimable); ``RssAnon`` (now, at the end of the run) is the process's own memory."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else float("nan")
+
+
+def warm_page_cache(directory: Path) -> None:
+    for path in sorted(directory.glob("layer_*.bin")):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("--table-gb", type=float, default=2.0, help="total Engram table size in GiB (default 2)")
+    p.add_argument("--head-dim", type=int, default=64, help="row width d_h in floats (default 64)")
+    p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--seq", type=int, default=128, help="prompt length (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    p.add_argument("--cache-rows", type=int, default=65536, help="rows per layer in the disk+cache tier")
+    p.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="cache policy (default lru)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--dir", default=None, help="tables directory (default: a new one under /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the exported tables")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-cache-rows", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``engram bench offload`` and ``benchmarks/offload.py``: each tier runs in a fresh process."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_tier(args)))
+        return 0
+
+    made_dir = args.dir is None
+    directory = Path(args.dir or tempfile.mkdtemp(prefix="engram-offload-", dir="/tmp"))
+    try:
+        t0 = time.perf_counter()
+        torch.set_num_threads(args.threads)
+        model = build(args, fill=True)
+        export_tables(model, directory)
+        table_bytes = sum(f.stat().st_size for f in directory.glob("layer_*.bin"))
+        del model
+        print(f"exported {table_bytes / 2**30:.2f} GiB of tables to {directory} in {time.perf_counter() - t0:.1f}s "
+              f"(uses that much disk; {'kept' if args.keep else 'deleted at the end'})", flush=True)
+        warm_page_cache(directory)
+        results = []
+        def worker(tier: str, rows: int) -> dict:
+            cmd = [sys.executable, "-m", "engram.experiments.offload", *argv, "--dir", str(directory),
+                   "--worker", tier, "--worker-cache-rows", str(rows)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            return json.loads(out.strip().splitlines()[-1])
+
+        for tier, rows in TIERS:
+            results.append(worker(tier, args.cache_rows if rows is None else rows))
+            print(f"  {tier}: done", flush=True)
+        cold = sorted((worker("disk-cold", 0) for _ in range(COLD_RUNS)), key=lambda r: r["decode_tok_s"])
+        results.append(cold[COLD_RUNS // 2])
+        print(f"  disk-cold: done ({COLD_RUNS} fresh processes, median by decode speed)", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True) if made_dir else \
+                [f.unlink(missing_ok=True) for f in directory.glob("*") if f.name.startswith(("layer_", "manifest"))]
+
+    device = results[0]
+    same = all(r["tokens"] == device["tokens"] for r in results)
+    print(f"\nEngram tables {table_bytes / 2**30:.2f} GiB, d_h={args.head_dim}, B x T = {args.batch} x {args.seq}, "
+          f"{args.new_tokens} new tokens, {args.threads} threads; greedy tokens identical across tiers: {same}")
+    print(f"{'tier':<12} {'prefill tok/s':>14} {'vs device':>10} {'decode tok/s':>13} {'vs device':>10} "
+          f"{'hit rate':>9} {'store RAM MB':>13} {'peak RSS MB':>12} {'anon RSS MB':>12}")
+    for r in results:
+        r["prefill_vs_device"] = r["prefill_tok_s"] / device["prefill_tok_s"]
+        r["decode_vs_device"] = r["decode_tok_s"] / device["decode_tok_s"]
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
+        print(f"{r['tier']:<12} {r['prefill_tok_s']:>14,.0f} {r['prefill_vs_device']:>10.3f} {r['decode_tok_s']:>13,.0f} "
+              f"{r['decode_vs_device']:>10.3f} {hit:>9} {r['store_ram_mb']:>13,.1f} {r['peak_rss_mb']:>12,.0f} "
+              f"{r['anon_rss_mb']:>12,.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+                                               "table_bytes": table_bytes, "tokens_identical": same,
+                                               "results": [{k: v for k, v in r.items() if k != "tokens"} for r in results]},
+                                              indent=2))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
