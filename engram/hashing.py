@@ -215,15 +215,15 @@ class NgramHasher(nn.Module):
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}
 
-    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor,
-                          boundary: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor, boundary: torch.Tensor | None = None,
+                          validate: bool = True) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hash (B, T) raw ids that continue earlier ids whose last N-1 compressed ids are ``history``.
 
         Used by incremental decoding (PITFALLS 5). Returns the hashes of the T new positions and the
         new history (B, N-1); positions before a document start in this call read as pad.
         """
         n = history.shape[1]
-        compressed = self.compress(input_ids)
+        compressed = self.compress(input_ids, validate)
         full = torch.cat([history, compressed], dim=1)  # (B, N-1+T)
         doc_ids = None
         if boundary is not None:

@@ -152,17 +152,21 @@ class EngramLM(nn.Module):
         if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= V)).any()):
             bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {V})")
+        # the ids are checked: the hasher's tokenizer covers exactly [0, V) (see __init__), so it need not
+        # check them again (that would be a second host sync per step)
         if cache is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
-            if hash_ids is None:
-                hash_ids = self.hash(input_ids, boundary)
+            if hash_ids is None and self.hasher is not None:
+                hash_ids = self.hasher(input_ids, boundary, validate=False)
+            hash_ids = hash_ids or {}
         else:
             if boundary is not None or labels is not None:
                 raise ValueError("a cached call takes neither boundary (the cache's starts are the "
                                  "document starts) nor labels")
             positions, boundary = cache.begin(T)  # (B, T), (B, T) or None
             if self.hasher is not None:
-                hash_ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary)
+                hash_ids, cache.ngram_history = self.hasher.hash_with_history(
+                    input_ids, cache.ngram_history, boundary, validate=False)
             else:
                 hash_ids = {}
         self.prefetch(hash_ids)
