@@ -147,7 +147,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench_offload(args) -> int:
-    from engram.experiments.offload import main as offload
+    from engram.experiments.offload_bench import main as offload
 
     return offload(args.passthrough, prog="engram bench offload")
 
