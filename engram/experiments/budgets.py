@@ -1,0 +1,143 @@
+"""Named budgets for the paper's experiments: a pure-MoE base run (rho = 1) plus the Engram template.
+
+Within a budget P_tot, P_act, data and hyper-parameters are fixed (SPEC §4); the sweeps only move
+weights between routed experts and Engram rows (allocation), grow the tables of a fixed backbone
+(memory) or switch parts of the module off at a fixed table budget (ablation).
+
+``tiny`` is sized for a 2-core CPU: one run is ~600k tokens and takes about 3 minutes on one core, so
+the allocation sweep (7 rho values x 3 seeds) finishes in about an hour with two workers. ``small``
+and ``medium`` are defined for GPUs (bf16 autocast, longer runs); they have not been run on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
+
+from engram.config import (BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig,
+                           TrainConfig)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget: the rho = 1 run, the Engram template and the grids of the three sweeps.
+
+    memory_rows: rows per head for the memory sweep (a log grid), added to the fixed rho = 1 backbone.
+    ablation_rho: the allocation point whose Engram table budget the ablations keep fixed.
+    """
+
+    name: str
+    description: str
+    base: Callable[[], RunConfig]
+    engram: Callable[[], EngramConfig]
+    rhos: tuple[float, ...]
+    memory_rows: tuple[int, ...]
+    ablation_rho: float
+    layer_sweep: tuple[int, ...]
+    seeds: int = 3
+
+    def base_run(self) -> RunConfig:
+        return self.base()
+
+    def engram_template(self) -> EngramConfig:
+        return self.engram()
+
+
+def _tiny_base() -> RunConfig:
+    backbone = BackboneConfig(
+        vocab_size=4096, n_layers=4, d_model=128, n_heads=4, ffn_hidden=512, max_seq_len=256, hc_mult=1,
+        moe=MoEConfig(n_routed_experts=22, n_shared_experts=1, top_k=2, expert_hidden=64, first_dense_layers=1))
+    # 300 steps x 2,048 tokens = 614k tokens per run.
+    train = TrainConfig(max_steps=300, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30, eval_every=150,
+                        eval_batches=40, log_every=10, save_every=100, device="cpu")
+    return RunConfig(model=ModelConfig(backbone=backbone), data=DataConfig(vocab_size=4096), train=train)
+
+
+def _tiny_engram() -> EngramConfig:
+    # d_h = 8, H = 8 heads, memory width 64 = D/2 (the paper: 1280 for D = 2560)
+    return EngramConfig(engram_vocab_size=[1000, 1000], max_ngram_size=3, n_embed_per_ngram=32, n_head_per_ngram=4,
+                        layer_ids=[1], pad_id=0, kernel_size=4, hc_mult=1)
+
+
+def _gpu_base(d_model: int, n_layers: int, n_heads: int, experts: int, expert_hidden: int, steps: int,
+              batch: int) -> RunConfig:
+    backbone = BackboneConfig(
+        vocab_size=8192, n_layers=n_layers, d_model=d_model, n_heads=n_heads, ffn_hidden=4 * d_model,
+        max_seq_len=1024, hc_mult=4,
+        moe=MoEConfig(n_routed_experts=experts, n_shared_experts=2, top_k=6, expert_hidden=expert_hidden,
+                      first_dense_layers=1))
+    train = TrainConfig(max_steps=steps, batch_size=batch, seq_len=1024, lr=2e-3, warmup_steps=steps // 50,
+                        eval_every=steps // 10, eval_batches=32, log_every=50, save_every=steps // 10,
+                        device="cuda")
+    return RunConfig(model=ModelConfig(backbone=backbone), data=DataConfig(vocab_size=8192), train=train)
+
+
+def _gpu_engram(d_model: int, hc_mult: int = 4) -> EngramConfig:
+    # memory width D/2 as in the paper (16 heads of d_h = D/32); placeholder sizes are solved per rho
+    return EngramConfig(engram_vocab_size=[1000, 1000], max_ngram_size=3, n_embed_per_ngram=d_model // 4,
+                        n_head_per_ngram=8, layer_ids=[1], pad_id=0, kernel_size=4, hc_mult=hc_mult)
+
+
+BUDGETS: dict[str, Budget] = {
+    "tiny": Budget(
+        name="tiny", description="CPU: D=128, 4 blocks, 22 routed experts (top-2), 614k tokens per run",
+        base=_tiny_base, engram=_tiny_engram, rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4),
+        memory_rows=(1024, 4096, 16384, 65536), ablation_rho=0.8, layer_sweep=(0, 1, 2, 3), seeds=3),
+    "small": Budget(
+        name="small", description="GPU: D=512, 12 blocks, mHC G=4, 38 routed experts (top-6), 1.3B tokens",
+        base=lambda: _gpu_base(512, 12, 8, 38, 256, steps=20_000, batch=64), engram=lambda: _gpu_engram(512),
+        rhos=(1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4), memory_rows=(2**14, 2**16, 2**18, 2**20, 2**22),
+        ablation_rho=0.8, layer_sweep=(0, 1, 2, 4, 6, 8), seeds=3),
+    "medium": Budget(
+        name="medium", description="GPU: D=1024, 16 blocks, mHC G=4, 38 routed experts (top-6), 5.2B tokens",
+        base=lambda: _gpu_base(1024, 16, 16, 38, 512, steps=40_000, batch=128), engram=lambda: _gpu_engram(1024),
+        rhos=(1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4), memory_rows=(2**16, 2**18, 2**20, 2**22, 2**24),
+        ablation_rho=0.8, layer_sweep=(0, 1, 2, 4, 8, 12), seeds=2),
+}
+
+
+BUDGET_FIELDS = ("name", "description", "base", "engram", "rhos", "memory_rows", "ablation_rho", "layer_sweep", "seeds")
+
+
+def budget_to_dict(budget: Budget) -> dict:
+    """A budget as plain JSON (the form ``--budget FILE.json`` reads)."""
+    return {"name": budget.name, "description": budget.description, "base": budget.base_run().to_dict(),
+            "engram": budget.engram_template().to_dict(), "rhos": list(budget.rhos),
+            "memory_rows": list(budget.memory_rows), "ablation_rho": budget.ablation_rho,
+            "layer_sweep": list(budget.layer_sweep), "seeds": budget.seeds}
+
+
+def budget_from_dict(data: dict) -> Budget:
+    unknown = sorted(set(data) - set(BUDGET_FIELDS))
+    missing = sorted(set(BUDGET_FIELDS) - set(data) - {"description", "seeds"})
+    if unknown or missing:
+        raise ValueError(f"budget: unknown field(s) {unknown}, missing field(s) {missing}; fields: {list(BUDGET_FIELDS)}")
+    base, engram = RunConfig.from_dict(data["base"]), EngramConfig.from_dict(data["engram"])  # validate now
+    name = data["name"]
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"budget.name must be a non-empty string without '/', got {name!r}")
+    return Budget(name=name, description=data.get("description", ""),
+                  base=lambda: RunConfig.from_dict(base.to_dict()),
+                  engram=lambda: EngramConfig.from_dict(engram.to_dict()),
+                  rhos=tuple(float(r) for r in data["rhos"]), memory_rows=tuple(int(r) for r in data["memory_rows"]),
+                  ablation_rho=float(data["ablation_rho"]), layer_sweep=tuple(int(x) for x in data["layer_sweep"]),
+                  seeds=int(data.get("seeds", 3)))
+
+
+def get_budget(name: str) -> Budget:
+    """A named budget, or one read from a JSON file (``budget_to_dict``'s format) when ``name`` is a path."""
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"budget file {name} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"budget file {name} is not valid JSON: {err}") from None
+        return budget_from_dict(data)
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r}; known budgets: {sorted(BUDGETS)} (or a budget .json file)")
+    return BUDGETS[name]
