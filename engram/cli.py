@@ -7,6 +7,8 @@
     engram demo [--quick]
     engram export-tables --ckpt runs/demo/demo-engram --out tables/
     engram generate --ckpt runs/demo/demo-engram --prompt "import os" --tier disk --tables tables/
+    engram sweep allocation --budget tiny --seeds 3 --workers 2
+    engram sweep report --budget tiny
     engram presets
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _add_config_flags(p: argparse.ArgumentParser, default_preset: str | None) -> None:
@@ -152,6 +155,46 @@ def cmd_bench_offload(args) -> int:
     return offload(args.passthrough, prog="engram bench offload")
 
 
+def cmd_sweep(args) -> int:
+    from engram.experiments import sweep as sw
+
+    if args.kind == "report":
+        from engram.experiments.report import load_results, markdown_tables, write_report
+
+        results = load_results([Path(args.out) / args.budget])
+        if not results:
+            raise FileNotFoundError(f"no result.json under {Path(args.out) / args.budget}; run a sweep first")
+        paths = write_report(results, Path(args.report_dir))
+        print(markdown_tables(results))
+        print("\n".join(f"wrote {p}" for p in paths.values()))
+        return 0
+    if args.dry_run:
+        runs = sw.plan(args.kind, args.budget, args.seeds, args.overrides)
+        if args.kind == "allocation":
+            from engram.experiments.accounting import count_parameters
+            from engram.experiments.allocation import allocation_grid, format_grid
+            from engram.experiments.budgets import get_budget
+
+            b = get_budget(args.budget)
+            base = b.base_run().model
+            print(format_grid(allocation_grid(base, b.engram_template(), b.rhos), count_parameters(base)))
+        else:
+            from engram.experiments.accounting import count_parameters
+
+            print(f"{'point':<28} {'table params':>13} {'P_tot':>12} {'P_act':>11}")
+            for r in runs if args.seeds is None else runs[: len(runs) // max(args.seeds, 1)]:
+                if r.seed == 0:
+                    c = count_parameters(r.run.model)
+                    print(f"{r.point:<28} {r.info['table_params']:>13,} {c.total:>12,} {c.active:>11,}")
+        print(f"{len(runs)} runs; tokens per run {runs[0].run.train.max_steps * runs[0].run.train.tokens_per_step:,}")
+        return 0
+    results = sw.run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
+                           threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
+    if results and not args.no_summary:
+        print(sw.format_summary(results))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from engram.config import PRESETS, RUN_PRESETS, get_run_preset
     from engram.experiments.accounting import count_parameters
@@ -227,6 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench_sub.add_parser("offload", add_help=False,
                              help="prefill/decode tokens/s per table tier vs device-resident, hit rate, peak RSS")
     q.set_defaults(fn=cmd_bench_offload)
+
+    p = sub.add_parser("sweep", help="the paper's experiments: allocation (U-curve), memory scaling, ablations; "
+                                     "report makes the plots and tables")
+    p.add_argument("kind", choices=["allocation", "memory", "ablation", "report"],
+                   help="which sweep to run, or `report` to analyse the finished runs of a budget")
+    p.add_argument("--budget", default="tiny", help="named budget (tiny runs on a CPU; small and medium are for GPUs; "
+                                                    "default tiny)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per grid point (default: the budget's)")
+    p.add_argument("--out", default="runs/sweeps", help="sweep root; runs go to OUT/BUDGET/SWEEP/POINT/seedK "
+                                                       "(default runs/sweeps)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the sweep (default 1); more processes may also be started by hand")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a data/train field of every run, e.g. train.max_steps=20 (not model fields)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (the allocation table) and exit")
+    p.add_argument("--report-dir", default="docs/results", help="where `report` writes plots and tables "
+                                                                "(default docs/results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-summary", action="store_true", help="do not print the summary table at the end")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.set_defaults(fn=cmd_presets)
