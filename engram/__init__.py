@@ -7,10 +7,11 @@ The public surface::
     logits = model(input_ids).logits
 """
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, get_preset
 from engram.experiments.accounting import ParameterCount, count_parameters
 from engram.hashing import NgramHasher
 from engram.model.engram import Engram
+from engram.model.overencoding import OverEncoding
 from engram.model.transformer import EngramLM, LMOutput
 from engram.tokenizer import CompressedTokenizer
 
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackboneConfig", "CompressedTokenizer", "Engram", "EngramConfig", "EngramLM", "LMOutput", "ModelConfig",
-    "MoEConfig", "NgramHasher", "ParameterCount", "count_parameters", "get_preset",
+    "MoEConfig", "NgramHasher", "OverEncoding", "OverEncodingConfig", "ParameterCount", "count_parameters",
+    "get_preset",
 ]

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-GATES = ("signed_sqrt", "sigmoid")
+GATES = ("signed_sqrt", "sigmoid", "none")
 
 
 def _require(ok: bool, cls: str, name: str, why: str) -> None:
@@ -49,66 +49,31 @@ class _Serialisable:
         return cls(**kwargs)
 
 
-@dataclass
-class EngramConfig(_Serialisable):
-    """The Engram module, with the official demo's field names and meanings (SPEC §2).
+def _check_tables(c: str, config) -> None:
+    """Validate the table fields EngramConfig and OverEncodingConfig share (same hashing, same tables)."""
+    _pos_int(c, "max_ngram_size", config.max_ngram_size, minimum=2)
+    _require(isinstance(config.engram_vocab_size, (list, tuple)), c, "engram_vocab_size",
+             f"must be a list with one size per n-gram order, got {config.engram_vocab_size!r}")
+    config.engram_vocab_size = list(config.engram_vocab_size)
+    _require(len(config.engram_vocab_size) == config.max_ngram_size - 1, c, "engram_vocab_size",
+             f"needs one entry per order 2..{config.max_ngram_size} "
+             f"({config.max_ngram_size - 1} entries), got {len(config.engram_vocab_size)}")
+    for size in config.engram_vocab_size:
+        _require(_is_int(size) and size >= 2, c, "engram_vocab_size",
+                 f"every size must be an int >= 2, got {size!r}")
+    _pos_int(c, "n_head_per_ngram", config.n_head_per_ngram)
+    _pos_int(c, "n_embed_per_ngram", config.n_embed_per_ngram)
+    _require(config.n_embed_per_ngram % config.n_head_per_ngram == 0, c, "n_embed_per_ngram",
+             f"must be divisible by n_head_per_ngram={config.n_head_per_ngram}, "
+             f"got {config.n_embed_per_ngram}")
+    _pos_int(c, "pad_id", config.pad_id, minimum=0)
+    _require(_is_int(config.seed) and config.seed >= 0, c, "seed", f"must be an int >= 0, got {config.seed!r}")
+    _require(isinstance(config.compress, bool), c, "compress", f"must be true or false, got {config.compress!r}")
 
-    engram_vocab_size: nominal table rows per hash head, one entry per n-gram order 2..N; each head
-        gets its own prime a little above this (SPEC §2 step 3).
-    max_ngram_size: N, the largest n-gram order (also the short conv's dilation).
-    n_embed_per_ngram: width of one order's slice of the memory; d_h = n_embed_per_ngram / K.
-    n_head_per_ngram: K, hash heads per order; H = K * (N - 1) in total.
-    layer_ids: 0-based blocks that hold an Engram module (the paper's "layer 2" is 1 here).
-    pad_id: the *raw* pad id; its compressed image pads n-grams on the left and across boundaries.
-    seed: base seed of the per-layer multipliers (numpy PCG64, SPEC §2 step 2).
-    kernel_size: taps of the dilated causal short conv.
-    gate: "signed_sqrt" (demo and paper kernels, default) or "sigmoid" (plain sigmoid of the score).
-    hc_mult: G, the number of hyper-connection branches the module reads and writes.
-    """
 
-    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
-    max_ngram_size: int = 3
-    n_embed_per_ngram: int = 512
-    n_head_per_ngram: int = 8
-    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
-    pad_id: int = 2
-    seed: int = 0
-    kernel_size: int = 4
-    gate: str = "signed_sqrt"
-    hc_mult: int = 1
+class _TableSizes:
+    """Derived sizes of hashed n-gram tables (SPEC §2 notation)."""
 
-    def __post_init__(self) -> None:
-        c = "EngramConfig"
-        _pos_int(c, "max_ngram_size", self.max_ngram_size, minimum=2)
-        _require(isinstance(self.engram_vocab_size, (list, tuple)), c, "engram_vocab_size",
-                 f"must be a list with one size per n-gram order, got {self.engram_vocab_size!r}")
-        self.engram_vocab_size = list(self.engram_vocab_size)
-        _require(len(self.engram_vocab_size) == self.max_ngram_size - 1, c, "engram_vocab_size",
-                 f"needs one entry per order 2..{self.max_ngram_size} "
-                 f"({self.max_ngram_size - 1} entries), got {len(self.engram_vocab_size)}")
-        for size in self.engram_vocab_size:
-            _require(_is_int(size) and size >= 2, c, "engram_vocab_size",
-                     f"every size must be an int >= 2, got {size!r}")
-        _pos_int(c, "n_head_per_ngram", self.n_head_per_ngram)
-        _pos_int(c, "n_embed_per_ngram", self.n_embed_per_ngram)
-        _require(self.n_embed_per_ngram % self.n_head_per_ngram == 0, c, "n_embed_per_ngram",
-                 f"must be divisible by n_head_per_ngram={self.n_head_per_ngram}, "
-                 f"got {self.n_embed_per_ngram}")
-        _require(isinstance(self.layer_ids, (list, tuple)), c, "layer_ids",
-                 f"must be a list of 0-based block indices, got {self.layer_ids!r}")
-        self.layer_ids = list(self.layer_ids)
-        for lid in self.layer_ids:
-            _require(_is_int(lid) and lid >= 0, c, "layer_ids",
-                     f"must hold 0-based block indices (ints >= 0), got {lid!r}")
-        _require(len(set(self.layer_ids)) == len(self.layer_ids), c, "layer_ids",
-                 f"must not repeat a block, got {self.layer_ids}")
-        _pos_int(c, "pad_id", self.pad_id, minimum=0)
-        _require(_is_int(self.seed) and self.seed >= 0, c, "seed", f"must be an int >= 0, got {self.seed!r}")
-        _pos_int(c, "kernel_size", self.kernel_size)
-        _require(self.gate in GATES, c, "gate", f"must be one of {GATES}, got {self.gate!r}")
-        _pos_int(c, "hc_mult", self.hc_mult)
-
-    # Derived sizes (SPEC §2 notation).
     @property
     def n_orders(self) -> int:
         return self.max_ngram_size - 1
@@ -128,9 +93,96 @@ class EngramConfig(_Serialisable):
         """d_mem = H * d_h: width of the concatenated memory vector e_t."""
         return self.n_heads * self.head_dim
 
+
+@dataclass
+class EngramConfig(_TableSizes, _Serialisable):
+    """The Engram module, with the official demo's field names and meanings (SPEC §2).
+
+    engram_vocab_size: nominal table rows per hash head, one entry per n-gram order 2..N; each head
+        gets its own prime a little above this (SPEC §2 step 3).
+    max_ngram_size: N, the largest n-gram order (also the short conv's dilation).
+    n_embed_per_ngram: width of one order's slice of the memory; d_h = n_embed_per_ngram / K.
+    n_head_per_ngram: K, hash heads per order; H = K * (N - 1) in total.
+    layer_ids: 0-based blocks that hold an Engram module (the paper's "layer 2" is 1 here).
+    pad_id: the *raw* pad id; its compressed image pads n-grams on the left and across boundaries.
+    seed: base seed of the per-layer multipliers (numpy PCG64, SPEC §2 step 2).
+    kernel_size: taps of the dilated causal short conv.
+    gate: "signed_sqrt" (demo and paper kernels, default), "sigmoid" (plain sigmoid of the score) or
+        "none" (alpha = 1: no gating, and no W_K or query/key norms are built).
+    hc_mult: G, the number of hyper-connection branches the module reads and writes.
+
+    Ablation switches (SPEC §5; the defaults are the paper's module):
+    compress: False hashes raw ids (compressed id = raw id, V' = raw vocabulary) even when the model
+        is given a CompressedTokenizer ("no tokenizer compression").
+    short_conv: False drops the dilated short conv and its norm: Y = the gated value.
+    branch_keys: False shares one W_K and one key RMSNorm across the G branches (no "branch-specific
+        fusion"); the query norm and the gate stay per branch. Same as True when G = 1.
+    """
+
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    pad_id: int = 2
+    seed: int = 0
+    kernel_size: int = 4
+    gate: str = "signed_sqrt"
+    hc_mult: int = 1
+    compress: bool = True
+    short_conv: bool = True
+    branch_keys: bool = True
+
+    def __post_init__(self) -> None:
+        c = "EngramConfig"
+        _check_tables(c, self)
+        _require(isinstance(self.layer_ids, (list, tuple)), c, "layer_ids",
+                 f"must be a list of 0-based block indices, got {self.layer_ids!r}")
+        self.layer_ids = list(self.layer_ids)
+        for lid in self.layer_ids:
+            _require(_is_int(lid) and lid >= 0, c, "layer_ids",
+                     f"must hold 0-based block indices (ints >= 0), got {lid!r}")
+        _require(len(set(self.layer_ids)) == len(self.layer_ids), c, "layer_ids",
+                 f"must not repeat a block, got {self.layer_ids}")
+        _pos_int(c, "kernel_size", self.kernel_size)
+        _require(self.gate in GATES, c, "gate", f"must be one of {GATES}, got {self.gate!r}")
+        _pos_int(c, "hc_mult", self.hc_mult)
+        for name in ("short_conv", "branch_keys"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), c, name, f"must be true or false, got {value!r}")
+
     @property
     def dilation(self) -> int:
         return self.max_ngram_size
+
+
+@dataclass
+class OverEncodingConfig(_TableSizes, _Serialisable):
+    """OverEncoding (Huang et al. 2025): hashed n-gram embeddings averaged into the input embedding.
+
+    The table fields mean exactly what they mean in ``EngramConfig``, so an OverEncoding model and an
+    Engram model with equal fields have the same hashing, table rows and row width (the paper's
+    "Engram beats OverEncoding at equal memory", SPEC §4). It is its own class rather than an
+    EngramConfig because layer_ids, kernel_size, gate, hc_mult and the module switches have no
+    meaning at the input; ``hash_config`` builds the EngramConfig that ``NgramHasher`` reads.
+    """
+
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    pad_id: int = 2
+    seed: int = 0
+    compress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_tables("OverEncodingConfig", self)
+
+    def hash_config(self, layer_id: int) -> EngramConfig:
+        """The hashing fields as an EngramConfig whose one (virtual) layer is ``layer_id``."""
+        return EngramConfig(engram_vocab_size=list(self.engram_vocab_size), max_ngram_size=self.max_ngram_size,
+                            n_embed_per_ngram=self.n_embed_per_ngram, n_head_per_ngram=self.n_head_per_ngram,
+                            layer_ids=[layer_id], pad_id=self.pad_id, seed=self.seed, compress=self.compress)
 
 
 @dataclass
@@ -223,10 +275,12 @@ class BackboneConfig(_Serialisable):
 
 @dataclass
 class ModelConfig(_Serialisable):
-    """A backbone plus an optional Engram module; ``engram=None`` (or no layer_ids) is the baseline."""
+    """A backbone plus optional Engram modules and an optional OverEncoding input; ``engram=None`` (or
+    no layer_ids) and ``overencoding=None`` is the baseline. Either, both or neither may be present."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     engram: EngramConfig | None = None
+    overencoding: OverEncodingConfig | None = None
 
     def __post_init__(self) -> None:
         c = "ModelConfig"
@@ -234,8 +288,16 @@ class ModelConfig(_Serialisable):
             self.backbone = BackboneConfig.from_dict(self.backbone)
         if isinstance(self.engram, dict):
             self.engram = EngramConfig.from_dict(self.engram)
+        if isinstance(self.overencoding, dict):
+            self.overencoding = OverEncodingConfig.from_dict(self.overencoding)
         _require(isinstance(self.backbone, BackboneConfig), c, "backbone",
                  f"must be a BackboneConfig, got {type(self.backbone).__name__}")
+        if self.overencoding is not None:
+            _require(isinstance(self.overencoding, OverEncodingConfig), c, "overencoding",
+                     f"must be an OverEncodingConfig or None, got {type(self.overencoding).__name__}")
+            _require(self.overencoding.pad_id < self.backbone.vocab_size, c, "overencoding.pad_id",
+                     f"raw pad id {self.overencoding.pad_id} is outside backbone.vocab_size="
+                     f"{self.backbone.vocab_size}")
         if self.engram is None:
             return
         _require(isinstance(self.engram, EngramConfig), c, "engram",
@@ -369,6 +431,7 @@ _NESTED: dict[tuple[str, str], type] = {
     ("BackboneConfig", "moe"): MoEConfig,
     ("ModelConfig", "backbone"): BackboneConfig,
     ("ModelConfig", "engram"): EngramConfig,
+    ("ModelConfig", "overencoding"): OverEncodingConfig,
     ("RunConfig", "model"): ModelConfig,
     ("RunConfig", "data"): DataConfig,
     ("RunConfig", "train"): TrainConfig,

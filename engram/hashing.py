@@ -149,7 +149,8 @@ class NgramHasher(nn.Module):
 
     Holds the layout: ``multipliers[layer_id]`` (int64 tensor of length N), ``primes[layer_id]`` (list
     per order of list per head), ``offsets[layer_id]`` (int64 tensor (H,), start row of each head in the
-    layer's flat table). Its tensors are non-persistent buffers: they follow ``model.to(device)`` but
+    layer's flat table). With ``config.compress`` False it hashes raw ids: ``tokenizer`` is then the
+    identity, whatever tokenizer it was given, and the layout records that. Its tensors are non-persistent buffers: they follow ``model.to(device)`` but
     are saved as a layout (``layout()``), not as weights, and verified on load (``check_layout``).
     """
 
@@ -158,6 +159,8 @@ class NgramHasher(nn.Module):
         if config.pad_id >= compressed_tokenizer.raw_vocab_size:
             raise ValueError(f"EngramConfig.pad_id={config.pad_id} is outside the tokenizer's "
                              f"{compressed_tokenizer.raw_vocab_size} ids")
+        if not config.compress:  # the "no tokenizer compression" ablation: hash raw ids (SPEC §5)
+            compressed_tokenizer = CompressedTokenizer.identity(compressed_tokenizer.raw_vocab_size)
         self.config = config
         self.tokenizer = compressed_tokenizer
         self.layer_ids = list(config.layer_ids)

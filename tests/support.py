@@ -11,6 +11,40 @@ import torch
 from engram.config import DataConfig, RunConfig, TrainConfig, get_preset
 
 
+def assert_causal(model, vocab_size: int, T: int = 40, t: int = 23) -> None:
+    """Changing tokens after t never changes logits at positions <= t, and does change later ones
+    (PITFALLS 17). Makes every Engram conv non-trivial first, so its causality is exercised too."""
+    model.eval()
+    with torch.no_grad():
+        for layer in model.engram_layers.values():
+            if layer.conv_weight is not None:
+                layer.conv_weight.normal_()
+    ids = torch.randint(0, vocab_size, (2, T))
+    changed = ids.clone()
+    changed[:, t + 1:] = torch.randint(0, vocab_size, (2, T - t - 1))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def train_step(model, vocab_size: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
+    """Forward + backward + one step of the project's optimizers; returns the parameters before it."""
+    from engram.train.optim import Optimizers
+
+    model.train()
+    opt = Optimizers(model, TrainConfig(lr=lr, warmup_steps=0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, vocab_size, (2, 16))
+    loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    opt.clip_grad_norm(1.0)
+    opt.step()
+    opt.zero_grad()
+    return before
+
+
 def devices() -> list[str]:
     """CPU always; CUDA too when present (GPU cases skip cleanly otherwise)."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

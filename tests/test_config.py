@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from engram.config import PRESETS, BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+from engram.config import (PRESETS, BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig,
+                           get_preset)
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -22,6 +23,9 @@ from engram.config import PRESETS, BackboneConfig, EngramConfig, ModelConfig, Mo
     ({"gate": "relu"}, "gate"),
     ({"hc_mult": 0}, "hc_mult"),
     ({"n_head_per_ngram": True}, "n_head_per_ngram"),
+    ({"compress": "no"}, "compress"),
+    ({"short_conv": 0}, "short_conv"),
+    ({"branch_keys": None}, "branch_keys"),
 ])
 def test_engram_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"EngramConfig\.{field}:"):
@@ -77,3 +81,40 @@ def test_from_dict_refuses_unknown_fields():
         ModelConfig.from_dict(data)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         get_preset("nope")
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"max_ngram_size": 1}, "max_ngram_size"),
+    ({"engram_vocab_size": [100]}, "engram_vocab_size"),
+    ({"n_embed_per_ngram": 30}, "n_embed_per_ngram"),
+    ({"pad_id": -1}, "pad_id"),
+    ({"seed": -1}, "seed"),
+    ({"compress": 1}, "compress"),
+])
+def test_overencoding_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"OverEncodingConfig\.{field}:"):
+        OverEncodingConfig(**kwargs)
+
+
+def test_switches_and_overencoding_round_trip():
+    config = get_preset("tiny-engram")
+    config.engram.gate, config.engram.compress, config.engram.short_conv, config.engram.branch_keys = (
+        "none", False, False, False)
+    config.overencoding = OverEncodingConfig(engram_vocab_size=[11], max_ngram_size=2, n_embed_per_ngram=8,
+                                             n_head_per_ngram=2, compress=False)
+    again = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and isinstance(again.overencoding, OverEncodingConfig)
+    assert again.overencoding.hash_config(4).layer_ids == [4] and not again.overencoding.hash_config(4).compress
+    with pytest.raises(ValueError, match=r"ModelConfig\.overencoding\.pad_id"):
+        ModelConfig(backbone=BackboneConfig(vocab_size=100), overencoding=OverEncodingConfig(pad_id=100))
+
+
+def test_configs_saved_before_the_switches_still_load():
+    old = get_preset("tiny-engram").to_dict()
+    for key in ("compress", "short_conv", "branch_keys"):
+        del old["engram"][key]
+    del old["overencoding"]
+    config = ModelConfig.from_dict(old)
+    assert config == get_preset("tiny-engram") and config.overencoding is None
+    e = config.engram
+    assert (e.compress, e.gate, e.short_conv, e.branch_keys) == (True, "signed_sqrt", True, True)

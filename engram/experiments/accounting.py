@@ -2,7 +2,8 @@
 
 P_tot: trainable parameters excluding the input embedding and the LM head (the paper's convention).
 P_act: parameters used by one token: everything in P_tot except the routed experts a token does not
-    visit and the Engram tables (a token reads H rows out of millions; the paper counts tables as sparse).
+    visit and the hashed tables, Engram's and OverEncoding's (a token reads H rows out of millions; the
+    paper counts tables as sparse). OverEncoding's per-order projections are active.
 P_sparse = P_tot - P_act: the budget split by the allocation ratio rho between routed experts and Engram.
 
 ``tests/experiments/test_accounting.py`` pins every count to ``numel`` of a built model, so the
@@ -32,6 +33,7 @@ class ParameterCount:
     embedding: int  # input embedding (excluded from P_tot)
     head: int  # LM head (excluded from P_tot)
     flops_per_token: int  # forward FLOPs per token at max_seq_len (see ``forward_flops_per_token``)
+    overencoding_tables: int = 0  # OverEncoding table rows * row width (sparse; its projections are active)
 
     @property
     def with_embeddings(self) -> int:
@@ -48,10 +50,18 @@ class ParameterCount:
 
 
 def engram_dense_params(config: ModelConfig) -> int:
-    """Per Engram layer: W_K per branch, shared W_V, three per-branch RMSNorms, depthwise conv taps."""
+    """Per Engram layer: shared W_V; unless gate="none", W_K and the key norm (per branch, or one shared
+    with branch_keys=False) and the per-branch query norm; with short_conv, the per-branch conv norm
+    and depthwise conv taps."""
     e, D = config.engram, config.backbone.d_model
     G, M = e.hc_mult, e.memory_dim
-    return G * M * D + M * D + 3 * G * D + G * D * e.kernel_size
+    params = M * D
+    if e.gate != "none":
+        keys = G if e.branch_keys else 1
+        params += keys * M * D + keys * D + G * D
+    if e.short_conv:
+        params += G * D + G * D * e.kernel_size
+    return params
 
 
 def engram_table_params(config: ModelConfig) -> int:
@@ -61,6 +71,23 @@ def engram_table_params(config: ModelConfig) -> int:
     primes = table_primes(e.engram_vocab_size, e.n_head_per_ngram, e.layer_ids)
     rows = sum(p for lid in e.layer_ids for order in primes[lid] for p in order)
     return rows * e.head_dim
+
+
+def overencoding_table_params(config: ModelConfig) -> int:
+    """The input's one table (its own prime search, so the rows of one Engram layer of equal sizes)."""
+    o = config.overencoding
+    if o is None:
+        return 0
+    primes = table_primes(o.engram_vocab_size, o.n_head_per_ngram, [0])[0]
+    return sum(p for order in primes for p in order) * o.head_dim
+
+
+def overencoding_dense_params(config: ModelConfig) -> int:
+    """One E -> D projection per order, none when E = D."""
+    o, D = config.overencoding, config.backbone.d_model
+    if o is None or o.n_embed_per_ngram == D:
+        return 0
+    return o.n_orders * o.n_embed_per_ngram * D
 
 
 def forward_flops_per_token(config: ModelConfig, active_matmul_params: int, seq_len: int) -> int:
@@ -93,21 +120,23 @@ def count_parameters(config: ModelConfig, seq_len: int | None = None) -> Paramet
         if layer_id in config.engram_layer_ids:
             total += engram_dense_params(config)
             active += engram_dense_params(config)
-    total += D  # final norm
-    active += D
+    total += D + overencoding_dense_params(config)  # final norm, OverEncoding projections
+    active += D + overencoding_dense_params(config)
     tables = engram_table_params(config)
-    total += tables
+    oe_tables = overencoding_table_params(config)
+    total += tables + oe_tables
     engram_dense = engram_dense_params(config) * len(config.engram_layer_ids) if config.engram else 0
     flops = forward_flops_per_token(config, active + D * V, seq_len or bb.max_seq_len)
     return ParameterCount(total=total, active=active, sparse=total - active, routed_experts=routed,
                           engram_tables=tables, engram_dense=engram_dense, embedding=V * D, head=V * D,
-                          flops_per_token=flops)
+                          flops_per_token=flops, overencoding_tables=oe_tables)
 
 
 def format_count(count: ParameterCount) -> str:
     """A short human-readable table."""
     rows = [("P_tot", count.total), ("P_act", count.active), ("P_sparse", count.sparse),
             ("routed experts", count.routed_experts), ("Engram tables", count.engram_tables),
-            ("Engram dense", count.engram_dense), ("embedding", count.embedding), ("head", count.head),
+            ("Engram dense", count.engram_dense), ("OverEncoding tables", count.overencoding_tables),
+            ("embedding", count.embedding), ("head", count.head),
             ("FLOPs/token (fwd)", count.flops_per_token)]
-    return "\n".join(f"{name:<18} {value:>16,}" for name, value in rows)
+    return "\n".join(f"{name:<19} {value:>16,}" for name, value in rows)

@@ -6,8 +6,10 @@ G branches, D model width, N max n-gram order, K conv taps, P = (K-1)*N conv loo
 Per sequence the model must remember what training-time full forwards see:
   - attention: keys and values of every earlier position (B, k, L, d) per block;
   - hashing: the last N-1 *compressed* ids (PITFALLS 5: hashing only the new token would pad the
-    history and give other n-grams than training did);
-  - each Engram conv: the last P *normalised* conv inputs per branch (PITFALLS 6).
+    history and give other n-grams than training did), for the Engram hasher and, with its own N,
+    for the OverEncoding hasher;
+  - each Engram conv: the last P *normalised* conv inputs per branch (PITFALLS 6); none when the
+    module has no conv (short_conv=False).
 
 Prompts of different lengths are left-padded; ``starts[b]`` is row b's first real token. The model
 treats ``starts`` as a document start (n-grams and the conv reset there), attention masks the pad keys,
@@ -26,7 +28,7 @@ class LayerCache:
                  conv_history: torch.Tensor | None):
         self.parent = parent
         self.keys, self.values = keys, values  # (B, k, max_len, d)
-        self.conv_history = conv_history  # (B, P, G, D) or None
+        self.conv_history = conv_history  # (B, P, G, D), or None without an Engram conv
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's (B, k, T, d) keys/values; return all keys/values so far (B, k, L+T, d)."""
@@ -61,15 +63,16 @@ class InferenceCache:
         self.layers = []
         for blk in model.layers:
             conv = None
-            if blk.engram is not None:
+            if blk.engram is not None and blk.engram.config.short_conv:
                 e = blk.engram.config
                 conv = torch.zeros(B, (e.kernel_size - 1) * e.dilation, e.hc_mult, bb.d_model, device=device, dtype=dtype)
             self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                           torch.zeros(shape, device=device, dtype=dtype), conv))
-        self.ngram_history = None  # (B, N-1) compressed ids, set from the hasher on the first call
-        if model.hasher is not None:
-            n = model.hasher.config.max_ngram_size - 1
-            self.ngram_history = torch.full((B, n), model.hasher.compressed_pad_id, dtype=torch.long, device=device)
+        # (B, N-1) compressed ids per hasher, pads until the first call
+        self.ngram_history = _pad_history(model.hasher, B, device)  # Engram layers
+        self.input_ngram_history = None  # OverEncoding
+        if model.overencoding is not None:
+            self.input_ngram_history = _pad_history(model.overencoding.hasher, B, device)
 
     @property
     def batch_size(self) -> int:
@@ -95,3 +98,10 @@ class InferenceCache:
     def end(self, T: int) -> None:
         self.length += T
         self.mask = None
+
+
+def _pad_history(hasher, B: int, device: torch.device) -> torch.Tensor | None:
+    if hasher is None:
+        return None
+    n = hasher.config.max_ngram_size - 1
+    return torch.full((B, n), hasher.compressed_pad_id, dtype=torch.long, device=device)

@@ -55,8 +55,21 @@ class BranchLinear(nn.Module):
         return torch.einsum("btm,gdm->btgd", x, self.weight)
 
 
+class SharedLinear(BranchLinear):
+    """One bias-free matrix read by all G branches, stored as (1, out, in): (B, T, in) -> (B, T, G, out),
+    G broadcast views of one product. The "no branch-specific fusion" ablation's W_K (SPEC §5)."""
+
+    def __init__(self, branches: int, in_dim: int, out_dim: int):
+        super().__init__(1, in_dim, out_dim)
+        self.branches = branches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).expand(-1, -1, self.branches, -1)  # (B, T, 1, out) -> (B, T, G, out)
+
+
 class BranchRMSNorm(nn.Module):
-    """RMSNorm with its own weight per branch: (B, T, G, D) -> (B, T, G, D), optionally kept in fp32."""
+    """RMSNorm with its own weight per branch: (B, T, G, D) -> (B, T, G, D), optionally kept in fp32.
+    With ``branches=1`` the one (1, D) weight broadcasts over every branch (a shared norm)."""
 
     def __init__(self, branches: int, dim: int, eps: float):
         super().__init__()
@@ -69,27 +82,37 @@ class BranchRMSNorm(nn.Module):
 
 
 class Engram(nn.Module):
-    """One Engram module at one block. ``table_sizes``: prime row count of each of the H heads."""
+    """One Engram module at one block. ``table_sizes``: prime row count of each of the H heads.
+
+    The ablation switches (SPEC §5) decide at build time which parameters exist, so parameter
+    accounting and checkpoints see exactly the module that runs:
+    gate="none" builds no key_proj, norm_query or norm_key; short_conv=False builds no norm_conv or
+    conv_weight; branch_keys=False builds key_proj as a ``SharedLinear`` and norm_key with one weight.
+    The default module keeps its parameter names and order (checkpoint keys, optimizer state order).
+    """
 
     def __init__(self, config: EngramConfig, dim: int, table_sizes: list[int], norm_eps: float = 1e-6):
         super().__init__()
         if len(table_sizes) != config.n_heads:
             raise ValueError(f"need one table size per hash head ({config.n_heads}), got {len(table_sizes)}")
         G, M = config.hc_mult, config.memory_dim
+        gated = config.gate != "none"
+        keys = G if config.branch_keys else 1
         self.config = config
         self.dim = dim
         self.embedding = MultiHeadEmbedding(table_sizes, config.head_dim)
-        self.key_proj = BranchLinear(G, M, dim)  # W_K^g, one per branch (branch-specific fusion)
+        # W_K^g, one per branch (branch-specific fusion), or one shared by all branches
+        self.key_proj = (BranchLinear if config.branch_keys else SharedLinear)(G, M, dim) if gated else None
         self.value_proj = nn.Linear(M, dim, bias=False)  # W_V, shared by all branches
-        self.norm_query = BranchRMSNorm(G, dim, norm_eps)
-        self.norm_key = BranchRMSNorm(G, dim, norm_eps)
-        self.norm_conv = BranchRMSNorm(G, dim, norm_eps)
-        self.conv_weight = nn.Parameter(torch.zeros(G, dim, config.kernel_size))  # depthwise taps
+        self.norm_query = BranchRMSNorm(G, dim, norm_eps) if gated else None
+        self.norm_key = BranchRMSNorm(keys, dim, norm_eps) if gated else None
+        self.norm_conv = BranchRMSNorm(G, dim, norm_eps) if config.short_conv else None
+        self.conv_weight = nn.Parameter(torch.zeros(G, dim, config.kernel_size)) if config.short_conv else None
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, table_std: float = 1.0) -> None:
-        """Initialisation, per parameter:
+        """Initialisation, per parameter (absent ones are skipped):
 
         | parameter            | init                                                    |
         |----------------------|---------------------------------------------------------|
@@ -100,20 +123,35 @@ class Engram(nn.Module):
         | conv_weight          | zeros: the conv branch starts as identity (SPEC §2 step 8)|
         """
         nn.init.normal_(self.embedding.weight, std=table_std)
-        nn.init.normal_(self.key_proj.weight, std=std)
         nn.init.normal_(self.value_proj.weight, std=std)
+        if self.key_proj is not None:
+            nn.init.normal_(self.key_proj.weight, std=std)
         for norm in (self.norm_query, self.norm_key, self.norm_conv):
-            nn.init.ones_(norm.weight)
-        nn.init.zeros_(self.conv_weight)
+            if norm is not None:
+                nn.init.ones_(norm.weight)
+        if self.conv_weight is not None:
+            nn.init.zeros_(self.conv_weight)
 
-    def gate(self, hidden: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """alpha (B, T, G, 1) from hidden (B, T, G, D) and key (B, T, G, D), all in fp32 (PITFALLS 10)."""
+    def gate(self, hidden: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """alpha (B, T, G, 1) in fp32 (PITFALLS 10) from hidden (B, T, G, D) and the memory e (B, T, M).
+
+        gate="none" is the "no gating" ablation: alpha is exactly 1, so every branch takes the whole value.
+        """
+        if self.key_proj is None:
+            return torch.ones(*hidden.shape[:-1], 1, dtype=torch.float32, device=hidden.device)
+        key = self.key_proj(e)  # (B, T, G, D)
         q = self.norm_query(hidden, keep_fp32=True)
         k = self.norm_key(key, keep_fp32=True)
         score = (q * k).sum(dim=-1, keepdim=True) / math.sqrt(self.dim)  # (B, T, G, 1)
         if self.config.gate == "signed_sqrt":
             score = score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt()
         return torch.sigmoid(score)
+
+    def conv_residual(self, value: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Y = v + SiLU(conv(RMSNorm v)): (B, T, G, D) -> (B, T, G, D). Y = v with short_conv=False."""
+        if self.conv_weight is None:
+            return value
+        return value + F.silu(self.short_conv(self.norm_conv(value), doc_ids, cache))
 
     def short_conv(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Depthwise causal conv over time with dilation N: (B, T, G, D) -> (B, T, G, D).
@@ -154,12 +192,9 @@ class Engram(nn.Module):
         B, T = hash_ids.shape[:2]
         # 1. gather: one row per head, concatenated into the memory vector e_t
         e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)
-        # 2. key: one projection per branch
-        key = self.key_proj(e)  # (B, T, G, D)
-        # 3. gate: the hidden state decides how much of the retrieved memory it trusts
-        alpha = self.gate(hidden, key)  # (B, T, G, 1), fp32
+        # 2-3. key per branch and gate: the hidden state decides how much of the memory it trusts
+        alpha = self.gate(hidden, e)  # (B, T, G, 1), fp32
         # 4. value: shared projection, gated per branch
         value = alpha.to(e.dtype) * self.value_proj(e)[:, :, None, :]  # (B, T, 1, D) -> (B, T, G, D)
         # 5. short conv on the normalised value, residual inside the module
-        conv = self.short_conv(self.norm_conv(value), doc_ids, cache)  # (B, T, G, D)
-        return value + F.silu(conv)
+        return self.conv_residual(value, doc_ids, cache)  # (B, T, G, D)

@@ -3,7 +3,7 @@
 Legend: B batch, T time, G hyper-connection branches, D model width, V vocabulary, H hash heads.
 
 Data flow: raw ids (B, T) -> hasher: {layer: (B, T, H)} once per batch -> token embedding (B, T, D)
-copied into G branches (B, T, G, D) -> blocks [Engram? -> attention -> FFN/MoE], each sub-layer
+[averaged with the hashed n-gram embeddings when the model has OverEncoding] copied into G branches (B, T, G, D) -> blocks [Engram? -> attention -> FFN/MoE], each sub-layer
 through a residual/hyper-connection -> mean over branches -> norm -> head (B, T, V).
 """
 
@@ -23,6 +23,7 @@ from engram.model.engram import Engram
 from engram.model.hyper import make_residual
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE
+from engram.model.overencoding import OverEncoding, input_layer_id
 from engram.tokenizer import CompressedTokenizer
 
 IGNORE_INDEX = -100
@@ -63,8 +64,10 @@ class Block(nn.Module):
 class EngramLM(nn.Module):
     """``model(input_ids).logits`` is (B, T, V); with ``labels`` the output also carries the loss.
 
-    ``compressed_tokenizer`` fixes the Engram addresses; without one, compressed id = raw id (no
-    compression). A config without Engram layers builds the plain dense/MoE baseline.
+    ``compressed_tokenizer`` fixes the Engram and OverEncoding addresses; without one, compressed id =
+    raw id (no compression). A hasher whose config says ``compress=False`` hashes raw ids whatever it
+    is given; ``self.compressed_tokenizer`` keeps the tokenizer the model was given, which checkpoints
+    store. A config with neither Engram layers nor OverEncoding builds the plain dense/MoE baseline.
     """
 
     def __init__(self, config: ModelConfig, compressed_tokenizer: CompressedTokenizer | None = None):
@@ -72,12 +75,19 @@ class EngramLM(nn.Module):
         self.config = config
         bb = config.backbone
         self.hasher = None
-        if config.engram_layer_ids:
+        self.overencoding = None
+        self.compressed_tokenizer = compressed_tokenizer
+        if config.engram_layer_ids or config.overencoding is not None:
             tok = compressed_tokenizer or CompressedTokenizer.identity(bb.vocab_size)
             if tok.raw_vocab_size != bb.vocab_size:
                 raise ValueError(f"compressed tokenizer covers {tok.raw_vocab_size} raw ids but "
                                  f"backbone.vocab_size is {bb.vocab_size}")
-            self.hasher = NgramHasher(config.engram, tok)
+            self.compressed_tokenizer = tok
+        if config.engram_layer_ids:
+            self.hasher = NgramHasher(config.engram, self.compressed_tokenizer)
+        if config.overencoding is not None:
+            self.overencoding = OverEncoding(config.overencoding, bb.d_model, self.compressed_tokenizer,
+                                             input_layer_id(config))
         self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
         self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta)
         self.layers = nn.ModuleList(Block(config, i, self._table_sizes(i)) for i in range(bb.n_layers))
@@ -105,7 +115,8 @@ class EngramLM(nn.Module):
         | attention wo, FFN/expert w2       | N(0, std / sqrt(2 * n_layers))         |
         | output.weight                     | N(0, std)                              |
         | norms                             | ones                                   |
-        | MoE, hyper-connections, Engram    | their own ``init_weights``             |
+        | MoE, hyper-connections, Engram,   | their own ``init_weights``             |
+        | OverEncoding                      |                                        |
         """
         out_std = std / math.sqrt(2 * self.config.backbone.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=1.0)
@@ -125,10 +136,29 @@ class EngramLM(nn.Module):
                     res.init_weights()
             if blk.engram is not None:
                 blk.engram.init_weights(std)
+        if self.overencoding is not None:
+            self.overencoding.init_weights()
 
-    def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Hash ids for every Engram layer, computed once per batch (empty for a baseline)."""
-        return {} if self.hasher is None else self.hasher(input_ids, boundary)
+    def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
+             validate: bool = True) -> dict[int, torch.Tensor]:
+        """Hash ids for every Engram layer, computed once per batch (empty for a baseline), plus the
+        OverEncoding ids under its virtual layer id (``overencoding.layer_id``, never a block's)."""
+        ids = {} if self.hasher is None else self.hasher(input_ids, boundary, validate)
+        if self.overencoding is not None:
+            ids |= self.overencoding.hasher(input_ids, boundary, validate)
+        return ids
+
+    def _hash_cached(self, input_ids: torch.Tensor, boundary: torch.Tensor | None, cache) -> dict[int, torch.Tensor]:
+        """``hash`` for a cached call: each hasher continues from its last N-1 ids (PITFALLS 5)."""
+        ids = {}
+        if self.hasher is not None:
+            ids, cache.ngram_history = self.hasher.hash_with_history(
+                input_ids, cache.ngram_history, boundary, validate=False)
+        if self.overencoding is not None:
+            more, cache.input_ngram_history = self.overencoding.hasher.hash_with_history(
+                input_ids, cache.input_ngram_history, boundary, validate=False)
+            ids |= more
+        return ids
 
     def new_cache(self, starts: torch.Tensor, max_len: int):
         """Decode state for ``len(starts)`` left-padded sequences (``starts[b]``: first real token)."""
@@ -156,24 +186,21 @@ class EngramLM(nn.Module):
         # check them again (that would be a second host sync per step)
         if cache is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
-            if hash_ids is None and self.hasher is not None:
-                hash_ids = self.hasher(input_ids, boundary, validate=False)
-            hash_ids = hash_ids or {}
+            if hash_ids is None:
+                hash_ids = self.hash(input_ids, boundary, validate=False)
         else:
             if boundary is not None or labels is not None:
                 raise ValueError("a cached call takes neither boundary (the cache's starts are the "
                                  "document starts) nor labels")
             positions, boundary = cache.begin(T)  # (B, T), (B, T) or None
-            if self.hasher is not None:
-                hash_ids, cache.ngram_history = self.hasher.hash_with_history(
-                    input_ids, cache.ngram_history, boundary, validate=False)
-            else:
-                hash_ids = {}
+            hash_ids = self._hash_cached(input_ids, boundary, cache)
         self.prefetch(hash_ids)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
         cos, sin = self.rope(positions)
 
         x = self.tok_embeddings(input_ids)  # (B, T, D)
+        if self.overencoding is not None:
+            x = self.overencoding(x, hash_ids[self.overencoding.layer_id])  # (B, T, D)
         x = x[:, :, None, :].expand(-1, -1, self.config.backbone.hc_mult, -1).contiguous()  # (B, T, G, D)
         for i, blk in enumerate(self.layers):
             x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i])

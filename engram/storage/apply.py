@@ -160,6 +160,9 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
         return StorageHandle(model, tier, None)
     if tier == "disk" and tables_dir is None:
         raise ValueError("the disk tier needs tables_dir (written by `engram export-tables`)")
+    if model.overencoding is not None:  # its table would silently stay on the device
+        raise ValueError(f"the {tier} tier offloads Engram tables only; this model also has an OverEncoding "
+                         "table, which storage tiers do not support")
     layers = model.engram_layers
     if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
         raise ValueError("the model's tables are already offloaded; apply_storage once per model")

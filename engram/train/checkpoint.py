@@ -7,6 +7,7 @@ A checkpoint is a directory ``<run>/checkpoints/step_NNNNNNN/``:
     run_config.json              the resolved RunConfig
     trainer_state.json           step, tokens seen, last metrics
     hash_layout.json             NgramHasher.layout() (Engram models only)
+    overencoding_layout.json     the OverEncoding hasher's layout (OverEncoding models only)
     tokenizer/tokenizer.json, tokenizer/compressed_tokenizer.safetensors
     manifest.json                size and sha256 of every file above; written last
 
@@ -75,10 +76,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
     torch.save({**optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     _write_json(tmp / "run_config.json", run_config.to_dict())
     _write_json(tmp / "trainer_state.json", {"format": FORMAT, "step": step, **trainer_state})
-    if model.hasher is not None:
-        _write_json(tmp / "hash_layout.json", model.hasher.layout())
+    for name, hasher in _hashers(model).items():
+        _write_json(tmp / name, hasher.layout())
     tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
-    compressed = model.hasher.tokenizer if model.hasher is not None else CompressedTokenizer.from_pretrained(tokenizer)
+    # the tokenizer's compression, not the hasher's: with compress=False the hasher is the identity,
+    # and loading compares this file with the compression rebuilt from tokenizer.json
+    compressed = model.compressed_tokenizer
+    if compressed is None:
+        compressed = CompressedTokenizer.from_pretrained(tokenizer)
     compressed.save(tmp / "tokenizer")
 
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -96,6 +101,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
     for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _hashers(model: EngramLM) -> dict[str, object]:
+    """Layout file name -> the hasher whose addresses it fixes."""
+    hashers = {}
+    if model.hasher is not None:
+        hashers["hash_layout.json"] = model.hasher
+    if model.overencoding is not None:
+        hashers["overencoding_layout.json"] = model.overencoding.hasher
+    return hashers
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -194,14 +209,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             "refusing to load (a different tokenizer or tokenizers version would scramble every Engram row)")
 
     model = EngramLM(run_config.model, stored)
-    if model.hasher is not None:
-        layout_file = path / "hash_layout.json"
+    for name, hasher in _hashers(model).items():
+        layout_file = path / name
         if not layout_file.is_file():
-            raise CheckpointError(f"{path} holds an Engram model but no hash_layout.json")
+            raise CheckpointError(f"{path} holds a model with hashed tables but no {name}")
         try:
-            model.hasher.check_layout(json.loads(layout_file.read_text()))
+            hasher.check_layout(json.loads(layout_file.read_text()))
         except ValueError as err:
-            raise CheckpointError(f"{path}: {err}") from None
+            raise CheckpointError(f"{layout_file}: {err}") from None
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -53,10 +53,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def align_to_data(model: ModelConfig, vocab_size: int, pad_id: int) -> ModelConfig:
-    """Fields the data decides: the raw vocabulary size and the Engram pad id."""
+    """Fields the data decides: the raw vocabulary size and the Engram and OverEncoding pad ids."""
     backbone = dataclasses.replace(model.backbone, vocab_size=vocab_size)
     engram = None if model.engram is None else dataclasses.replace(model.engram, pad_id=pad_id)
-    return ModelConfig(backbone=backbone, engram=engram)
+    overencoding = None if model.overencoding is None else dataclasses.replace(model.overencoding, pad_id=pad_id)
+    return ModelConfig(backbone=backbone, engram=engram, overencoding=overencoding)
 
 
 def autocast(device: torch.device):

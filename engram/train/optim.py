@@ -1,7 +1,7 @@
 """Optimizers and the learning-rate schedule.
 
-Dense parameters use AdamW (weight decay on matrices only). Engram tables use Adam restricted to the
-rows a step looked up (``torch.optim.SparseAdam``, lazy moments) at ``table_lr_mult`` x the base rate
+Dense parameters use AdamW (weight decay on matrices only). Hashed tables (Engram and OverEncoding:
+every ``MultiHeadEmbedding``) use Adam restricted to the rows a step looked up (``torch.optim.SparseAdam``, lazy moments) at ``table_lr_mult`` x the base rate
 with no weight decay (SPEC §3): a step costs O(rows touched), not O(table) (PITFALLS 12).
 """
 
@@ -13,11 +13,17 @@ import torch
 from torch import nn
 
 from engram.config import TrainConfig
+from engram.model.engram import MultiHeadEmbedding
 from engram.model.transformer import EngramLM
 
 
+def table_embeddings(model: EngramLM) -> list[MultiHeadEmbedding]:
+    """Every hashed table of the model (Engram layers, OverEncoding), in module order."""
+    return [m for m in model.modules() if isinstance(m, MultiHeadEmbedding)]
+
+
 def table_parameters(model: EngramLM) -> list[nn.Parameter]:
-    return [layer.embedding.weight for layer in model.engram_layers.values()]
+    return [table.weight for table in table_embeddings(model)]
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -28,13 +34,13 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 class Optimizers:
-    """AdamW for dense parameters plus SparseAdam for Engram tables, stepped and saved together."""
+    """AdamW for dense parameters plus SparseAdam for hashed tables, stepped and saved together."""
 
     def __init__(self, model: EngramLM, config: TrainConfig, sparse_tables: bool = True):
         self.config = config
         tables = table_parameters(model) if sparse_tables else []
-        for layer in model.engram_layers.values():
-            layer.embedding.sparse = sparse_tables
+        for table in table_embeddings(model):
+            table.sparse = sparse_tables
         table_ids = {id(p) for p in tables}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
         decay = [p for p in dense if p.dim() >= 2]

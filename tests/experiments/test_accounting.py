@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, get_preset
 from engram.experiments.accounting import count_parameters, format_count
 from engram.model.transformer import EngramLM
 
@@ -18,15 +18,28 @@ CONFIGS = {
         engram=EngramConfig(engram_vocab_size=[101, 103, 107], max_ngram_size=4, n_head_per_ngram=3,
                             n_embed_per_ngram=12, layer_ids=[0, 2], kernel_size=3)),
 }
+_G1 = CONFIGS["g1-gqa-4gram-two-layers"]
+_TINY = get_preset("tiny-engram")  # G = 2
+for _name, _switches in {"no-gate": {"gate": "none"}, "no-conv": {"short_conv": False},
+                         "shared-keys": {"branch_keys": False}, "no-compression": {"compress": False},
+                         "shared-keys-no-conv": {"branch_keys": False, "short_conv": False},
+                         "no-gate-shared-keys": {"gate": "none", "branch_keys": False}}.items():
+    CONFIGS[f"G2-{_name}"] = ModelConfig(backbone=_TINY.backbone, engram=dataclasses.replace(_TINY.engram, **_switches))
+    CONFIGS[f"G1-4gram-{_name}"] = ModelConfig(backbone=_G1.backbone, engram=dataclasses.replace(_G1.engram, **_switches))
+_OE = OverEncodingConfig(engram_vocab_size=[101, 103, 107], max_ngram_size=4, n_head_per_ngram=3,
+                         n_embed_per_ngram=12, pad_id=2)
+CONFIGS["G1-4gram-overencoding"] = ModelConfig(backbone=_G1.backbone, engram=_G1.engram, overencoding=_OE)
+CONFIGS["G2-overencoding-only"] = ModelConfig(backbone=_TINY.backbone, overencoding=dataclasses.replace(
+    _OE, engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=64, n_head_per_ngram=4))
 
 
 def _classify(model: EngramLM) -> dict[str, int]:
     """Count parameters by name, independently of the analytic formulas."""
-    out = {"embedding": 0, "head": 0, "tables": 0, "routed": 0, "other": 0}
+    out = {"embedding": 0, "head": 0, "tables": 0, "oe_tables": 0, "routed": 0, "other": 0}
     for name, p in model.named_parameters():
         key = ("embedding" if name.startswith("tok_embeddings") else "head" if name.startswith("output")
                else "tables" if name.endswith("engram.embedding.weight") else "routed" if ".experts." in name
-               else "other")
+               else "oe_tables" if name == "overencoding.embedding.weight" else "other")
         out[key] += p.numel()
     return out
 
@@ -38,25 +51,31 @@ def test_counts_match_the_built_model(name):
     count = count_parameters(config)
     parts = _classify(model)
     assert count.with_embeddings == sum(p.numel() for p in model.parameters())
-    assert (count.embedding, count.head, count.engram_tables, count.routed_experts) == (
-        parts["embedding"], parts["head"], parts["tables"], parts["routed"])
-    assert count.total == parts["tables"] + parts["routed"] + parts["other"]
+    assert (count.embedding, count.head, count.engram_tables, count.routed_experts, count.overencoding_tables) == (
+        parts["embedding"], parts["head"], parts["tables"], parts["routed"], parts["oe_tables"])
+    assert count.total == parts["tables"] + parts["oe_tables"] + parts["routed"] + parts["other"]
     assert count.sparse == count.total - count.active
     moe = config.backbone.moe
     inactive = 0
     if moe is not None:
         per_expert = parts["routed"] // moe.n_routed_experts
         inactive = (moe.n_routed_experts - moe.top_k) * per_expert
-    assert count.active == count.total - parts["tables"] - inactive
+    assert count.active == count.total - parts["tables"] - parts["oe_tables"] - inactive
+    engram_dense = sum(p.numel() for n, p in model.named_parameters()
+                       if ".engram." in n and not n.endswith("embedding.weight"))
+    assert count.engram_dense == engram_dense
 
 
-def test_active_parameters_are_what_one_token_touches():
-    """One token's backward touches exactly P_act dense/expert weights plus H rows per Engram layer."""
-    config = CONFIGS["g1-gqa-4gram-two-layers"]
+@pytest.mark.parametrize("name", ["g1-gqa-4gram-two-layers", "G1-4gram-overencoding", "G1-4gram-no-gate-shared-keys",
+                                  "G1-4gram-shared-keys-no-conv"])
+def test_active_parameters_are_what_one_token_touches(name):
+    """One token's backward touches exactly P_act dense/expert weights plus H rows per hashed table."""
+    config = CONFIGS[name]
     model = EngramLM(config)
     with torch.no_grad():
         for layer in model.engram_layers.values():
-            layer.conv_weight.normal_()
+            if layer.conv_weight is not None:
+                layer.conv_weight.normal_()
     model(torch.tensor([[7]])).logits.sum().backward()
     touched = 0
     for name, p in model.named_parameters():
@@ -64,6 +83,9 @@ def test_active_parameters_are_what_one_token_touches():
             continue
         if name.endswith("engram.embedding.weight"):
             assert (p.grad.abs().sum(1) > 0).sum() == config.engram.n_heads
+            continue
+        if name == "overencoding.embedding.weight":
+            assert (p.grad.abs().sum(1) > 0).sum() == config.overencoding.n_heads
             continue
         if ".experts." in name:  # whole experts are either used or not
             touched += p[0].numel() * int((p.grad.flatten(1).abs().sum(1) > 0).sum())

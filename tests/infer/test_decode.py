@@ -5,18 +5,23 @@ import dataclasses
 import pytest
 import torch
 
-from engram.config import ModelConfig, get_preset
+from engram.config import ModelConfig, OverEncodingConfig, get_preset
 from engram.infer import generate, generate_batch, left_pad, sample_next
 from engram.model.transformer import EngramLM
 
 
-def variant(name: str, hc_mult: int | None = None, **engram) -> ModelConfig:
+def variant(name: str, hc_mult: int | None = None, overencoding: OverEncodingConfig | None = None,
+            **engram) -> ModelConfig:
     config = get_preset(name)
     bb = config.backbone if hc_mult is None else dataclasses.replace(config.backbone, hc_mult=hc_mult)
     eg = config.engram
     if eg is not None:
         eg = dataclasses.replace(eg, hc_mult=bb.hc_mult, **engram)
-    return ModelConfig(backbone=bb, engram=eg)
+    return ModelConfig(backbone=bb, engram=eg, overencoding=overencoding)
+
+
+OVERENCODING = OverEncodingConfig(engram_vocab_size=[1009, 1013, 1019], max_ngram_size=4, n_embed_per_ngram=32,
+                                  n_head_per_ngram=4, pad_id=2)
 
 
 CASES = {
@@ -26,6 +31,11 @@ CASES = {
     "engram-G1": variant("tiny-engram", 1),
     "engram-4gram-two-layers": variant("tiny-engram", 2, max_ngram_size=4, engram_vocab_size=[1009, 1013, 1019],
                                        layer_ids=[0, 2]),
+    "engram-no-conv-shared-keys": variant("tiny-engram", short_conv=False, branch_keys=False),
+    "engram-no-gate-raw-ids": variant("tiny-engram", gate="none", compress=False),
+    "overencoding-4gram": variant("tiny-moe", overencoding=OVERENCODING),
+    "overencoding-and-engram": variant("tiny-engram", overencoding=dataclasses.replace(
+        OVERENCODING, engram_vocab_size=[1009], max_ngram_size=2)),
 }
 
 
@@ -34,7 +44,8 @@ def build(config: ModelConfig) -> EngramLM:
     model = EngramLM(config).eval()
     with torch.no_grad():  # trained-looking conv and MoE bias, so the decode state really matters
         for layer in model.engram_layers.values():
-            layer.conv_weight.normal_()
+            if layer.conv_weight is not None:
+                layer.conv_weight.normal_()
         for moe in model.moe_layers():
             moe.expert_bias.normal_(std=0.1)
     return model

@@ -66,7 +66,7 @@ def test_shapes_and_zero_conv_is_identity():
     assert y.shape == hidden.shape
     # conv weights start at zero: SiLU(0) = 0, so Y is exactly the gated value
     e = layer.embedding(hash_ids).flatten(2)
-    value = layer.gate(hidden, layer.key_proj(e)) * layer.value_proj(e)[:, :, None]
+    value = layer.gate(hidden, e) * layer.value_proj(e)[:, :, None]
     assert torch.equal(y, value)
     assert torch.count_nonzero(layer.conv_weight) == 0
 
@@ -136,13 +136,14 @@ def test_sparse_gradient_matches_dense():
 
 def test_gate_is_fp32_and_finite_at_zero_score():
     layer = make_layer(D=8)
+    layer = layer.to(torch.bfloat16)
     hidden = torch.zeros(1, 3, 2, 8, dtype=torch.bfloat16, requires_grad=True)
-    key = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16, requires_grad=True)
-    alpha = layer.gate(hidden, key)
+    e = torch.randn(1, 3, layer.config.memory_dim, dtype=torch.bfloat16, requires_grad=True)
+    alpha = layer.gate(hidden, e)
     assert alpha.dtype == torch.float32
     torch.testing.assert_close(alpha, torch.full_like(alpha, 0.5))
     alpha.sum().backward()
-    assert torch.isfinite(key.grad.float()).all() and torch.isfinite(hidden.grad.float()).all()
+    assert torch.isfinite(e.grad.float()).all() and torch.isfinite(hidden.grad.float()).all()
 
 
 def test_branches_gate_independently():

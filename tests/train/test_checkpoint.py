@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from support import tiny_run, write_corpus
-from engram.train import CheckpointError, load_checkpoint, train, verify_checkpoint
+from engram.train import CheckpointError, load_checkpoint, save_checkpoint, train, verify_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,41 @@ def test_keeps_only_the_newest(corpus_dir, cache_dir, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_0000010", "step_0000012"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
+
+
+def test_raw_id_engram_and_overencoding_round_trip(corpus_dir, cache_dir, tmp_path):
+    """compress=False hashes raw ids, yet the checkpoint keeps the tokenizer's real compression (loading
+    compares it with the one rebuilt from tokenizer.json) and both hash layouts, and loads back."""
+    import dataclasses
+
+    from engram.config import OverEncodingConfig, RunConfig
+    from engram.data import prepare_data
+    from engram.model.transformer import EngramLM
+    from engram.train.loop import align_to_data
+
+    run = tiny_run(corpus_dir, cache_dir, tmp_path / "unused")
+    prepared = prepare_data(run.data)
+    assert prepared.compressed.vocab_size < prepared.vocab_size  # the BPE has ids that compression merges
+    model_config = dataclasses.replace(
+        run.model, engram=dataclasses.replace(run.model.engram, compress=False, gate="none", short_conv=False,
+                                              branch_keys=False),
+        overencoding=OverEncodingConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
+                                        compress=False))
+    model_config = align_to_data(model_config, prepared.vocab_size, prepared.pad_id)
+    model = EngramLM(model_config, prepared.compressed).eval()
+    assert model.hasher.compressed_vocab_size == prepared.vocab_size  # raw ids
+    assert model.overencoding.hasher.compressed_vocab_size == prepared.vocab_size
+    path = save_checkpoint(tmp_path / "run", 0, model, {}, RunConfig(model=model_config, data=run.data),
+                           prepared.tokenizer, {})
+    assert (path / "overencoding_layout.json").is_file() and (path / "hash_layout.json").is_file()
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.compressed_tokenizer == prepared.compressed
+    assert ckpt.model.hasher.layout() == model.hasher.layout()
+    ids = torch.randint(0, prepared.vocab_size, (2, 12))
+    torch.testing.assert_close(ckpt.model.eval()(ids).logits, model(ids).logits, atol=0, rtol=0)
+    # the OverEncoding layout is checked like the Engram one
+    layout = json.loads((path / "overencoding_layout.json").read_text())
+    layout["seed"] += 1
+    (path / "overencoding_layout.json").write_text(json.dumps(layout))
+    with pytest.raises(CheckpointError, match=r"overencoding_layout.json: hash layout mismatch in \['seed'\]"):
+        _load_ignoring_manifest(path)

@@ -1,0 +1,102 @@
+"""OverEncoding (Huang et al. 2025, "Over-Tokenized Transformer"): hashed n-gram embeddings averaged
+into the input embedding. The baseline the paper compares Engram with at equal memory (SPEC §4).
+
+Legend: B batch, T time, D model width, N max n-gram order, O = N-1 orders, K heads per order,
+H = K*O hash heads, d_h row width, E = K*d_h = n_embed_per_ngram (one order's width).
+
+    x_t = (E[x_t] + sum_{n=2..N} P_n e_{n,t}) / N
+
+where e_{n,t} (E,) concatenates the K rows of order n's heads and P_n is a bias-free E -> D linear
+(one per order; absent when E = D).
+
+Same memory as Engram, by construction:
+  - the config (``OverEncodingConfig``) has Engram's table fields with Engram's meanings, and the
+    tables are the same ``MultiHeadEmbedding`` (one flat table of prime-sized heads, ``.sparse`` for
+    SparseAdam at the table learning rate);
+  - addresses come from an ``NgramHasher``: compressed ids (unless ``compress`` is False), PCG64
+    multipliers, one prime per head, pads before the sequence and across document starts.
+
+Which multipliers: the hasher treats the input as a virtual layer with id ``backbone.n_layers``
+(``input_layer_id``). Engram layer ids are validated to be < n_layers, so with equal seeds the input's
+PCG64 stream (seed + 10007*n_layers) is never an Engram layer's, and a model with both has
+independent collisions in its input and Engram tables. Its primes come from its own search, so with
+equal sizes they equal those of a model's first Engram layer: equal rows, equal width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engram.config import ModelConfig, OverEncodingConfig
+from engram.hashing import NgramHasher
+from engram.model.engram import MultiHeadEmbedding
+from engram.tokenizer import CompressedTokenizer
+
+
+def input_layer_id(config: ModelConfig) -> int:
+    """The virtual layer id of the input's hasher: one past the last block, so never an Engram layer's."""
+    return config.backbone.n_layers
+
+
+class OrderProjection(nn.Module):
+    """One bias-free E -> D matrix per n-gram order, stored as (O, D, E): (B, T, O, E) -> (B, T, O, D)."""
+
+    def __init__(self, orders: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(orders, out_dim, in_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("btoe,ode->btod", x, self.weight)
+
+
+class OverEncoding(nn.Module):
+    """The input embedding step: ``forward(tok_emb, hash_ids)`` -> the averaged input (B, T, D).
+
+    ``hasher`` (non-persistent buffers, like ``EngramLM.hasher``) maps raw ids to ``{layer_id: (B, T, H)}``;
+    the model hashes once per batch and hands this module its ids.
+    """
+
+    def __init__(self, config: OverEncodingConfig, dim: int, compressed_tokenizer: CompressedTokenizer,
+                 layer_id: int):
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        self.layer_id = layer_id
+        self.hasher = NgramHasher(config.hash_config(layer_id), compressed_tokenizer)
+        sizes = [p for order in self.hasher.primes[layer_id] for p in order]
+        self.embedding = MultiHeadEmbedding(sizes, config.head_dim)
+        # the variant is chosen here: a projection only when an order's width is not the model's
+        E = config.n_embed_per_ngram
+        self.proj = OrderProjection(config.n_orders, E, dim) if E != dim else nn.Identity()
+        self.init_weights()
+
+    @property
+    def table_rows(self) -> int:
+        return self.embedding.num_rows
+
+    @torch.no_grad()
+    def init_weights(self, table_std: float = 1.0) -> None:
+        """Initialisation, per parameter:
+
+        | parameter         | init                                                                 |
+        |-------------------|----------------------------------------------------------------------|
+        | embedding.weight  | N(0, table_std): the token embedding's N(0, 1)                        |
+        | proj.weight       | N(0, 1/sqrt(E)): a projected row has unit variance per coordinate too |
+
+        so every term of the mean starts at the scale of the token embedding.
+        """
+        nn.init.normal_(self.embedding.weight, std=table_std)
+        if isinstance(self.proj, OrderProjection):
+            nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.config.n_embed_per_ngram))
+
+    def forward(self, tok_emb: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        """tok_emb (B, T, D), hash_ids (B, T, H) int64 -> (B, T, D)."""
+        B, T = hash_ids.shape[:2]
+        O, N = self.config.n_orders, self.config.max_ngram_size
+        rows = self.embedding(hash_ids)  # (B, T, H, d_h), heads ordered by order, then head
+        per_order = rows.reshape(B, T, O, -1)  # (B, T, O, K*d_h) = (B, T, O, E)
+        grams = self.proj(per_order).to(tok_emb.dtype)  # (B, T, O, D)
+        return (tok_emb + grams.sum(dim=2)) / N  # the mean of 1 + (N-1) embeddings
