@@ -211,10 +211,19 @@ def _plan_record(planned: PlannedRun) -> dict:
             "info": planned.info, "run": planned.run.to_dict()}
 
 
+def _stored_run(plan_path: Path) -> dict | None:
+    """A plan.json's run config, normalised through RunConfig so fields added since (with their
+    defaults) do not make an old, identical plan look different."""
+    try:
+        return RunConfig.from_dict(json.loads(plan_path.read_text())["run"]).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def check_plan(planned: PlannedRun, directory: Path) -> None:
     """Refuse a directory that holds a run of a different plan (a changed budget or override)."""
     path = directory / "plan.json"
-    if path.exists() and json.loads(path.read_text()).get("run") != planned.run.to_dict():
+    if path.exists() and _stored_run(path) != planned.run.to_dict():
         raise ValueError(f"{directory} holds a run of a different config (the budget or the overrides "
                          f"changed); use another --out or remove the directory")
 
@@ -243,7 +252,7 @@ def find_twin(planned: PlannedRun, root: Path) -> dict | None:
         result_path = plan_path.with_name("result.json")
         if plan_path.parent == planned.directory(root) or not result_path.exists():
             continue
-        if json.loads(plan_path.read_text()).get("run") == mine:
+        if _stored_run(plan_path) == mine:
             twin = json.loads(result_path.read_text())
             keep = ("val_loss", "val_bpb", "tokens", "train_seconds", "tokens_per_s", "params", "evals", "checkpoint")
             return _record(planned, {k: twin[k] for k in keep if k in twin} | {"reused_from": str(plan_path.parent)})
