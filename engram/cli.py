@@ -161,9 +161,12 @@ def cmd_sweep(args) -> int:
     if args.kind == "report":
         from engram.experiments.report import load_results, markdown_tables, write_report
 
-        results = load_results([Path(args.out) / args.budget])
+        from engram.experiments.budgets import get_budget
+
+        where = Path(args.out) / get_budget(args.budget).name
+        results = load_results([where])
         if not results:
-            raise FileNotFoundError(f"no result.json under {Path(args.out) / args.budget}; run a sweep first")
+            raise FileNotFoundError(f"no result.json under {where}; run a sweep first")
         paths = write_report(results, Path(args.report_dir))
         print(markdown_tables(results))
         print("\n".join(f"wrote {p}" for p in paths.values()))
