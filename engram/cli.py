@@ -9,6 +9,11 @@
     engram generate --ckpt runs/demo/demo-engram --prompt "import os" --tier disk --tables tables/
     engram sweep allocation --budget tiny --seeds 3 --workers 2
     engram sweep report --budget tiny
+    engram inspect gates --ckpt runs/demo/demo-engram --text "import os.path" --out docs/results/analysis
+    engram inspect knockout --ckpt runs/demo/demo-engram [--max-probes 500]
+    engram inspect logit-lens --ckpt runs/demo/demo-engram --ckpt runs/demo/demo-moe --out DIR
+    engram inspect cka --base runs/demo/demo-moe --engram runs/demo/demo-engram --out DIR
+    engram inspect tables --ckpt runs/demo/demo-engram --out DIR
     engram presets
 """
 
@@ -198,6 +203,40 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from engram.train.loop import resolve_device
+
+    device = str(resolve_device(args.device))
+    kind = args.inspect_command
+    if kind == "gates":
+        from engram.experiments.gatemap import inspect_gates
+
+        if (args.text is None) == (args.file is None):
+            raise ValueError("give exactly one of --text and --file")
+        text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
+        result = inspect_gates(args.ckpt, text, args.out, top=args.top, device=device)
+    elif kind == "knockout":
+        from engram.experiments.probes import inspect_knockout
+
+        result = inspect_knockout(args.ckpt, args.out, max_probes=args.max_probes, max_train_tokens=args.max_train_tokens,
+                                  max_val_tokens=args.max_val_tokens, seq_len=args.seq_len, device=device)
+    elif kind == "logit-lens":
+        from engram.experiments.analysis import inspect_logit_lens
+
+        result = inspect_logit_lens(args.ckpt, args.out, args.batch_size, args.seq_len, args.batches, device)
+    elif kind == "cka":
+        from engram.experiments.analysis import inspect_cka
+
+        result = inspect_cka(args.base, args.engram, args.out, args.batch_size, args.seq_len, args.batches,
+                             args.minibatch, device)
+    else:
+        from engram.experiments.tablestats import inspect_tables
+
+        result = inspect_tables(args.ckpt, args.out, args.split, args.batch_size, args.seq_len, args.batches, device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from engram.config import PRESETS, RUN_PRESETS, get_run_preset
     from engram.experiments.accounting import count_parameters
@@ -294,6 +333,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-summary", action="store_true", help="do not print the summary table at the end")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("inspect", help="analysis tools: gate maps, knock-out, LogitLens, CKA, table statistics "
+                                       "(docs/ANALYSIS.md)")
+    inspect_sub = p.add_subparsers(dest="inspect_command", required=True)
+    ckpt_help = "checkpoint directory or run directory (uses its latest)"
+
+    def windows(q, batches: int) -> None:
+        q.add_argument("--batches", type=int, default=batches, help=f"validation windows batches (default {batches})")
+        q.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
+        q.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+
+    q = inspect_sub.add_parser("gates", help="per-token Engram gate values of a text as HTML + PNG, top n-grams")
+    q.add_argument("--ckpt", required=True, help=ckpt_help)
+    q.add_argument("--text", default=None, help="the text to map")
+    q.add_argument("--file", default=None, help="read the text from this file instead")
+    q.add_argument("--out", required=True, help="directory for gates.html, gates.png, gates.json")
+    q.add_argument("--top", type=int, default=20, help="highest-gated n-grams to list (default 20)")
+    q = inspect_sub.add_parser("knockout", help="static-pattern vs in-context probes with Engram zeroed: retention")
+    q.add_argument("--ckpt", required=True, help=ckpt_help)
+    q.add_argument("--max-probes", type=int, default=None, help="sample at most N probes per set (default all)")
+    q.add_argument("--max-train-tokens", type=int, default=None,
+                   help="mine patterns and identifier counts from the first N train tokens (default all)")
+    q.add_argument("--max-val-tokens", type=int, default=None, help="probe the first N validation tokens (default all)")
+    q.add_argument("--seq-len", type=int, default=256, help="scoring window; half of it is the minimum context "
+                                                             "(default 256)")
+    q.add_argument("--out", default=None, help="also write knockout.json here")
+    q = inspect_sub.add_parser("logit-lens", help="KL(final || block) per block for one or more models, one plot")
+    q.add_argument("--ckpt", action="append", required=True, help=ckpt_help + "; repeat for each model")
+    q.add_argument("--out", required=True, help="directory for logit_lens.png and logit_lens.json")
+    windows(q, 4)
+    q = inspect_sub.add_parser("cka", help="linear CKA between the blocks of a baseline and an Engram model, "
+                                           "heatmap and alignment index")
+    q.add_argument("--base", required=True, help="the baseline's " + ckpt_help)
+    q.add_argument("--engram", required=True, help="the Engram model's " + ckpt_help)
+    q.add_argument("--out", required=True, help="directory for cka.png and cka.json")
+    q.add_argument("--minibatch", type=int, default=512, help="tokens per CKA minibatch (default 512)")
+    windows(q, 8)
+    q = inspect_sub.add_parser("tables", help="row usage (Zipf), collision rates vs capacity-1 and shuffled-hash "
+                                              "controls, losses with those controls")
+    q.add_argument("--ckpt", required=True, help=ckpt_help)
+    q.add_argument("--out", required=True, help="directory for tables.json and row_usage.png")
+    q.add_argument("--split", default="val", choices=["train", "val"], help="tokens to count (default val)")
+    windows(q, 16)
+    for q in inspect_sub.choices.values():
+        q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+        q.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.set_defaults(fn=cmd_presets)

@@ -43,7 +43,7 @@ def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
     means, stds = np.array([g[1].mean() for g in groups]), np.array([_std(g[1]) for g in groups])
     lo, hi = min(rhos.min(), PAPER_OPTIMUM[0]), max(rhos.max(), PAPER_OPTIMUM[1])
     lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     ax.axvspan(*PAPER_OPTIMUM, color="tab:green", alpha=0.12, label="paper optimum (rho 0.75-0.80)")
     for rho, losses in groups:
         ax.scatter(np.full(len(losses), rho), losses, s=10, alpha=0.3, color="tab:blue")
@@ -73,7 +73,7 @@ def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
     ax.set_ylabel("validation loss (nats/token)")
     seeds = max(len(g[1]) for g in groups)
     ax.set_title(f"Sparsity allocation, budget {runs[0].get('budget')!s} (up to {seeds} seeds)\n{note}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the points span the axes
     return _save(fig, path)
 
 
