@@ -214,7 +214,7 @@ def cmd_inspect(args) -> int:
         if (args.text is None) == (args.file is None):
             raise ValueError("give exactly one of --text and --file")
         text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
-        result = inspect_gates(args.ckpt, text, args.out, top=args.top, device=device)
+        result = inspect_gates(args.ckpt, text, args.out, top=args.top, max_tokens=args.max_tokens, device=device)
     elif kind == "knockout":
         from engram.experiments.probes import inspect_knockout
 
@@ -228,7 +228,7 @@ def cmd_inspect(args) -> int:
         from engram.experiments.analysis import inspect_cka
 
         result = inspect_cka(args.base, args.engram, args.out, args.batch_size, args.seq_len, args.batches,
-                             args.minibatch, device)
+                             args.minibatch, args.top, device)
     else:
         from engram.experiments.tablestats import inspect_tables
 
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--file", default=None, help="read the text from this file instead")
     q.add_argument("--out", required=True, help="directory for gates.html, gates.png, gates.json")
     q.add_argument("--top", type=int, default=20, help="highest-gated n-grams to list (default 20)")
+    q.add_argument("--max-tokens", type=int, default=None,
+                   help="map only the first N tokens, <|bos|> included (default: all; more than the model's "
+                        "context is an error)")
     q = inspect_sub.add_parser("knockout", help="static-pattern vs in-context probes with Engram zeroed: retention")
     q.add_argument("--ckpt", required=True, help=ckpt_help)
     q.add_argument("--max-probes", type=int, default=None, help="sample at most N probes per set (default all)")
@@ -369,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--engram", required=True, help="the Engram model's " + ckpt_help)
     q.add_argument("--out", required=True, help="directory for cka.png and cka.json")
     q.add_argument("--minibatch", type=int, default=512, help="tokens per CKA minibatch (default 512)")
+    q.add_argument("--top", type=int, default=5, help="most similar baseline blocks in the alignment index "
+                                                      "(default 5, the paper's)")
     windows(q, 8)
     q = inspect_sub.add_parser("tables", help="row usage (Zipf), collision rates vs capacity-1 and shuffled-hash "
                                               "controls, losses with those controls")
