@@ -347,7 +347,8 @@ def _jsonable(x):
 
 
 def write_report(results, out_dir) -> dict[str, Path]:
-    """Plots (one PNG per sweep present), ``summary.json`` (summaries, fits, deltas) and ``tables.md``."""
+    """Plots (one PNG per sweep present), ``summary.json`` (summaries, fits, deltas), ``tables.md`` and
+    ``runs.jsonl`` (one line per run)."""
     from engram.experiments.plots import PLOTS
 
     out = Path(out_dir)
@@ -371,6 +372,11 @@ def write_report(results, out_dir) -> dict[str, Path]:
     paths["summary"].write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
     paths["tables"] = out / "tables.md"
     paths["tables"].write_text(markdown_tables(results))
+    # every run's numbers, one line each (without its eval history), so the tables can be recomputed
+    paths["runs"] = out / "runs.jsonl"
+    runs = sorted(results, key=lambda r: (str(r["sweep"]), str(r["point"]), r["seed"]))
+    paths["runs"].write_text("".join(json.dumps(_jsonable({k: v for k, v in r.items() if k != "evals"})) + "\n"
+                                     for r in runs))
     return paths
 
 

@@ -198,7 +198,9 @@ def test_load_results_finds_nested_and_skips_corrupt(tmp_path):
 def test_write_report_produces_files(tmp_path):
     results = allocation(lambda r: 3.9 + 2 * (r - 0.78) ** 2, noise=0.003) + memory() + ablation()
     paths = write_report(results, tmp_path / "out")
-    assert set(paths) == {"allocation", "memory", "ablation", "summary", "tables"}
+    assert set(paths) == {"allocation", "memory", "ablation", "summary", "tables", "runs"}
+    lines = [json.loads(line) for line in paths["runs"].read_text().splitlines()]
+    assert len(lines) == len(results) and all("evals" not in r for r in lines)
     for key in ("allocation", "memory", "ablation"):
         assert is_png(paths[key])
     summary = json.loads(paths["summary"].read_text())
