@@ -48,6 +48,8 @@ def build(config: ModelConfig) -> EngramLM:
                 layer.conv_weight.normal_()
         for moe in model.moe_layers():
             moe.expert_bias.normal_(std=0.1)
+        if model.overencoding is not None:  # its tables start at zero; trained rows are not
+            model.overencoding.embedding.weight.normal_()
     return model
 
 

@@ -64,6 +64,10 @@ def test_zero_tables_give_the_token_embedding_over_n():
     base.load_state_dict(state)
     ids = torch.randint(0, 512, (2, 20))
     with torch.no_grad():
+        # a fresh model's tables are zero: untrained rows add nothing (see OverEncoding.init_weights)
+        assert torch.count_nonzero(model.overencoding.embedding.weight) == 0
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-6)
+        model.overencoding.embedding.weight.normal_()
         assert not torch.allclose(model(ids).logits, base(ids).logits)
         model.overencoding.embedding.weight.zero_()
         torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=1e-6, rtol=1e-6)
@@ -72,6 +76,8 @@ def test_zero_tables_give_the_token_embedding_over_n():
 def test_input_is_the_mean_of_the_embeddings():
     model = EngramLM(CASES["width-d-model"])
     oe = model.overencoding
+    with torch.no_grad():
+        oe.embedding.weight.normal_()  # trained rows are not zero
     ids = torch.randint(0, 512, (1, 6))
     hash_ids = oe.hasher(ids)[oe.layer_id]  # (1, 6, H)
     rows = oe.embedding.weight[hash_ids + oe.embedding.offsets]  # (1, 6, H, d_h)
