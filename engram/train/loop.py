@@ -145,7 +145,9 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt_path is not None else None)
     counts = count_parameters(run.model, tc.seq_len).to_dict()
     print(f"[engram] run {run_dir}: P_tot={counts['total']:,} P_act={counts['active']:,} "
-          f"Engram tables={counts['engram_tables']:,}; {tc.tokens_per_step:,} tokens/step, "
+          f"Engram tables={counts['engram_tables']:,}"
+          + (f" OverEncoding tables={counts['overencoding_tables']:,}" if counts.get("overencoding_tables") else "")
+          + f"; {tc.tokens_per_step:,} tokens/step, "
           f"{tc.max_steps} steps, device {device}" + (f", resuming at step {start}" if start else ""),
           file=sys.stderr)
 
