@@ -1,0 +1,74 @@
+"""The row-sharded table on 2 gloo processes equals one full table: rows forward, gradients backward."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+NUM_ROWS, DIM = 11, 3  # 11 rows over 2 ranks: uneven, padded to 12
+
+# per rank: (ids, description); rank 1's second batch is empty, rank 0 asks only rank 1's rows once
+BATCHES = [
+    [torch.tensor([[0, 5, 5, 10], [3, 3, 0, 6]]), torch.tensor([6, 7, 8, 10, 10])],
+    [torch.tensor([[10, 1, 1, 2]]), torch.tensor([], dtype=torch.int64)],
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_table() -> torch.Tensor:
+    return torch.randn(NUM_ROWS, DIM, generator=torch.Generator().manual_seed(0))
+
+
+def _grad_out(rank: int, step: int, shape) -> torch.Tensor:
+    return torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(100 * rank + step))
+
+
+def _worker(rank: int, world: int, port: int, sparse: bool, out_dir: str) -> None:
+    from engram.distributed import ShardedTable
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        table = ShardedTable(NUM_ROWS, DIM, sparse=sparse)
+        table.load_full(_full_table())
+        for step, ids in enumerate(BATCHES[rank]):
+            rows = table(ids)
+            assert rows.shape == (*ids.shape, DIM)
+            torch.testing.assert_close(rows, _full_table()[ids], rtol=0, atol=0)
+            rows.backward(_grad_out(rank, step, ids.shape))
+        grad = table.weight.grad
+        torch.save({"grad": grad.to_dense() if sparse else grad, "weight": table.weight.detach()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_two_ranks_match_one_full_table(tmp_path, sparse):
+    world = 2
+    mp.spawn(_worker, args=(world, _free_port(), sparse, str(tmp_path)), nprocs=world)
+    # the reference: one full table sees every rank's batches and gradients
+    full = _full_table().requires_grad_(True)
+    for rank in range(world):
+        for step, ids in enumerate(BATCHES[rank]):
+            full[ids].backward(_grad_out(rank, step, ids.shape))
+    padded = torch.cat([full.grad, torch.zeros(1, DIM)])  # (12, d)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["grad"], padded[6 * rank: 6 * rank + 6], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got["weight"][: 6 if rank == 0 else 5], _full_table()[6 * rank: 6 * rank + 6])
+
+
+def test_needs_a_process_group():
+    from engram.distributed import ShardedTable
+
+    with pytest.raises(RuntimeError, match="process group"):
+        ShardedTable(10, 4)
