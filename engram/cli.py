@@ -164,42 +164,16 @@ def cmd_sweep(args) -> int:
     from engram.experiments import sweep as sw
 
     if args.kind == "report":
-        from engram.experiments.report import load_results, markdown_tables, write_report
-
-        from engram.experiments.budgets import get_budget
-
-        where = Path(args.out) / get_budget(args.budget).name
-        results = load_results([where])
-        if not results:
-            raise FileNotFoundError(f"no result.json under {where}; run a sweep first")
-        paths = write_report(results, Path(args.report_dir))
-        print(markdown_tables(results))
+        tables, paths = sw.report_sweep(args.budget, args.out, args.report_dir)
+        print(tables)
         print("\n".join(f"wrote {p}" for p in paths.values()))
-        return 0
-    if args.dry_run:
-        runs = sw.plan(args.kind, args.budget, args.seeds, args.overrides)
-        if args.kind == "allocation":
-            from engram.experiments.accounting import count_parameters
-            from engram.experiments.allocation import allocation_grid, format_grid
-            from engram.experiments.budgets import get_budget
-
-            b = get_budget(args.budget)
-            base = b.base_run().model
-            print(format_grid(allocation_grid(base, b.engram_template(), b.rhos), count_parameters(base)))
-        else:
-            from engram.experiments.accounting import count_parameters
-
-            print(f"{'point':<28} {'table params':>13} {'P_tot':>12} {'P_act':>11}")
-            for r in runs if args.seeds is None else runs[: len(runs) // max(args.seeds, 1)]:
-                if r.seed == 0:
-                    c = count_parameters(r.run.model)
-                    print(f"{r.point:<28} {r.info['table_params']:>13,} {c.total:>12,} {c.active:>11,}")
-        print(f"{len(runs)} runs; tokens per run {runs[0].run.train.max_steps * runs[0].run.train.tokens_per_step:,}")
-        return 0
-    results = sw.run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
-                           threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
-    if results and not args.no_summary:
-        print(sw.format_summary(results))
+    elif args.dry_run:
+        print(sw.describe_plan(args.kind, args.budget, args.seeds, args.overrides))
+    else:
+        results = sw.run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
+                               threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
+        if results and not args.no_summary:
+            print(sw.format_summary(results))
     return 0
 
 

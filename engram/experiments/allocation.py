@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from engram.config import EngramConfig, ModelConfig
-from engram.experiments.accounting import ParameterCount, count_parameters, engram_dense_params
+from engram.experiments.accounting import (ParameterCount, count_parameters, engram_dense_params,
+                                           engram_table_params)
 from engram.model.layers import swiglu_params
 
 
@@ -66,7 +67,8 @@ def _check_base(base: ModelConfig) -> None:
         raise ValueError("allocation needs more routed experts than top_k: with E == k nothing is sparse")
 
 
-def _with_tables(engram: EngramConfig, rows_per_head: int) -> EngramConfig:
+def with_rows_per_head(engram: EngramConfig, rows_per_head: int) -> EngramConfig:
+    """``engram`` with every order's nominal table size set to ``rows_per_head``."""
     return dataclasses.replace(engram, engram_vocab_size=[rows_per_head] * engram.n_orders)
 
 
@@ -77,7 +79,7 @@ def solve_rows(config: ModelConfig, target_table_params: int) -> int:
     prime above it), so bisection finds the crossing; we then keep whichever side is closer.
     """
     def table_params(rows: int) -> int:
-        return count_parameters(dataclasses.replace(config, engram=_with_tables(config.engram, rows))).engram_tables
+        return engram_table_params(dataclasses.replace(config, engram=with_rows_per_head(config.engram, rows)))
 
     e = config.engram
     lo, hi = 2, max(3, 2 * target_table_params // (e.n_heads * e.head_dim * len(e.layer_ids)) + 8)
@@ -115,16 +117,16 @@ def allocate(base: ModelConfig, engram: EngramConfig, rho: float, p_tot_toleranc
     new_moe = dataclasses.replace(moe, n_routed_experts=moe.n_routed_experts - removed)
     # Active weights to give back through the dense FFN(s): Engram's dense part minus the router rows
     # that left with the experts. One hidden unit of a dense SwiGLU is 3*D weights in each dense block.
-    probe = ModelConfig(backbone=bb, engram=_with_tables(engram, 2))
+    probe = ModelConfig(backbone=bb, engram=with_rows_per_head(engram, 2))
     extra_active = engram_dense_params(probe) * len(engram.layer_ids) - removed * D * n_moe
     shrink = round(extra_active / (3 * D * n_dense))
     if shrink >= bb.ffn_hidden:
         raise ValueError(f"the Engram module's active weights ({extra_active:,}) exceed the dense FFN "
                          f"(ffn_hidden={bb.ffn_hidden}); use a narrower memory (n_embed_per_ngram) or a wider FFN")
     backbone = dataclasses.replace(bb, moe=new_moe, ffn_hidden=bb.ffn_hidden - shrink)
-    config = ModelConfig(backbone=backbone, engram=_with_tables(engram, 2))
+    config = ModelConfig(backbone=backbone, engram=with_rows_per_head(engram, 2))
     rows = solve_rows(config, removed * expert * n_moe)
-    config = ModelConfig(backbone=backbone, engram=_with_tables(engram, rows))
+    config = ModelConfig(backbone=backbone, engram=with_rows_per_head(engram, rows))
     count = count_parameters(config)
 
     drift = abs(count.total - base_count.total) / base_count.total

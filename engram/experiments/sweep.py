@@ -30,12 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engram.config import EngramConfig, ModelConfig, RunConfig
+from engram.config import ModelConfig, OverEncodingConfig, RunConfig
 from engram.experiments.accounting import count_parameters
-from engram.experiments.allocation import allocate, allocation_grid
+from engram.experiments.allocation import allocate, allocation_grid, format_grid, with_rows_per_head
 from engram.experiments.budgets import Budget, get_budget
-
-SWEEPS = ("allocation", "memory", "ablation")
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def _seeded(run: RunConfig, model: ModelConfig, seed: int) -> RunConfig:
 
 def _table_params(model: ModelConfig) -> int:
     count = count_parameters(model)
-    return count.engram_tables + getattr(count, "overencoding_tables", 0)
+    return count.engram_tables + count.overencoding_tables
 
 
 # -- the three plans ----------------------------------------------------------------------------------
@@ -65,24 +63,19 @@ def plan_allocation(budget: Budget, seeds: int) -> list[PlannedRun]:
     base = budget.base_run()
     points = allocation_grid(base.model, budget.engram_template(), budget.rhos)
     return [PlannedRun("allocation", budget.name, p.label, seed, _seeded(base, p.config, seed),
-                       {"rho": p.rho, "rho_nominal": p.rho_nominal, "rho_target": p.rho_target, "removed_experts": p.removed_experts,
-                        "rows_per_head": p.rows_per_head, "table_params": p.params.engram_tables})
+                       {"rho": p.rho, "rho_nominal": p.rho_nominal, "rho_target": p.rho_target,
+                        "removed_experts": p.removed_experts, "rows_per_head": p.rows_per_head,
+                        "table_params": p.params.engram_tables})
             for seed in range(seeds) for p in points]
-
-
-def _with_rows(engram: EngramConfig, rows: int) -> EngramConfig:
-    return dataclasses.replace(engram, engram_vocab_size=[rows] * engram.n_orders)
 
 
 def memory_models(budget: Budget) -> list[tuple[str, dict, ModelConfig]]:
     """(label, info, model): the fixed rho = 1 backbone without memory, with Engram, with OverEncoding."""
-    from engram.config import OverEncodingConfig
-
     base = budget.base_run().model
     template = budget.engram_template()
     models = [("none", {"method": "none", "rows_per_head": 0}, base)]
     for rows in budget.memory_rows:
-        engram = ModelConfig(backbone=base.backbone, engram=_with_rows(template, rows))
+        engram = ModelConfig(backbone=base.backbone, engram=with_rows_per_head(template, rows))
         models.append((f"engram-rows={rows}", {"method": "engram", "rows_per_head": rows}, engram))
     for rows in budget.memory_rows:
         over = OverEncodingConfig(engram_vocab_size=[rows] * template.n_orders, max_ngram_size=template.max_ngram_size,
@@ -134,10 +127,11 @@ def ablation_models(budget: Budget) -> list[tuple[str, str, ModelConfig]]:
 
 def plan_ablation(budget: Budget, seeds: int) -> list[PlannedRun]:
     base = budget.base_run()
-    ref_layer = allocate(base.model, budget.engram_template(), budget.ablation_rho).config.engram.layer_ids[0]
+    variants = ablation_models(budget)
+    ref_layer = variants[0][2].engram.layer_ids[0]  # variants[0] is "full"
     runs = []
     for seed in range(seeds):
-        for variant, group, model in ablation_models(budget):
+        for variant, group, model in variants:
             info = {"variant": variant, "group": group, "table_params": _table_params(model),
                     "layer": model.engram.layer_ids[0], "reference_layer": ref_layer}
             runs.append(PlannedRun("ablation", budget.name, variant, seed, _seeded(base, model, seed), info))
@@ -146,6 +140,7 @@ def plan_ablation(budget: Budget, seeds: int) -> list[PlannedRun]:
 
 PLANS: dict[str, Callable[[Budget, int], list[PlannedRun]]] = {
     "allocation": plan_allocation, "memory": plan_memory, "ablation": plan_ablation}
+SWEEPS = tuple(PLANS)
 
 
 def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None) -> list[PlannedRun]:
@@ -391,3 +386,33 @@ def format_summary(results: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['point']:<28} {r['n']:>5} {r['mean']:>9.4f} {r['std']:>7.4f} {r['min']:>8.4f} {r['max']:>8.4f}")
     return "\n".join(lines)
+
+
+def describe_plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None) -> str:
+    """What ``--dry-run`` prints: the solver's table (allocation) or each grid point's sizes, and the
+    number of runs."""
+    runs = plan(sweep, budget, seeds, overrides)
+    if sweep == "allocation":
+        b = get_budget(budget)
+        base = b.base_run().model
+        lines = [format_grid(allocation_grid(base, b.engram_template(), b.rhos), count_parameters(base))]
+    else:
+        lines = [f"{'point':<28} {'table params':>13} {'P_tot':>12} {'P_act':>11}"]
+        for r in runs:
+            if r.seed == 0:
+                c = count_parameters(r.run.model)
+                lines.append(f"{r.point:<28} {r.info['table_params']:>13,} {c.total:>12,} {c.active:>11,}")
+    tc = runs[0].run.train
+    lines.append(f"{len(runs)} runs; tokens per run {tc.max_steps * tc.tokens_per_step:,}")
+    return "\n".join(lines)
+
+
+def report_sweep(budget: str, root: str | Path, out_dir: str | Path) -> tuple[str, dict[str, Path]]:
+    """Plots, fits and tables of every finished run of ``budget`` under ``root``: (markdown, paths)."""
+    from engram.experiments.report import load_results, markdown_tables, write_report
+
+    where = Path(root) / get_budget(budget).name
+    results = load_results([where])
+    if not results:
+        raise FileNotFoundError(f"no result.json under {where}; run a sweep first")
+    return markdown_tables(results), write_report(results, Path(out_dir))
