@@ -238,9 +238,9 @@ def alignment_index(S: np.ndarray, top: int = 5) -> np.ndarray:
 def plot_logit_lens(curves: dict[str, list[float]], path, dashed: list[str] = ()) -> Path:
     """One line per model: mean KL(final || block l) against the block number; models named in
     ``dashed`` (the baselines) are drawn dashed."""
-    from engram.experiments.plots import _pyplot, _save
+    from engram.experiments.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, kl in curves.items():
         ax.plot(range(1, len(kl) + 1), kl, marker="o", ls="--" if name in dashed else "-", label=name)
@@ -250,16 +250,16 @@ def plot_logit_lens(curves: dict[str, list[float]], path, dashed: list[str] = ()
     ax.set_xticks(range(1, max(len(k) for k in curves.values()) + 1))
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cka(S: np.ndarray, path, base_name: str = "baseline", engram_name: str = "engram",
              align: np.ndarray | None = None, reference: np.ndarray | None = None) -> Path:
     """Heatmap of S (rows: baseline blocks, columns: Engram blocks) on its own colour range, each
     column's best match boxed, a_j drawn over it (and the baseline-vs-itself a_j, dotted)."""
-    from engram.experiments.plots import _pyplot
+    from engram.experiments.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 4.6))
     lo, hi = float(np.nanmin(S)), float(np.nanmax(S))
     im = ax.imshow(S, origin="lower", cmap="magma", vmin=lo, vmax=hi,
@@ -284,11 +284,7 @@ def plot_cka(S: np.ndarray, path, base_name: str = "baseline", engram_name: str 
     ax.set_ylabel(f"{base_name} block i")
     ax.set_title("linear CKA (minibatch, unbiased); boxes: best match", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits below the axes
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_tight=True)  # the legend sits below the axes
 
 
 # -- entry points (what `engram inspect logit-lens | cka` call) -------------------------------------

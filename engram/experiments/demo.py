@@ -26,11 +26,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
-    import matplotlib
+    from engram.experiments.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for (name, run_dir), colour in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green")):
         train, evals = read_metrics(run_dir)
@@ -46,9 +44,7 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     finals = [read_metrics(d)[1][-1]["val_loss"] for d in runs.values() if read_metrics(d)[1]]
     if finals:
         ax.set_ylim(min(finals) - 0.3, min(finals) + 2.5)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def format_table(results: dict[str, dict]) -> str:

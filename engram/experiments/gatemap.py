@@ -144,9 +144,9 @@ def gate_map_html(gm: GateMap, title: str = "Engram gate map", top: list[dict] |
 
 def plot_gate_map(gm: GateMap, path, per_line: int = 48, max_tokens: int = 192) -> Path:
     """Heatmap PNG: the first ``max_tokens`` tokens in lines of ``per_line``, one row per layer and branch."""
-    from engram.experiments.plots import _pyplot
+    from engram.experiments.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = gm.rows()
     T = min(len(gm.ids), max_tokens)
     lines = max(1, -(-T // per_line))
@@ -167,11 +167,7 @@ def plot_gate_map(gm: GateMap, path, per_line: int = 48, max_tokens: int = 192) 
         ax.set_yticklabels([label for label, _ in rows], fontsize=7)
     axes[0, 0].set_title(f"Engram gate alpha per token (first {T} of {len(gm.ids)} tokens)")
     fig.colorbar(im, ax=axes[:, 0].tolist(), fraction=0.02)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, bbox_tight=True)
 
 
 def inspect_gates(ckpt_path: str, text: str, out_dir, top: int = 20, max_tokens: int | None = None,

@@ -18,25 +18,28 @@ from engram.experiments.report import (DPI, PAPER_OPTIMUM, REFERENCE, LogLinearF
                                        delta_vs_reference, fit_quadratic)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: sweeps and CI run on machines without a display."""
     import matplotlib
-    matplotlib.use("Agg")  # headless: sweeps run on machines without a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path, dpi: int = DPI, bbox_tight: bool = False) -> Path:
+    """Write ``fig`` as a PNG (creating its directory) and close it. ``bbox_tight`` crops to what is
+    drawn, for figures with a legend or labels outside the axes; otherwise the layout is tightened."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    fig.clf()
-    _pyplot().close(fig)
+    if not bbox_tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if bbox_tight else None)
+    pyplot().close(fig)
     return path
 
 
 def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     runs = _runs(results, "allocation")
     groups = _allocation_groups(runs)
     rhos = np.array([g[0] for g in groups])
@@ -74,11 +77,11 @@ def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
     seeds = max(len(g[1]) for g in groups)
     ax.set_title(f"Sparsity allocation, budget {runs[0].get('budget')!s} (up to {seeds} seeds)\n{note}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the points span the axes
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_memory(results, path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     runs = _runs(results, "memory")
     fits = _fits("memory", runs).get("loglinear", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -106,11 +109,11 @@ def plot_memory(results, path) -> Path:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"Memory scaling at a fixed backbone, budget {runs[0].get('budget')!s}", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ablation(results, path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     runs = _runs(results, "ablation")
     is_full = REFERENCE["ablation"][1]
     component = [r for r in runs if r.get("group", "component") != "layer" and not is_full(r)]
@@ -163,7 +166,7 @@ def plot_ablation(results, path) -> Path:
         ax.set_title("Single-module layer sweep: mean loss (lower is better)", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(f"Ablations, budget {runs[0].get('budget')!s}", fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 PLOTS = {"allocation": plot_allocation, "memory": plot_memory, "ablation": plot_ablation}

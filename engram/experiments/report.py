@@ -276,9 +276,6 @@ def _fits(sweep: str, runs: list[dict]) -> dict:
     return {}
 
 
-# ---- plots ----
-
-
 
 # ---- tables and the report ----
 

@@ -207,9 +207,9 @@ def table_control_losses(model, batches, seed: int = 0) -> dict[str, float]:
 def plot_row_usage(usage: dict, path, min_count: int = 3) -> Path:
     """Rank/frequency (log-log) per layer and order: each head's row counts, the distinct n-grams'
     counts (dashed), and head 0's Zipf fit."""
-    from engram.experiments.plots import _pyplot, _save
+    from engram.experiments.plots import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     panels = [(lid, n) for lid, u in usage.items() for n in sorted({key[0] for key in u})]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (lid, n) in zip(axes[0], panels):
@@ -230,7 +230,7 @@ def plot_row_usage(usage: dict, path, min_count: int = 3) -> Path:
         ax.set_ylabel("tokens")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int = 8, seq_len: int = 256,
