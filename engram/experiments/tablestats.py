@@ -172,6 +172,8 @@ def table_control(model, kind: str, mean_rows: dict[int, torch.Tensor] | None = 
 def table_control_losses(model, batches, seed: int = 0) -> dict[str, float]:
     """Mean validation loss (nats) as trained, with capacity-1 tables (each head's mean row over these
     tokens), with rows shuffled within each head, and with Engram knocked out."""
+    from engram.train.loop import mean_loss
+
     model.eval()
     device = next(model.parameters()).device
     batches = [(ids.to(device), None if b is None else b.to(device)) for ids, b in batches]
@@ -185,12 +187,7 @@ def table_control_losses(model, batches, seed: int = 0) -> dict[str, float]:
     mean_rows = {lid: s / count for lid, s in sums.items()}
 
     def loss() -> float:
-        total, n = 0.0, 0
-        for ids, boundary in batches:
-            k = ids.shape[0] * (ids.shape[1] - 1)
-            total += float(model(ids, labels=ids, boundary=boundary).loss) * k
-            n += k
-        return round(total / n, 5)
+        return round(mean_loss(model, batches, device)[0], 5)
 
     out = {"trained": loss()}
     for kind in ("capacity_1", "shuffled"):

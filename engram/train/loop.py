@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -76,19 +76,28 @@ def evaluate(model: EngramLM, shards, batch_size: int, seq_len: int, max_batches
     """
     was_training = model.training
     model.eval()
+    loss, count = mean_loss(model, shards.eval_batches(batch_size, seq_len, max_batches), device)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the validation split is too small for one evaluation window")
+    return {"val_loss": loss, "val_bpb": loss / math.log(2) / shards.bytes_per_token, "val_tokens": count}
+
+
+@torch.no_grad()
+def mean_loss(model: EngramLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+              device: torch.device) -> tuple[float, int]:
+    """(mean next-token loss in nats, predicted tokens) over ``(ids, boundary)`` batches, each batch
+    weighted by its B*(T-1) predictions; the model's train/eval mode is left as it is."""
     total, count = 0.0, 0
-    for ids, boundary in shards.eval_batches(batch_size, seq_len, max_batches):
-        ids, boundary = ids.to(device), boundary.to(device)
+    for ids, boundary in batches:
+        ids = ids.to(device)
+        boundary = None if boundary is None else boundary.to(device)
         with autocast(device):
             out = model(ids, labels=ids, boundary=boundary)
         n = ids.shape[0] * (ids.shape[1] - 1)
         total += out.loss.item() * n
         count += n
-    model.train(was_training)
-    if count == 0:
-        raise ValueError("the validation split is too small for one evaluation window")
-    loss = total / count
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / shards.bytes_per_token, "val_tokens": count}
+    return (total / count if count else math.nan), count
 
 
 class MetricsLog:
