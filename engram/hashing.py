@@ -150,8 +150,9 @@ class NgramHasher(nn.Module):
     Holds the layout: ``multipliers[layer_id]`` (int64 tensor of length N), ``primes[layer_id]`` (list
     per order of list per head), ``offsets[layer_id]`` (int64 tensor (H,), start row of each head in the
     layer's flat table). With ``config.compress`` False it hashes raw ids: ``tokenizer`` is then the
-    identity, whatever tokenizer it was given, and the layout records that. Its tensors are non-persistent buffers: they follow ``model.to(device)`` but
-    are saved as a layout (``layout()``), not as weights, and verified on load (``check_layout``).
+    identity, whatever tokenizer it was given, and the layout records that. Its tensors are
+    non-persistent buffers: they follow ``model.to(device)`` but are saved as a layout (``layout()``),
+    not as weights, and verified on load (``check_layout``).
     """
 
     def __init__(self, config: EngramConfig, compressed_tokenizer: CompressedTokenizer):

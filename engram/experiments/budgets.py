@@ -11,10 +11,9 @@ and ``medium`` are defined for GPUs (bf16 autocast, longer runs); they have not 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from engram.config import (BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig,

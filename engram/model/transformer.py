@@ -3,8 +3,9 @@
 Legend: B batch, T time, G hyper-connection branches, D model width, V vocabulary, H hash heads.
 
 Data flow: raw ids (B, T) -> hasher: {layer: (B, T, H)} once per batch -> token embedding (B, T, D)
-[averaged with the hashed n-gram embeddings when the model has OverEncoding] copied into G branches (B, T, G, D) -> blocks [Engram? -> attention -> FFN/MoE], each sub-layer
-through a residual/hyper-connection -> mean over branches -> norm -> head (B, T, V).
+[averaged with the hashed n-gram embeddings when the model has OverEncoding] -> copied into G
+branches (B, T, G, D) -> blocks [Engram? -> attention -> FFN/MoE], each sub-layer through a
+residual/hyper-connection -> mean over branches -> norm -> head (B, T, V).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Optimizers and the learning-rate schedule.
 
 Dense parameters use AdamW (weight decay on matrices only). Hashed tables (Engram and OverEncoding:
-every ``MultiHeadEmbedding``) use Adam restricted to the rows a step looked up (``torch.optim.SparseAdam``, lazy moments) at ``table_lr_mult`` x the base rate
-with no weight decay (SPEC §3): a step costs O(rows touched), not O(table) (PITFALLS 12).
+every ``MultiHeadEmbedding``) use Adam restricted to the rows a step looked up
+(``torch.optim.SparseAdam``, lazy moments) at ``table_lr_mult`` x the base rate with no weight decay
+(SPEC §3): a step costs O(rows touched), not O(table) (PITFALLS 12).
 """
 
 from __future__ import annotations
