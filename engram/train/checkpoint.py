@@ -11,6 +11,11 @@ A checkpoint is a directory ``<run>/checkpoints/step_NNNNNNN/``:
     tokenizer/tokenizer.json, tokenizer/compressed_tokenizer.safetensors
     manifest.json                size and sha256 of every file above; written last
 
+A model trained with sharded tables (``engram.distributed``) writes the same files with the table
+rows left out of ``model.safetensors`` and the table moments out of ``optimizer.pt``; every rank
+writes its rows to ``tables/shard-RRRRR-of-WWWWW.safetensors`` (``engram/distributed/checkpoint.py``).
+Such a checkpoint loads on any number of ranks, and in a single process as whole tables.
+
 It is written into a temporary directory and renamed into place, then ``<run>/checkpoints/latest`` is
 replaced atomically, so a crash at any moment leaves the previous checkpoint intact. Loading checks
 the manifest first (a truncated or altered file is reported by name, not as a torch traceback) and
@@ -29,8 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from engram.config import RunConfig
+from engram.distributed import checkpoint as table_ckpt
+from engram.distributed.sharded import sharded_tables
 from engram.model.transformer import EngramLM
 from engram.tokenizer import CompressedTokenizer
 
@@ -61,45 +69,74 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, optimizer_state: dict,
                     run_config: RunConfig, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep_last``.
+
+    With sharded tables this is a collective: every rank calls it, writes its shard, and rank 0 writes
+    the rest (``run_dir`` must be one shared directory for all ranks, e.g. on a network filesystem).
+    """
     from safetensors.torch import save_file
 
+    tables = sharded_tables(model)
+    group = next(iter(tables.values())).group if tables else None
+    main = not tables or dist.get_rank(group) == 0
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tokenizer").mkdir(parents=True)
+    # one temporary directory that every rank writes into: its name must not depend on the process
+    tmp = root / (f".tmp_step_{step:07d}_sharded" if tables else f".tmp_step_{step:07d}_{os.getpid()}")
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "tokenizer").mkdir(parents=True)
+    shard_files: dict[str, dict] = {}
+    if tables:
+        dist.barrier(group)
+        mine = table_ckpt.write_shard(tmp, tables, optimizer_state.get("tables"))
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        for entry in gathered:
+            shard_files.update(entry)
+    if main:
+        table_keys = {f"{name}.weight" for name in tables}
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in table_keys}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
+        if tables:
+            optimizer_state = table_ckpt.strip_table_moments(optimizer_state)
+            _write_json(tmp / table_ckpt.INDEX, table_ckpt.table_index(tables, dist.get_world_size(group)))
+        torch.save({**optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        _write_json(tmp / "run_config.json", run_config.to_dict())
+        _write_json(tmp / "trainer_state.json", {"format": FORMAT, "step": step, **trainer_state})
+        for name, hasher in _hashers(model).items():
+            _write_json(tmp / name, hasher.layout())
+        tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
+        # the tokenizer's compression, not the hasher's: with compress=False the hasher is the identity,
+        # and loading compares this file with the compression rebuilt from tokenizer.json
+        compressed = model.compressed_tokenizer
+        if compressed is None:
+            compressed = CompressedTokenizer.from_pretrained(tokenizer)
+        compressed.save(tmp / "tokenizer")
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
-    torch.save({**optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    _write_json(tmp / "run_config.json", run_config.to_dict())
-    _write_json(tmp / "trainer_state.json", {"format": FORMAT, "step": step, **trainer_state})
-    for name, hasher in _hashers(model).items():
-        _write_json(tmp / name, hasher.layout())
-    tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
-    # the tokenizer's compression, not the hasher's: with compress=False the hasher is the identity,
-    # and loading compares this file with the compression rebuilt from tokenizer.json
-    compressed = model.compressed_tokenizer
-    if compressed is None:
-        compressed = CompressedTokenizer.from_pretrained(tokenizer)
-    compressed.save(tmp / "tokenizer")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        entries = {str(p.relative_to(tmp)): shard_files.get(str(p.relative_to(tmp))) for p in files}
+        missing = sorted(set(shard_files) - set(entries))
+        if missing:
+            raise CheckpointError(f"table shards {missing} were written by other ranks but are not in {tmp}: "
+                                  "every rank must see the same run directory (a shared filesystem)")
+        manifest = {"format": FORMAT, "step": step,
+                    "files": {name: entry or {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                              for name, entry in entries.items()}}
+        _write_json(tmp / MANIFEST, manifest)
 
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {"format": FORMAT, "step": step,
-                "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-    _write_json(tmp / MANIFEST, manifest)
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        latest_tmp = root / f".{LATEST}.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / LATEST)
 
-    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    latest_tmp = root / f".{LATEST}.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / LATEST)
-
-    for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    if tables:
+        dist.barrier(group)
     return final
 
 
@@ -175,22 +212,46 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.trainer_state["step"])
 
-    def optimizer_state(self) -> dict:
+    @property
+    def sharded(self) -> bool:
+        """Written by ranks holding sharded tables (``tables/`` holds the rows)."""
+        return (self.path / table_ckpt.INDEX).is_file()
+
+    def stored_optimizer_state(self) -> dict:
+        """``optimizer.pt`` as written: without table moments when the checkpoint is sharded."""
         if self._optimizer_state is None:
             self._optimizer_state = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True)
         return self._optimizer_state
 
+    def optimizer_state(self) -> dict:
+        """The optimizer state of a single process holding whole tables (moments gathered from the
+        shards of a sharded checkpoint)."""
+        stored = self.stored_optimizer_state()
+        return self.tables().full_moments_state(stored) if self.sharded else stored
+
+    def tables(self, names: list[str] | None = None) -> table_ckpt.CheckpointTables:
+        """A reader of any row range of the stored tables and their moments, whichever layout."""
+        from engram.train.optim import named_tables
+
+        return table_ckpt.CheckpointTables(self.path, names or list(named_tables(self.model)))
+
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
-                    check_hashes: bool = True) -> Checkpoint:
+                    check_hashes: bool = True, tables: bool = True) -> Checkpoint:
     """Load a checkpoint (or a run directory's latest) into a fresh model on ``device``.
 
     ``tokenizer`` (a tokenizers.Tokenizer, directory or tokenizer.json), when given, must compress
     exactly like the one stored; otherwise the stored tokenizer is used. Either way the compressed
     table is rebuilt from the tokenizer and compared with the stored table and hash layout.
+
+    A sharded checkpoint loads with whole tables (read from every shard). ``tables=False`` leaves the
+    hashed tables at their initial values (for ranks that then read only their own rows, see
+    ``engram.distributed.checkpoint.load_shards``).
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from tokenizers import Tokenizer
+
+    from engram.train.optim import named_tables
 
     path = resolve_checkpoint(path)
     verify_checkpoint(path, check_hashes)
@@ -217,10 +278,41 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             hasher.check_layout(json.loads(layout_file.read_text()))
         except ValueError as err:
             raise CheckpointError(f"{layout_file}: {err}") from None
-    state = load_file(str(path / "model.safetensors"))
+    table_names = list(named_tables(model))
+    table_keys = {f"{name}.weight" for name in table_names}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if tables or k not in table_keys}
+    sharded = (path / table_ckpt.INDEX).is_file()
+    if sharded and tables:
+        try:
+            reader = table_ckpt.CheckpointTables(path, table_names)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        state |= {f"{name}.weight": reader.read(name, "weight") for name in table_names}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if not tables:
+        missing = [k for k in missing if k not in table_keys]
     if missing or unexpected:
         raise CheckpointError(f"{path}/model.safetensors does not fit the stored config: "
                               f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return Checkpoint(path=path, run_config=run_config, model=model.to(device), tokenizer=tokenizer,
                       trainer_state=trainer_state)
+
+
+def restore_training_state(ckpt: Checkpoint, model: EngramLM, optimizers) -> dict:
+    """Put ``ckpt``'s optimizer state (and, when ``model``'s tables are sharded, this rank's table rows)
+    into ``model`` / ``optimizers``; returns the optimizer state as loaded (it holds ``torch_rng``).
+
+    ``model`` is ``ckpt.model``, possibly after ``shard_tables``: then every rank reads its own rows
+    and moments from the checkpoint, whichever number of ranks wrote it (``load_checkpoint(...,
+    tables=False)`` skips reading whole tables first).
+    """
+    tables = sharded_tables(model)
+    if not tables:
+        state = ckpt.optimizer_state()
+    else:
+        reader = ckpt.tables(list(tables))
+        table_ckpt.load_shards(reader, tables)
+        state = table_ckpt.shard_optimizer_state(reader, tables, ckpt.stored_optimizer_state())
+    optimizers.load_state_dict(state)
+    return state

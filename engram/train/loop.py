@@ -3,10 +3,18 @@
 Determinism: the model is initialised from ``train.seed``; the batch of micro-step s is a pure
 function of (seed, s) (``TokenShards.batch``); nothing else draws random numbers. Resuming from a
 checkpoint therefore continues bit-identically (tested by killing a run and resuming it).
+
+Data parallelism (``torchrun``, see docs/DISTRIBUTED.md): when ``train`` runs inside a process group of
+W > 1 ranks, ``batch_size`` stays the *global* batch. Every rank draws the same global batch and
+trains on its W-th of the rows; the hashed tables are row-sharded over the ranks (``shard_tables``)
+and the dense parameters run under DistributedDataParallel. The run is then the single-process run
+up to float rounding: same batches, averaged gradients, one global clipping norm, MoE balancing on
+the summed load, and checkpoints that load on any number of ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -19,11 +27,13 @@ from typing import Callable, Iterable
 import torch
 
 from engram.config import ModelConfig, RunConfig
+from engram.distributed import runtime as rt
+from engram.distributed.sharded import shard_tables
 from engram.experiments.accounting import count_parameters
 from engram.model.transformer import EngramLM
 from engram.train.allocator import fix_mmap_threshold
-from engram.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engram.train.optim import Optimizers, learning_rate
+from engram.train.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_checkpoint
+from engram.train.optim import Optimizers, learning_rate, named_tables
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,14 +79,15 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: EngramLM, shards, batch_size: int, seq_len: int, max_batches: int,
-             device: torch.device) -> dict:
+             device: torch.device, distributed: bool = False) -> dict:
     """Mean next-token loss (nats) over fixed validation windows, and bits per byte.
 
     Bits per byte uses the split's average bytes per token, so it compares models across tokenizers.
+    ``distributed``: every rank of the process group calls this and evaluates its share of each batch.
     """
     was_training = model.training
     model.eval()
-    loss, count = mean_loss(model, shards.eval_batches(batch_size, seq_len, max_batches), device)
+    loss, count = mean_loss(model, shards.eval_batches(batch_size, seq_len, max_batches), device, distributed)
     model.train(was_training)
     if count == 0:
         raise ValueError("the validation split is too small for one evaluation window")
@@ -85,18 +96,33 @@ def evaluate(model: EngramLM, shards, batch_size: int, seq_len: int, max_batches
 
 @torch.no_grad()
 def mean_loss(model: EngramLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-              device: torch.device) -> tuple[float, int]:
+              device: torch.device, distributed: bool = False) -> tuple[float, int]:
     """(mean next-token loss in nats, predicted tokens) over ``(ids, boundary)`` batches, each batch
-    weighted by its B*(T-1) predictions; the model's train/eval mode is left as it is."""
+    weighted by its B*(T-1) predictions; the model's train/eval mode is left as it is.
+
+    ``distributed``: each rank takes its rows of every batch (all of them, counted once, when a batch
+    has fewer rows than ranks: sharded tables need every rank in every forward) and the sums are
+    all-reduced, so every rank returns the whole result."""
+    world, rank = (rt.world_size(), rt.rank()) if distributed else (1, 0)
     total, count = 0.0, 0
     for ids, boundary in batches:
+        counted = True
+        if world > 1 and ids.shape[0] >= world:
+            ids = ids.tensor_split(world)[rank]
+            boundary = None if boundary is None else boundary.tensor_split(world)[rank]
+        elif world > 1:
+            counted = rank == 0
         ids = ids.to(device)
         boundary = None if boundary is None else boundary.to(device)
         with autocast(device):
             out = model(ids, labels=ids, boundary=boundary)
-        n = ids.shape[0] * (ids.shape[1] - 1)
-        total += out.loss.item() * n
-        count += n
+        if counted:
+            n = ids.shape[0] * (ids.shape[1] - 1)
+            total += out.loss.item() * n
+            count += n
+    if world > 1:
+        total, count = rt.sum_over_ranks([total, float(count)], device)
+        count = int(count)
     return (total / count if count else math.nan), count
 
 
@@ -122,20 +148,34 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
           on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train ``run`` into ``out_dir`` (default ``run.train.out_dir``), resuming from its latest checkpoint.
 
-    ``on_step(step, metrics)`` is called after every optimizer step (logging hooks, tests).
+    ``on_step(step, metrics)`` is called after every optimizer step (logging hooks, tests). Inside a
+    process group of several ranks every rank calls ``train`` with the same arguments (see the module
+    docstring); rank 0 alone prints, logs and writes the replicated checkpoint files.
     """
     from engram.data import prepare_data
 
     tc = run.train
     fix_mmap_threshold()  # consistent step times on glibc (see engram/train/allocator.py)
+    distributed, world, rank = rt.is_distributed(), rt.world_size(), rt.rank()
+    main = rank == 0
+    if tc.batch_size % world:
+        raise ValueError(f"train.batch_size={tc.batch_size} is the global batch and must divide evenly over "
+                         f"{world} ranks")
     run_dir = Path(out_dir or tc.out_dir)
-    device = resolve_device(tc.device)
-    prepared = prepare_data(run.data)
+    device = rt.local_device(resolve_device(tc.device))
+    if distributed:
+        rt.check_backend(device)
+    if main:  # rank 0 builds the tokenizer and token caches; the others then read them
+        prepared = prepare_data(run.data)
+    rt.barrier()
+    if not main:
+        prepared = prepare_data(run.data)
     run = dataclasses.replace(run, model=align_to_data(run.model, prepared.vocab_size, prepared.pad_id))
 
     ckpt_path = latest_checkpoint(run_dir) if resume else None
     if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, device=device, tokenizer=prepared.tokenizer)
+        # ranks read only their own table rows, below; one process reads whole tables (any layout)
+        ckpt = load_checkpoint(ckpt_path, device=device, tokenizer=prepared.tokenizer, tables=not distributed)
         if ckpt.run_config.model != run.model:
             raise ValueError(f"{run_dir} holds a checkpoint of a different model; use another --out or --no-resume")
         model, start = ckpt.model, ckpt.step
@@ -143,29 +183,37 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         torch.manual_seed(tc.seed)
         model, start = EngramLM(run.model, prepared.compressed).to(device), 0
     model.train()
+    if distributed and named_tables(model):
+        shard_tables(model)
     optimizers = Optimizers(model, tc)
     if ckpt_path is not None:
-        state = ckpt.optimizer_state()
-        optimizers.load_state_dict(state)
+        state = restore_training_state(ckpt, model, optimizers)
         torch.set_rng_state(state["torch_rng"])
+    net = rt.wrap_ddp(model, device) if distributed else model  # forward/backward go through net
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
-    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt_path is not None else None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    log = MetricsLog(run_dir / "metrics.jsonl", start if ckpt_path is not None else None) if main else None
     counts = count_parameters(run.model, tc.seq_len).to_dict()
-    print(f"[engram] run {run_dir}: P_tot={counts['total']:,} P_act={counts['active']:,} "
-          f"Engram tables={counts['engram_tables']:,}"
-          + (f" OverEncoding tables={counts['overencoding_tables']:,}" if counts.get("overencoding_tables") else "")
-          + f"; {tc.tokens_per_step:,} tokens/step, "
-          f"{tc.max_steps} steps, device {device}" + (f", resuming at step {start}" if start else ""),
-          file=sys.stderr)
+    if main:
+        print(f"[engram] run {run_dir}: P_tot={counts['total']:,} P_act={counts['active']:,} "
+              f"Engram tables={counts['engram_tables']:,}"
+              + (f" OverEncoding tables={counts['overencoding_tables']:,}" if counts.get("overencoding_tables") else "")
+              + f"; {tc.tokens_per_step:,} tokens/step, "
+              f"{tc.max_steps} steps, device {device}" + (f", resuming at step {start}" if start else "")
+              + (f"; {world} ranks ({tc.batch_size // world} rows each), tables sharded by rows" if distributed else ""),
+              file=sys.stderr)
 
     def save(step: int, last: dict) -> Path:
         state = {"tokens": step * tc.tokens_per_step, "last": last}
         return save_checkpoint(run_dir, step, model, optimizers.state_dict(), run, prepared.tokenizer, state)
 
+    def evaluate_now() -> dict:
+        return evaluate(model, prepared.val, tc.batch_size, tc.seq_len, tc.eval_batches, device, distributed)
+
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_steps, initial=start, desc=run_dir.name, unit="step", dynamic_ncols=True)
     evals: list[dict] = []
@@ -178,12 +226,17 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
             ids, boundary = prepared.train.batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed)
+            if distributed:  # this rank's rows of the global batch
+                ids, boundary = ids.chunk(world)[rank], boundary.chunk(world)[rank]
             ids, boundary = ids.to(device), boundary.to(device)
-            with autocast(device):
-                loss = model(ids, labels=ids, boundary=boundary).loss
-            (loss / tc.grad_accum).backward()
+            # DDP all-reduces the dense gradients once per step, after the last micro-batch
+            last_micro = micro == tc.grad_accum - 1
+            with contextlib.nullcontext() if last_micro or not distributed else net.no_sync():
+                with autocast(device):
+                    loss = net(ids, labels=ids, boundary=boundary).loss
+                (loss / tc.grad_accum).backward()
             loss_sum += loss.item()
-        loss_value = loss_sum / tc.grad_accum
+        loss_value = rt.mean_over_ranks(loss_sum / tc.grad_accum, device)
         if not math.isfinite(loss_value):
             if bar is not None:
                 bar.close()
@@ -192,6 +245,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         grad_norm = optimizers.clip_grad_norm(tc.grad_clip)
         optimizers.step()
         optimizers.zero_grad()
+        rt.reduce_moe_load(model)  # the whole batch's expert load, so every rank moves the bias alike
         model.update_moe_bias()
         elapsed = time.perf_counter() - t0
         train_seconds += elapsed
@@ -199,12 +253,13 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         done = step + 1
         metrics = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                    "tokens": done * tc.tokens_per_step, "tokens_per_s": tc.tokens_per_step / elapsed}
-        if done % tc.log_every == 0 or done == tc.max_steps:
+        if log is not None and (done % tc.log_every == 0 or done == tc.max_steps):
             log.write({"kind": "train", **metrics})
         if done % tc.eval_every == 0 or done == tc.max_steps:
-            result = evaluate(model, prepared.val, tc.batch_size, tc.seq_len, tc.eval_batches, device)
+            result = evaluate_now()
             evals.append({"step": done, "tokens": metrics["tokens"], **result})
-            log.write({"kind": "eval", "step": done, "tokens": metrics["tokens"], **result})
+            if log is not None:
+                log.write({"kind": "eval", "step": done, "tokens": metrics["tokens"], **result})
             metrics.update(result)
         if done % tc.save_every == 0 or done == tc.max_steps:
             last_ckpt = save(done, metrics)
@@ -219,7 +274,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     if bar is not None:
         bar.close()
 
-    final = evals[-1] if evals else evaluate(model, prepared.val, tc.batch_size, tc.seq_len, tc.eval_batches, device)
+    final = evals[-1] if evals else evaluate_now()
     return TrainResult(run_dir=run_dir, steps=tc.max_steps, tokens=tc.max_steps * tc.tokens_per_step,
                        train_seconds=train_seconds,
                        tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,

@@ -13,14 +13,23 @@ import math
 import torch
 from torch import nn
 
+import torch.distributed as dist
+
 from engram.config import TrainConfig
+from engram.distributed.sharded import ShardedTable
 from engram.model.engram import MultiHeadEmbedding
 from engram.model.transformer import EngramLM
 
 
-def table_embeddings(model: EngramLM) -> list[MultiHeadEmbedding]:
-    """Every hashed table of the model (Engram layers, OverEncoding), in module order."""
-    return [m for m in model.modules() if isinstance(m, MultiHeadEmbedding)]
+def named_tables(model: EngramLM) -> dict[str, MultiHeadEmbedding | ShardedTable]:
+    """Module name -> every hashed table of the model (Engram layers, OverEncoding), in module order,
+    which is the order of the table optimizer's parameters; after ``shard_tables`` these are the
+    ``ShardedEmbedding`` blocks this rank owns."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (MultiHeadEmbedding, ShardedTable))}
+
+
+def table_embeddings(model: EngramLM) -> list[MultiHeadEmbedding | ShardedTable]:
+    return list(named_tables(model).values())
 
 
 def table_parameters(model: EngramLM) -> list[nn.Parameter]:
@@ -40,6 +49,12 @@ class Optimizers:
     def __init__(self, model: EngramLM, config: TrainConfig, sparse_tables: bool = True):
         self.config = config
         tables = table_parameters(model) if sparse_tables else []
+        sharded = [t for t in table_embeddings(model) if isinstance(t, ShardedTable)]
+        if sharded and not sparse_tables:
+            raise ValueError("sharded tables are trained by SparseAdam on their own rows (sparse_tables=True)")
+        # each rank holds its own rows: their squared gradient norm is summed over the tables' group
+        self._table_group = sharded[0].group if sharded else None
+        self._tables_sharded = bool(sharded)
         for table in table_embeddings(model):
             table.sparse = sparse_tables
         table_ids = {id(p) for p in tables}
@@ -67,12 +82,23 @@ class Optimizers:
                 group["lr"] = lr * group["lr_mult"]
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """Global L2 norm over dense and (coalesced) sparse table gradients; scales both when > max_norm."""
-        squares = []
+        """Global L2 norm over dense and (coalesced) sparse table gradients; scales both when > max_norm.
+
+        With sharded tables the table part is all-reduced over the ranks (every rank must call this),
+        so every rank computes the same norm as one process holding the whole table.
+        """
+        squares, table_squares = [], []
         for p in self.table_params:
             if p.grad is not None:
                 p.grad = p.grad.coalesce()  # duplicate rows from one batch must add before the norm
-                squares.append(p.grad._values().float().square().sum())
+                table_squares.append(p.grad._values().float().square().sum())
+        if self._tables_sharded:
+            device = self.table_params[0].device
+            total = torch.stack(table_squares).sum() if table_squares else torch.zeros((), device=device)
+            dist.all_reduce(total, group=self._table_group)
+            squares.append(total)
+        else:
+            squares += table_squares
         for p in self.dense_params:
             if p.grad is not None:
                 squares.append(p.grad.float().square().sum())

@@ -1,0 +1,202 @@
+"""Hashed tables in checkpoints: written by every rank as its own shard, read back as any row range.
+
+Legend: W ranks that wrote the checkpoint, N a table's rows, d its width, rpr = ceil(N / W).
+
+A checkpoint of a model whose tables are sharded (``shard_tables``) keeps the usual files for the
+replicated state (``engram/train/checkpoint.py``), minus the table rows, plus
+
+    tables/index.json                          {"format", "world": W, "tables": {name: {rows, dim, rows_per_shard}}}
+    tables/shard-00000-of-0000W.safetensors    rank r's real rows [r*rpr, min((r+1)*rpr, N)) of every table:
+                                               <name>.weight, <name>.exp_avg, <name>.exp_avg_sq
+
+``name`` is the table's module name (e.g. ``layers.1.engram.embedding``); the two moments are
+SparseAdam's, whose scalar step count stays in ``optimizer.pt``. Padding rows are never written, so
+the rows in the files do not depend on W.
+
+``CheckpointTables`` reads rows ``[start, stop)`` of any of these tensors from a sharded checkpoint
+or from a single-process one (full tables in ``model.safetensors``, moments in ``optimizer.pt``),
+opening only the shards that overlap the range. That one operation is the resharding: a single
+process reads [0, N); rank r of W' ranks reads its own block of the new split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+INDEX = "tables/index.json"
+FORMAT = "engram.tables.sharded/1"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"tables/shard-{rank:05d}-of-{world:05d}.safetensors"
+
+
+def _file_entry(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def table_index(tables: dict, world: int) -> dict:
+    """index.json for ``tables`` (module name -> ``ShardedTable``), identical on every rank."""
+    return {"format": FORMAT, "world": world,
+            "tables": {name: {"rows": t.num_rows, "dim": t.dim, "rows_per_shard": t.rows_per_rank}
+                       for name, t in tables.items()}}
+
+
+def write_shard(directory: Path, tables: dict, table_optimizer_state: dict | None) -> dict[str, dict]:
+    """Write this rank's rows of every table (and their moments) into ``directory``; returns the
+    manifest entry of the one file written, {relative path: {bytes, sha256}}.
+
+    ``tables``: module name -> ``ShardedTable``, in optimizer order; ``table_optimizer_state``: the
+    SparseAdam ``state_dict`` of those tables' shards (None when there is none).
+    """
+    from safetensors.torch import save_file
+
+    first = next(iter(tables.values()))
+    rel = shard_name(first.rank, first.world)
+    state = (table_optimizer_state or {}).get("state", {})
+    tensors = {}
+    for i, (name, table) in enumerate(tables.items()):
+        n = table.local_rows
+        tensors[f"{name}.weight"] = table.weight.detach()[:n].contiguous().cpu()
+        for moment in MOMENTS:
+            if i in state and moment in state[i]:
+                tensors[f"{name}.{moment}"] = state[i][moment][:n].contiguous().cpu()
+    (directory / "tables").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / rel), metadata={"format": FORMAT})
+    return {rel: _file_entry(directory / rel)}
+
+
+def strip_table_moments(optimizer_state: dict) -> dict:
+    """The replicated part of ``Optimizers.state_dict()``: the table moments go to the shards; their
+    step counts and hyperparameters stay."""
+    tables = optimizer_state.get("tables")
+    if tables is None:
+        return optimizer_state
+    state = {i: {k: v for k, v in s.items() if k not in MOMENTS} for i, s in tables["state"].items()}
+    return {**optimizer_state, "tables": {**tables, "state": state}, "table_moments": "sharded"}
+
+
+class CheckpointTables:
+    """Rows of a checkpoint's hashed tables and SparseAdam moments: ``read(name, what, start, stop)``.
+
+    ``names``: the model's table module names in optimizer order (``engram.train.optim.table_names``),
+    needed to find a table's moments in a single-process ``optimizer.pt``.
+    """
+
+    def __init__(self, path: str | Path, names: list[str]):
+        self.path = Path(path)
+        self.names = list(names)
+        index_file = self.path / INDEX
+        self.sharded = index_file.is_file()
+        self._optimizer = None
+        if self.sharded:
+            index = json.loads(index_file.read_text())
+            if index.get("format") != FORMAT:
+                raise ValueError(f"{index_file} has format {index.get('format')!r}, expected {FORMAT!r}")
+            self.world = int(index["world"])
+            self.tables = index["tables"]
+            unknown = sorted(set(self.tables) ^ set(self.names))
+            if unknown:
+                raise ValueError(f"{index_file} lists tables {sorted(self.tables)}, the model has {self.names}")
+        else:
+            from safetensors import safe_open
+
+            self.world = 1
+            self._model = safe_open(str(self.path / "model.safetensors"), "pt")
+            self.tables = {}
+            for name in self.names:
+                rows, dim = self._model.get_slice(f"{name}.weight").get_shape()
+                self.tables[name] = {"rows": rows, "dim": dim, "rows_per_shard": rows}
+
+    def num_rows(self, name: str) -> int:
+        return int(self.tables[name]["rows"])
+
+    def has_moments(self) -> bool:
+        if self.sharded:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / shard_name(0, self.world)), "pt") as f:
+                return f"{self.names[0]}.exp_avg" in f.keys()
+        tables = self._optimizer_state().get("tables")
+        return bool(tables and tables["state"])
+
+    def _optimizer_state(self) -> dict:
+        if self._optimizer is None:
+            self._optimizer = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True,
+                                         mmap=True)
+        return self._optimizer
+
+    def read(self, name: str, what: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) (clipped to the table) of ``what`` = "weight", "exp_avg" or "exp_avg_sq"."""
+        meta = self.tables[name]
+        rows = int(meta["rows"])
+        stop = rows if stop is None else min(stop, rows)
+        start = min(start, stop)
+        if not self.sharded:
+            if what == "weight":
+                return self._model.get_slice(f"{name}.weight")[start:stop]
+            state = self._optimizer_state()["tables"]["state"][self.names.index(name)]
+            return state[what][start:stop].clone()
+        from safetensors import safe_open
+
+        per = int(meta["rows_per_shard"])
+        parts = []
+        shards = range(start // per, math.ceil(stop / per)) if stop > start else range(0)
+        for r in shards:  # only the shards that overlap [start, stop)
+            lo, hi = max(start, r * per), min(stop, (r + 1) * per)
+            with safe_open(str(self.path / shard_name(r, self.world)), "pt") as f:
+                parts.append(f.get_slice(f"{name}.{what}")[lo - r * per: hi - r * per])
+        if not parts:
+            return torch.empty(0, int(meta["dim"]))
+        return torch.cat(parts)
+
+    def full_moments_state(self, optimizer_state: dict) -> dict:
+        """``optimizer_state`` (as stored) with every table's full moments filled in from the shards,
+        i.e. what a single process holding whole tables loads."""
+        if optimizer_state.get("table_moments") != "sharded":
+            return optimizer_state
+        tables = optimizer_state["tables"]
+        state = {i: {**s, **{m: self.read(self.names[i], m) for m in MOMENTS}} for i, s in tables["state"].items()}
+        out = {k: v for k, v in optimizer_state.items() if k != "table_moments"}
+        return {**out, "tables": {**tables, "state": state}}
+
+
+def load_shards(reader: CheckpointTables, tables: dict) -> None:
+    """Fill every ``ShardedTable`` in ``tables`` (module name -> table) with its rows from ``reader``."""
+    for name, table in tables.items():
+        if name not in reader.tables or reader.num_rows(name) != table.num_rows:
+            got = reader.tables.get(name, {}).get("rows")
+            raise ValueError(f"{reader.path}: table {name} has {got} rows, the model needs {table.num_rows}")
+        block = reader.read(name, "weight", table.start, table.start + table.local_rows)
+        table.load_block(block.to(table.weight.dtype))
+
+
+def shard_optimizer_state(reader: CheckpointTables, tables: dict, optimizer_state: dict) -> dict:
+    """``optimizer_state`` as stored (either layout) with each table's moments cut to this rank's block,
+    padded like its shard: what ``Optimizers.load_state_dict`` takes on a sharded model."""
+    stored = optimizer_state.get("tables")
+    if stored is None:
+        return optimizer_state
+    state = {}
+    for i, (name, table) in enumerate(tables.items()):
+        entry = stored["state"].get(i)
+        if entry is None:  # SparseAdam creates a table's state at its first step
+            continue
+        entry = {k: v for k, v in entry.items() if k not in MOMENTS}
+        for moment in MOMENTS:
+            block = torch.zeros(table.rows_per_rank, table.dim)
+            block[: table.local_rows] = reader.read(name, moment, table.start, table.start + table.local_rows)
+            entry[moment] = block
+        state[i] = entry
+    out = {k: v for k, v in optimizer_state.items() if k != "table_moments"}
+    return {**out, "tables": {**stored, "state": state}}
