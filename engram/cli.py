@@ -1,6 +1,7 @@
 """Command line: one subcommand per library function, help on every flag.
 
     engram train --preset demo-engram [--set train.max_steps=100 ...] [--out DIR] [--no-resume]
+    torchrun --nproc_per_node=2 -m engram.cli train --preset demo-engram   (tables sharded over 2 ranks)
     engram eval --ckpt runs/demo/demo-engram
     engram sample --ckpt runs/demo/demo-engram --prompt "import os"
     engram data prepare [--preset NAME] [--set data.vocab_size=4096]
@@ -51,13 +52,20 @@ def _run_config(args):
 
 
 def cmd_train(args) -> int:
+    from engram.distributed import runtime
     from engram.train import train
 
     run = _run_config(args)
-    result = train(run, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
-    print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
-                      "tokens_per_s": round(result.tokens_per_s, 1), **result.final_eval,
-                      "checkpoint": str(result.checkpoint)}, indent=2))
+    # under torchrun: join the process group; the trainer then shards the tables and runs DDP
+    runtime.init_from_env(args.backend)
+    try:
+        result = train(run, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
+        if runtime.is_main():
+            print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
+                              "tokens_per_s": round(result.tokens_per_s, 1), **result.final_eval,
+                              "checkpoint": str(result.checkpoint), "ranks": runtime.world_size()}, indent=2))
+    finally:
+        runtime.shutdown()
     return 0
 
 
@@ -232,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default: the preset's train.out_dir)")
     p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="torch.distributed backend when launched by torchrun (default: nccl with CUDA, else gloo); "
+                        "ignored in a single process")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engram.distributed.sharded import sharded_tables
+from engram.distributed.sharded import TRAFFIC, sharded_tables
 
 
 def is_distributed() -> bool:
@@ -109,7 +109,18 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     ignore = [f"{name}.weight" for name in sharded_tables(model)]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    ddp = DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    ddp.register_comm_hook(None, _counted_allreduce)
+    return ddp
+
+
+def _counted_allreduce(state, bucket):
+    """DDP's default all-reduce (average over ranks), counting the bucket's bytes in ``TRAFFIC``."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buffer = bucket.buffer()
+    TRAFFIC.allreduce_bytes += buffer.numel() * buffer.element_size()
+    return allreduce_hook(state, bucket)
 
 
 @torch.no_grad()

@@ -33,10 +33,32 @@ from engram.model.engram import MultiHeadEmbedding
 from engram.storage.apply import OffloadedEmbedding
 
 
+class Traffic:
+    """Bytes this process has sent to other ranks, by kind (for benchmarks and the training log):
+
+    ``lookup_bytes``: the sharded lookups' all_to_all traffic (ids and split sizes out, rows back,
+    row gradients to their owners), not counting what a rank exchanges with itself.
+    ``allreduce_bytes``: the payload of the dense gradients' all-reduce buckets (``wrap_ddp``); a ring
+    all-reduce sends about 2(W-1)/W times this per rank.
+    """
+
+    def __init__(self):
+        self.lookup_bytes = 0
+        self.allreduce_bytes = 0
+
+    def snapshot(self) -> dict:
+        return {"lookup_bytes": self.lookup_bytes, "allreduce_bytes": self.allreduce_bytes}
+
+
+TRAFFIC = Traffic()
+
+
 def _exchange(tensor: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
     """all_to_all along dim 0: send[r] rows of ``tensor`` go to rank r, recv[r] rows come from it."""
     out = tensor.new_empty((sum(recv), *tensor.shape[1:]))
     dist.all_to_all_single(out, tensor.contiguous(), recv, send, group=group)
+    row_bytes = tensor[:1].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+    TRAFFIC.lookup_bytes += (sum(send) - send[dist.get_rank(group)]) * row_bytes
     return out
 
 
@@ -50,6 +72,7 @@ class _ShardedLookup(torch.autograd.Function):
         send = torch.bincount(owner, minlength=world)  # (W,) rows asked of each rank
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=group)  # rows each rank asks of us
+        TRAFFIC.lookup_bytes += (world - 1) * send.element_size()
         send_l, recv_l = send.tolist(), recv.tolist()  # the host sync: split sizes are ints
         start = dist.get_rank(group) * rows_per_rank
         served = _exchange(unique, send_l, recv_l, group) - start  # (R,) local row indices

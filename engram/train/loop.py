@@ -28,7 +28,7 @@ import torch
 
 from engram.config import ModelConfig, RunConfig
 from engram.distributed import runtime as rt
-from engram.distributed.sharded import shard_tables
+from engram.distributed.sharded import TRAFFIC, shard_tables
 from engram.experiments.accounting import count_parameters
 from engram.model.transformer import EngramLM
 from engram.train.allocator import fix_mmap_threshold
@@ -221,6 +221,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     metrics: dict = {}
     for step in range(start, tc.max_steps):
         t0 = time.perf_counter()
+        sent_before = TRAFFIC.snapshot()
         lr = learning_rate(step, tc)
         optimizers.set_lr(lr)
         loss_sum = 0.0
@@ -253,6 +254,8 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         done = step + 1
         metrics = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                    "tokens": done * tc.tokens_per_step, "tokens_per_s": tc.tokens_per_step / elapsed}
+        if distributed:  # what this rank sent to the others during the step
+            metrics |= {f"sent_{k}": v - sent_before[k] for k, v in TRAFFIC.snapshot().items()}
         if log is not None and (done % tc.log_every == 0 or done == tc.max_steps):
             log.write({"kind": "train", **metrics})
         if done % tc.eval_every == 0 or done == tc.max_steps:

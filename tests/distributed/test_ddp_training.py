@@ -37,8 +37,9 @@ def _train_worker(rank: int, world: int, port: int, run: dict, out_dir: str, rec
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         steps = []
+        keys = ("step", "loss", "grad_norm", "sent_lookup_bytes", "sent_allreduce_bytes")
         result = train(RunConfig.from_dict(run), out_dir=out_dir, progress=False,
-                       on_step=lambda step, m: steps.append({k: m[k] for k in ("step", "loss", "grad_norm")}))
+                       on_step=lambda step, m: steps.append({k: m[k] for k in keys}))
         if rank == 0:
             with open(record, "w") as f:
                 json.dump({"steps": steps, "final_eval": result.final_eval}, f)
@@ -101,6 +102,12 @@ def test_two_ranks_match_one_process(reference, tmp_path):
     got = _run_ranks(2, run, tmp_path / "two", tmp_path / "two.json")
     _assert_same_steps(got["steps"], want["steps"])
     assert abs(got["final_eval"]["val_loss"] - want["final_eval"]["val_loss"]) <= TOL
+    # traffic: every dense gradient is all-reduced once per step (2 micro-batches, one all-reduce);
+    # the table's rows and gradients move through the lookups
+    model = load_checkpoint(one_dir).model
+    dense_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if not n.endswith("embedding.weight"))
+    assert all(s["sent_allreduce_bytes"] == dense_bytes for s in got["steps"])
+    assert all(s["sent_lookup_bytes"] > 0 for s in got["steps"])
     ckpt = load_checkpoint(tmp_path / "two")  # the sharded checkpoint, loaded whole in one process
     assert ckpt.sharded and sorted(p.name for p in (ckpt.path / "tables").iterdir()) == [
         "index.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]

@@ -33,19 +33,22 @@ def _grad_out(rank: int, step: int, shape) -> torch.Tensor:
 
 def _worker(rank: int, world: int, port: int, sparse: bool, out_dir: str) -> None:
     from engram.distributed import ShardedTable
+    from engram.distributed.sharded import TRAFFIC
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         table = ShardedTable(NUM_ROWS, DIM, sparse=sparse)
         table.load_full(_full_table())
+        sent = TRAFFIC.lookup_bytes
         for step, ids in enumerate(BATCHES[rank]):
             rows = table(ids)
             assert rows.shape == (*ids.shape, DIM)
             torch.testing.assert_close(rows, _full_table()[ids], rtol=0, atol=0)
             rows.backward(_grad_out(rank, step, ids.shape))
         grad = table.weight.grad
-        torch.save({"grad": grad.to_dense() if sparse else grad, "weight": table.weight.detach()},
+        torch.save({"grad": grad.to_dense() if sparse else grad, "weight": table.weight.detach(),
+                    "sent": TRAFFIC.lookup_bytes - sent},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -65,6 +68,20 @@ def test_two_ranks_match_one_full_table(tmp_path, sparse):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got["grad"], padded[6 * rank: 6 * rank + 6], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got["weight"][: 6 if rank == 0 else 5], _full_table()[6 * rank: 6 * rank + 6])
+        assert got["sent"] == _expected_sent(rank)
+
+
+def _expected_sent(rank: int) -> int:
+    """Bytes rank sends to the other rank: per lookup, its split sizes (int64), the distinct ids the
+    other rank owns (int64), the rows the other rank asks of it, and, backward, the gradients of the
+    rows the other rank owns (fp32)."""
+    other = 1 - rank
+    total = 0
+    for mine, theirs in zip(BATCHES[rank], BATCHES[other]):
+        asked = sum(1 for i in mine.unique().tolist() if i // 6 == other)
+        served = sum(1 for i in theirs.unique().tolist() if i // 6 == rank)
+        total += 8 + 8 * asked + 4 * DIM * served + 4 * DIM * asked
+    return total
 
 
 def test_needs_a_process_group():
