@@ -173,18 +173,21 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     run = dataclasses.replace(run, model=align_to_data(run.model, prepared.vocab_size, prepared.pad_id))
 
     ckpt_path = latest_checkpoint(run_dir) if resume else None
+    # ranks build on the host and move only their block of each table to the device
+    build_device = torch.device("cpu") if distributed else device
     if ckpt_path is not None:
         # ranks read only their own table rows, below; one process reads whole tables (any layout)
-        ckpt = load_checkpoint(ckpt_path, device=device, tokenizer=prepared.tokenizer, tables=not distributed)
+        ckpt = load_checkpoint(ckpt_path, device=build_device, tokenizer=prepared.tokenizer, tables=not distributed)
         if ckpt.run_config.model != run.model:
             raise ValueError(f"{run_dir} holds a checkpoint of a different model; use another --out or --no-resume")
         model, start = ckpt.model, ckpt.step
     else:
         torch.manual_seed(tc.seed)
-        model, start = EngramLM(run.model, prepared.compressed).to(device), 0
+        model, start = EngramLM(run.model, prepared.compressed).to(build_device), 0
     model.train()
     if distributed and named_tables(model):
         shard_tables(model)
+    model.to(device)
     optimizers = Optimizers(model, tc)
     if ckpt_path is not None:
         state = restore_training_state(ckpt, model, optimizers)
