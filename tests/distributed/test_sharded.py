@@ -89,3 +89,62 @@ def test_needs_a_process_group():
 
     with pytest.raises(RuntimeError, match="process group"):
         ShardedTable(10, 4)
+
+
+def _model_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A model with Engram and OverEncoding tables, sharded, gives the unsharded model's logits and
+    loss on each rank's own batch; the distributed validation loss equals one process's."""
+    import dataclasses
+
+    from engram.config import OverEncodingConfig, get_preset
+    from engram.distributed import ShardedEmbedding, shard_tables
+    from engram.model.transformer import EngramLM
+    from engram.storage import apply_storage
+    from engram.train.loop import mean_loss
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        oe = OverEncodingConfig(engram_vocab_size=[211, 211], max_ngram_size=3, n_embed_per_ngram=32,
+                                n_head_per_ngram=4, pad_id=2)
+        config = dataclasses.replace(get_preset("tiny-engram"), overencoding=oe)
+        torch.manual_seed(0)
+        full = EngramLM(config).eval()
+        torch.manual_seed(0)
+        model = EngramLM(config).eval()
+        sharded = shard_tables(model)
+        assert sorted(sharded) == ["layers.1.engram.embedding", "overencoding.embedding"]
+        assert all(isinstance(t, ShardedEmbedding) for t in sharded.values())
+        ids = torch.randint(0, 512, (2 + rank, 12), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, full(ids).logits, rtol=0, atol=1e-6)
+        batches = [(torch.randint(0, 512, (b, 10), generator=torch.Generator().manual_seed(b)), None)
+                   for b in (1, 3, 4)]  # 1 row: fewer rows than ranks, scored once
+        got = mean_loss(model, batches, torch.device("cpu"), distributed=True)
+        want = mean_loss(full, batches, torch.device("cpu"))
+        assert got[1] == want[1] and abs(got[0] - want[0]) < 1e-6, (got, want)
+        for call, message in [(lambda: shard_tables(model), "already sharded"),
+                              (lambda: shard_tables(EngramLM(get_preset("tiny-moe"))), "no hashed tables")]:
+            try:
+                call()
+            except ValueError as err:
+                assert message in str(err), err
+            else:
+                raise AssertionError(f"expected ValueError({message!r})")
+        offloaded = EngramLM(get_preset("tiny-engram"))
+        apply_storage(offloaded, "host").close()
+        try:
+            shard_tables(offloaded)
+        except ValueError as err:
+            assert "storage tier" in str(err)
+        else:
+            raise AssertionError("sharding an offloaded model must fail")
+        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_model_gives_the_unsharded_logits(tmp_path):
+    mp.spawn(_model_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
