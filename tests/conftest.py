@@ -30,3 +30,16 @@ def deepseek_compressed(deepseek_dir):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A few KB of Python-like text in small files (``support.write_corpus``), shared by the session."""
+    from support import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
