@@ -148,3 +148,33 @@ def _model_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_sharded_model_gives_the_unsharded_logits(tmp_path):
     mp.spawn(_model_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
+
+
+def _one_rank_worker(rank: int, port: int, backend: str, device: str) -> None:
+    from engram.distributed import ShardedTable
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        table = ShardedTable(NUM_ROWS, DIM, sparse=True, device=device)
+        table.load_full(_full_table().to(device))
+        ids = BATCHES[0][0].to(device)
+        rows = table(ids)
+        torch.testing.assert_close(rows.cpu(), _full_table()[BATCHES[0][0]], rtol=0, atol=0)
+        rows.backward(_grad_out(0, 0, ids.shape).to(device))
+        full = _full_table().requires_grad_(True)
+        full[BATCHES[0][0]].backward(_grad_out(0, 0, ids.shape))
+        torch.testing.assert_close(table.weight.grad.to_dense().cpu(), full.grad, rtol=1e-6, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend,device", [("gloo", "cpu"), ("nccl", "cuda")])
+def test_one_rank_group_on_each_backend(backend, device):
+    """The lookup on the backend the trainer picks for each device (NCCL needs one GPU per rank, so a
+    one-GPU machine checks it with a group of one)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    mp.spawn(_one_rank_worker, args=(_free_port(), backend, device), nprocs=1)
