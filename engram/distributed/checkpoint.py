@@ -121,15 +121,6 @@ class CheckpointTables:
     def num_rows(self, name: str) -> int:
         return int(self.tables[name]["rows"])
 
-    def has_moments(self) -> bool:
-        if self.sharded:
-            from safetensors import safe_open
-
-            with safe_open(str(self.path / shard_name(0, self.world)), "pt") as f:
-                return f"{self.names[0]}.exp_avg" in f.keys()
-        tables = self._optimizer_state().get("tables")
-        return bool(tables and tables["state"])
-
     def _optimizer_state(self) -> dict:
         if self._optimizer is None:
             self._optimizer = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True,
