@@ -4,9 +4,13 @@ Test directories have no __init__.py, so ``from conftest import ...`` would reso
 conftest.py was imported first; helpers live here under a unique name instead.
 """
 
+import os
 import random
+import socket
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from engram.config import DataConfig, RunConfig, TrainConfig, get_preset
 
@@ -71,3 +75,25 @@ def tiny_run(corpus_dir, cache_dir, out_dir, **train) -> RunConfig:
     return RunConfig(model=get_preset("tiny-engram"),
                      data=DataConfig(source=str(corpus_dir), vocab_size=300, val_fraction=0.2, cache_dir=str(cache_dir)),
                      train=TrainConfig(**settings))
+
+
+def spawn_group(world: int, fn, *args, backend: str = "gloo") -> None:
+    """Run ``fn(*args)`` in ``world`` fresh processes joined in one process group (one thread each);
+    ``fn`` reads its rank from ``torch.distributed``. It must be a module-level function of a test
+    module, so the spawned processes can import it. A failure in any process fails the call."""
+    with socket.socket() as s:  # a free port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_run_in_group, args=(world, port, backend, fn, args), nprocs=world)
+
+
+def _run_in_group(rank: int, world: int, port: int, backend: str, fn, args) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()

@@ -21,7 +21,6 @@ process reads [0, N); rank r of W' ranks reads its own block of the new split.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -37,14 +36,6 @@ def shard_name(rank: int, world: int) -> str:
     return f"tables/shard-{rank:05d}-of-{world:05d}.safetensors"
 
 
-def _file_entry(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def table_index(tables: dict, world: int) -> dict:
     """index.json for ``tables`` (module name -> ``ShardedTable``), identical on every rank."""
     return {"format": FORMAT, "world": world,
@@ -52,9 +43,9 @@ def table_index(tables: dict, world: int) -> dict:
                        for name, t in tables.items()}}
 
 
-def write_shard(directory: Path, tables: dict, table_optimizer_state: dict | None) -> dict[str, dict]:
+def write_shard(directory: Path, tables: dict, table_optimizer_state: dict | None) -> str:
     """Write this rank's rows of every table (and their moments) into ``directory``; returns the
-    manifest entry of the one file written, {relative path: {bytes, sha256}}.
+    file's path relative to ``directory``.
 
     ``tables``: module name -> ``ShardedTable``, in optimizer order; ``table_optimizer_state``: the
     SparseAdam ``state_dict`` of those tables' shards (None when there is none).
@@ -73,7 +64,7 @@ def write_shard(directory: Path, tables: dict, table_optimizer_state: dict | Non
                 tensors[f"{name}.{moment}"] = state[i][moment][:n].contiguous().cpu()
     (directory / "tables").mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / rel), metadata={"format": FORMAT})
-    return {rel: _file_entry(directory / rel)}
+    return rel
 
 
 def strip_table_moments(optimizer_state: dict) -> dict:
@@ -89,7 +80,7 @@ def strip_table_moments(optimizer_state: dict) -> dict:
 class CheckpointTables:
     """Rows of a checkpoint's hashed tables and SparseAdam moments: ``read(name, what, start, stop)``.
 
-    ``names``: the model's table module names in optimizer order (``engram.train.optim.table_names``),
+    ``names``: the model's table module names in optimizer order (``engram.train.optim.named_tables``),
     needed to find a table's moments in a single-process ``optimizer.pt``.
     """
 

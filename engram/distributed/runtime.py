@@ -126,8 +126,10 @@ def _counted_allreduce(state, bucket):
 @torch.no_grad()
 def reduce_moe_load(model) -> None:
     """Sum every MoE layer's token counts over ranks (one all_reduce for all layers)."""
+    if not is_distributed():
+        return
     loads = [moe._load for moe in model.moe_layers()]
-    if not loads or not is_distributed():
+    if not loads:
         return
     flat = torch.cat(loads)
     dist.all_reduce(flat)

@@ -57,7 +57,7 @@ def _exchange(tensor: torch.Tensor, send: list[int], recv: list[int], group) -> 
     """all_to_all along dim 0: send[r] rows of ``tensor`` go to rank r, recv[r] rows come from it."""
     out = tensor.new_empty((sum(recv), *tensor.shape[1:]))
     dist.all_to_all_single(out, tensor.contiguous(), recv, send, group=group)
-    row_bytes = tensor[:1].numel() * tensor.element_size() if tensor.dim() > 1 else tensor.element_size()
+    row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
     TRAFFIC.lookup_bytes += (sum(send) - send[dist.get_rank(group)]) * row_bytes
     return out
 

@@ -51,6 +51,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupted, or incompatible with the tokenizer in use."""
 
 
+def _file_entry(path: Path) -> dict:
+    """A file's manifest entry."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,7 +95,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
     shard_files: dict[str, dict] = {}
     if tables:
         dist.barrier(group)
-        mine = table_ckpt.write_shard(tmp, tables, optimizer_state.get("tables"))
+        written = table_ckpt.write_shard(tmp, tables, optimizer_state.get("tables"))
+        mine = {written: _file_entry(tmp / written)}  # each rank hashes its own shard
         gathered: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, mine, group=group)
         for entry in gathered:
@@ -116,14 +122,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
         compressed.save(tmp / "tokenizer")
 
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        entries = {str(p.relative_to(tmp)): shard_files.get(str(p.relative_to(tmp))) for p in files}
+        entries = {str(p.relative_to(tmp)): shard_files.get(str(p.relative_to(tmp))) or _file_entry(p) for p in files}
         missing = sorted(set(shard_files) - set(entries))
         if missing:
             raise CheckpointError(f"table shards {missing} were written by other ranks but are not in {tmp}: "
                                   "every rank must see the same run directory (a shared filesystem)")
-        manifest = {"format": FORMAT, "step": step,
-                    "files": {name: entry or {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                              for name, entry in entries.items()}}
+        manifest = {"format": FORMAT, "step": step, "files": entries}
         _write_json(tmp / MANIFEST, manifest)
 
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole

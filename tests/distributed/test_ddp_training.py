@@ -10,45 +10,30 @@ stay within 4e-7 of one process for 8 steps; the signed-sqrt run is checked at a
 
 import dataclasses
 import json
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from support import tiny_run
+from support import spawn_group, tiny_run
 from engram.config import RunConfig
 from engram.train import load_checkpoint, train
 
 TOL = 1e-5  # fp32: the ranks sum gradients in a different order than one process does
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_worker(rank: int, world: int, port: int, run: dict, out_dir: str, record: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        steps = []
-        keys = ("step", "loss", "grad_norm", "sent_lookup_bytes", "sent_allreduce_bytes")
-        result = train(RunConfig.from_dict(run), out_dir=out_dir, progress=False,
-                       on_step=lambda step, m: steps.append({k: m[k] for k in keys}))
-        if rank == 0:
-            with open(record, "w") as f:
-                json.dump({"steps": steps, "final_eval": result.final_eval}, f)
-    finally:
-        dist.destroy_process_group()
+def _train_worker(run: dict, out_dir: str, record: str) -> None:
+    steps = []
+    keys = ("step", "loss", "grad_norm", "sent_lookup_bytes", "sent_allreduce_bytes")
+    result = train(RunConfig.from_dict(run), out_dir=out_dir, progress=False,
+                   on_step=lambda step, m: steps.append({k: m[k] for k in keys}))
+    if dist.get_rank() == 0:
+        with open(record, "w") as f:
+            json.dump({"steps": steps, "final_eval": result.final_eval}, f)
 
 
 def _run_ranks(world: int, run, out_dir, record) -> dict:
-    mp.spawn(_train_worker, args=(world, _free_port(), run.to_dict(), str(out_dir), str(record)), nprocs=world)
+    spawn_group(world, _train_worker, run.to_dict(), str(out_dir), str(record))
     return json.loads(record.read_text())
 
 

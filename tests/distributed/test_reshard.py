@@ -1,36 +1,15 @@
-"""Sharded checkpoints between world sizes: 2 ranks -> 1 process -> 3 ranks -> 2 ranks keeps every table
+"""Sharded checkpoints between world sizes: 2 ranks -> 1 process -> 4 ranks -> 2 ranks keeps every table
 row and every SparseAdam moment bit for bit (issue 7), and broken shards are refused by name."""
-
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from support import tiny_run
+from support import spawn_group, tiny_run
 from engram.distributed import shard_tables
 from engram.train import CheckpointError, Optimizers, load_checkpoint, save_checkpoint, train
 from engram.train.checkpoint import restore_training_state
 from engram.train.optim import named_tables
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _in_group(rank, world, port, fn, *args):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
 
 
 def _train(run_dict, out_dir):
@@ -48,10 +27,6 @@ def _reshard(src, dst):
     restore_training_state(ckpt, model, optimizers)
     save_checkpoint(dst, ckpt.step, model, optimizers.state_dict(), ckpt.run_config, ckpt.tokenizer,
                     ckpt.trainer_state)
-
-
-def _spawn(world, fn, *args):
-    mp.spawn(_in_group, args=(world, _free_port(), fn, *args), nprocs=world)
 
 
 def _tables(path) -> dict[str, torch.Tensor]:
@@ -78,7 +53,7 @@ def _shard_tensors(ckpt_dir) -> dict[str, torch.Tensor]:
 def two_rank_checkpoint(corpus_dir, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
     run = tiny_run(corpus_dir, cache_dir, out, max_steps=2, eval_every=2, save_every=2, batch_size=4)
-    _spawn(2, _train, run.to_dict(), str(out))
+    spawn_group(2, _train, run.to_dict(), str(out))
     return load_checkpoint(out).path
 
 
@@ -92,10 +67,10 @@ def test_round_trip_2_1_4_2_keeps_every_row(two_rank_checkpoint, tmp_path):
                           ckpt.tokenizer, ckpt.trainer_state)
     assert not (one / "tables").exists()
     # 1 -> 4 -> 2
-    _spawn(4, _reshard, str(one), str(tmp_path / "four"))
+    spawn_group(4, _reshard, str(one), str(tmp_path / "four"))
     four = load_checkpoint(tmp_path / "four").path
     assert len(list((four / "tables").glob("shard-*-of-00004.safetensors"))) == 4
-    _spawn(2, _reshard, str(four), str(tmp_path / "two_again"))
+    spawn_group(2, _reshard, str(four), str(tmp_path / "two_again"))
     again = load_checkpoint(tmp_path / "two_again").path
 
     for path in (one, four, again):

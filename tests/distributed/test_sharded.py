@@ -1,12 +1,12 @@
 """The row-sharded table on 2 gloo processes equals one full table: rows forward, gradients backward."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from support import spawn_group
 
 NUM_ROWS, DIM = 11, 3  # 11 rows over 2 ranks: uneven, padded to 12
 
@@ -17,12 +17,6 @@ BATCHES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full_table() -> torch.Tensor:
     return torch.randn(NUM_ROWS, DIM, generator=torch.Generator().manual_seed(0))
 
@@ -31,33 +25,29 @@ def _grad_out(rank: int, step: int, shape) -> torch.Tensor:
     return torch.randn(*shape, DIM, generator=torch.Generator().manual_seed(100 * rank + step))
 
 
-def _worker(rank: int, world: int, port: int, sparse: bool, out_dir: str) -> None:
+def _worker(sparse: bool, out_dir: str) -> None:
     from engram.distributed import ShardedTable
     from engram.distributed.sharded import TRAFFIC
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        table = ShardedTable(NUM_ROWS, DIM, sparse=sparse)
-        table.load_full(_full_table())
-        sent = TRAFFIC.lookup_bytes
-        for step, ids in enumerate(BATCHES[rank]):
-            rows = table(ids)
-            assert rows.shape == (*ids.shape, DIM)
-            torch.testing.assert_close(rows, _full_table()[ids], rtol=0, atol=0)
-            rows.backward(_grad_out(rank, step, ids.shape))
-        grad = table.weight.grad
-        torch.save({"grad": grad.to_dense() if sparse else grad, "weight": table.weight.detach(),
-                    "sent": TRAFFIC.lookup_bytes - sent},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    rank = dist.get_rank()
+    table = ShardedTable(NUM_ROWS, DIM, sparse=sparse)
+    table.load_full(_full_table())
+    sent = TRAFFIC.lookup_bytes
+    for step, ids in enumerate(BATCHES[rank]):
+        rows = table(ids)
+        assert rows.shape == (*ids.shape, DIM)
+        torch.testing.assert_close(rows, _full_table()[ids], rtol=0, atol=0)
+        rows.backward(_grad_out(rank, step, ids.shape))
+    grad = table.weight.grad
+    torch.save({"grad": grad.to_dense() if sparse else grad, "weight": table.weight.detach(),
+                "sent": TRAFFIC.lookup_bytes - sent},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("sparse", [True, False])
 def test_two_ranks_match_one_full_table(tmp_path, sparse):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), sparse, str(tmp_path)), nprocs=world)
+    spawn_group(world, _worker, sparse, str(tmp_path))
     # the reference: one full table sees every rank's batches and gradients
     full = _full_table().requires_grad_(True)
     for rank in range(world):
@@ -91,7 +81,7 @@ def test_needs_a_process_group():
         ShardedTable(10, 4)
 
 
-def _model_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _model_worker(out_dir: str) -> None:
     """A model with Engram and OverEncoding tables, sharded, gives the unsharded model's logits and
     loss on each rank's own batch; the distributed validation loss equals one process's."""
     import dataclasses
@@ -102,73 +92,53 @@ def _model_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from engram.storage import apply_storage
     from engram.train.loop import mean_loss
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        oe = OverEncodingConfig(engram_vocab_size=[211, 211], max_ngram_size=3, n_embed_per_ngram=32,
-                                n_head_per_ngram=4, pad_id=2)
-        config = dataclasses.replace(get_preset("tiny-engram"), overencoding=oe)
-        torch.manual_seed(0)
-        full = EngramLM(config).eval()
-        torch.manual_seed(0)
-        model = EngramLM(config).eval()
-        sharded = shard_tables(model)
-        assert sorted(sharded) == ["layers.1.engram.embedding", "overencoding.embedding"]
-        assert all(isinstance(t, ShardedEmbedding) for t in sharded.values())
-        ids = torch.randint(0, 512, (2 + rank, 12), generator=torch.Generator().manual_seed(rank))
-        with torch.no_grad():
-            torch.testing.assert_close(model(ids).logits, full(ids).logits, rtol=0, atol=1e-6)
-        batches = [(torch.randint(0, 512, (b, 10), generator=torch.Generator().manual_seed(b)), None)
-                   for b in (1, 3, 4)]  # 1 row: fewer rows than ranks, scored once
-        got = mean_loss(model, batches, torch.device("cpu"), distributed=True)
-        want = mean_loss(full, batches, torch.device("cpu"))
-        assert got[1] == want[1] and abs(got[0] - want[0]) < 1e-6, (got, want)
-        for call, message in [(lambda: shard_tables(model), "already sharded"),
-                              (lambda: shard_tables(EngramLM(get_preset("tiny-moe"))), "no hashed tables")]:
-            try:
-                call()
-            except ValueError as err:
-                assert message in str(err), err
-            else:
-                raise AssertionError(f"expected ValueError({message!r})")
-        offloaded = EngramLM(get_preset("tiny-engram"))
-        apply_storage(offloaded, "host").close()
-        try:
-            shard_tables(offloaded)
-        except ValueError as err:
-            assert "storage tier" in str(err)
-        else:
-            raise AssertionError("sharding an offloaded model must fail")
-        open(os.path.join(out_dir, f"ok{rank}"), "w").close()
-    finally:
-        dist.destroy_process_group()
+    rank = dist.get_rank()
+    oe = OverEncodingConfig(engram_vocab_size=[211, 211], max_ngram_size=3, n_embed_per_ngram=32,
+                            n_head_per_ngram=4, pad_id=2)
+    config = dataclasses.replace(get_preset("tiny-engram"), overencoding=oe)
+    torch.manual_seed(0)
+    full = EngramLM(config).eval()
+    torch.manual_seed(0)
+    model = EngramLM(config).eval()
+    sharded = shard_tables(model)
+    assert sorted(sharded) == ["layers.1.engram.embedding", "overencoding.embedding"]
+    assert all(isinstance(t, ShardedEmbedding) for t in sharded.values())
+    ids = torch.randint(0, 512, (2 + rank, 12), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, full(ids).logits, rtol=0, atol=1e-6)
+    batches = [(torch.randint(0, 512, (b, 10), generator=torch.Generator().manual_seed(b)), None)
+               for b in (1, 3, 4)]  # 1 row: fewer rows than ranks, scored once
+    got = mean_loss(model, batches, torch.device("cpu"), distributed=True)
+    want = mean_loss(full, batches, torch.device("cpu"))
+    assert got[1] == want[1] and abs(got[0] - want[0]) < 1e-6, (got, want)
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_tables(model)
+    with pytest.raises(ValueError, match="no hashed tables"):
+        shard_tables(EngramLM(get_preset("tiny-moe")))
+    offloaded = EngramLM(get_preset("tiny-engram"))
+    apply_storage(offloaded, "host").close()
+    with pytest.raises(ValueError, match="storage tier"):
+        shard_tables(offloaded)
+    open(os.path.join(out_dir, f"ok{rank}"), "w").close()
 
 
 def test_sharded_model_gives_the_unsharded_logits(tmp_path):
-    mp.spawn(_model_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    spawn_group(2, _model_worker, str(tmp_path))
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
 
 
-def _one_rank_worker(rank: int, port: int, backend: str, device: str) -> None:
+def _one_rank_worker(device: str) -> None:
     from engram.distributed import ShardedTable
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if device == "cuda":
-        torch.cuda.set_device(0)
-    dist.init_process_group(backend, rank=0, world_size=1)
-    try:
-        table = ShardedTable(NUM_ROWS, DIM, sparse=True, device=device)
-        table.load_full(_full_table().to(device))
-        ids = BATCHES[0][0].to(device)
-        rows = table(ids)
-        torch.testing.assert_close(rows.cpu(), _full_table()[BATCHES[0][0]], rtol=0, atol=0)
-        rows.backward(_grad_out(0, 0, ids.shape).to(device))
-        full = _full_table().requires_grad_(True)
-        full[BATCHES[0][0]].backward(_grad_out(0, 0, ids.shape))
-        torch.testing.assert_close(table.weight.grad.to_dense().cpu(), full.grad, rtol=1e-6, atol=1e-6)
-    finally:
-        dist.destroy_process_group()
+    table = ShardedTable(NUM_ROWS, DIM, sparse=True, device=device)
+    table.load_full(_full_table().to(device))
+    ids = BATCHES[0][0].to(device)
+    rows = table(ids)
+    torch.testing.assert_close(rows.cpu(), _full_table()[BATCHES[0][0]], rtol=0, atol=0)
+    rows.backward(_grad_out(0, 0, ids.shape).to(device))
+    full = _full_table().requires_grad_(True)
+    full[BATCHES[0][0]].backward(_grad_out(0, 0, ids.shape))
+    torch.testing.assert_close(table.weight.grad.to_dense().cpu(), full.grad, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend,device", [("gloo", "cpu"), ("nccl", "cuda")])
@@ -177,4 +147,4 @@ def test_one_rank_group_on_each_backend(backend, device):
     one-GPU machine checks it with a group of one)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    mp.spawn(_one_rank_worker, args=(_free_port(), backend, device), nprocs=1)
+    spawn_group(1, _one_rank_worker, device, backend=backend)
