@@ -98,10 +98,12 @@ class DiskStore:
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
         idx = rows.numpy()
-        order = np.argsort(idx, kind="stable")  # ascending offsets: sequential-ish reads, readahead helps
-        data = self.array[idx[order]]  # (n, d_h) fancy indexing copies just these rows out of the map
-        out = np.empty_like(data)
-        out[order] = data  # back to the caller's order
+        if np.all(idx[1:] > idx[:-1]):  # already ascending (OffloadedEmbedding and RowCache ask so)
+            out = self.array[idx]  # (n, d_h) fancy indexing copies just these rows out of the map
+        else:
+            order = np.argsort(idx, kind="stable")  # ascending offsets: sequential-ish reads, readahead helps
+            out = np.empty((len(idx), self.dim), dtype=self.array.dtype)
+            out[order] = self.array[idx[order]]  # back to the caller's order
         if self.dtype == "bfloat16":
             return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).float()
         return torch.from_numpy(out).float()
