@@ -257,9 +257,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             results.append(cold[COLD_RUNS // 2])
             print(f"  disk-cold: done ({COLD_RUNS} fresh processes, median by decode speed)", flush=True)
     finally:
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True) if made_dir else \
-                [f.unlink(missing_ok=True) for f in directory.glob("*") if f.name.startswith(("layer_", "manifest"))]
+        if not args.keep and made_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+        elif not args.keep:  # a directory the user named: remove only what the benchmark wrote
+            for f in directory.glob("*"):
+                if f.name.startswith(("layer_", "manifest")):
+                    f.unlink(missing_ok=True)
 
     device = next((r for r in results if r["tier"] == "device"), None)
     same = all(r["tokens"] == results[0]["tokens"] for r in results)
@@ -286,5 +289,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONHASHSEED", "0")
     sys.exit(main())

@@ -5,7 +5,7 @@ from engram.storage.apply import OffloadedEmbedding, StorageHandle, apply_storag
 from engram.storage.cache import RowCache
 from engram.storage.export import TableEntry, TableError, TableManifest, export_tables, open_tables
 from engram.storage.prefetch import Prefetcher
-from engram.storage.stores import DeviceStore, DiskStore, HostStore
+from engram.storage.stores import DiskStore, HostStore
 
-__all__ = ["DeviceStore", "DiskStore", "HostStore", "OffloadedEmbedding", "Prefetcher", "RowCache", "StorageHandle",
+__all__ = ["DiskStore", "HostStore", "OffloadedEmbedding", "Prefetcher", "RowCache", "StorageHandle",
            "TableEntry", "TableError", "TableManifest", "apply_storage", "export_tables", "open_tables"]

@@ -24,7 +24,7 @@ from torch import nn
 from engram.storage.cache import RowCache
 from engram.storage.export import open_tables
 from engram.storage.prefetch import Prefetcher
-from engram.storage.stores import DeviceStore, DiskStore, HostStore
+from engram.storage.stores import DiskStore, HostStore
 
 TIERS = ("device", "host", "disk")
 
@@ -107,20 +107,19 @@ class StorageHandle:
     def stats(self) -> dict:
         layers, total = {}, 0
         for lid, emb in self.embeddings().items():
+            entry = {"tier": self.tier, "rows_fetched": 0, "calls_prefetched": 0, "cache_rows": 0, "hits": 0,
+                     "misses": 0, "evictions": 0, "hit_rate": None}
             if isinstance(emb, OffloadedEmbedding):
                 store = emb.store
-                cached = isinstance(store, RowCache)
-                entry = {"tier": self.tier, "table_bytes": store.nbytes, "ram_bytes": store.ram_bytes,
-                         "rows_fetched": emb.rows_fetched, "calls_prefetched": emb.calls_prefetched,
-                         "cache_rows": store.capacity if cached else 0,
-                         "hits": store.hits if cached else 0, "misses": store.misses if cached else 0,
-                         "evictions": store.evictions if cached else 0,
-                         "hit_rate": store.hit_rate if cached else None}
+                entry |= {"table_bytes": store.nbytes, "ram_bytes": store.ram_bytes,
+                          "rows_fetched": emb.rows_fetched, "calls_prefetched": emb.calls_prefetched}
+                if isinstance(store, RowCache):
+                    entry |= {"cache_rows": store.capacity, "hits": store.hits, "misses": store.misses,
+                              "evictions": store.evictions, "hit_rate": store.hit_rate}
             else:  # device tier: the untouched parameter
-                ref = DeviceStore(emb.weight)
-                entry = {"tier": "device", "table_bytes": ref.nbytes, "ram_bytes": ref.ram_bytes, "rows_fetched": 0,
-                         "calls_prefetched": 0,
-                         "cache_rows": 0, "hits": 0, "misses": 0, "evictions": 0, "hit_rate": None}
+                weight = emb.weight
+                entry |= {"tier": "device", "table_bytes": weight.nbytes,
+                          "ram_bytes": weight.nbytes if weight.device.type == "cpu" else 0}
             layers[lid] = entry
             total += entry["ram_bytes"]
         return {"tier": self.tier, "ram_bytes": total, "layers": layers}
@@ -167,20 +166,18 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
         raise ValueError("the model's tables are already offloaded; apply_storage once per model")
     manifest = open_tables(tables_dir, model.hasher, verify) if tier == "disk" else None
+    if manifest is not None:  # check every layer before changing any
+        for lid, layer in layers.items():
+            entry, shape = manifest.layers.get(lid), tuple(layer.embedding.weight.shape)
+            if entry is None or (entry.rows, entry.dim) != shape:
+                got = None if entry is None else (entry.rows, entry.dim)
+                raise ValueError(f"{tables_dir}: layer {lid} table is {got}, the model needs {shape}")
 
     prefetcher = Prefetcher()
     for lid, layer in layers.items():
         old = layer.embedding
         weight = old.weight
-        if tier == "host":
-            store = HostStore(weight)
-        else:
-            entry = manifest.layers.get(lid)
-            if entry is None or (entry.rows, entry.dim) != tuple(weight.shape):
-                prefetcher.close()
-                got = None if entry is None else (entry.rows, entry.dim)
-                raise ValueError(f"{tables_dir}: layer {lid} table is {got}, the model needs {tuple(weight.shape)}")
-            store = DiskStore.from_entry(entry)
+        store = HostStore(weight) if tier == "host" else DiskStore.from_entry(manifest.layers[lid])
         if cache_rows:
             store = RowCache(store, cache_rows, policy)
         layer.embedding = OffloadedEmbedding(store, old.offsets, weight.device, weight.dtype, prefetcher)

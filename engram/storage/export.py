@@ -44,22 +44,12 @@ class TableEntry:
     bytes: int
     sha256: str
 
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return np.dtype(DTYPES[self.dtype][1])
-
 
 @dataclass(frozen=True)
 class TableManifest:
     directory: Path
     layout: dict
     layers: dict[int, TableEntry]
-
-    def store(self, layer_id: int):
-        """A read-only ``DiskStore`` over one layer's file."""
-        from engram.storage.stores import DiskStore
-
-        return DiskStore.from_entry(self.layers[layer_id])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -119,7 +109,8 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torc
     return manifest_path
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks (tables, checkpoint files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK_BYTES):
@@ -162,7 +153,7 @@ def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size")
         size = path.stat().st_size
         if size != expected:
             raise TableError(f"{path} has {size} bytes, the manifest expects {expected} (truncated or replaced)")
-        if verify == "sha256" and _file_sha256(path) != info["sha256"]:
+        if verify == "sha256" and file_sha256(path) != info["sha256"]:
             raise TableError(f"{path}: sha256 mismatch with {manifest_path} (file corrupted or replaced)")
         layers[int(key)] = TableEntry(int(key), path, info["rows"], info["dim"], info["dtype"], expected, info["sha256"])
     return TableManifest(directory, manifest["layout"], layers)

@@ -19,10 +19,14 @@ import torch
 from engram.storage.export import DTYPES, TableEntry
 
 
-class _TensorStore:
-    """Sizes of a store backed by one in-memory (num_rows, d_h) tensor ``self.table``."""
+class HostStore:
+    """The table in host RAM, pinned when CUDA is present (PITFALLS 13: pageable memory turns
+    ``non_blocking`` copies synchronous). On a CPU model the tensor is shared, not copied."""
 
-    table: torch.Tensor
+    def __init__(self, table: torch.Tensor, pin: bool | None = None):
+        pin = torch.cuda.is_available() if pin is None else pin
+        table = table.detach().to("cpu").contiguous()  # (num_rows, d_h)
+        self.table = table.pin_memory() if pin else table
 
     @property
     def num_rows(self) -> int:
@@ -38,28 +42,7 @@ class _TensorStore:
 
     @property
     def ram_bytes(self) -> int:
-        return self.nbytes if self.table.device.type == "cpu" else 0
-
-
-class DeviceStore(_TensorStore):
-    """The table where the model keeps it (a parameter, any device): the reference the tiers match."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.table = weight.detach()  # (num_rows, d_h)
-
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
-        return self.table[rows.to(self.table.device)].float().cpu()
-
-
-class HostStore(_TensorStore):
-    """The table in host RAM, pinned when CUDA is present (PITFALLS 13: pageable memory turns
-    ``non_blocking`` copies synchronous). On a CPU model the tensor is shared, not copied."""
-
-    def __init__(self, table: torch.Tensor, pin: bool | None = None):
-        pin = torch.cuda.is_available() if pin is None else pin
-        table = table.detach().to("cpu").contiguous()  # (num_rows, d_h)
-        self.table = table.pin_memory() if pin else table
-        self.pinned = pin
+        return self.nbytes
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.table.index_select(0, rows).float()

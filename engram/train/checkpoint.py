@@ -25,7 +25,6 @@ refuses a tokenizer or hash layout that disagrees with the one the tables were t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from engram.config import RunConfig
 from engram.distributed import checkpoint as table_ckpt
 from engram.distributed.sharded import sharded_tables
 from engram.model.transformer import EngramLM
+from engram.storage.export import file_sha256
 from engram.tokenizer import CompressedTokenizer
 
 FORMAT = "engram.checkpoint/1"
@@ -53,15 +53,7 @@ class CheckpointError(ValueError):
 
 def _file_entry(path: Path) -> dict:
     """A file's manifest entry."""
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -198,7 +190,7 @@ def verify_checkpoint(path: str | os.PathLike, check_hashes: bool = True) -> dic
         if size != expected["bytes"]:
             raise CheckpointError(f"checkpoint file {file} is truncated or altered: "
                                   f"{size} bytes, manifest says {expected['bytes']}")
-        if check_hashes and _sha256(file) != expected["sha256"]:
+        if check_hashes and file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file {file} is corrupted: sha256 differs from the manifest")
     return manifest
 

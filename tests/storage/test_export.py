@@ -27,7 +27,7 @@ def test_round_trip(tables, model_builder):
     entry = manifest.layers[1]
     assert (entry.rows, entry.dim, entry.dtype, entry.bytes) == (*weight.shape, "float32", weight.numel() * 4)
     rows = torch.tensor([0, 5, 3, entry.rows - 1])
-    assert torch.equal(manifest.store(1).gather(rows), weight[rows])
+    assert torch.equal(DiskStore.from_entry(manifest.layers[1]).gather(rows), weight[rows])
     assert torch.equal(torch.from_numpy(np.fromfile(entry.path, dtype="<f4")).view_as(weight), weight)
 
 

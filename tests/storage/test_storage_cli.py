@@ -1,5 +1,7 @@
 """engram export-tables + engram generate --tier: same text from every tier."""
 
+import json
+
 import pytest
 
 from engram.cli import main
@@ -35,10 +37,6 @@ def test_generate_errors_are_one_line(checkpoint, capsys, flags, message):
 
 def test_bench_offload_smoke(tmp_path, capsys):
     """`engram bench offload` at a tiny size: every tier, identical tokens, JSON written."""
-    import json
-
-    from engram.cli import main
-
     out = tmp_path / "offload.json"
     code = main(["bench", "offload", "--table-gb", "0.01", "--batch", "2", "--seq", "16", "--new-tokens", "3",
                  "--repeats", "1", "--cache-rows", "64", "--dir", str(tmp_path / "tables"), "--json", str(out)])
