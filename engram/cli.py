@@ -185,36 +185,55 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def _inspect_device(args) -> str:
     from engram.train.loop import resolve_device
 
-    device = str(resolve_device(args.device))
-    kind = args.inspect_command
-    if kind == "gates":
-        from engram.experiments.gatemap import inspect_gates
+    return str(resolve_device(args.device))
 
-        if (args.text is None) == (args.file is None):
-            raise ValueError("give exactly one of --text and --file")
-        text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
-        result = inspect_gates(args.ckpt, text, args.out, top=args.top, max_tokens=args.max_tokens, device=device)
-    elif kind == "knockout":
-        from engram.experiments.probes import inspect_knockout
 
-        result = inspect_knockout(args.ckpt, args.out, max_probes=args.max_probes, max_train_tokens=args.max_train_tokens,
-                                  max_val_tokens=args.max_val_tokens, seq_len=args.seq_len, device=device)
-    elif kind == "logit-lens":
-        from engram.experiments.analysis import inspect_logit_lens
+def cmd_inspect_gates(args) -> int:
+    from engram.experiments.gatemap import inspect_gates
 
-        result = inspect_logit_lens(args.ckpt, args.out, args.batch_size, args.seq_len, args.batches, device)
-    elif kind == "cka":
-        from engram.experiments.analysis import inspect_cka
+    if (args.text is None) == (args.file is None):
+        raise ValueError("give exactly one of --text and --file")
+    text = args.text if args.text is not None else Path(args.file).read_text(encoding="utf-8")
+    result = inspect_gates(args.ckpt, text, args.out, top=args.top, max_tokens=args.max_tokens,
+                           device=_inspect_device(args))
+    print(json.dumps(result, indent=2))
+    return 0
 
-        result = inspect_cka(args.base, args.engram, args.out, args.batch_size, args.seq_len, args.batches,
-                             args.minibatch, args.top, device)
-    else:
-        from engram.experiments.tablestats import inspect_tables
 
-        result = inspect_tables(args.ckpt, args.out, args.split, args.batch_size, args.seq_len, args.batches, device)
+def cmd_inspect_knockout(args) -> int:
+    from engram.experiments.probes import inspect_knockout
+
+    result = inspect_knockout(args.ckpt, args.out, max_probes=args.max_probes, max_train_tokens=args.max_train_tokens,
+                              max_val_tokens=args.max_val_tokens, seq_len=args.seq_len, device=_inspect_device(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_inspect_logit_lens(args) -> int:
+    from engram.experiments.analysis import inspect_logit_lens
+
+    result = inspect_logit_lens(args.ckpt, args.out, args.batch_size, args.seq_len, args.batches, _inspect_device(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_inspect_cka(args) -> int:
+    from engram.experiments.analysis import inspect_cka
+
+    result = inspect_cka(args.base, args.engram, args.out, args.batch_size, args.seq_len, args.batches,
+                         args.minibatch, args.top, _inspect_device(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_inspect_tables(args) -> int:
+    from engram.experiments.tablestats import inspect_tables
+
+    result = inspect_tables(args.ckpt, args.out, args.split, args.batch_size, args.seq_len, args.batches,
+                            _inspect_device(args))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -366,9 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="directory for tables.json and row_usage.png")
     q.add_argument("--split", default="val", choices=["train", "val"], help="tokens to count (default val)")
     windows(q, 16)
-    for q in inspect_sub.choices.values():
+    handlers = {"gates": cmd_inspect_gates, "knockout": cmd_inspect_knockout, "logit-lens": cmd_inspect_logit_lens,
+                "cka": cmd_inspect_cka, "tables": cmd_inspect_tables}
+    for name, q in inspect_sub.choices.items():
         q.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-        q.set_defaults(fn=cmd_inspect)
+        q.set_defaults(fn=handlers[name])
 
     p = sub.add_parser("presets", help="list presets with their parameter counts")
     p.set_defaults(fn=cmd_presets)

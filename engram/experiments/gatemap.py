@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ class GateMap:
     ids: list[int]
     pieces: list[str]
     gates: dict[int, np.ndarray]
-    starts: list[bool] = field(default_factory=list)
+    starts: list[bool]
 
     def rows(self) -> list[tuple[str, np.ndarray]]:
         """(label, (T,) alpha) for every layer and branch; layers 1-based like the paper."""

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engram.experiments.report import (DPI, PAPER_OPTIMUM, REFERENCE, LogLinearFit, _allocation_groups, _by_point, _by_seed,
-                                       _fits, _natural, _runs, _spread, _std, bootstrap_minimiser,
-                                       delta_vs_reference, fit_quadratic)
+from engram.experiments.report import (PAPER_OPTIMUM, REFERENCE, LogLinearFit, allocation_groups, bootstrap_minimiser,
+                                       by_point, by_seed, delta_spread, delta_vs_reference, fit_quadratic,
+                                       natural_key, runs_of, sample_std, sweep_fits)
+
+DPI = 120
 
 
 def pyplot():
@@ -40,10 +42,10 @@ def save_figure(fig, path, dpi: int = DPI, bbox_tight: bool = False) -> Path:
 
 def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
     plt = pyplot()
-    runs = _runs(results, "allocation")
-    groups = _allocation_groups(runs)
+    runs = runs_of(results, "allocation")
+    groups = allocation_groups(runs)
     rhos = np.array([g[0] for g in groups])
-    means, stds = np.array([g[1].mean() for g in groups]), np.array([_std(g[1]) for g in groups])
+    means, stds = np.array([g[1].mean() for g in groups]), np.array([sample_std(g[1]) for g in groups])
     lo, hi = min(rhos.min(), PAPER_OPTIMUM[0]), max(rhos.max(), PAPER_OPTIMUM[1])
     lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
     fig, ax = plt.subplots(figsize=(10, 4.8))
@@ -82,8 +84,8 @@ def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
 
 def plot_memory(results, path) -> Path:
     plt = pyplot()
-    runs = _runs(results, "memory")
-    fits = _fits("memory", runs).get("loglinear", {})
+    runs = runs_of(results, "memory")
+    fits = sweep_fits("memory", runs).get("loglinear", {})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     methods = sorted({r.get("method") for r in runs} - {"none", None})
     for colour, method in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], methods):
@@ -93,7 +95,7 @@ def plot_memory(results, path) -> Path:
             by_size[int(r["table_params"])].append(float(r["val_loss"]))
         xs = np.array(sorted(by_size))
         ax.scatter([r["table_params"] for r in m], [r["val_loss"] for r in m], s=10, alpha=0.3, color=colour)
-        ax.errorbar(xs, [np.mean(by_size[x]) for x in xs], yerr=[_std(by_size[x]) for x in xs], fmt="o",
+        ax.errorbar(xs, [np.mean(by_size[x]) for x in xs], yerr=[sample_std(by_size[x]) for x in xs], fmt="o",
                     color=colour, capsize=3, label=f"{method}: mean ± std" + ("" if method in fits else " (no fit)"))
         if method in fits:
             f = LogLinearFit(**fits[method])
@@ -114,27 +116,27 @@ def plot_memory(results, path) -> Path:
 
 def plot_ablation(results, path) -> Path:
     plt = pyplot()
-    runs = _runs(results, "ablation")
+    runs = runs_of(results, "ablation")
     is_full = REFERENCE["ablation"][1]
     component = [r for r in runs if r.get("group", "component") != "layer" and not is_full(r)]
     layer = [r for r in runs if r.get("group") == "layer"]
     if not component and not layer:
         raise ValueError("no ablation variants besides 'full'")
     panels = ["component"] * bool(component) + ["layer"] * bool(layer)
-    rows = max(len(_by_point(component)), len(_by_point(layer)))
+    rows = max(len(by_point(component)), len(by_point(layer)))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 1.2 + 0.45 * rows + 1.5), squeeze=False)
     full = [r for r in runs if is_full(r)]
     if "component" in panels:
         ax = axes[0, 0]
         deltas = [d for d in delta_vs_reference(runs, "ablation") if d["group"] != "layer"]
-        ref_seed, ref_mean = _by_seed(full), float(np.mean([r["val_loss"] for r in full]))
+        ref_seed, ref_mean = by_seed(full), float(np.mean([r["val_loss"] for r in full]))
         y = np.arange(len(deltas))[::-1]  # first variant on top
         vals = np.array([d["delta"] for d in deltas])
-        ax.barh(y, vals, xerr=[_spread(d) for d in deltas], capsize=3, alpha=0.6,
+        ax.barh(y, vals, xerr=[delta_spread(d) for d in deltas], capsize=3, alpha=0.6,
                 color=["tab:red" if v > 0 else "tab:green" for v in vals])
-        points = _by_point(runs)
+        points = by_point(runs)
         for yi, d in zip(y, deltas):  # a seed's own full run when it has one, else full's mean
-            dots = [v - ref_seed.get(s, ref_mean) for s, v in _by_seed(points[d["point"]]).items()]
+            dots = [v - ref_seed.get(s, ref_mean) for s, v in by_seed(points[d["point"]]).items()]
             ax.scatter(dots, np.full(len(dots), yi), s=12, color="black", zorder=3)
         ax.axvline(0, color="grey", lw=1)
         ax.set_yticks(y, [d["point"] for d in deltas])
@@ -144,16 +146,16 @@ def plot_ablation(results, path) -> Path:
                      else "paired std where >= 2 seeds pair up, else combined std"), fontsize=10)
     if "layer" in panels:
         ax = axes[0, -1]
-        pts = _by_point(layer)
+        pts = by_point(layer)
         ref_layer = full[0].get("layer") if full else None
         if ref_layer is not None and f"layer={ref_layer}" not in pts:
             pts[f"layer={ref_layer} (full)"] = full  # the sweep skips the reference layer: full is that point
-        pts = sorted(pts.items(), key=lambda kv: _natural(kv[0]))
+        pts = sorted(pts.items(), key=lambda kv: natural_key(kv[0]))
         means = [np.mean([r["val_loss"] for r in p]) for _, p in pts]
         x = np.arange(len(pts))
         for xi, (_, p) in zip(x, pts):
             ax.scatter(np.full(len(p), xi), [r["val_loss"] for r in p], s=10, alpha=0.3, color="tab:blue")
-        ax.errorbar(x, means, yerr=[_std([r["val_loss"] for r in p]) for _, p in pts], fmt="o-", capsize=3,
+        ax.errorbar(x, means, yerr=[sample_std([r["val_loss"] for r in p]) for _, p in pts], fmt="o-", capsize=3,
                     color="tab:blue", label="mean ± std over seeds")
         best = int(np.argmin(means))
         ax.scatter([best], [means[best]], marker="*", s=250, color="tab:orange", zorder=4,

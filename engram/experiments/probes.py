@@ -110,7 +110,6 @@ class Probe:
     kind: str  # "static" or "in_context"
     targets: list[int]  # positions of the target tokens (each predicted from the position before it)
     text: str
-    prefix_start: int  # first position of the pattern / identifier use
 
 
 def static_probes(ids: np.ndarray, doc_starts: np.ndarray, patterns: list[Pattern]) -> list[Probe]:
@@ -128,7 +127,7 @@ def static_probes(ids: np.ndarray, doc_starts: np.ndarray, patterns: list[Patter
             p = table.get(grams[s].tobytes())
             target = int(s) + n - 1
             if p is not None and target not in probes:
-                probes[target] = Probe("static", [target], p.text, int(s))
+                probes[target] = Probe("static", [target], p.text)
     return [probes[t] for t in sorted(probes)]
 
 
@@ -186,7 +185,7 @@ def in_context_probes(ids: np.ndarray, doc_starts: np.ndarray, pieces: list[str]
         for a, b, name in spans:
             if name in defined and b - a >= 2 and a >= defined[name] and uses[name] < max_uses:
                 uses[name] += 1
-                probes.append(Probe("in_context", list(range(lo + a + 1, lo + b)), name, lo + a))
+                probes.append(Probe("in_context", list(range(lo + a + 1, lo + b)), name))
             elif name not in defined and train_counts[name] <= max_train_count and _is_definition(doc, pieces, a, b):
                 defined[name] = b
     return probes

@@ -40,7 +40,6 @@ SWEEPS = ("allocation", "memory", "ablation")
 _ORDER = {s: i for i, s in enumerate(SWEEPS)}  # report order; unknown sweeps go last
 PAPER_OPTIMUM = (0.75, 0.80)  # SPEC §4: the U-shape bottoms out at rho ~ 75-80%
 REQUIRED = ("sweep", "point", "seed", "val_loss")
-DPI = 120
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,16 @@ def fit_loglinear(table_params, losses) -> LogLinearFit:
     return LogLinearFit(float(slope), stderr, float(intercept), _r2(y, y - resid), len(y))
 
 
-def _allocation_groups(results) -> list[tuple[float, np.ndarray]]:
+def allocation_groups(results) -> list[tuple[float, np.ndarray]]:
+    """[(rho, val_losses over seeds)], ascending rho."""
     groups = defaultdict(list)
-    for r in _runs(results, "allocation"):
+    for r in runs_of(results, "allocation"):
         groups[round(float(r["rho"]), 6)].append(float(r["val_loss"]))
     return [(rho, np.array(groups[rho])) for rho in sorted(groups)]
 
 
 def bootstrap_minimiser(results, n_boot: int = 2000, seed: int = 0) -> MinimiserInterval:
-    groups = _allocation_groups(results)
+    groups = allocation_groups(results)
     rhos = np.array([rho for rho, _ in groups])
     estimate = fit_quadratic(rhos, [losses.mean() for _, losses in groups]).minimiser
     rng = np.random.default_rng(seed)
@@ -141,7 +141,8 @@ def bootstrap_minimiser(results, n_boot: int = 2000, seed: int = 0) -> Minimiser
 
 # ---- grouping, summaries and deltas ----
 
-def _runs(results, sweep: str) -> list[dict]:
+def runs_of(results, sweep: str) -> list[dict]:
+    """The results of one sweep; refuses a mix of budgets or none at all."""
     runs = [r for r in results if r["sweep"] == sweep]
     budgets = {r.get("budget") for r in runs}
     if len(budgets) > 1:
@@ -170,7 +171,8 @@ def _x_fields(run: dict) -> dict:
     return {}
 
 
-def _natural(s: str) -> tuple:
+def natural_key(s: str) -> tuple:
+    """Sort key that orders digit runs by value: "layer10" after "layer9"."""
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t)
 
 
@@ -181,24 +183,26 @@ def _sort_key(row: dict) -> tuple:
     elif sweep == "memory":
         inner = (row["method"] != "none", row["method"], row["table_params"])
     elif sweep == "ablation":
-        inner = (row["variant"] != "full", row["group"] != "component", row["group"], _natural(row["variant"]))
+        inner = (row["variant"] != "full", row["group"] != "component", row["group"], natural_key(row["variant"]))
     else:
-        inner = (_natural(str(row["point"])),)
+        inner = (natural_key(str(row["point"])),)
     return (_ORDER.get(sweep, len(SWEEPS)), sweep, str(row["budget"]), inner)
 
 
-def _std(x) -> float:
+def sample_std(x) -> float:
+    """Sample standard deviation (ddof 1); 0 for a single value."""
     return float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
 
-def _by_point(runs) -> dict[str, list[dict]]:
+def by_point(runs) -> dict[str, list[dict]]:
+    """Grid point -> its runs (one per seed)."""
     out = defaultdict(list)
     for r in runs:
         out[str(r["point"])].append(r)
     return out
 
 
-def _by_seed(runs) -> dict:
+def by_seed(runs) -> dict:
     """seed -> val_loss, averaging reruns of the same seed."""
     out = defaultdict(list)
     for r in runs:
@@ -209,7 +213,7 @@ def _by_seed(runs) -> dict:
 def summarise(results) -> list[dict]:
     rows = []
     for (sweep, budget), runs in _split(results).items():
-        for point, pruns in _by_point(runs).items():
+        for point, pruns in by_point(runs).items():
             loss = np.array([float(r["val_loss"]) for r in pruns])
             params = defaultdict(list)
             for r in pruns:
@@ -218,7 +222,7 @@ def summarise(results) -> list[dict]:
                         params[k].append(v)
             rows.append({"sweep": sweep, "budget": budget, "point": point, **_x_fields(pruns[0]),
                          "n": len(loss), "seeds": sorted({r["seed"] for r in pruns}), "mean": float(loss.mean()),
-                         "std": _std(loss), "min": float(loss.min()), "max": float(loss.max()),
+                         "std": sample_std(loss), "min": float(loss.min()), "max": float(loss.max()),
                          "params": {k: float(np.mean(v)) for k, v in params.items()}})
     return sorted(rows, key=_sort_key)
 
@@ -238,31 +242,31 @@ def delta_vs_reference(results, sweep: str) -> list[dict]:
         ref = [r for r in runs if is_ref(r)]
         if not ref:
             raise ValueError(f"{sweep} sweep (budget {budget!r}) has no reference runs ({name})")
-        ref_loss, ref_seed = np.array([float(r["val_loss"]) for r in ref]), _by_seed(ref)
-        for point, pruns in _by_point(r for r in runs if not is_ref(r)).items():
-            loss, by_seed = np.array([float(r["val_loss"]) for r in pruns]), _by_seed(pruns)
-            shared = sorted(set(by_seed) & set(ref_seed))
-            diffs = np.array([by_seed[s] - ref_seed[s] for s in shared])
+        ref_loss, ref_seed = np.array([float(r["val_loss"]) for r in ref]), by_seed(ref)
+        for point, pruns in by_point(r for r in runs if not is_ref(r)).items():
+            loss, point_seed = np.array([float(r["val_loss"]) for r in pruns]), by_seed(pruns)
+            shared = sorted(set(point_seed) & set(ref_seed))
+            diffs = np.array([point_seed[s] - ref_seed[s] for s in shared])
             rows.append({"sweep": sweep, "budget": budget, "point": point, **_x_fields(pruns[0]), "n": len(loss),
                          "mean": float(loss.mean()), "ref_mean": float(ref_loss.mean()),
                          "delta": float(loss.mean() - ref_loss.mean()),
-                         "combined_std": math.hypot(_std(loss), _std(ref_loss)),
+                         "combined_std": math.hypot(sample_std(loss), sample_std(ref_loss)),
                          "paired_n": len(shared), "paired_seeds": shared,
                          "paired_mean": float(diffs.mean()) if shared else None,
-                         "paired_std": _std(diffs) if shared else None})
+                         "paired_std": sample_std(diffs) if shared else None})
     return sorted(rows, key=_sort_key)
 
 
-def _spread(d: dict) -> float:
+def delta_spread(d: dict) -> float:
     """Error bar for one delta: the paired std when two or more seeds pair up, else the unpaired one."""
     return d["paired_std"] if d["paired_n"] >= 2 else d["combined_std"]
 
 
-def _fits(sweep: str, runs: list[dict]) -> dict:
+def sweep_fits(sweep: str, runs: list[dict]) -> dict:
     """The fits of one (sweep, budget); a fit the data cannot support is recorded as its reason."""
     try:
         if sweep == "allocation":
-            groups = _allocation_groups(runs)
+            groups = allocation_groups(runs)
             fit = fit_quadratic([g[0] for g in groups], [g[1].mean() for g in groups])
             return {"quadratic": asdict(fit), "bootstrap": bootstrap_minimiser(runs)._asdict()}
         if sweep == "memory":
@@ -328,7 +332,7 @@ def markdown_tables(results) -> str:
                      _f(d.get("delta"), "+.4f"), _f(d.get("paired_mean"), "+.4f"), _f(d.get("paired_std")),
                      str(d["paired_n"]) if d else "-"]
             out.append("| " + " | ".join(cells) + " |")
-        fits = _fits(sweep, runs)
+        fits = sweep_fits(sweep, runs)
         out += ["", *_fit_lines(fits), ""] if fits else [""]
     return "\n".join(out)
 
@@ -354,7 +358,7 @@ def write_report(results, out_dir) -> dict[str, Path]:
     paths, fits, deltas = {}, {}, {}
     for (sweep, budget), runs in parts.items():
         name = sweep if sum(s == sweep for s, _ in parts) == 1 else f"{sweep}_{budget}"
-        fits[name] = _fits(sweep, runs)
+        fits[name] = sweep_fits(sweep, runs)
         try:
             deltas[name] = delta_vs_reference(runs, sweep) if sweep in REFERENCE else []
         except ValueError as e:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engram.config import ModelConfig, OverEncodingConfig, RunConfig
+from engram.config import ModelConfig, OverEncodingConfig, RunConfig, apply_overrides
 from engram.experiments.accounting import count_parameters
 from engram.experiments.allocation import allocate, allocation_grid, format_grid, with_rows_per_head
 from engram.experiments.budgets import Budget, get_budget
@@ -140,22 +140,19 @@ def plan_ablation(budget: Budget, seeds: int) -> list[PlannedRun]:
 
 PLANS: dict[str, Callable[[Budget, int], list[PlannedRun]]] = {
     "allocation": plan_allocation, "memory": plan_memory, "ablation": plan_ablation}
-SWEEPS = tuple(PLANS)
 
 
 def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None) -> list[PlannedRun]:
     """The runs of ``sweep`` for ``budget`` (``seeds`` defaults to the budget's); ``overrides`` are
     ``key=value`` settings applied to every run's data/train config (e.g. ``train.max_steps=20``)."""
     if sweep not in PLANS:
-        raise ValueError(f"unknown sweep {sweep!r}; known: {list(SWEEPS)}")
+        raise ValueError(f"unknown sweep {sweep!r}; known: {list(PLANS)}")
     b = get_budget(budget)
     n = b.seeds if seeds is None else seeds
     if n < 1:
         raise ValueError(f"--seeds must be >= 1, got {n}")
     runs = PLANS[sweep](b, n)
     if overrides:
-        from engram.config import apply_overrides
-
         bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
         if bad:
             raise ValueError(f"sweep overrides may not change the model (the grid defines it): {bad}")
@@ -238,6 +235,10 @@ def _record(planned: PlannedRun, result: dict) -> dict:
             **planned.info, **result}
 
 
+# the numbers ``execute`` records from a training run, and a reused twin carries over
+RESULT_KEYS = ("val_loss", "val_bpb", "tokens", "train_seconds", "tokens_per_s", "params", "evals", "checkpoint")
+
+
 def find_twin(planned: PlannedRun, root: Path) -> dict | None:
     """The result of an identical run (same model, data, training and seed) finished by another sweep of
     the budget, e.g. the ablation's reference is one allocation point. Training is deterministic given
@@ -249,8 +250,7 @@ def find_twin(planned: PlannedRun, root: Path) -> dict | None:
             continue
         if _stored_run(plan_path) == mine:
             twin = json.loads(result_path.read_text())
-            keep = ("val_loss", "val_bpb", "tokens", "train_seconds", "tokens_per_s", "params", "evals", "checkpoint")
-            return _record(planned, {k: twin[k] for k in keep if k in twin} | {"reused_from": str(plan_path.parent)})
+            return _record(planned, {k: twin[k] for k in RESULT_KEYS if k in twin} | {"reused_from": str(plan_path.parent)})
     return None
 
 
@@ -285,11 +285,12 @@ def execute(planned: PlannedRun, root: Path, progress: bool = True) -> dict | No
             _write_json(directory / "failed.json", {"error": f"{type(exc).__name__}: {exc}",
                                                     "traceback": traceback.format_exc()})
             raise
-        record = _record(planned, {
+        numbers = {
             "val_loss": result.final_eval["val_loss"], "val_bpb": result.final_eval["val_bpb"],
             "tokens": result.tokens, "train_seconds": round(result.train_seconds, 2),
             "tokens_per_s": round(result.tokens_per_s, 1), "params": result.parameters, "evals": result.evals,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None})
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        record = _record(planned, numbers)
         _write_json(directory / "result.json", record)
         return record
     finally:

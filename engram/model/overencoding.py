@@ -63,7 +63,6 @@ class OverEncoding(nn.Module):
                  layer_id: int):
         super().__init__()
         self.config = config
-        self.dim = dim
         self.layer_id = layer_id
         self.hasher = NgramHasher(config.hash_config(layer_id), compressed_tokenizer)
         sizes = [p for order in self.hasher.primes[layer_id] for p in order]
@@ -72,10 +71,6 @@ class OverEncoding(nn.Module):
         E = config.n_embed_per_ngram
         self.proj = OrderProjection(config.n_orders, E, dim) if E != dim else nn.Identity()
         self.init_weights()
-
-    @property
-    def table_rows(self) -> int:
-        return self.embedding.num_rows
 
     @torch.no_grad()
     def init_weights(self) -> None:
