@@ -1,47 +1,88 @@
 """A bounded cache of hot rows in front of a slower row store (SPEC §5: access is Zipfian).
 
-Legend: n requested rows, C capacity (slots), d_h row width, m resident rows (m <= C).
+Legend: n requested rows, C capacity (slots), d_h row width, m resident rows (m <= C), r rows in the
+``recent`` key vector.
 
 Bookkeeping is O(C), not O(num_rows), because the store behind may be a disk table larger than RAM
-(a row->slot vector would cost num_rows ints). Resident rows are kept as a sorted key vector with the
-slot of each key; a lookup is one ``searchsorted`` over the request, and an update is a vectorised
-remove + merge, never a Python loop per row (PITFALLS 13: a per-row Python LRU stalls).
+(a row->slot vector would cost num_rows ints). Resident rows are kept as two sorted key vectors with
+the slot of each key: ``main`` (as of the last fold) and a small ``recent`` (rows inserted since). A
+lookup is one binary search in each; inserting k rows merges them into ``recent`` in O(r + k log k).
+All of it is vectorised numpy on the host, where the row ids are (PITFALLS 13: a per-row Python LRU
+stalls), and no call pays an O(C) pass of its own:
+  - eviction frees a batch: when the free slots cannot take a call's misses, one pass evicts the
+    lowest-ranked max(needed, ``evict_fraction`` * C) rows at once, so the O(C) victim search runs
+    once per C * evict_fraction inserted rows (0 gives exact one-victim-per-miss eviction);
+  - ``recent`` is folded into ``main`` (an O(C) merge) at each eviction pass or when it outgrows
+    C * evict_fraction rows.
 
 Correctness rules (PITFALLS 14):
   - a call never evicts a row it requested itself (hits are protected; only C - hits slots can take
     misses; misses that do not fit are served straight from the store, uncached);
-  - a hit refreshes recency (LRU) or frequency (LFU), so a just-hit row is never the next victim
-    while an older row is resident.
+  - a hit refreshes recency (LRU) or frequency (LFU), and eviction takes the lowest-ranked rows
+    first, so a just-hit row is never evicted while an older row (LFU: a less used one) stays.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _TICK_BITS = 40  # LFU score = count << 40 | last_used: frequency first, recency breaks ties
+_NEVER = np.iinfo(np.int64).max
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+def _merge(keys: np.ndarray, slots: np.ndarray, new_keys: np.ndarray, new_slots: np.ndarray):
+    """Merge sorted (keys, slots) (m,) with unsorted, disjoint (new_keys, new_slots) (k,) in O(m + k log k)."""
+    order = np.argsort(new_keys)
+    new_keys, new_slots = new_keys[order], new_slots[order]
+    m, k = len(keys), len(new_keys)
+    dest = np.searchsorted(keys, new_keys) + np.arange(k)  # (k,) final index of each new key
+    is_old = np.ones(m + k, dtype=bool)
+    is_old[dest] = False
+    out_keys = np.empty(m + k, dtype=np.int64)
+    out_slots = np.empty(m + k, dtype=np.int64)
+    out_keys[dest], out_slots[dest] = new_keys, new_slots
+    out_keys[is_old], out_slots[is_old] = keys, slots
+    return out_keys, out_slots
+
+
+def _find(keys: np.ndarray, slots: np.ndarray, rows: np.ndarray):
+    """rows (n,) -> hit (n,) bool, slot (n,) (meaningful where hit), against sorted ``keys``."""
+    if len(keys) == 0:
+        return np.zeros(len(rows), dtype=bool), np.zeros(len(rows), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(keys, rows), len(keys) - 1)  # (n,)
+    return keys[pos] == rows, slots[pos]
 
 
 class RowCache:
     """``RowCache(store, capacity_rows, policy)`` has the store's ``gather(rows)`` contract.
 
+    ``evict_fraction`` (0 to 1, default 1/16): the least share of the capacity one eviction pass frees.
+    Per-slot state (``slot_row``, ``last_used``, ``count``) is numpy, (C,) int64 each.
+
     Not thread-safe on its own: the embedding that owns it serialises calls (one prefetch worker).
     """
 
-    def __init__(self, store, capacity_rows: int, policy: str = "lru"):
+    def __init__(self, store, capacity_rows: int, policy: str = "lru", evict_fraction: float = 1 / 16):
         if policy not in ("lru", "lfu"):
             raise ValueError(f"cache policy must be 'lru' or 'lfu', got {policy!r}")
         if capacity_rows < 1:
             raise ValueError(f"cache capacity must be >= 1 row, got {capacity_rows}")
+        if not 0 <= evict_fraction <= 1:
+            raise ValueError(f"evict_fraction must be in [0, 1], got {evict_fraction}")
         self.store = store
         self.policy = policy
         self.capacity = int(min(capacity_rows, store.num_rows))
         C = self.capacity
-        self.slots = torch.zeros(C, store.dim)  # (C, d_h) fp32, preallocated once
-        self.slot_row = torch.full((C,), -1, dtype=torch.long)  # (C,) row held by each slot, -1 = free
-        self.last_used = torch.zeros(C, dtype=torch.long)  # (C,) tick of the last call that used the slot
-        self.count = torch.zeros(C, dtype=torch.long)  # (C,) uses since insertion (LFU)
-        self.keys = torch.empty(0, dtype=torch.long)  # (m,) resident rows, ascending
-        self.key_slot = torch.empty(0, dtype=torch.long)  # (m,) slot of keys[i]
+        self.batch = int(C * evict_fraction)  # rows an eviction pass frees at least; also the fold threshold
+        self.slots = np.zeros((C, store.dim), dtype=np.float32)  # (C, d_h), preallocated once
+        self.slot_row = np.full(C, -1, dtype=np.int64)  # (C,) row held by each slot, -1 = free
+        self.last_used = np.zeros(C, dtype=np.int64)  # (C,) tick of the last call that used the slot
+        self.count = np.zeros(C, dtype=np.int64)  # (C,) uses since insertion (LFU)
+        self.free = np.arange(C, dtype=np.int64)  # (C - m,) free slots
+        self.main_keys, self.main_slots = _EMPTY, _EMPTY  # (m - r,) resident rows ascending, their slots
+        self.recent_keys, self.recent_slots = _EMPTY, _EMPTY  # (r,) rows inserted since the last fold
         self.tick = 0
         self.hits = self.misses = self.evictions = 0
 
@@ -59,8 +100,8 @@ class RowCache:
 
     @property
     def ram_bytes(self) -> int:
-        own = sum(t.numel() * t.element_size() for t in (self.slots, self.slot_row, self.last_used, self.count,
-                                                         self.keys, self.key_slot))
+        own = sum(a.nbytes for a in (self.slots, self.slot_row, self.last_used, self.count, self.free,
+                                     self.main_keys, self.main_slots, self.recent_keys, self.recent_slots))
         return own + self.store.ram_bytes
 
     @property
@@ -70,72 +111,81 @@ class RowCache:
 
     def resident(self, rows: torch.Tensor) -> torch.Tensor:
         """(n,) bool: which of ``rows`` are cached now."""
-        return self._lookup(rows)[0]
+        return torch.from_numpy(self._lookup(rows.to(torch.long).numpy())[0])
 
-    def _lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def resident_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached row ascending (m,), and the slot holding each (m,)."""
+        keys, slots = _merge(self.main_keys, self.main_slots, self.recent_keys, self.recent_slots)
+        return torch.from_numpy(keys), torch.from_numpy(slots)
+
+    def _lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """rows (n,) -> hit (n,) bool, slot (n,) (meaningful where hit)."""
-        if self.keys.numel() == 0:
-            return torch.zeros_like(rows, dtype=torch.bool), torch.zeros_like(rows)
-        pos = torch.searchsorted(self.keys, rows).clamp_max(self.keys.numel() - 1)  # (n,)
-        return self.keys[pos] == rows, self.key_slot[pos]
+        hit, slot = _find(self.main_keys, self.main_slots, rows)
+        if len(self.recent_keys):
+            recent_hit, recent_slot = _find(self.recent_keys, self.recent_slots, rows)
+            slot = np.where(recent_hit, recent_slot, slot)
+            hit |= recent_hit
+        return hit, slot
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) unique -> (n, d_h)
-        rows = rows.to(torch.long)
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) unique -> (n, d_h) fp32
+        rows = rows.to(torch.long).numpy()
         self.tick += 1
-        out = torch.empty(rows.numel(), self.dim)  # (n, d_h)
         hit, slot = self._lookup(rows)
         hit_slots = slot[hit]  # (h,)
-        out[hit] = self.slots[hit_slots]
         self.last_used[hit_slots] = self.tick
-        self.count[hit_slots] += 1
-        self.hits += int(hit_slots.numel())
+        self.count[hit_slots] += 1  # rows are unique, so no slot repeats
+        self.hits += len(hit_slots)
+        if len(hit_slots) == len(rows):
+            return torch.from_numpy(self.slots[hit_slots])
 
-        miss = (~hit).nonzero().squeeze(1)  # (n - h,) positions in the request
-        if miss.numel() == 0:
-            return out
-        miss_rows = rows[miss]
-        fetched = self.store.gather(miss_rows)  # (n - h, d_h): one call to the slow tier
+        out = np.empty((len(rows), self.dim), dtype=np.float32)  # (n, d_h)
+        out[hit] = self.slots[hit_slots]
+        miss = ~hit
+        miss_rows = rows[miss]  # (n - h,)
+        fetched = self.store.gather(torch.from_numpy(miss_rows)).numpy()  # (n - h, d_h): one slow-tier call
         out[miss] = fetched
-        self.misses += int(miss.numel())
-        k = min(miss.numel(), self.capacity - hit_slots.numel())  # slots not protected by this call
+        self.misses += len(miss_rows)
+        k = min(len(miss_rows), self.capacity - len(hit_slots))  # slots not protected by this call
         if k > 0:
             self._insert(miss_rows[:k], fetched[:k], hit_slots)
-        return out
+        return torch.from_numpy(out)
 
-    def _insert(self, rows: torch.Tensor, values: torch.Tensor, protected: torch.Tensor) -> None:
-        """Put k new rows (k,) / (k, d_h) into the k best victim slots, never into a ``protected`` one."""
-        k = rows.numel()
+    def _insert(self, rows: np.ndarray, values: np.ndarray, protected: np.ndarray) -> None:
+        """Put k new rows (k,) / (k, d_h) into free slots, first evicting if too few are free; never
+        evicts a ``protected`` slot."""
+        k = len(rows)
+        if len(self.free) < k:
+            self._evict(k - len(self.free), protected)
+        use, self.free = self.free[:k], self.free[k:]
+        self.slot_row[use] = rows
+        self.slots[use] = values
+        self.last_used[use] = self.tick
+        self.count[use] = 1
+        self.recent_keys, self.recent_slots = _merge(self.recent_keys, self.recent_slots, rows, use)
+        if len(self.recent_keys) > self.batch:
+            self._fold()
+
+    def _evict(self, needed: int, protected: np.ndarray) -> None:
+        """Free the ``max(needed, batch)`` lowest-ranked slots that are neither free nor protected."""
+        occupied = self.capacity - len(self.free)
+        n = min(max(needed, self.batch), occupied - len(protected))  # >= needed, since k <= C - hits
         if self.policy == "lru":
-            score = self.last_used.clone()  # (C,)
+            score = self.last_used.copy()  # (C,)
         else:
             score = (self.count << _TICK_BITS) | self.last_used
-        score[self.slot_row < 0] = -1  # free slots first
-        score[protected] = torch.iinfo(torch.long).max
-        victims = torch.topk(score, k, largest=False, sorted=False).indices  # (k,)
+        score[self.free] = _NEVER
+        score[protected] = _NEVER
+        victims = np.argpartition(score, n - 1)[:n]  # (n,) the n lowest scores, unordered
+        self.evictions += n
+        self.slot_row[victims] = -1
+        self.free = np.concatenate([self.free, victims])
+        self._fold()
 
-        old = self.slot_row[victims]
-        old = old[old >= 0]
-        self.evictions += int(old.numel())
-        if old.numel():
-            keep = ~torch.isin(self.keys, old)
-            self.keys, self.key_slot = self.keys[keep], self.key_slot[keep]
-
-        self.slot_row[victims] = rows
-        self.slots[victims] = values
-        self.last_used[victims] = self.tick
-        self.count[victims] = 1
-        self._merge_keys(rows, victims)
-
-    def _merge_keys(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Merge new (rows, slots) into the sorted (keys, key_slot) in O(m + k), no full re-sort."""
-        rows, order = rows.sort()
-        slots = slots[order]
-        m, k = self.keys.numel(), rows.numel()
-        dest = torch.searchsorted(self.keys, rows) + torch.arange(k)  # (k,) final index of each new key
-        is_new = torch.zeros(m + k, dtype=torch.bool)
-        is_new[dest] = True
-        keys = torch.empty(m + k, dtype=torch.long)
-        key_slot = torch.empty(m + k, dtype=torch.long)
-        keys[dest], key_slot[dest] = rows, slots
-        keys[~is_new], key_slot[~is_new] = self.keys, self.key_slot
-        self.keys, self.key_slot = keys, key_slot
+    def _fold(self) -> None:
+        """Drop evicted rows from ``main`` and merge ``recent`` into it: O(C)."""
+        keep = self.slot_row[self.main_slots] >= 0  # a slot keeps its row until evicted
+        main_keys, main_slots = self.main_keys[keep], self.main_slots[keep]
+        keep = self.slot_row[self.recent_slots] >= 0
+        self.main_keys, self.main_slots = _merge(main_keys, main_slots, self.recent_keys[keep],
+                                                 self.recent_slots[keep])
+        self.recent_keys = self.recent_slots = _EMPTY
