@@ -18,9 +18,14 @@ Prompts are Zipf-distributed token ids (text-like reuse, so a cache can hit). Pr
 one full forward over (B, T), median of ``--repeats``. Decode: ``generate_batch`` greedy,
 tokens/s over the steps after the first token, best of ``--repeats``.
 
+Tiers measured in separate processes, minutes apart, drift with the machine's load (±0.15 on a
+2-core box). So one more process (``--paired``, on by default when device and a warm offloaded tier
+run) holds a model per warm tier, times them round-robin in the same rounds, and reports the median
+over rounds of each tier's time ratio to device: a paired ratio, which load moves on both sides.
+
     engram bench offload [--table-gb 2] [--head-dim 64] [--batch 8] [--seq 128] [--new-tokens 32]
                          [--cache-rows 65536] [--policy lru] [--repeats 5] [--threads 2]
-                         [--dir DIR] [--keep] [--json PATH]
+                         [--dir DIR] [--keep] [--no-paired] [--json PATH]
 """
 
 from __future__ import annotations
@@ -125,13 +130,9 @@ def run_cold(args) -> dict:
     drop_page_cache(Path(args.dir))
     batch = prompts(args)
     with apply_storage(model, "disk", args.dir), torch.no_grad():
-        first = []
-        t0 = time.perf_counter()
-        tokens = generate_batch(model, batch, args.new_tokens, temperature=0,
-                                on_token=lambda row, tok: first or first.append(time.perf_counter()))
-        end = time.perf_counter()
-    return {"tier": "disk-cold", "cache_rows": 0, "prefill_tok_s": args.batch * args.seq / (first[0] - t0),
-            "decode_tok_s": args.batch * (args.new_tokens - 1) / (end - first[0]), "hit_rate": None,
+        to_first, after_first, tokens = timed_generation(model, batch, args.new_tokens)
+    return {"tier": "disk-cold", "cache_rows": 0, "prefill_tok_s": args.batch * args.seq / to_first,
+            "decode_tok_s": args.batch * (args.new_tokens - 1) / after_first, "hit_rate": None,
             "store_ram_mb": 0.0, "peak_rss_mb": proc_status_mb("VmHWM"), "anon_rss_mb": proc_status_mb("RssAnon"),
             "tokens": tokens}
 
@@ -140,6 +141,8 @@ def run_tier(args) -> dict:
     """Worker process: one tier, timed; prints one JSON line."""
     if args.worker == "disk-cold":
         return run_cold(args)
+    if args.worker == "paired":
+        return run_paired(args)
     torch.set_num_threads(args.threads)
     tier, cache_rows = args.worker, args.worker_cache_rows
     model = build(args, fill=tier in ("device", "host"))
@@ -156,11 +159,8 @@ def run_tier(args) -> dict:
             prefill.append(time.perf_counter() - t0)
         decode, tokens = [], None
         for _ in range(args.repeats):
-            first = []
-            t0 = time.perf_counter()
-            tokens = generate_batch(model, batch, args.new_tokens, temperature=0,
-                                    on_token=lambda row, tok: first or first.append(time.perf_counter()))
-            decode.append(time.perf_counter() - first[0])
+            _, after_first, tokens = timed_generation(model, batch, args.new_tokens)
+            decode.append(after_first)
         stats = handle.stats()
     layers = stats["layers"].values()
     hits, misses = sum(s["hits"] for s in layers), sum(s["misses"] for s in layers)
@@ -169,6 +169,49 @@ def run_tier(args) -> dict:
             "decode_tok_s": args.batch * (args.new_tokens - 1) / min(decode),
             "hit_rate": hits / (hits + misses) if cache_rows else None, "store_ram_mb": stats["ram_bytes"] / 2**20,
             "peak_rss_mb": proc_status_mb("VmHWM"), "anon_rss_mb": proc_status_mb("RssAnon"), "tokens": tokens}
+
+
+def timed_generation(model, batch: list[list[int]], new_tokens: int) -> tuple[float, float, list]:
+    """One greedy ``generate_batch``: (seconds to the first token, seconds after it, tokens)."""
+    first = []
+    t0 = time.perf_counter()
+    tokens = generate_batch(model, batch, new_tokens, temperature=0,
+                            on_token=lambda row, tok: first or first.append(time.perf_counter()))
+    return first[0] - t0, time.perf_counter() - first[0], tokens
+
+
+def run_paired(args) -> dict:
+    """Worker process: one model per warm tier of ``--tiers``, timed round-robin in the same rounds;
+    per tier, the median over rounds of device time / tier time (prefill forward, decode steps)."""
+    torch.set_num_threads(args.threads)
+    batch = prompts(args)
+    ids = torch.tensor(batch)
+    wanted = args.tiers.split(",")
+    models = {}
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for tier, rows in TIERS:
+            if tier not in wanted:
+                continue
+            model = build(args, fill=tier in ("device", "host"))
+            if tier != "device":
+                cache_rows = args.cache_rows if rows is None else rows
+                stack.enter_context(apply_storage(model, tier.split("+")[0], args.dir if tier.startswith("disk")
+                                                  else None, cache_rows, args.policy))
+            models[tier] = model
+        tokens = {tier: timed_generation(model, batch, args.new_tokens)[2] for tier, model in models.items()}
+        prefill = {tier: [] for tier in models}
+        decode = {tier: [] for tier in models}
+        for _ in range(args.repeats):
+            for tier, model in models.items():
+                t0 = time.perf_counter()
+                model(ids)
+                prefill[tier].append(time.perf_counter() - t0)
+                decode[tier].append(timed_generation(model, batch, args.new_tokens)[1])
+    same = all(t == tokens["device"] for t in tokens.values())
+    return {"tokens_identical": same, "rounds": args.repeats, "tiers": {
+        tier: {"prefill_vs_device": statistics.median(d / t for d, t in zip(prefill["device"], prefill[tier])),
+               "decode_vs_device": statistics.median(d / t for d, t in zip(decode["device"], decode[tier]))}
+        for tier in models}}
 
 
 def proc_status_mb(field: str) -> float:
@@ -211,6 +254,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tiers", default="device,host,disk,disk+cache,disk-cold",
                    help="comma-separated tiers to run (default all). Without device and host the tables are "
                         "never filled in RAM (exported as zeros, which is what lets a table exceed RAM)")
+    p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time device and the warm offloaded tiers round-robin in one process and report "
+                        "paired ratios (default on; needs device and host, disk or disk+cache in --tiers)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-cache-rows", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -256,6 +302,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             cold = sorted((worker("disk-cold", 0) for _ in range(COLD_RUNS)), key=lambda r: r["decode_tok_s"])
             results.append(cold[COLD_RUNS // 2])
             print(f"  disk-cold: done ({COLD_RUNS} fresh processes, median by decode speed)", flush=True)
+        paired = None
+        if args.paired and "device" in tiers and len({"host", "disk", "disk+cache"} & set(tiers)):
+            paired = worker("paired", 0)
+            print(f"  paired: done (the warm tiers in one process, {args.repeats} rounds)", flush=True)
     finally:
         if not args.keep and made_dir:
             shutil.rmtree(directory, ignore_errors=True)
@@ -265,21 +315,28 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     f.unlink(missing_ok=True)
 
     device = next((r for r in results if r["tier"] == "device"), None)
-    same = all(r["tokens"] == results[0]["tokens"] for r in results)
+    same = all(r["tokens"] == results[0]["tokens"] for r in results) and (paired is None or paired["tokens_identical"])
     print(f"\nEngram tables {table_bytes / 2**30:.2f} GiB, d_h={args.head_dim}, B x T = {args.batch} x {args.seq}, "
           f"{args.new_tokens} new tokens, {args.threads} threads; greedy tokens identical across tiers: {same}")
-    print(f"{'tier':<12} {'prefill tok/s':>14} {'vs device':>10} {'decode tok/s':>13} {'vs device':>10} "
-          f"{'hit rate':>9} {'store RAM MB':>13} {'peak RSS MB':>12} {'anon RSS MB':>12}")
-    def ratio(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    print(f"{'tier':<12} {'prefill tok/s':>14} {'vs device':>10} {'paired':>7} {'decode tok/s':>13} {'vs device':>10} "
+          f"{'paired':>7} {'hit rate':>9} {'store RAM MB':>13} {'peak RSS MB':>12} {'anon RSS MB':>12}")
+    def ratio(value: float | None, width: int) -> str:
+        return f"{'-' if value is None else f'{value:.3f}':>{width}}"
 
     for r in results:
         r["prefill_vs_device"] = r["prefill_tok_s"] / device["prefill_tok_s"] if device else None
         r["decode_vs_device"] = r["decode_tok_s"] / device["decode_tok_s"] if device else None
+        pair = (paired or {"tiers": {}})["tiers"].get(r["tier"], {})
+        r["paired_prefill_vs_device"] = pair.get("prefill_vs_device")
+        r["paired_decode_vs_device"] = pair.get("decode_vs_device")
         hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.1%}"
-        print(f"{r['tier']:<12} {r['prefill_tok_s']:>14,.0f} {ratio(r['prefill_vs_device']):>10} "
-              f"{r['decode_tok_s']:>13,.0f} {ratio(r['decode_vs_device']):>10} {hit:>9} {r['store_ram_mb']:>13,.1f} "
-              f"{r['peak_rss_mb']:>12,.0f} {r['anon_rss_mb']:>12,.0f}")
+        print(f"{r['tier']:<12} {r['prefill_tok_s']:>14,.0f} {ratio(r['prefill_vs_device'], 10)} "
+              f"{ratio(r['paired_prefill_vs_device'], 7)} {r['decode_tok_s']:>13,.0f} "
+              f"{ratio(r['decode_vs_device'], 10)} {ratio(r['paired_decode_vs_device'], 7)} {hit:>9} "
+              f"{r['store_ram_mb']:>13,.1f} {r['peak_rss_mb']:>12,.0f} {r['anon_rss_mb']:>12,.0f}")
+    if paired:
+        print(f"paired: median over {paired['rounds']} rounds of device time / tier time, all warm tiers in one "
+              "process, timed round-robin")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
                                                "table_bytes": table_bytes, "tokens_identical": same,

@@ -45,4 +45,7 @@ def test_bench_offload_smoke(tmp_path, capsys):
     assert result["tokens_identical"] is True
     assert [r["tier"] for r in result["results"]] == ["device", "host", "disk", "disk+cache", "disk-cold"]
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in result["results"])
+    paired = {r["tier"]: r["paired_decode_vs_device"] for r in result["results"]}
+    assert paired["device"] == 1.0 and paired["disk-cold"] is None  # a tier against itself; cold is not paired
+    assert all(paired[t] > 0 for t in ("host", "disk", "disk+cache"))
     assert not list((tmp_path / "tables").glob("layer_*.bin"))  # cleaned up without --keep
