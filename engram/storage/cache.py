@@ -27,8 +27,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_TICK_BITS = 40  # LFU score = count << 40 | last_used: frequency first, recency breaks ties
-_NEVER = np.iinfo(np.int64).max
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
@@ -45,6 +43,11 @@ def _merge(keys: np.ndarray, slots: np.ndarray, new_keys: np.ndarray, new_slots:
     out_keys[dest], out_slots[dest] = new_keys, new_slots
     out_keys[is_old], out_slots[is_old] = keys, slots
     return out_keys, out_slots
+
+
+def _lowest(items: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """The n ``items`` with the lowest ``keys`` (ties broken arbitrarily), unordered, in O(len(items))."""
+    return items[np.argpartition(keys, n - 1)[:n]] if n > 0 else items[:0]
 
 
 def _find(keys: np.ndarray, slots: np.ndarray, rows: np.ndarray):
@@ -129,6 +132,8 @@ class RowCache:
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) unique -> (n, d_h) fp32
         rows = rows.to(torch.long).numpy()
+        if not np.all(rows[1:] > rows[:-1]) and len(np.unique(rows)) != len(rows):  # ascending is unique
+            raise ValueError("RowCache.gather needs unique rows; a repeated row would be cached twice")
         self.tick += 1
         hit, slot = self._lookup(rows)
         hit_slots = slot[hit]  # (h,)
@@ -166,16 +171,19 @@ class RowCache:
             self._fold()
 
     def _evict(self, needed: int, protected: np.ndarray) -> None:
-        """Free the ``max(needed, batch)`` lowest-ranked slots that are neither free nor protected."""
-        occupied = self.capacity - len(self.free)
-        n = min(max(needed, self.batch), occupied - len(protected))  # >= needed, since k <= C - hits
+        """Free the ``max(needed, batch)`` lowest-ranked slots that are neither free nor protected.
+        LRU ranks by last use; LFU by uses, then last use (two sort keys, so no packed score can overflow)."""
+        eligible = self.slot_row >= 0  # (C,)
+        eligible[protected] = False
+        candidates = np.flatnonzero(eligible)  # (e,)
+        n = min(max(needed, self.batch), len(candidates))  # >= needed, since k <= C - hits
         if self.policy == "lru":
-            score = self.last_used.copy()  # (C,)
-        else:
-            score = (self.count << _TICK_BITS) | self.last_used
-        score[self.free] = _NEVER
-        score[protected] = _NEVER
-        victims = np.argpartition(score, n - 1)[:n]  # (n,) the n lowest scores, unordered
+            victims = _lowest(candidates, self.last_used[candidates], n)
+        else:  # every row used less than the n-th lowest count, then the least recent of those at it
+            uses = self.count[candidates]
+            cut = np.partition(uses, n - 1)[n - 1]
+            below, at = candidates[uses < cut], candidates[uses == cut]
+            victims = np.concatenate([below, _lowest(at, self.last_used[at], n - len(below))])
         self.evictions += n
         self.slot_row[victims] = -1
         self.free = np.concatenate([self.free, victims])

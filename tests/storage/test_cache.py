@@ -86,6 +86,25 @@ def test_lfu_keeps_frequent_rows():
     assert cache.resident(torch.tensor([7, 8, 9])).tolist() == [True, False, True]
 
 
+def test_lfu_ranks_a_row_used_millions_of_times_last():
+    """Uses and recency are two sort keys: a count past 2**23 once overflowed a packed int64 score,
+    and the hottest row became the first victim."""
+    cache = RowCache(make_store(), 2, "lfu")
+    cache.gather(torch.tensor([1]))
+    cache.gather(torch.tensor([0]))
+    hot = int(cache.resident_rows()[1][0])  # the slot of row 0
+    cache.count[hot] = 2**40  # as if row 0 had been hit 2**40 times
+    cache.gather(torch.tensor([2]))  # a miss in a full cache: row 1 (one use) goes
+    assert cache.resident(torch.tensor([0, 1, 2])).tolist() == [True, False, True]
+
+
+def test_repeated_rows_are_refused():
+    cache = RowCache(make_store(), 4, "lru")
+    with pytest.raises(ValueError, match="unique"):
+        cache.gather(torch.tensor([3, 5, 3]))
+    assert cache.resident_rows()[0].numel() == 0  # refused before anything was cached
+
+
 def test_a_full_cache_frees_a_batch_of_the_oldest_rows():
     cache = RowCache(make_store(), 8, "lru", evict_fraction=0.5)
     for row in range(8):
