@@ -18,7 +18,7 @@ Prompts are Zipf-distributed token ids (text-like reuse, so a cache can hit). Pr
 one full forward over (B, T), median of ``--repeats``. Decode: ``generate_batch`` greedy,
 tokens/s over the steps after the first token, best of ``--repeats``.
 
-Tiers measured in separate processes, minutes apart, drift with the machine's load (±0.15 on a
+Tiers measured in separate processes, minutes apart, drift with the machine's load (±0.2 on a
 2-core box). So one more process (``--paired``, on by default when device and a warm offloaded tier
 run) holds a model per warm tier, times them round-robin in the same rounds, and reports the median
 over rounds of each tier's time ratio to device: a paired ratio, which load moves on both sides.
@@ -50,7 +50,7 @@ from engram.config import get_preset
 from engram.infer import generate_batch
 from engram.model.engram import Engram
 from engram.model.transformer import EngramLM
-from engram.storage import apply_storage, export_tables
+from engram.storage import StorageHandle, apply_storage, export_tables
 
 TIERS = [("device", 0), ("host", 0), ("disk", 0), ("disk+cache", None)]  # None: --cache-rows
 COLD_RUNS = 3  # fresh processes for the cold-page-cache tier; the median is reported
@@ -145,18 +145,12 @@ def run_tier(args) -> dict:
         return run_paired(args)
     torch.set_num_threads(args.threads)
     tier, cache_rows = args.worker, args.worker_cache_rows
-    model = build(args, fill=tier in ("device", "host"))
-    handle = apply_storage(model, tier.split("+")[0], args.dir if tier.startswith("disk") else None, cache_rows,
-                           args.policy)
+    model, handle = tier_model(args, tier, cache_rows)
     batch = prompts(args)
     ids = torch.tensor(batch)
     with handle, torch.no_grad():
         model(ids)  # warm-up (and, for a cache, its first fill)
-        prefill = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            model(ids)
-            prefill.append(time.perf_counter() - t0)
+        prefill = [timed_forward(model, ids) for _ in range(args.repeats)]
         decode, tokens = [], None
         for _ in range(args.repeats):
             _, after_first, tokens = timed_generation(model, batch, args.new_tokens)
@@ -169,6 +163,27 @@ def run_tier(args) -> dict:
             "decode_tok_s": args.batch * (args.new_tokens - 1) / min(decode),
             "hit_rate": hits / (hits + misses) if cache_rows else None, "store_ram_mb": stats["ram_bytes"] / 2**20,
             "peak_rss_mb": proc_status_mb("VmHWM"), "anon_rss_mb": proc_status_mb("RssAnon"), "tokens": tokens}
+
+
+def tier_cache_rows(args, rows: int | None) -> int:
+    """Cache rows of a ``TIERS`` entry: None means ``--cache-rows``."""
+    return args.cache_rows if rows is None else rows
+
+
+def tier_model(args, tier: str, cache_rows: int) -> tuple[EngramLM, StorageHandle]:
+    """The benchmark model with its tables on ``tier`` (device/host are filled in RAM, disk reads
+    ``--dir``), and the storage handle to close."""
+    model = build(args, fill=tier in ("device", "host"))
+    handle = apply_storage(model, tier.split("+")[0], args.dir if tier.startswith("disk") else None, cache_rows,
+                           args.policy)
+    return model, handle
+
+
+def timed_forward(model, ids: torch.Tensor) -> float:
+    """Seconds of one full forward over (B, T): the prefill time."""
+    t0 = time.perf_counter()
+    model(ids)
+    return time.perf_counter() - t0
 
 
 def timed_generation(model, batch: list[list[int]], new_tokens: int) -> tuple[float, float, list]:
@@ -190,22 +205,16 @@ def run_paired(args) -> dict:
     models = {}
     with contextlib.ExitStack() as stack, torch.no_grad():
         for tier, rows in TIERS:
-            if tier not in wanted:
-                continue
-            model = build(args, fill=tier in ("device", "host"))
-            if tier != "device":
-                cache_rows = args.cache_rows if rows is None else rows
-                stack.enter_context(apply_storage(model, tier.split("+")[0], args.dir if tier.startswith("disk")
-                                                  else None, cache_rows, args.policy))
-            models[tier] = model
+            if tier in wanted:
+                model, handle = tier_model(args, tier, tier_cache_rows(args, rows))
+                models[tier] = model
+                stack.enter_context(handle)
         tokens = {tier: timed_generation(model, batch, args.new_tokens)[2] for tier, model in models.items()}
         prefill = {tier: [] for tier in models}
         decode = {tier: [] for tier in models}
         for _ in range(args.repeats):
             for tier, model in models.items():
-                t0 = time.perf_counter()
-                model(ids)
-                prefill[tier].append(time.perf_counter() - t0)
+                prefill[tier].append(timed_forward(model, ids))
                 decode[tier].append(timed_generation(model, batch, args.new_tokens)[1])
     same = all(t == tokens["device"] for t in tokens.values())
     return {"tokens_identical": same, "rounds": args.repeats, "tiers": {
@@ -296,14 +305,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
         for tier, rows in TIERS:
             if tier in tiers:
-                results.append(worker(tier, args.cache_rows if rows is None else rows))
+                results.append(worker(tier, tier_cache_rows(args, rows)))
                 print(f"  {tier}: done", flush=True)
         if "disk-cold" in tiers:
             cold = sorted((worker("disk-cold", 0) for _ in range(COLD_RUNS)), key=lambda r: r["decode_tok_s"])
             results.append(cold[COLD_RUNS // 2])
             print(f"  disk-cold: done ({COLD_RUNS} fresh processes, median by decode speed)", flush=True)
         paired = None
-        if args.paired and "device" in tiers and len({"host", "disk", "disk+cache"} & set(tiers)):
+        if args.paired and "device" in tiers and {"host", "disk", "disk+cache"} & set(tiers):
             paired = worker("paired", 0)
             print(f"  paired: done (the warm tiers in one process, {args.repeats} rounds)", flush=True)
     finally:
