@@ -8,10 +8,10 @@ Bookkeeping is O(C), not O(num_rows), because the store behind may be a disk tab
 the slot of each key: ``main`` (as of the last fold) and a small ``recent`` (rows inserted since). A
 lookup is one binary search in each; inserting k rows merges them into ``recent`` in O(r + k log k).
 All of it is vectorised numpy on the host, where the row ids are (PITFALLS 13: a per-row Python LRU
-stalls), and no call pays an O(C) pass of its own:
+stalls), and the O(C) work runs once per C * evict_fraction inserted rows, not on every call:
   - eviction frees a batch: when the free slots cannot take a call's misses, one pass evicts the
-    lowest-ranked max(needed, ``evict_fraction`` * C) rows at once, so the O(C) victim search runs
-    once per C * evict_fraction inserted rows (0 gives exact one-victim-per-miss eviction);
+    lowest-ranked max(needed, ``evict_fraction`` * C) rows at once (0 gives exact
+    one-victim-per-miss eviction, and an O(C) pass on every call with a miss);
   - ``recent`` is folded into ``main`` (an O(C) merge) at each eviction pass or when it outgrows
     C * evict_fraction rows.
 

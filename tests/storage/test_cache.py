@@ -37,7 +37,8 @@ def test_cache_matches_store_and_keeps_the_current_request(stream, capacity, pol
     cache = RowCache(store, capacity, policy, evict_fraction=evict_fraction)
     for ids in stream:
         rows = request(ids)[torch.randperm(len(set(ids)))]  # any order, unique
-        before, free_before, evictions_before = scores(cache), capacity - len(scores(cache)), cache.evictions
+        before, evictions_before = scores(cache), cache.evictions
+        free_before = capacity - len(before)
         misses = sum(1 for r in set(ids) if r not in before)
 
         assert torch.equal(cache.gather(rows), store.gather(rows))
