@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from engram.config import RunConfig
 from engram.distributed import checkpoint as table_ckpt
+from engram.distributed import runtime
 from engram.distributed.sharded import sharded_tables
 from engram.model.transformer import EngramLM
 from engram.storage.export import file_sha256
@@ -75,7 +76,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
 
     tables = sharded_tables(model)
     group = next(iter(tables.values())).group if tables else None
-    main = not tables or dist.get_rank(group) == 0
+    # without sharded tables there is nothing per rank to write: rank 0 writes everything
+    main = dist.get_rank(group) == 0 if tables else runtime.is_main()
     root = checkpoints_dir(run_dir)
     final = root / f"step_{step:07d}"
     # one temporary directory that every rank writes into: its name must not depend on the process
@@ -133,6 +135,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
             shutil.rmtree(old, ignore_errors=True)
     if tables:
         dist.barrier(group)
+    elif runtime.is_distributed():
+        runtime.barrier()  # no rank reads or re-saves the step before rank 0 has renamed it
     return final
 
 

@@ -205,7 +205,8 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
               + (f" OverEncoding tables={counts['overencoding_tables']:,}" if counts.get("overencoding_tables") else "")
               + f"; {tc.tokens_per_step:,} tokens/step, "
               f"{tc.max_steps} steps, device {device}" + (f", resuming at step {start}" if start else "")
-              + (f"; {world} ranks ({tc.batch_size // world} rows each), tables sharded by rows" if distributed else ""),
+              + (f"; {world} ranks ({tc.batch_size // world} rows each)" if distributed else "")
+              + (", tables sharded by rows" if distributed and named_tables(model) else ""),
               file=sys.stderr)
 
     def save(step: int, last: dict) -> Path:

@@ -49,6 +49,36 @@ def _shard_tensors(ckpt_dir) -> dict[str, torch.Tensor]:
     return out
 
 
+def _train_recording_writers(run_dict, out_dir, marks):
+    """``_train``, leaving a mark for every rank that writes a checkpoint file of its own."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from engram.train import checkpoint
+
+    write_json = checkpoint._write_json
+
+    def recording(path, data):
+        Path(marks, f"rank{dist.get_rank()}").touch()
+        write_json(path, data)
+
+    checkpoint._write_json = recording
+    _train(run_dict, out_dir)
+
+
+def test_a_model_without_tables_is_saved_by_rank_0_alone(corpus_dir, cache_dir, tmp_path):
+    """No sharded table makes no collective; every rank saving the whole checkpoint would race on it."""
+    from engram.config import get_preset
+
+    run = tiny_run(corpus_dir, cache_dir, tmp_path / "run", max_steps=2, eval_every=2, save_every=1, batch_size=4)
+    run.model = get_preset("tiny-moe")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    spawn_group(2, _train_recording_writers, run.to_dict(), str(tmp_path / "run"), str(marks))
+    assert sorted(p.name for p in marks.iterdir()) == ["rank0"]
+    assert load_checkpoint(tmp_path / "run").step == 2
+
+
 @pytest.fixture(scope="module")
 def two_rank_checkpoint(corpus_dir, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
