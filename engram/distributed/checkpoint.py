@@ -6,7 +6,7 @@ A checkpoint of a model whose tables are sharded (``shard_tables``) keeps the us
 replicated state (``engram/train/checkpoint.py``), minus the table rows, plus
 
     tables/index.json                          {"format", "world": W, "tables": {name: {rows, dim, rows_per_shard}}}
-    tables/shard-00000-of-0000W.safetensors    rank r's real rows [r*rpr, min((r+1)*rpr, N)) of every table:
+    tables/shard-RRRRR-of-WWWWW.safetensors    rank r's real rows [r*rpr, min((r+1)*rpr, N)) of every table:
                                                <name>.weight, <name>.exp_avg, <name>.exp_avg_sq
 
 ``name`` is the table's module name (e.g. ``layers.1.engram.embedding``); the two moments are

@@ -5,7 +5,7 @@ The model is the tiny MoE + Engram preset. The strict checks use the sigmoid gat
 signed-sqrt gate has derivative 1/(2 sqrt|s|) (up to 500 at its 1e-6 floor), so for a token whose
 score lands near 0 it multiplies the ~1e-7 differences of summing gradients in another order into
 ~1e-2 differences of the key projection's gradient within a few steps. With the sigmoid gate 2 ranks
-stay within 4e-7 of one process for 8 steps; the signed-sqrt run is checked at a looser tolerance.
+stay within 4e-7 of one process over the test's 6 steps; the signed-sqrt run is checked at a looser tolerance.
 """
 
 import dataclasses
