@@ -88,11 +88,13 @@ def _stream_completion(model, tokenizer, args) -> None:
     """Encode ``args.prompt`` as training documents start (with <|bos|>), stream the continuation."""
     from engram.infer import generate
 
+    from engram.data import special_ids
+
+    special = special_ids(tokenizer)
     prompt = tokenizer.encode(args.prompt).ids
-    bos = tokenizer.token_to_id("<|bos|>")
-    if bos is not None:
-        prompt = [bos] + prompt
-    eos = tokenizer.token_to_id("<|eos|>")
+    if special.bos is not None:
+        prompt = [special.bos] + prompt
+    eos = special.eos
     generated: list[int] = []
     shown = ""
 
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_help = "checkpoint directory or run directory (uses its latest)"
 
     def windows(q, batches: int) -> None:
-        q.add_argument("--batches", type=int, default=batches, help=f"validation windows batches (default {batches})")
+        q.add_argument("--batches", type=int, default=batches, help=f"batches of windows to read (default {batches})")
         q.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
         q.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
 

@@ -4,7 +4,8 @@ Legend: B batch, T time, G hyper-connection branches, D model width, V vocabular
 n tokens in a CKA minibatch.
 
 Analysis is not a flag inside the layers: every tool here attaches forward hooks to a finished
-``EngramLM`` inside a context manager and removes them on exit, so the model is unchanged afterwards.
+``EngramLM`` inside a context manager and removes them on exit, so no hook outlives a tool (the tools
+put the model in eval mode and leave it there).
 Layer numbers in results are 1-based block indices (block 1 is the first), like the paper's.
 
 The other tools live beside this module: ``gatemap`` (per-token gates, HTML/PNG), ``probes``
@@ -363,7 +364,9 @@ def inspect_cka(base: str, engram: str, out_dir, batch_size: int = 4, seq_len: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_cka(S, out / "cka.png", *short_labels([base, engram]), align, reference)
-    result = {"base": str(a.path), "engram": str(b.path), "tokens": sum(x.shape[0] * (x.shape[1] - 1) for x, _ in windows),
+    # tokens scored: each batch's B*(T-1) positions in whole minibatches (cka_between drops the rest)
+    scored = sum(x.shape[0] * (x.shape[1] - 1) // minibatch * minibatch for x, _ in windows)
+    result = {"base": str(a.path), "engram": str(b.path), "tokens": scored,
               "minibatch": minibatch, "cka": np.round(S, 4).tolist(), "top": top,
               "alignment_index": np.round(align, 3).tolist(),
               "alignment_index_base_vs_itself": np.round(reference, 3).tolist(),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.data.bpe import special_ids
 from engram.experiments.analysis import capture_gates
 
 
@@ -55,16 +56,16 @@ def _pieces(text: str, offsets: list[tuple[int, int]]) -> list[str]:
 
 @torch.no_grad()
 def gate_map(model, tokenizer, text: str, bos: bool = True, max_tokens: int | None = None) -> GateMap:
-    """alpha at every token of ``text`` (a ``tokenizers.Tokenizer``), preceded by <|bos|> like the
+    """alpha at every token of ``text`` (a ``tokenizers.Tokenizer``), preceded by the BOS like the
     training documents when the tokenizer has one and ``bos``. ``max_tokens`` keeps only the first
     tokens (the BOS included); without it a text longer than the model's context is refused."""
     if not model.engram_layers:
         raise ValueError("the model has no Engram layer: no gates to map")
     enc = tokenizer.encode(text)
     ids, pieces = list(enc.ids), _pieces(text, enc.offsets)
-    bos_id = tokenizer.token_to_id("<|bos|>") if bos else None
+    bos_id = special_ids(tokenizer).bos if bos else None  # the BOS prepare_data put before each document
     if bos_id is not None:
-        ids, pieces = [bos_id] + ids, ["<|bos|>"] + pieces
+        ids, pieces = [bos_id] + ids, [tokenizer.id_to_token(bos_id)] + pieces
     if max_tokens is not None:
         ids, pieces = ids[:max_tokens], pieces[:max_tokens]
     if not ids:

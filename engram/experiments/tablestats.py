@@ -230,7 +230,7 @@ def plot_row_usage(usage: dict, path, min_count: int = 3) -> Path:
     return save_figure(fig, path)
 
 
-def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int = 8, seq_len: int = 256,
+def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int = 4, seq_len: int = 256,
                    batches: int = 16, device: str = "cpu") -> dict:
     """Table statistics of a checkpoint over ``batches`` fixed windows of a split, plus the functional
     controls on the validation windows; writes tables.json and row_usage.png to ``out_dir``."""

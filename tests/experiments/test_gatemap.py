@@ -90,3 +90,15 @@ def test_gate_map_refuses_models_without_engram_and_long_texts(model, tokenizer)
     with pytest.raises(ValueError, match="reads at most 256"):
         gate_map(model, tokenizer, TEXT * 40)
     assert len(gate_map(model, tokenizer, TEXT * 40, max_tokens=100).ids) == 100
+
+
+def test_gate_map_starts_with_a_foreign_tokenizers_bos(model):
+    """The BOS is found by its role (``special_ids``), as ``prepare_data`` found it: Llama spells it <s>."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    foreign = Tokenizer(WordLevel({"[UNK]": 0, "<s>": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
+    foreign.pre_tokenizer = Whitespace()
+    gm = gate_map(model, foreign, "a b a")
+    assert gm.ids == [1, 2, 3, 2] and gm.pieces[0] == "<s>"
