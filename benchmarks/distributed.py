@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 
 def _run_config(args, out_dir: str, table_scale: int = 1):
-    from engram.config import get_run_preset
+    from engram.presets import get_run_preset
 
     run = get_run_preset("demo-engram")
     engram = run.model.engram
@@ -87,7 +87,6 @@ def _volume(rank: int, world: int, port: int, threads: int, args, out: str) -> N
     from engram.distributed import runtime, shard_tables
     from engram.distributed.sharded import TRAFFIC
     from engram.model.transformer import EngramLM
-    from engram.train.loop import align_to_data
 
     _group(rank, world, port, threads)
     rows = []
@@ -95,7 +94,7 @@ def _volume(rank: int, world: int, port: int, threads: int, args, out: str) -> N
         for scale in args.table_scales:
             run = _run_config(args, out, scale)
             prepared = prepare_data(run.data)
-            model_cfg = align_to_data(run.model, prepared.vocab_size, prepared.pad_id)
+            model_cfg = run.model.with_data(prepared.vocab_size, prepared.pad_id)
             torch.manual_seed(0)
             model = EngramLM(model_cfg, prepared.compressed)
             tables = shard_tables(model)

@@ -48,14 +48,14 @@ def build(args: argparse.Namespace) -> tuple[Engram, SwiGLU, torch.Tensor, torch
     # d_mem = orders * n_embed_per_ngram = D / 2, as in the paper (1280 / 2560)
     config = EngramConfig(engram_vocab_size=[args.rows] * orders, max_ngram_size=args.max_ngram,
                           n_embed_per_ngram=args.dim // 2 // orders, n_head_per_ngram=K, layer_ids=[1],
-                          hc_mult=args.branches, kernel_size=args.kernel)
+                          kernel_size=args.kernel)
     hasher = NgramHasher(config, CompressedTokenizer.identity(RAW_VOCAB))
     gen = torch.Generator().manual_seed(0)
     raw = torch.randint(0, RAW_VOCAB, (args.batch, args.seq), generator=gen)
     hash_ids = hasher(raw)[1]  # (B, T, H)
     table_sizes = [p for order in hasher.primes[1] for p in order]
     torch.manual_seed(0)
-    layer = Engram(config, args.dim, table_sizes)
+    layer = Engram(config, args.dim, table_sizes, branches=args.branches)
     with torch.no_grad():  # a trained-looking conv, so the conv branch is not the identity shortcut
         layer.conv_weight.normal_(std=0.1)
     ffn = SwiGLU(args.dim, args.ffn_hidden or 8 * args.dim // 3)
@@ -87,9 +87,9 @@ def train_fn(module: torch.nn.Module, x: torch.Tensor, rest: tuple, before: Call
     return run
 
 
-def matmul_macs_per_token(config: EngramConfig, dim: int, ffn_hidden: int) -> tuple[int, int]:
+def matmul_macs_per_token(config: EngramConfig, branches: int, dim: int, ffn_hidden: int) -> tuple[int, int]:
     """Multiply-accumulates per token of the projections: Engram (W_K per branch + shared W_V) vs SwiGLU."""
-    M, G = config.memory_dim, config.hc_mult
+    M, G = config.memory_dim, branches
     return G * M * dim + M * dim, 3 * dim * ffn_hidden
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         grads["sparse" if sparse else "dense"] = nbytes
     layer.zero_grad(set_to_none=True)
 
-    engram_macs, ffn_macs = matmul_macs_per_token(config, args.dim, ffn_hidden)
+    engram_macs, ffn_macs = matmul_macs_per_token(config, args.branches, args.dim, ffn_hidden)
     rows = layer.embedding.num_rows
     print(f"engram layer: B={args.batch} T={args.seq} G={args.branches} D={args.dim} "
           f"H={config.n_heads} d_h={config.head_dim} d_mem={config.memory_dim} kernel={args.kernel} "

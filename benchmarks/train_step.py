@@ -34,8 +34,9 @@ def measure(preset: str, rows: int | None, steps: int, batch: int, seq: int) -> 
     """Runs in a child process: build, warm up, time ``steps`` training steps, report peak RSS."""
     import torch
 
-    from engram.config import TrainConfig, get_run_preset
-    from engram.experiments.accounting import count_parameters
+    from engram.config import TrainConfig
+    from engram.presets import get_run_preset
+    from engram.model.accounting import count_parameters
     from engram.model.transformer import EngramLM
     from engram.train.allocator import fix_mmap_threshold
     from engram.train.optim import Optimizers

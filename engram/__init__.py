@@ -7,8 +7,9 @@ The public surface::
     logits = model(input_ids).logits
 """
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, get_preset
-from engram.experiments.accounting import ParameterCount, count_parameters
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
+from engram.presets import get_preset
+from engram.model.accounting import ParameterCount, count_parameters
 from engram.hashing import NgramHasher
 from engram.model.engram import Engram
 from engram.model.overencoding import OverEncoding

@@ -2,7 +2,14 @@
 
 Every config validates itself in ``__post_init__`` and raises ``ValueError`` naming the field and the
 reason. ``to_dict`` / ``from_dict`` round-trip through plain JSON types; unknown keys are refused so a
-typo in a saved or user-supplied config never passes silently.
+typo in a saved or user-supplied config never passes silently. Configs written by earlier versions
+load: ``from_dict`` migrates their moved fields (see ``ModelConfig.from_dict``).
+
+Fields the data decides are *derived* (``derived(...)``): ``backbone.vocab_size`` and the tables'
+``pad_id``. ``None`` means "take it from the data"; a value the user set is kept and must agree with
+the data (``ModelConfig.with_data`` fills the first and refuses a conflict, never overwriting).
+
+Named presets live in ``engram.presets``; ``--set key=value`` parsing beside the CLI.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GATES = ("signed_sqrt", "sigmoid", "none")
+DERIVED = "derived"  # dataclass field metadata key: what in the data decides the field
 
 
 def _require(ok: bool, cls: str, name: str, why: str) -> None:
@@ -26,6 +34,12 @@ def _is_int(x: Any) -> bool:
 def _pos_int(cls: str, name: str, value: Any, minimum: int = 1) -> None:
     _require(_is_int(value), cls, name, f"must be an int, got {value!r}")
     _require(value >= minimum, cls, name, f"must be >= {minimum}, got {value}")
+
+
+def derived(default: Any, source: str):
+    """A field the data decides (``source`` says what in the data): ``None`` takes the data's value; a
+    value set by the user is kept and checked against the data (``ModelConfig.with_data``)."""
+    return field(default=default, metadata={DERIVED: source})
 
 
 class _Serialisable:
@@ -49,30 +63,53 @@ class _Serialisable:
         return cls(**kwargs)
 
 
-def _check_tables(c: str, config) -> None:
-    """Validate the table fields EngramConfig and OverEncodingConfig share (same hashing, same tables)."""
-    _pos_int(c, "max_ngram_size", config.max_ngram_size, minimum=2)
-    _require(isinstance(config.engram_vocab_size, (list, tuple)), c, "engram_vocab_size",
-             f"must be a list with one size per n-gram order, got {config.engram_vocab_size!r}")
-    config.engram_vocab_size = list(config.engram_vocab_size)
-    _require(len(config.engram_vocab_size) == config.max_ngram_size - 1, c, "engram_vocab_size",
-             f"needs one entry per order 2..{config.max_ngram_size} "
-             f"({config.max_ngram_size - 1} entries), got {len(config.engram_vocab_size)}")
-    for size in config.engram_vocab_size:
-        _require(_is_int(size) and size >= 2, c, "engram_vocab_size",
-                 f"every size must be an int >= 2, got {size!r}")
-    _pos_int(c, "n_head_per_ngram", config.n_head_per_ngram)
-    _pos_int(c, "n_embed_per_ngram", config.n_embed_per_ngram)
-    _require(config.n_embed_per_ngram % config.n_head_per_ngram == 0, c, "n_embed_per_ngram",
-             f"must be divisible by n_head_per_ngram={config.n_head_per_ngram}, "
-             f"got {config.n_embed_per_ngram}")
-    _pos_int(c, "pad_id", config.pad_id, minimum=0)
-    _require(_is_int(config.seed) and config.seed >= 0, c, "seed", f"must be an int >= 0, got {config.seed!r}")
-    _require(isinstance(config.compress, bool), c, "compress", f"must be true or false, got {config.compress!r}")
+@dataclass
+class TableConfig(_Serialisable):
+    """Hashed n-gram tables (SPEC §2 steps 1-5), shared by Engram and OverEncoding: equal fields give the
+    same hashing, the same prime-sized heads and the same row width, whichever module reads them.
+    The field names are the official demo's.
 
+    engram_vocab_size: nominal table rows per hash head, one entry per n-gram order 2..N; each head
+        gets its own prime a little above this (SPEC §2 step 3).
+    max_ngram_size: N, the largest n-gram order.
+    n_embed_per_ngram: width of one order's slice of the memory; d_h = n_embed_per_ngram / K.
+    n_head_per_ngram: K, hash heads per order; H = K * (N - 1) in total.
+    pad_id: the *raw* pad id; its compressed image pads n-grams on the left and across boundaries.
+        Derived: ``None`` takes the training data's pad id (2 is the demo's).
+    seed: base seed of the per-layer multipliers (numpy PCG64, SPEC §2 step 2).
+    compress: False hashes raw ids (compressed id = raw id, V' = raw vocabulary) even when the model
+        is given a CompressedTokenizer (the "no tokenizer compression" ablation, SPEC §5).
+    """
 
-class _TableSizes:
-    """Derived sizes of hashed n-gram tables (SPEC §2 notation)."""
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    max_ngram_size: int = 3
+    n_embed_per_ngram: int = 512
+    n_head_per_ngram: int = 8
+    pad_id: int | None = derived(2, "the tokenizer's pad id")
+    seed: int = 0
+    compress: bool = True
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        _pos_int(c, "max_ngram_size", self.max_ngram_size, minimum=2)
+        _require(isinstance(self.engram_vocab_size, (list, tuple)), c, "engram_vocab_size",
+                 f"must be a list with one size per n-gram order, got {self.engram_vocab_size!r}")
+        self.engram_vocab_size = list(self.engram_vocab_size)
+        _require(len(self.engram_vocab_size) == self.max_ngram_size - 1, c, "engram_vocab_size",
+                 f"needs one entry per order 2..{self.max_ngram_size} "
+                 f"({self.max_ngram_size - 1} entries), got {len(self.engram_vocab_size)}")
+        for size in self.engram_vocab_size:
+            _require(_is_int(size) and size >= 2, c, "engram_vocab_size",
+                     f"every size must be an int >= 2, got {size!r}")
+        _pos_int(c, "n_head_per_ngram", self.n_head_per_ngram)
+        _pos_int(c, "n_embed_per_ngram", self.n_embed_per_ngram)
+        _require(self.n_embed_per_ngram % self.n_head_per_ngram == 0, c, "n_embed_per_ngram",
+                 f"must be divisible by n_head_per_ngram={self.n_head_per_ngram}, "
+                 f"got {self.n_embed_per_ngram}")
+        if self.pad_id is not None:
+            _pos_int(c, "pad_id", self.pad_id, minimum=0)
+        _require(_is_int(self.seed) and self.seed >= 0, c, "seed", f"must be an int >= 0, got {self.seed!r}")
+        _require(isinstance(self.compress, bool), c, "compress", f"must be true or false, got {self.compress!r}")
 
     @property
     def n_orders(self) -> int:
@@ -95,47 +132,31 @@ class _TableSizes:
 
 
 @dataclass
-class EngramConfig(_TableSizes, _Serialisable):
-    """The Engram module, with the official demo's field names and meanings (SPEC §2).
+class EngramConfig(TableConfig):
+    """The Engram module (SPEC §2): its tables (``TableConfig``'s fields) plus where it sits and how it
+    reads them. The number of hyper-connection branches G it reads and writes is the backbone's
+    ``hc_mult``, the one source for G.
 
-    engram_vocab_size: nominal table rows per hash head, one entry per n-gram order 2..N; each head
-        gets its own prime a little above this (SPEC §2 step 3).
-    max_ngram_size: N, the largest n-gram order (also the short conv's dilation).
-    n_embed_per_ngram: width of one order's slice of the memory; d_h = n_embed_per_ngram / K.
-    n_head_per_ngram: K, hash heads per order; H = K * (N - 1) in total.
     layer_ids: 0-based blocks that hold an Engram module (the paper's "layer 2" is 1 here).
-    pad_id: the *raw* pad id; its compressed image pads n-grams on the left and across boundaries.
-    seed: base seed of the per-layer multipliers (numpy PCG64, SPEC §2 step 2).
-    kernel_size: taps of the dilated causal short conv.
+    kernel_size: taps of the dilated causal short conv (its dilation is max_ngram_size).
     gate: "signed_sqrt" (demo and paper kernels, default), "sigmoid" (plain sigmoid of the score) or
         "none" (alpha = 1: no gating, and no W_K or query/key norms are built).
-    hc_mult: G, the number of hyper-connection branches the module reads and writes.
 
-    Ablation switches (SPEC §5; the defaults are the paper's module):
-    compress: False hashes raw ids (compressed id = raw id, V' = raw vocabulary) even when the model
-        is given a CompressedTokenizer ("no tokenizer compression").
+    Ablation switches (SPEC §5; the defaults are the paper's module; ``compress`` is a table field):
     short_conv: False drops the dilated short conv and its norm: Y = the gated value.
     branch_keys: False shares one W_K and one key RMSNorm across the G branches (no "branch-specific
         fusion"); the query norm and the gate stay per branch. Same as True when G = 1.
     """
 
-    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
-    max_ngram_size: int = 3
-    n_embed_per_ngram: int = 512
-    n_head_per_ngram: int = 8
     layer_ids: list[int] = field(default_factory=lambda: [1, 15])
-    pad_id: int = 2
-    seed: int = 0
     kernel_size: int = 4
     gate: str = "signed_sqrt"
-    hc_mult: int = 1
-    compress: bool = True
     short_conv: bool = True
     branch_keys: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         c = "EngramConfig"
-        _check_tables(c, self)
         _require(isinstance(self.layer_ids, (list, tuple)), c, "layer_ids",
                  f"must be a list of 0-based block indices, got {self.layer_ids!r}")
         self.layer_ids = list(self.layer_ids)
@@ -146,10 +167,17 @@ class EngramConfig(_TableSizes, _Serialisable):
                  f"must not repeat a block, got {self.layer_ids}")
         _pos_int(c, "kernel_size", self.kernel_size)
         _require(self.gate in GATES, c, "gate", f"must be one of {GATES}, got {self.gate!r}")
-        _pos_int(c, "hc_mult", self.hc_mult)
         for name in ("short_conv", "branch_keys"):
             value = getattr(self, name)
             _require(isinstance(value, bool), c, name, f"must be true or false, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        # Configs written by 0.1 carry G here too (``hc_mult``). ModelConfig.from_dict checks it against
+        # backbone.hc_mult before it gets here; a lone EngramConfig (a budget's template) has no backbone.
+        if isinstance(data, dict) and "hc_mult" in data:
+            data = {k: v for k, v in data.items() if k != "hc_mult"}
+        return super().from_dict(data)
 
     @property
     def dilation(self) -> int:
@@ -157,32 +185,13 @@ class EngramConfig(_TableSizes, _Serialisable):
 
 
 @dataclass
-class OverEncodingConfig(_TableSizes, _Serialisable):
+class OverEncodingConfig(TableConfig):
     """OverEncoding (Huang et al. 2025): hashed n-gram embeddings averaged into the input embedding.
 
-    The table fields mean exactly what they mean in ``EngramConfig``, so an OverEncoding model and an
-    Engram model with equal fields have the same hashing, table rows and row width (the paper's
-    "Engram beats OverEncoding at equal memory", SPEC §4). It is its own class rather than an
-    EngramConfig because layer_ids, kernel_size, gate, hc_mult and the module switches have no
-    meaning at the input; ``hash_config`` builds the EngramConfig that ``NgramHasher`` reads.
+    Exactly ``TableConfig``: an OverEncoding model and an Engram model with equal table fields have the
+    same hashing, table rows and row width (the paper's "Engram beats OverEncoding at equal memory",
+    SPEC §4). Layers, the conv, the gate and the module switches have no meaning at the input.
     """
-
-    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
-    max_ngram_size: int = 3
-    n_embed_per_ngram: int = 512
-    n_head_per_ngram: int = 8
-    pad_id: int = 2
-    seed: int = 0
-    compress: bool = True
-
-    def __post_init__(self) -> None:
-        _check_tables("OverEncodingConfig", self)
-
-    def hash_config(self, layer_id: int) -> EngramConfig:
-        """The hashing fields as an EngramConfig whose one (virtual) layer is ``layer_id``."""
-        return EngramConfig(engram_vocab_size=list(self.engram_vocab_size), max_ngram_size=self.max_ngram_size,
-                            n_embed_per_ngram=self.n_embed_per_ngram, n_head_per_ngram=self.n_head_per_ngram,
-                            layer_ids=[layer_id], pad_id=self.pad_id, seed=self.seed, compress=self.compress)
 
 
 @dataclass
@@ -222,12 +231,14 @@ class MoEConfig(_Serialisable):
 class BackboneConfig(_Serialisable):
     """The decoder-only transformer that hosts Engram.
 
-    hc_mult: G, hyper-connection branches (mHC); 1 gives a plain residual stream.
+    vocab_size: raw token ids. Derived: ``None`` takes the training tokenizer's size.
+    hc_mult: G, hyper-connection branches (mHC); 1 gives a plain residual stream. Engram modules read
+        and write all G branches.
     ffn_hidden: width of the dense SwiGLU FFN (every block when ``moe`` is None, else the first
         ``moe.first_dense_layers`` blocks).
     """
 
-    vocab_size: int = 512
+    vocab_size: int | None = derived(512, "the tokenizer's size")
     n_layers: int = 4
     d_model: int = 64
     n_heads: int = 4
@@ -242,7 +253,8 @@ class BackboneConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         c = "BackboneConfig"
-        _pos_int(c, "vocab_size", self.vocab_size, minimum=2)
+        if self.vocab_size is not None:
+            _pos_int(c, "vocab_size", self.vocab_size, minimum=2)
         _pos_int(c, "n_layers", self.n_layers)
         _pos_int(c, "d_model", self.d_model)
         _pos_int(c, "n_heads", self.n_heads)
@@ -292,31 +304,83 @@ class ModelConfig(_Serialisable):
             self.overencoding = OverEncodingConfig.from_dict(self.overencoding)
         _require(isinstance(self.backbone, BackboneConfig), c, "backbone",
                  f"must be a BackboneConfig, got {type(self.backbone).__name__}")
-        if self.overencoding is not None:
-            _require(isinstance(self.overencoding, OverEncodingConfig), c, "overencoding",
-                     f"must be an OverEncodingConfig or None, got {type(self.overencoding).__name__}")
-            _require(self.overencoding.pad_id < self.backbone.vocab_size, c, "overencoding.pad_id",
-                     f"raw pad id {self.overencoding.pad_id} is outside backbone.vocab_size="
-                     f"{self.backbone.vocab_size}")
-        if self.engram is None:
-            return
-        _require(isinstance(self.engram, EngramConfig), c, "engram",
+        _require(self.engram is None or isinstance(self.engram, EngramConfig), c, "engram",
                  f"must be an EngramConfig or None, got {type(self.engram).__name__}")
-        bad = [lid for lid in self.engram.layer_ids if lid >= self.backbone.n_layers]
-        _require(not bad, c, "engram.layer_ids",
-                 f"{bad} out of range for backbone.n_layers={self.backbone.n_layers} (ids are 0-based)")
-        _require(self.engram.hc_mult == self.backbone.hc_mult, c, "engram.hc_mult",
-                 f"must equal backbone.hc_mult={self.backbone.hc_mult} (the module reads and writes "
-                 f"every branch), got {self.engram.hc_mult}")
-        _require(self.engram.pad_id < self.backbone.vocab_size, c, "engram.pad_id",
-                 f"raw pad id {self.engram.pad_id} is outside backbone.vocab_size={self.backbone.vocab_size}")
+        _require(self.overencoding is None or isinstance(self.overencoding, OverEncodingConfig), c,
+                 "overencoding", f"must be an OverEncodingConfig or None, got {type(self.overencoding).__name__}")
+        vocab = self.backbone.vocab_size
+        for name, tables in (("engram", self.engram), ("overencoding", self.overencoding)):
+            if tables is not None and tables.pad_id is not None and vocab is not None:
+                _require(tables.pad_id < vocab, c, f"{name}.pad_id",
+                         f"raw pad id {tables.pad_id} is outside backbone.vocab_size={vocab}")
+        if self.engram is not None:
+            bad = [lid for lid in self.engram.layer_ids if lid >= self.backbone.n_layers]
+            _require(not bad, c, "engram.layer_ids",
+                     f"{bad} out of range for backbone.n_layers={self.backbone.n_layers} (ids are 0-based)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Also reads 0.1 configs, whose ``engram.hc_mult`` repeated ``backbone.hc_mult``: accepted
+        when the two agree, refused (naming both) when they do not."""
+        if isinstance(data, dict) and isinstance(data.get("engram"), dict) and "hc_mult" in data["engram"]:
+            g = data["engram"]["hc_mult"]
+            backbone = data.get("backbone")
+            bg = backbone.get("hc_mult", 1) if isinstance(backbone, dict) else getattr(backbone, "hc_mult", 1)
+            if g != bg:
+                raise ValueError(f"ModelConfig.engram.hc_mult: the module reads and writes every branch, so it "
+                                 f"must equal backbone.hc_mult={bg}, got {g} (G now lives in backbone.hc_mult only)")
+        return super().from_dict(data)
 
     @property
     def engram_layer_ids(self) -> list[int]:
         return [] if self.engram is None else list(self.engram.layer_ids)
 
+    @property
+    def branches(self) -> int:
+        """G, the residual stream's copies: the backbone's ``hc_mult``."""
+        return self.backbone.hc_mult
+
+    def derived_fields(self) -> dict[str, Any]:
+        """Dotted name -> current value of every field the data decides (None: not set yet)."""
+        out = {"backbone.vocab_size": self.backbone.vocab_size}
+        for name in ("engram", "overencoding"):
+            tables = getattr(self, name)
+            if tables is not None:
+                out[f"{name}.pad_id"] = tables.pad_id
+        return out
+
+    def with_data(self, vocab_size: int, pad_id: int) -> "ModelConfig":
+        """This config with its derived fields taken from the data: a field left at ``None`` gets the
+        data's value; a field set by the user must already equal it (ValueError naming the field, both
+        values and the fix). The data never overwrites what the user set."""
+        wanted = {"backbone.vocab_size": vocab_size, "engram.pad_id": pad_id, "overencoding.pad_id": pad_id}
+        conflicts = [f"model.{k}={v} but the data gives {wanted[k]}"
+                     for k, v in self.derived_fields().items() if v is not None and v != wanted[k]]
+        if conflicts:
+            raise ValueError("; ".join(conflicts) + ". These fields come from the data: set them to null "
+                             "(e.g. --set model.backbone.vocab_size=null) to take the data's values, or "
+                             "change the data")
+        backbone = dataclasses.replace(self.backbone, vocab_size=vocab_size)
+        engram = None if self.engram is None else dataclasses.replace(self.engram, pad_id=pad_id)
+        over = None if self.overencoding is None else dataclasses.replace(self.overencoding, pad_id=pad_id)
+        return ModelConfig(backbone=backbone, engram=engram, overencoding=over)
+
+    def without_data(self) -> "ModelConfig":
+        """This config with its derived fields unset (``None``), so that training takes them from the
+        data (what a run preset built from a model preset does)."""
+        backbone = dataclasses.replace(self.backbone, vocab_size=None)
+        engram = None if self.engram is None else dataclasses.replace(self.engram, pad_id=None)
+        over = None if self.overencoding is None else dataclasses.replace(self.overencoding, pad_id=None)
+        return ModelConfig(backbone=backbone, engram=engram, overencoding=over)
+
+    def unresolved(self) -> list[str]:
+        """Derived fields still ``None``: a model cannot be built until the data (or the user) sets them."""
+        return [k for k, v in self.derived_fields().items() if v is None]
+
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
+        from engram.presets import get_preset
+
         return get_preset(name)
 
 
@@ -436,109 +500,3 @@ _NESTED: dict[tuple[str, str], type] = {
     ("RunConfig", "data"): DataConfig,
     ("RunConfig", "train"): TrainConfig,
 }
-
-
-# -- named presets ---------------------------------------------------------------------------------
-def _tiny_backbone(moe: bool) -> BackboneConfig:
-    return BackboneConfig(
-        vocab_size=512, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=172,
-        max_seq_len=256, hc_mult=2,
-        moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden=32) if moe else None,
-    )
-
-
-def _tiny_engram() -> ModelConfig:
-    return ModelConfig(
-        backbone=_tiny_backbone(moe=True),
-        engram=EngramConfig(engram_vocab_size=[1009, 1009], max_ngram_size=3, n_embed_per_ngram=32,
-                            n_head_per_ngram=4, layer_ids=[1], pad_id=2, hc_mult=2),
-    )
-
-
-# Unit-test sized (seconds on a CPU). Training-sized presets are added beside these.
-PRESETS = {
-    "tiny-dense": lambda: ModelConfig(backbone=_tiny_backbone(moe=False)),
-    "tiny-moe": lambda: ModelConfig(backbone=_tiny_backbone(moe=True)),
-    "tiny-engram": _tiny_engram,
-}
-
-
-def get_preset(name: str) -> ModelConfig:
-    """A fresh ModelConfig for a named preset; unknown names list the known ones."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
-    return PRESETS[name]()
-
-
-# -- run presets: a model plus its data and training settings -------------------------------------
-def _demo_backbone(n_routed_experts: int) -> BackboneConfig:
-    return BackboneConfig(
-        vocab_size=8192, n_layers=6, d_model=192, n_heads=6, ffn_hidden=512, max_seq_len=512, hc_mult=1,
-        moe=MoEConfig(n_routed_experts=n_routed_experts, n_shared_experts=1, top_k=2, expert_hidden=128,
-                      first_dense_layers=1),
-    )
-
-
-def _demo_train(out: str) -> TrainConfig:
-    # 400 steps x 2,048 tokens = 819k tokens: ~7 minutes per model on 2 CPU cores.
-    return TrainConfig(max_steps=400, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=40, eval_every=50,
-                       eval_batches=8, log_every=10, save_every=100, out_dir=out)
-
-
-def _demo_moe() -> RunConfig:
-    return RunConfig(model=ModelConfig(backbone=_demo_backbone(16)), train=_demo_train("runs/demo/demo-moe"))
-
-
-def _demo_engram() -> RunConfig:
-    """demo-moe's iso-parameter twin: 3 of 16 routed experts per MoE block (1.11M parameters, 21% of the
-    sparse budget) move into Engram tables at block 1; memory width 48 keeps P_act within 1%."""
-    engram = EngramConfig(engram_vocab_size=[22613, 22613], max_ngram_size=3, n_embed_per_ngram=24,
-                          n_head_per_ngram=3, layer_ids=[1], pad_id=0, hc_mult=1)
-    return RunConfig(model=ModelConfig(backbone=_demo_backbone(13), engram=engram),
-                     train=_demo_train("runs/demo/demo-engram"))
-
-
-RUN_PRESETS = {
-    "demo-moe": _demo_moe,
-    "demo-engram": _demo_engram,
-}
-
-
-def get_run_preset(name: str) -> RunConfig:
-    """A RunConfig by name: a run preset, or a model preset with default data and training settings."""
-    if name in RUN_PRESETS:
-        return RUN_PRESETS[name]()
-    if name in PRESETS:
-        return RunConfig(model=PRESETS[name](), train=TrainConfig(out_dir=f"runs/{name}"))
-    raise ValueError(f"unknown preset {name!r}; known presets: {sorted(RUN_PRESETS) + sorted(PRESETS)}")
-
-
-def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``key=value`` overrides with dotted keys (``train.lr=1e-3``, ``model.engram.layer_ids=[1,3]``).
-
-    Values are parsed as JSON when they parse (numbers, lists, true/false/null), else taken as strings.
-    The result is validated like any config; an unknown key names the known ones.
-    """
-    import json as _json
-
-    data = config.to_dict()
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. train.lr=1e-3)")
-        key, raw = item.split("=", 1)
-        try:
-            value = _json.loads(raw)
-        except _json.JSONDecodeError:
-            value = raw
-        node, parts = data, key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                raise ValueError(f"override {key!r}: no field {'.'.join(parts[: i + 1])!r}")
-            if node[part] is None:
-                raise ValueError(f"override {key!r}: {'.'.join(parts[: i + 1])} is null in this preset")
-            node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
-            known = sorted(node) if isinstance(node, dict) else []
-            raise ValueError(f"override {key!r}: unknown field {parts[-1]!r}; known: {known}")
-        node[parts[-1]] = value
-    return RunConfig.from_dict(data)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import EngramConfig
+from engram.config import TableConfig
 from engram.tokenizer import CompressedTokenizer
 
 INT64_MAX = 2**63 - 1
@@ -155,8 +155,16 @@ class NgramHasher(nn.Module):
     not as weights, and verified on load (``check_layout``).
     """
 
-    def __init__(self, config: EngramConfig, compressed_tokenizer: CompressedTokenizer):
+    def __init__(self, config: TableConfig, compressed_tokenizer: CompressedTokenizer,
+                 layer_ids: list[int] | None = None):
         super().__init__()
+        if layer_ids is None:
+            if not hasattr(config, "layer_ids"):
+                raise ValueError(f"{type(config).__name__} names no layers: pass layer_ids")
+            layer_ids = config.layer_ids
+        if config.pad_id is None:
+            raise ValueError(f"{type(config).__name__}.pad_id is None (it comes from the data): set it, or "
+                             "build the model from a config aligned with its data (ModelConfig.with_data)")
         if config.pad_id >= compressed_tokenizer.raw_vocab_size:
             raise ValueError(f"EngramConfig.pad_id={config.pad_id} is outside the tokenizer's "
                              f"{compressed_tokenizer.raw_vocab_size} ids")
@@ -164,7 +172,7 @@ class NgramHasher(nn.Module):
             compressed_tokenizer = CompressedTokenizer.identity(compressed_tokenizer.raw_vocab_size)
         self.config = config
         self.tokenizer = compressed_tokenizer
-        self.layer_ids = list(config.layer_ids)
+        self.layer_ids = list(layer_ids)
         self.compressed_vocab_size = compressed_tokenizer.vocab_size
         self.compressed_pad_id = int(compressed_tokenizer.lookup[config.pad_id])
 

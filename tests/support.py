@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engram.config import DataConfig, RunConfig, TrainConfig, get_preset
+from engram.config import DataConfig, RunConfig, TrainConfig
+from engram.presets import get_preset
 
 
 def assert_causal(model, vocab_size: int, T: int = 40, t: int = 23) -> None:
@@ -72,7 +73,7 @@ def tiny_run(corpus_dir, cache_dir, out_dir, **train) -> RunConfig:
     settings = dict(max_steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=4,
                     eval_batches=2, log_every=1, save_every=4, out_dir=str(out_dir))
     settings.update(train)
-    return RunConfig(model=get_preset("tiny-engram"),
+    return RunConfig(model=get_preset("tiny-engram").without_data(),
                      data=DataConfig(source=str(corpus_dir), vocab_size=300, val_fraction=0.2, cache_dir=str(cache_dir)),
                      train=TrainConfig(**settings))
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from engram.config import (PRESETS, BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig,
-                           get_preset)
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
+from engram.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -21,7 +21,6 @@ from engram.config import (PRESETS, BackboneConfig, EngramConfig, ModelConfig, M
     ({"seed": -5}, "seed"),
     ({"kernel_size": 0}, "kernel_size"),
     ({"gate": "relu"}, "gate"),
-    ({"hc_mult": 0}, "hc_mult"),
     ({"n_head_per_ngram": True}, "n_head_per_ngram"),
     ({"compress": "no"}, "compress"),
     ({"short_conv": 0}, "short_conv"),
@@ -51,11 +50,45 @@ def test_backbone_and_moe_errors(cls, kwargs, field):
 def test_model_config_cross_checks():
     bb = BackboneConfig(n_layers=4, hc_mult=2)
     with pytest.raises(ValueError, match=r"engram\.layer_ids.*\[4\]"):
-        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1, 4], hc_mult=2))
-    with pytest.raises(ValueError, match=r"engram\.hc_mult"):
-        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1], hc_mult=1))
+        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1, 4]))
     with pytest.raises(ValueError, match=r"engram\.pad_id"):
-        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1], hc_mult=2, pad_id=600))
+        ModelConfig(backbone=bb, engram=EngramConfig(layer_ids=[1], pad_id=600))
+
+
+def test_the_number_of_branches_has_one_source():
+    assert "hc_mult" not in EngramConfig().to_dict()
+    with pytest.raises(TypeError):
+        EngramConfig(hc_mult=2)
+    config = get_preset("tiny-engram")
+    assert config.branches == config.backbone.hc_mult == 2
+
+
+def test_configs_that_repeated_the_branches_in_engram_load_when_they_agree():
+    old = get_preset("tiny-engram").to_dict()
+    old["engram"]["hc_mult"] = 2  # how 0.1 wrote it
+    assert ModelConfig.from_dict(old) == get_preset("tiny-engram")
+    old["engram"]["hc_mult"] = 1
+    with pytest.raises(ValueError, match=r"engram\.hc_mult.*backbone\.hc_mult=2, got 1"):
+        ModelConfig.from_dict(old)
+    assert EngramConfig.from_dict({"layer_ids": [1], "hc_mult": 4}) == EngramConfig(layer_ids=[1])
+
+
+def test_derived_fields_are_filled_from_the_data_never_overwritten():
+    config = get_preset("tiny-engram")
+    assert config.derived_fields() == {"backbone.vocab_size": 512, "engram.pad_id": 2}
+    unset = config.without_data()
+    assert unset.unresolved() == ["backbone.vocab_size", "engram.pad_id"]
+    filled = unset.with_data(vocab_size=300, pad_id=0)
+    assert (filled.backbone.vocab_size, filled.engram.pad_id) == (300, 0) and filled.unresolved() == []
+    assert config.with_data(vocab_size=512, pad_id=2) == config  # set and agreeing: kept
+    with pytest.raises(ValueError, match=r"model\.backbone\.vocab_size=512 but the data gives 300.*"
+                                         r"model\.engram\.pad_id=2 but the data gives 0.*null"):
+        config.with_data(vocab_size=300, pad_id=0)
+    over = ModelConfig(backbone=BackboneConfig(vocab_size=None),
+                       overencoding=OverEncodingConfig(engram_vocab_size=[11], max_ngram_size=2, pad_id=5))
+    with pytest.raises(ValueError, match=r"overencoding\.pad_id=5 but the data gives 0"):
+        over.with_data(vocab_size=300, pad_id=0)
+    assert ModelConfig.from_dict(json.loads(json.dumps(unset.to_dict()))) == unset
 
 
 def test_demo_field_names_and_defaults():
@@ -104,7 +137,7 @@ def test_switches_and_overencoding_round_trip():
                                              n_head_per_ngram=2, compress=False)
     again = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config and isinstance(again.overencoding, OverEncodingConfig)
-    assert again.overencoding.hash_config(4).layer_ids == [4] and not again.overencoding.hash_config(4).compress
+    assert not again.overencoding.compress
     with pytest.raises(ValueError, match=r"ModelConfig\.overencoding\.pad_id"):
         ModelConfig(backbone=BackboneConfig(vocab_size=100), overencoding=OverEncodingConfig(pad_id=100))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from engram.config import EngramConfig, ModelConfig
-from engram.experiments.accounting import (ParameterCount, count_parameters, engram_dense_params,
+from engram.model.accounting import (ParameterCount, count_parameters, engram_dense_params,
                                            engram_table_params)
 from engram.model.layers import swiglu_params
 
@@ -97,7 +97,7 @@ def solve_rows(config: ModelConfig, target_table_params: int) -> int:
 def allocate(base: ModelConfig, engram: EngramConfig, rho: float, p_tot_tolerance: float = 0.01) -> AllocationPoint:
     """The model at allocation ratio ``rho`` (nearest reachable) for the pure-MoE ``base``.
 
-    ``engram`` is the template of the module (layers, orders, heads, row width, hc_mult, pad id ...);
+    ``engram`` is the template of the module (layers, orders, heads, row width, pad id ...);
     its ``engram_vocab_size`` is replaced by the solved table size.
     """
     if not 0.0 <= rho <= 1.0:
@@ -109,8 +109,6 @@ def allocate(base: ModelConfig, engram: EngramConfig, rho: float, p_tot_toleranc
     removed = round((1.0 - rho) * inactive)
     if removed == 0:
         return AllocationPoint(rho, 1.0, 0, 0, base, base_count)
-    if engram.hc_mult != bb.hc_mult:
-        raise ValueError(f"engram.hc_mult={engram.hc_mult} must equal backbone.hc_mult={bb.hc_mult}")
 
     D, n_dense, n_moe = bb.d_model, moe.first_dense_layers, _moe_blocks(base)
     expert = swiglu_params(D, moe.expert_hidden)

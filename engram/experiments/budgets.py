@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engram.config import (BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig,
-                           TrainConfig)
+from engram.config import BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def _tiny_base() -> RunConfig:
 def _tiny_engram() -> EngramConfig:
     # d_h = 8, H = 8 heads, memory width 64 = D/2 (the paper: 1280 for D = 2560)
     return EngramConfig(engram_vocab_size=[1000, 1000], max_ngram_size=3, n_embed_per_ngram=32, n_head_per_ngram=4,
-                        layer_ids=[1], pad_id=0, kernel_size=4, hc_mult=1)
+                        layer_ids=[1], pad_id=0, kernel_size=4)
 
 
 def _gpu_base(d_model: int, n_layers: int, n_heads: int, experts: int, expert_hidden: int, steps: int,
@@ -74,10 +73,10 @@ def _gpu_base(d_model: int, n_layers: int, n_heads: int, experts: int, expert_hi
     return RunConfig(model=ModelConfig(backbone=backbone), data=DataConfig(vocab_size=8192), train=train)
 
 
-def _gpu_engram(d_model: int, hc_mult: int = 4) -> EngramConfig:
+def _gpu_engram(d_model: int) -> EngramConfig:
     # memory width D/2 as in the paper (16 heads of d_h = D/32); placeholder sizes are solved per rho
     return EngramConfig(engram_vocab_size=[1000, 1000], max_ngram_size=3, n_embed_per_ngram=d_model // 4,
-                        n_head_per_ngram=8, layer_ids=[1], pad_id=0, kernel_size=4, hc_mult=hc_mult)
+                        n_head_per_ngram=8, layer_ids=[1], pad_id=0, kernel_size=4)
 
 
 BUDGETS: dict[str, Budget] = {

@@ -12,7 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
-from engram.config import apply_overrides, get_run_preset
+from engram.cli.overrides import apply_overrides
+from engram.presets import get_run_preset
 
 PRESETS = ("demo-moe", "demo-engram")
 PROMPT = "def __init__(self"

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.config import get_preset
+from engram.presets import get_preset
 from engram.infer import generate_batch
 from engram.model.engram import Engram
 from engram.model.transformer import EngramLM

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engram.config import ModelConfig, OverEncodingConfig, RunConfig, apply_overrides
-from engram.experiments.accounting import count_parameters
+from engram.config import ModelConfig, OverEncodingConfig, RunConfig
+from engram.cli.overrides import apply_overrides
+from engram.model.accounting import count_parameters
 from engram.experiments.allocation import allocate, allocation_grid, format_grid, with_rows_per_head
 from engram.experiments.budgets import Budget, get_budget
 
@@ -114,7 +115,7 @@ def ablation_models(budget: Budget) -> list[tuple[str, str, ModelConfig]]:
                                          engram_vocab_size=[rows4] * (e.n_orders + 1))),
     ]
     if bb.hc_mult == 1:  # branch-specific keys need hyper-connections: compare G=2 with and without them
-        g2 = ModelConfig(backbone=dataclasses.replace(bb, hc_mult=2), engram=dataclasses.replace(e, hc_mult=2))
+        g2 = ModelConfig(backbone=dataclasses.replace(bb, hc_mult=2), engram=e)
         variants += [("G=2", "component", g2),
                      ("G=2-shared-key", "component",
                       dataclasses.replace(g2, engram=dataclasses.replace(g2.engram, branch_keys=False)))]

@@ -65,7 +65,7 @@ class InferenceCache:
             conv = None
             if blk.engram is not None and blk.engram.config.short_conv:
                 e = blk.engram.config
-                conv = torch.zeros(B, (e.kernel_size - 1) * e.dilation, e.hc_mult, bb.d_model, device=device, dtype=dtype)
+                conv = torch.zeros(B, (e.kernel_size - 1) * e.dilation, bb.hc_mult, bb.d_model, device=device, dtype=dtype)
             self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                           torch.zeros(shape, device=device, dtype=dtype), conv))
         # (B, N-1) compressed ids per hasher, pads until the first call

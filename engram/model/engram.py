@@ -91,11 +91,15 @@ class Engram(nn.Module):
     The default module keeps its parameter names and order (checkpoint keys, optimizer state order).
     """
 
-    def __init__(self, config: EngramConfig, dim: int, table_sizes: list[int], norm_eps: float = 1e-6):
+    def __init__(self, config: EngramConfig, dim: int, table_sizes: list[int], norm_eps: float = 1e-6, *,
+                 branches: int = 1):
         super().__init__()
         if len(table_sizes) != config.n_heads:
             raise ValueError(f"need one table size per hash head ({config.n_heads}), got {len(table_sizes)}")
-        G, M = config.hc_mult, config.memory_dim
+        if not isinstance(branches, int) or branches < 1:
+            raise ValueError(f"Engram.branches: must be an int >= 1, got {branches!r}")
+        G, M = branches, config.memory_dim
+        self.branches = G
         gated = config.gate != "none"
         keys = G if config.branch_keys else 1
         self.config = config

@@ -64,7 +64,7 @@ class OverEncoding(nn.Module):
         super().__init__()
         self.config = config
         self.layer_id = layer_id
-        self.hasher = NgramHasher(config.hash_config(layer_id), compressed_tokenizer)
+        self.hasher = NgramHasher(config, compressed_tokenizer, layer_ids=[layer_id])
         sizes = [p for order in self.hasher.primes[layer_id] for p in order]
         self.embedding = MultiHeadEmbedding(sizes, config.head_dim)
         # the variant is chosen here: a projection only when an order's width is not the model's

@@ -43,7 +43,8 @@ class Block(nn.Module):
         super().__init__()
         bb = config.backbone
         self.layer_id = layer_id
-        self.engram = Engram(config.engram, bb.d_model, table_sizes, bb.norm_eps) if table_sizes else None
+        self.engram = (Engram(config.engram, bb.d_model, table_sizes, bb.norm_eps, branches=bb.hc_mult)
+                       if table_sizes else None)
         self.attn_norm = RMSNorm(bb.d_model, bb.norm_eps)
         self.attn = Attention(bb)
         self.attn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)

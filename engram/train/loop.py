@@ -29,7 +29,7 @@ import torch
 from engram.config import ModelConfig, RunConfig
 from engram.distributed import runtime as rt
 from engram.distributed.sharded import TRAFFIC, shard_tables
-from engram.experiments.accounting import count_parameters
+from engram.model.accounting import count_parameters
 from engram.model.transformer import EngramLM
 from engram.train.allocator import fix_mmap_threshold
 from engram.train.checkpoint import latest_checkpoint, load_checkpoint, restore_training_state, save_checkpoint
@@ -60,14 +60,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"TrainConfig.device={name!r} but CUDA is not available")
     return device
-
-
-def align_to_data(model: ModelConfig, vocab_size: int, pad_id: int) -> ModelConfig:
-    """Fields the data decides: the raw vocabulary size and the Engram and OverEncoding pad ids."""
-    backbone = dataclasses.replace(model.backbone, vocab_size=vocab_size)
-    engram = None if model.engram is None else dataclasses.replace(model.engram, pad_id=pad_id)
-    overencoding = None if model.overencoding is None else dataclasses.replace(model.overencoding, pad_id=pad_id)
-    return ModelConfig(backbone=backbone, engram=engram, overencoding=overencoding)
 
 
 def autocast(device: torch.device):
@@ -170,7 +162,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     rt.barrier()
     if not main:
         prepared = prepare_data(run.data)
-    run = dataclasses.replace(run, model=align_to_data(run.model, prepared.vocab_size, prepared.pad_id))
+    run = dataclasses.replace(run, model=run.model.with_data(prepared.vocab_size, prepared.pad_id))
 
     ckpt_path = latest_checkpoint(run_dir) if resume else None
     # ranks build on the host and move only their block of each table to the device

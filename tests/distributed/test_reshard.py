@@ -68,10 +68,10 @@ def _train_recording_writers(run_dict, out_dir, marks):
 
 def test_a_model_without_tables_is_saved_by_rank_0_alone(corpus_dir, cache_dir, tmp_path):
     """No sharded table makes no collective; every rank saving the whole checkpoint would race on it."""
-    from engram.config import get_preset
+    from engram.presets import get_preset
 
     run = tiny_run(corpus_dir, cache_dir, tmp_path / "run", max_steps=2, eval_every=2, save_every=1, batch_size=4)
-    run.model = get_preset("tiny-moe")
+    run.model = get_preset("tiny-moe").without_data()
     marks = tmp_path / "marks"
     marks.mkdir()
     spawn_group(2, _train_recording_writers, run.to_dict(), str(tmp_path / "run"), str(marks))

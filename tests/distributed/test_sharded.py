@@ -86,7 +86,8 @@ def _model_worker(out_dir: str) -> None:
     loss on each rank's own batch; the distributed validation loss equals one process's."""
     import dataclasses
 
-    from engram.config import OverEncodingConfig, get_preset
+    from engram.config import OverEncodingConfig
+    from engram.presets import get_preset
     from engram.distributed import ShardedEmbedding, shard_tables
     from engram.model.transformer import EngramLM
     from engram.storage import apply_storage

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig
-from engram.experiments.accounting import count_parameters
+from engram.model.accounting import count_parameters
 from engram.experiments.allocation import allocate, allocation_grid, format_grid, solve_rows
 from engram.experiments.budgets import BUDGETS
 from engram.model.transformer import EngramLM
@@ -75,7 +75,7 @@ def test_any_backbone_and_ratio(d, experts, top_k, hidden, layers, dense, heads,
         vocab_size=256, n_layers=layers, d_model=d, n_heads=2, ffn_hidden=8 * d, hc_mult=g,
         moe=MoEConfig(n_routed_experts=experts, top_k=top_k, expert_hidden=hidden, first_dense_layers=dense)))
     engram = EngramConfig(engram_vocab_size=[50, 50], n_embed_per_ngram=heads * d_h, n_head_per_ngram=heads,
-                          layer_ids=[1], pad_id=0, hc_mult=g)
+                          layer_ids=[1], pad_id=0)
     try:
         point = allocate(base, engram, rho)
     except ValueError as err:  # only when the tables cannot be sized finely enough for 1%
@@ -108,8 +108,6 @@ def test_bad_inputs_are_refused():
     no_dense = dataclasses.replace(base.backbone, moe=dataclasses.replace(base.backbone.moe, first_dense_layers=0))
     with pytest.raises(ValueError, match="dense block"):
         allocate(dataclasses.replace(base, backbone=no_dense), template, 0.5)
-    with pytest.raises(ValueError, match="hc_mult"):
-        allocate(base, dataclasses.replace(template, hc_mult=2), 0.5)
     wide = dataclasses.replace(template, n_embed_per_ngram=512, n_head_per_ngram=4)
     with pytest.raises(ValueError, match="dense FFN"):
         allocate(base, wide, 0.5)

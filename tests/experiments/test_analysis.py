@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram.config import ModelConfig, get_preset
+from engram.config import ModelConfig
+from engram.presets import get_preset
 from engram.experiments.analysis import (MinibatchCKA, alignment_index, capture_gates, capture_streams, cka_between,
                                          head_logits, knockout, linear_cka, logit_lens)
 from engram.model.transformer import EngramLM

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram.config import get_preset
+from engram.presets import get_preset
 from engram.data.bpe import train_bpe
 from engram.experiments.gatemap import gate_map, gate_map_html, plot_gate_map, top_ngrams
 from engram.model.transformer import EngramLM

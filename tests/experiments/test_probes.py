@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram.config import get_preset
+from engram.presets import get_preset
 from engram.experiments.probes import (identifier_spans, in_context_probes, knockout_report, mine_static_patterns,
                                        score_positions, static_probes, word_counts)
 from engram.model.transformer import EngramLM

@@ -12,10 +12,9 @@ from support import write_corpus
 
 import engram.train
 from engram.cli import main as cli
-from engram.config import (BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig,
-                           TrainConfig)
+from engram.config import BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 from engram.experiments import sweep as sw
-from engram.experiments.accounting import count_parameters
+from engram.model.accounting import count_parameters
 from engram.experiments.budgets import budget_from_dict, budget_to_dict, get_budget
 from engram.model.transformer import EngramLM
 from engram.train.optim import Optimizers

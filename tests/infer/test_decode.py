@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from engram.config import ModelConfig, OverEncodingConfig, get_preset
+from engram.config import ModelConfig, OverEncodingConfig
+from engram.presets import get_preset
 from engram.infer import generate, generate_batch, left_pad, sample_next
 from engram.model.transformer import EngramLM
 
@@ -16,7 +17,7 @@ def variant(name: str, hc_mult: int | None = None, overencoding: OverEncodingCon
     bb = config.backbone if hc_mult is None else dataclasses.replace(config.backbone, hc_mult=hc_mult)
     eg = config.engram
     if eg is not None:
-        eg = dataclasses.replace(eg, hc_mult=bb.hc_mult, **engram)
+        eg = dataclasses.replace(eg, **engram)
     return ModelConfig(backbone=bb, engram=eg, overencoding=overencoding)
 
 

@@ -14,16 +14,16 @@ from engram.model.engram import Engram
 def make_layer(G=2, D=16, N=3, K=2, kernel=4, gate="signed_sqrt", sizes=(11, 13)):
     config = EngramConfig(engram_vocab_size=list(sizes[: N - 1]) + [17] * max(0, N - 1 - len(sizes)),
                           max_ngram_size=N, n_head_per_ngram=K, n_embed_per_ngram=4 * K, layer_ids=[0],
-                          kernel_size=kernel, gate=gate, hc_mult=G)
+                          kernel_size=kernel, gate=gate)
     table_sizes = [s + 2 * k for s in config.engram_vocab_size for k in range(K)]
-    return Engram(config, D, table_sizes)
+    return Engram(config, D, table_sizes, branches=G)
 
 
 def inputs(layer, B=2, T=20):
     H = layer.config.n_heads
     rows = layer.embedding.offsets.diff(append=torch.tensor([layer.embedding.num_rows]))
     hash_ids = (torch.rand(B, T, H) * rows).long()
-    hidden = torch.randn(B, T, layer.config.hc_mult, layer.dim)
+    hidden = torch.randn(B, T, layer.branches, layer.dim)
     return hidden, hash_ids
 
 
@@ -33,7 +33,7 @@ def reference_forward(layer, hidden, hash_ids, doc_ids=None):
     B, T = hash_ids.shape[:2]
     e = layer.embedding.weight[hash_ids + layer.embedding.offsets].reshape(B, T, -1)
     outs = []
-    for g in range(c.hc_mult):
+    for g in range(layer.branches):
         k = e @ layer.key_proj.weight[g].T
         q = F.rms_norm(hidden[:, :, g], (D,), eps=1e-6) * layer.norm_query.weight[g]
         kk = F.rms_norm(k, (D,), eps=1e-6) * layer.norm_key.weight[g]

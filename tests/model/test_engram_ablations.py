@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from support import assert_causal, train_step
-from engram.config import EngramConfig, ModelConfig, get_preset
-from engram.experiments.accounting import count_parameters
+from engram.config import EngramConfig, ModelConfig
+from engram.presets import get_preset
+from engram.model.accounting import count_parameters
 from engram.model.engram import Engram, SharedLinear
 from engram.model.transformer import EngramLM
 from engram.tokenizer import CompressedTokenizer
@@ -34,8 +35,8 @@ def ablated(**switches) -> ModelConfig:
 
 def make_layer(G=2, D=16, **switches) -> Engram:
     config = EngramConfig(engram_vocab_size=[11, 13], max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=8,
-                          layer_ids=[0], hc_mult=G, **switches)
-    layer = Engram(config, D, [11, 13, 17, 19])
+                          layer_ids=[0], **switches)
+    layer = Engram(config, D, [11, 13, 17, 19], branches=G)
     with torch.no_grad():
         if layer.conv_weight is not None:
             layer.conv_weight.normal_()
@@ -44,7 +45,7 @@ def make_layer(G=2, D=16, **switches) -> Engram:
 
 def inputs(layer, B=2, T=12):
     hash_ids = torch.randint(0, 11, (B, T, layer.config.n_heads))
-    return torch.randn(B, T, layer.config.hc_mult, layer.dim), hash_ids
+    return torch.randn(B, T, layer.branches, layer.dim), hash_ids
 
 
 @pytest.mark.parametrize("name", sorted(SWITCHES))

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from support import assert_causal, train_step
-from engram.config import ModelConfig, OverEncodingConfig, TrainConfig, get_preset
-from engram.experiments.accounting import count_parameters
+from engram.config import ModelConfig, OverEncodingConfig, TrainConfig
+from engram.presets import get_preset
+from engram.model.accounting import count_parameters
 from engram.hashing import NgramHasher, layer_multipliers
 from engram.model.engram import MultiHeadEmbedding
 from engram.model.overencoding import OrderProjection, OverEncoding
@@ -114,7 +115,7 @@ def test_hashing_is_engram_hashing_at_a_layer_no_block_has():
     assert oe.hasher.multipliers[oe.layer_id].tolist() != model.hasher.multipliers[1].tolist()
     # same fields as the Engram layer: same rows, same width
     assert oe.embedding.weight.shape == model.layers[1].engram.embedding.weight.shape
-    ref = NgramHasher(config.overencoding.hash_config(oe.layer_id), CompressedTokenizer.identity(512))
+    ref = NgramHasher(config.overencoding, CompressedTokenizer.identity(512), layer_ids=[oe.layer_id])
     ids = torch.randint(0, 512, (2, 10))
     assert torch.equal(oe.hasher(ids)[oe.layer_id], ref(ids)[oe.layer_id])
     # both hashers run in one model.hash, keyed by layer id

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from support import assert_causal
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, get_preset
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig
+from engram.presets import get_preset
 from engram.hashing import NgramHasher
 from engram.model.engram import Engram
 from engram.model.hyper import HyperConnection, PlainResidual
@@ -18,8 +19,7 @@ def variant(name: str, hc_mult: int | None = None) -> ModelConfig:
     config = get_preset(name)
     if hc_mult is not None:
         bb = dataclasses.replace(config.backbone, hc_mult=hc_mult)
-        eg = None if config.engram is None else dataclasses.replace(config.engram, hc_mult=hc_mult)
-        config = ModelConfig(backbone=bb, engram=eg)
+        config = ModelConfig(backbone=bb, engram=config.engram)
     return config
 
 
@@ -59,7 +59,7 @@ def test_structure_follows_config():
     assert isinstance(baseline.layers[0].attn_res, PlainResidual)
     assert not any("engram" in n for n, _ in baseline.named_parameters())
     empty = ModelConfig(backbone=get_preset("tiny-moe").backbone,
-                        engram=EngramConfig(layer_ids=[], hc_mult=2, engram_vocab_size=[11, 11]))
+                        engram=EngramConfig(layer_ids=[], engram_vocab_size=[11, 11]))
     assert EngramLM(empty).hasher is None
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from support import tiny_run
-from engram.config import get_preset
+from engram.presets import get_preset
 from engram.model.transformer import EngramLM
 from engram.storage import export_tables
 

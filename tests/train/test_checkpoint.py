@@ -110,7 +110,6 @@ def test_raw_id_engram_and_overencoding_round_trip(corpus_dir, cache_dir, tmp_pa
     from engram.config import OverEncodingConfig, RunConfig
     from engram.data import prepare_data
     from engram.model.transformer import EngramLM
-    from engram.train.loop import align_to_data
 
     run = tiny_run(corpus_dir, cache_dir, tmp_path / "unused")
     prepared = prepare_data(run.data)
@@ -119,8 +118,8 @@ def test_raw_id_engram_and_overencoding_round_trip(corpus_dir, cache_dir, tmp_pa
         run.model, engram=dataclasses.replace(run.model.engram, compress=False, gate="none", short_conv=False,
                                               branch_keys=False),
         overencoding=OverEncodingConfig(engram_vocab_size=[211, 223], n_embed_per_ngram=16, n_head_per_ngram=2,
-                                        compress=False))
-    model_config = align_to_data(model_config, prepared.vocab_size, prepared.pad_id)
+                                        compress=False, pad_id=None))
+    model_config = model_config.with_data(prepared.vocab_size, prepared.pad_id)
     model = EngramLM(model_config, prepared.compressed).eval()
     assert model.hasher.compressed_vocab_size == prepared.vocab_size  # raw ids
     assert model.overencoding.hasher.compressed_vocab_size == prepared.vocab_size

@@ -3,8 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig, get_preset
-from engram.experiments.accounting import count_parameters, format_count
+from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
+from engram.presets import get_preset
+from engram.model.accounting import count_parameters, format_count
 from engram.model.transformer import EngramLM
 
 CONFIGS = {
@@ -117,7 +118,7 @@ def test_engram_share_of_sparse():
 
 def test_demo_presets_are_iso_parameter():
     """demo-engram vs demo-moe: same backbone, P_act within 1%, P_tot within 2%, Engram 20-25% of sparse."""
-    from engram.config import get_run_preset
+    from engram.presets import get_run_preset
 
     moe_cfg, eng_cfg = get_run_preset("demo-moe").model, get_run_preset("demo-engram").model
     moe, eng = count_parameters(moe_cfg), count_parameters(eng_cfg)

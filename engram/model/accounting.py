@@ -54,7 +54,7 @@ def engram_dense_params(config: ModelConfig) -> int:
     with branch_keys=False) and the per-branch query norm; with short_conv, the per-branch conv norm
     and depthwise conv taps."""
     e, D = config.engram, config.backbone.d_model
-    G, M = e.hc_mult, e.memory_dim
+    G, M = config.branches, e.memory_dim
     params = M * D
     if e.gate != "none":
         keys = G if e.branch_keys else 1
@@ -106,6 +106,9 @@ def count_parameters(config: ModelConfig, seq_len: int | None = None) -> Paramet
     """P_tot, P_act, P_sparse, Engram and embedding/head parameters, and forward FLOPs per token."""
     bb = config.backbone
     D, V = bb.d_model, bb.vocab_size
+    if V is None:
+        raise ValueError("count_parameters: backbone.vocab_size is None (it comes from the data); count a "
+                         "config aligned with its data (ModelConfig.with_data) or set the vocabulary")
     total = active = routed = 0
     for layer_id in range(bb.n_layers):
         block = attention_params(bb) + 2 * D + 2 * hyper_params(D, bb.hc_mult)  # attn, 2 norms, 2 residuals

@@ -46,7 +46,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args):
-    from engram.config import apply_overrides, get_run_preset
+    from engram.cli.overrides import apply_overrides
+    from engram.presets import get_run_preset
 
     return apply_overrides(get_run_preset(args.preset), args.overrides)
 
@@ -241,12 +242,12 @@ def cmd_inspect_tables(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from engram.config import PRESETS, RUN_PRESETS, get_run_preset
-    from engram.experiments.accounting import count_parameters
+    from engram.model.accounting import count_parameters
+    from engram.presets import PRESETS, RUN_PRESETS, get_preset, get_run_preset
 
     print(f"{'preset':<14} {'kind':<6} {'P_tot':>12} {'P_act':>12} {'Engram tables':>14}")
     for name in list(RUN_PRESETS) + list(PRESETS):
-        c = count_parameters(get_run_preset(name).model)
+        c = count_parameters(get_run_preset(name).model if name in RUN_PRESETS else get_preset(name))
         print(f"{name:<14} {'run' if name in RUN_PRESETS else 'model':<6} {c.total:>12,} {c.active:>12,} "
               f"{c.engram_tables:>14,}")
     return 0
