@@ -49,7 +49,7 @@ def measure(preset: str, rows: int | None, steps: int, batch: int, seq: int) -> 
         per_head = max(2, rows // heads)
         model_cfg = dataclasses.replace(model_cfg, engram=dataclasses.replace(
             model_cfg.engram, engram_vocab_size=[per_head] * model_cfg.engram.n_orders))
-    model = EngramLM(model_cfg)
+    model = EngramLM(model_cfg, sparse_tables=True)
     opt = Optimizers(model, TrainConfig())
     vocab = model_cfg.backbone.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -11,6 +11,7 @@ starts), XOR-fold the products into one mix per order, and reduce the mix modulo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,50 @@ def table_primes(engram_vocab_size: list[int], n_head_per_ngram: int, layer_ids:
     return primes
 
 
+@dataclass(frozen=True)
+class TableGeometry:
+    """One layer's flat table (SPEC §2 step 5): H heads with their prime row counts, ordered by n-gram
+    order then head; head j's rows start at ``offsets[j]``. The one place sizes and offsets come from:
+    the hasher, the tables, parameter accounting and the storage tiers all read it."""
+
+    sizes: tuple[int, ...]
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
+
+
+def table_geometry(config: TableConfig, layer_ids: list[int]) -> dict[int, TableGeometry]:
+    """layer id -> its table's geometry, from the one global prime search over ``layer_ids`` in order."""
+    primes = table_primes(config.engram_vocab_size, config.n_head_per_ngram, list(layer_ids))
+    return {lid: TableGeometry(tuple(p for order in primes[lid] for p in order)) for lid in layer_ids}
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "the tokenizer's range",
+                    allow_negative: bool = True) -> tuple[int, int]:
+    """Raise ValueError naming the first id >= ``vocab_size`` (an id past a table never wraps around,
+    PITFALLS 2), or the first negative id unless ``allow_negative`` (hashers map those to the pad id);
+    returns (min, max). One host sync per batch. Tensors on the meta device carry no values to check."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
+    if ids.device.type == "meta" or ids.numel() == 0:
+        return 0, 0
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if hi >= vocab_size or (lo < 0 and not allow_negative):
+        bad = (ids >= vocab_size) | ((ids < 0) & (not allow_negative))
+        raise ValueError(f"token id {ids[bad][0].item()} is outside {what} [0, {vocab_size}) "
+                         f"({int(bad.sum())} bad id(s) in the batch)")
+    return lo, hi
+
+
 # -- run-time pieces (pure torch) -------------------------------------------------------------------
 def document_ids(boundary: torch.Tensor | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
     """(B, T) bool with True where a document starts -> (B, T) int64 running document index."""
@@ -145,14 +190,19 @@ def heads_from_mixes(mixes: torch.Tensor, moduli: torch.Tensor, n_head_per_ngram
 
 # -- the object models and trainers use -------------------------------------------------------------
 class NgramHasher(nn.Module):
-    """Hashes raw ids ``(B, T)`` into ``{layer_id: (B, T, H) int64}`` for every Engram layer at once.
+    """Hashes raw ids ``(B, T)`` into ``{layer_id: (B, T, H) int64}`` for every layer at once.
 
-    Holds the layout: ``multipliers[layer_id]`` (int64 tensor of length N), ``primes[layer_id]`` (list
-    per order of list per head), ``offsets[layer_id]`` (int64 tensor (H,), start row of each head in the
-    layer's flat table). With ``config.compress`` False it hashes raw ids: ``tokenizer`` is then the
-    identity, whatever tokenizer it was given, and the layout records that. Its tensors are
-    non-persistent buffers: they follow ``model.to(device)`` but are saved as a layout (``layout()``),
-    not as weights, and verified on load (``check_layout``).
+    ``config``: the tables (an ``EngramConfig``, whose ``layer_ids`` are used unless ``layer_ids`` is
+    given, or an ``OverEncodingConfig`` with the input's virtual layer id). Holds the layout:
+    ``multipliers[layer_id]`` (int64 tensor of length N), ``primes[layer_id]`` (list per order of list
+    per head) and ``geometry[layer_id]`` (the table's sizes and offsets). With ``config.compress`` False
+    it hashes raw ids: ``tokenizer`` is then the identity, whatever tokenizer it was given, and the
+    layout records that.
+
+    Its tensors are non-persistent buffers: they follow ``model.to(device)``, are saved as a layout
+    (``layout()``) rather than as weights, and verified on load (``check_layout``). ``reset_buffers``
+    writes them from the host-side layout, so a hasher built on the meta device is filled by
+    ``EngramLM.init_weights`` after ``to_empty``.
     """
 
     def __init__(self, config: TableConfig, compressed_tokenizer: CompressedTokenizer,
@@ -166,7 +216,7 @@ class NgramHasher(nn.Module):
             raise ValueError(f"{type(config).__name__}.pad_id is None (it comes from the data): set it, or "
                              "build the model from a config aligned with its data (ModelConfig.with_data)")
         if config.pad_id >= compressed_tokenizer.raw_vocab_size:
-            raise ValueError(f"EngramConfig.pad_id={config.pad_id} is outside the tokenizer's "
+            raise ValueError(f"{type(config).__name__}.pad_id={config.pad_id} is outside the tokenizer's "
                              f"{compressed_tokenizer.raw_vocab_size} ids")
         if not config.compress:  # the "no tokenizer compression" ablation: hash raw ids (SPEC §5)
             compressed_tokenizer = CompressedTokenizer.identity(compressed_tokenizer.raw_vocab_size)
@@ -181,61 +231,65 @@ class NgramHasher(nn.Module):
             for lid in self.layer_ids
         }
         self.primes = table_primes(config.engram_vocab_size, config.n_head_per_ngram, self.layer_ids)
-        self.offsets = {}
-        for lid in self.layer_ids:
-            sizes = torch.tensor([p for order in self.primes[lid] for p in order], dtype=torch.int64)
-            self.offsets[lid] = torch.cumsum(sizes, 0) - sizes
+        self.geometry = {lid: TableGeometry(tuple(p for order in self.primes[lid] for p in order))
+                         for lid in self.layer_ids}
 
         L, N, H = len(self.layer_ids), config.max_ngram_size, config.n_heads
-        self.register_buffer("lookup", compressed_tokenizer.lookup.clone(), persistent=False)
-        mult = torch.stack([self.multipliers[lid] for lid in self.layer_ids]) if L else torch.zeros(0, N, dtype=torch.int64)
-        moduli = torch.tensor([[p for order in self.primes[lid] for p in order] for lid in self.layer_ids],
-                              dtype=torch.int64).reshape(L, H)
-        self.register_buffer("multiplier_table", mult, persistent=False)  # (L, N)
-        self.register_buffer("modulus_table", moduli, persistent=False)  # (L, H)
+        self.register_buffer("lookup", torch.empty(compressed_tokenizer.raw_vocab_size, dtype=torch.int64),
+                             persistent=False)
+        self.register_buffer("multiplier_table", torch.empty(L, N, dtype=torch.int64), persistent=False)
+        self.register_buffer("modulus_table", torch.empty(L, H, dtype=torch.int64), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Write the buffers from the layout held on the host (a no-op on the meta device)."""
+        L, N, H = len(self.layer_ids), self.config.max_ngram_size, self.config.n_heads
+        self.lookup.copy_(self.tokenizer.lookup)
+        if L:
+            self.multiplier_table.copy_(torch.stack([self.multipliers[lid] for lid in self.layer_ids]))
+            self.modulus_table.copy_(torch.tensor([self.geometry[lid].sizes for lid in self.layer_ids],
+                                                  dtype=torch.int64).reshape(L, H))
+
+    @property
+    def offsets(self) -> dict[int, torch.Tensor]:
+        """layer id -> (H,) int64 start row of each head in the layer's flat table."""
+        return {lid: torch.tensor(g.offsets, dtype=torch.int64) for lid, g in self.geometry.items()}
 
     def table_rows(self, layer_id: int) -> int:
         """Rows of one layer's flat table: the sum of its head primes."""
-        return sum(p for order in self.primes[layer_id] for p in order)
+        return self.geometry[layer_id].num_rows
 
-    def compress(self, input_ids: torch.Tensor, validate: bool = True) -> torch.Tensor:
+    def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Raw ids -> compressed ids. Negative ids (ignore index, -1 padding) become the pad id first
-        (PITFALLS 2); ids past the tokenizer raise ValueError when ``validate``."""
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"token ids must be an integer tensor, got {input_ids.dtype}")
+        (PITFALLS 2); ids past the tokenizer raise ValueError naming the id."""
+        lo, _ = check_token_ids(input_ids, self.tokenizer.raw_vocab_size)
         ids = input_ids.long()
-        if validate and ids.numel():
-            lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync per batch, never per layer
-            if hi >= self.tokenizer.raw_vocab_size:
-                self.tokenizer.check_ids(ids.clamp_min(0))  # raises, naming the bad id
-            if lo < 0:
-                ids = torch.where(ids < 0, self.config.pad_id, ids)
-        elif not validate:
+        if lo < 0:
             ids = torch.where(ids < 0, self.config.pad_id, ids)
         return self.lookup.index_select(0, ids.reshape(-1)).view(ids.shape)  # faster than lookup[ids]
 
-    def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
-                validate: bool = True) -> dict[int, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """input_ids (B, T) raw; boundary (B, T) bool, True where a new document starts."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if not self.layer_ids:
             return {}
-        compressed = self.compress(input_ids, validate)  # (B, T)
+        compressed = self.compress(input_ids)  # (B, T)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
         mixes = ngram_mixes(compressed, self.multiplier_table, self.compressed_pad_id, doc_ids)  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}
 
-    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor, boundary: torch.Tensor | None = None,
-                          validate: bool = True) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor,
+                          boundary: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hash (B, T) raw ids that continue earlier ids whose last N-1 compressed ids are ``history``.
 
         Used by incremental decoding (PITFALLS 5). Returns the hashes of the T new positions and the
         new history (B, N-1); positions before a document start in this call read as pad.
         """
         n = history.shape[1]
-        compressed = self.compress(input_ids, validate)
+        compressed = self.compress(input_ids)
         full = torch.cat([history, compressed], dim=1)  # (B, N-1+T)
         doc_ids = None
         if boundary is not None:
@@ -265,7 +319,7 @@ class NgramHasher(nn.Module):
             "layer_ids": list(self.layer_ids),
             "multipliers": {str(lid): self.multipliers[lid].tolist() for lid in self.layer_ids},
             "primes": {str(lid): self.primes[lid] for lid in self.layer_ids},
-            "offsets": {str(lid): self.offsets[lid].tolist() for lid in self.layer_ids},
+            "offsets": {str(lid): list(self.geometry[lid].offsets) for lid in self.layer_ids},
         }
 
     def check_layout(self, stored: dict[str, Any]) -> None:

@@ -100,7 +100,8 @@ class CompressedTokenizer:
     """
 
     def __init__(self, lookup: torch.Tensor | np.ndarray, vocab_size: int | None = None):
-        lookup = torch.as_tensor(np.asarray(lookup, dtype=np.int64)).clone()
+        # a host-side table, whatever default device is active (EngramLM builds its modules under meta)
+        lookup = torch.as_tensor(np.asarray(lookup, dtype=np.int64), device="cpu").clone()
         if lookup.dim() != 1 or lookup.numel() == 0:
             raise ValueError(f"lookup must be a non-empty 1-D table, got shape {tuple(lookup.shape)}")
         lo, hi = int(lookup.min()), int(lookup.max())

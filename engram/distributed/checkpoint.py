@@ -17,15 +17,26 @@ the rows in the files do not depend on W.
 or from a single-process one (full tables in ``model.safetensors``, moments in ``optimizer.pt``),
 opening only the shards that overlap the range. That one operation is the resharding: a single
 process reads [0, N); rank r of W' ranks reads its own block of the new split.
+
+The collective parts live here and nowhere else: ``save_sharded`` (every rank writes its shard, rank 0
+the replicated files and the manifest; ``engram.train.checkpoint`` supplies those steps) and
+``restore_sharded`` (each rank reads its own rows and moments).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from engram import fileio
+from engram.distributed import runtime
+from engram.distributed.sharded import sharded_tables
 
 INDEX = "tables/index.json"
 FORMAT = "engram.tables.sharded/1"
@@ -182,3 +193,58 @@ def shard_optimizer_state(reader: CheckpointTables, tables: dict, optimizer_stat
         state[i] = entry
     out = {k: v for k, v in optimizer_state.items() if k != "table_moments"}
     return {**out, "tables": {**stored, "state": state}}
+
+
+def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: dict, run_config, tokenizer,
+                 trainer_state: dict, keep_last: int = 2) -> Path:
+    """Checkpoint ``step`` of a model trained over a process group; every rank calls this.
+
+    With sharded tables each rank writes its shard and hashes it, rank 0 writes the replicated files
+    (weights without table rows, optimizer state without table moments) and the manifest covering all
+    of them. Without sharded tables rank 0 writes the whole checkpoint alone. ``run_dir`` must be one
+    directory every rank sees (e.g. a shared filesystem)."""
+    from engram.train import checkpoint as ckpt
+
+    tables = sharded_tables(model)
+    if not tables:
+        final = None
+        if runtime.is_main():
+            final = ckpt.save_checkpoint(run_dir, step, model, optimizer_state, run_config, tokenizer,
+                                         trainer_state, keep_last)
+        runtime.barrier()  # no rank reads or re-saves the step before rank 0 has renamed it
+        return final or ckpt.checkpoints_dir(run_dir) / f"step_{step:07d}"
+    group = next(iter(tables.values())).group
+    main = dist.get_rank(group) == 0
+    tmp = ckpt.checkpoints_dir(run_dir) / f".tmp_step_{step:07d}_sharded"  # one name every rank agrees on
+    if main:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.stage(run_dir, step, "sharded")
+    dist.barrier(group)
+    written = write_shard(tmp, tables, optimizer_state.get("tables"))
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, {written: fileio.file_entry(tmp / written)}, group=group)  # each rank hashes its own
+    final = ckpt.checkpoints_dir(run_dir) / f"step_{step:07d}"
+    if main:
+        try:
+            ckpt.write_replicated(tmp, step, model, strip_table_moments(optimizer_state), run_config, tokenizer,
+                                  trainer_state, skip={f"{name}.weight" for name in tables})
+            fileio.atomic_write_json(tmp / INDEX, table_index(tables, dist.get_world_size(group)), sort_keys=True)
+            final = ckpt.publish(tmp, step, keep_last, entries={k: v for entry in gathered for k, v in entry.items()})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier(group)
+    return final
+
+
+def restore_sharded(checkpoint, model, optimizers) -> dict:
+    """Fill ``model``'s sharded tables with this rank's rows of ``checkpoint`` (a
+    ``engram.train.checkpoint.Checkpoint``, written by any number of ranks) and ``optimizers`` with the
+    optimizer state cut to this rank's rows; the dense weights come from ``checkpoint.load_into``.
+    Returns the optimizer state as loaded (it holds ``torch_rng``)."""
+    tables = sharded_tables(model)
+    reader = checkpoint.tables(list(model.named_tables()))
+    load_shards(reader, tables)
+    state = shard_optimizer_state(reader, tables, checkpoint.stored_optimizer_state())
+    optimizers.load_state_dict(state)
+    return state

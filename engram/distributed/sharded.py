@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engram.model.engram import MultiHeadEmbedding
+from engram.hashing import TableGeometry
+from engram.model.tables import HashedTable, MultiHeadEmbedding, normal_rows_
 from engram.storage.apply import OffloadedEmbedding
 
 
@@ -153,20 +154,38 @@ class ShardedTable(nn.Module):
         return sharded_lookup(ids, self.weight, self.rows_per_rank, self.group, self.sparse, self.grad_scale)
 
 
-class ShardedEmbedding(ShardedTable):
-    """Drop-in for ``MultiHeadEmbedding`` whose flat table of H heads is row-sharded:
-    hash ids (B, T, H) -> (B, T, H, d_h). Head j's rows start at ``offsets[j]``, as before."""
+class ShardedEmbedding(ShardedTable, HashedTable):
+    """A ``HashedTable`` whose flat table of H heads (``geometry``) is row-sharded:
+    hash ids (B, T, H) -> (B, T, H, d_h). Head j's rows start at ``offsets[j]``, as before.
 
-    def __init__(self, offsets: torch.Tensor, num_rows: int, dim: int, group=None, sparse: bool = True,
+    Built on the meta device it allocates nothing; after ``to_empty``, ``init_weights(std, seed)``
+    fills this rank's rows with exactly the rows a whole table gets from the same seed."""
+
+    def __init__(self, geometry: TableGeometry, dim: int, group=None, sparse: bool = True,
                  grad_scale: float = 1.0, device: torch.device | str | None = None):
-        super().__init__(num_rows, dim, group, sparse, grad_scale, device)
-        self.register_buffer("offsets", offsets.detach().clone().to(self.weight.device), persistent=False)  # (H,)
+        super().__init__(geometry.num_rows, dim, group, sparse, grad_scale, device)
+        self.geometry = geometry
+        self.register_buffer("offsets", torch.empty(geometry.n_heads, dtype=torch.int64, device=self.weight.device),
+                             persistent=False)  # (H,)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.offsets.copy_(torch.tensor(self.geometry.offsets, dtype=torch.int64))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, seed: int) -> None:
+        """This rank's rows of the N(0, std) table ``seed`` gives (zeros for std 0); padding rows zero."""
+        self.weight.zero_()
+        if std != 0:
+            normal_rows_(self.weight[: self.local_rows], self.start, std, seed)
 
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H, d_h)
         return super().forward(hash_ids + self.offsets)
 
 
 def _tables(model: nn.Module, kind) -> dict[str, nn.Module]:
+    """Module name -> every submodule of ``model`` of the given kind."""
     return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
 
 
@@ -179,9 +198,11 @@ def shard_tables(model: nn.Module, group=None) -> dict[str, ShardedEmbedding]:
     """Row-shard every hashed table of a built model over ``group``, in place (a transform, like
     ``engram.storage.apply_storage``); returns module name -> its ``ShardedEmbedding``.
 
-    Every rank must hold the same full tables when this is called (same seed, or the same checkpoint);
-    each keeps its block and drops the rest. Gradients are averaged over ranks (``grad_scale`` 1/W)
-    to match DistributedDataParallel on the dense parameters (``wrap_ddp``).
+    On a model built on the meta device nothing is allocated: each rank's block is materialised by
+    ``to_empty`` and filled by ``init_weights`` (or a checkpoint). On a materialised model every rank
+    must hold the same full tables (same seed, or the same checkpoint); each keeps its block and drops
+    the rest. Gradients are averaged over ranks (``grad_scale`` 1/W) to match DistributedDataParallel
+    on the dense parameters (``wrap_ddp``). The shards' gradients are sparse.
     """
     if not dist.is_initialized():
         raise RuntimeError("shard_tables needs an initialised torch.distributed process group")
@@ -198,10 +219,12 @@ def shard_tables(model: nn.Module, group=None) -> dict[str, ShardedEmbedding]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         weight = old.weight
-        new = ShardedEmbedding(old.offsets, weight.shape[0], weight.shape[1], group, sparse=old.sparse,
-                               grad_scale=1.0 / world, device=weight.device)
+        # a shard is trained by SparseAdam on its own rows: its gradient is sparse whatever the table's was
+        new = ShardedEmbedding(old.geometry, weight.shape[1], group, sparse=True, grad_scale=1.0 / world,
+                               device=weight.device)
         new.weight.requires_grad_(weight.requires_grad)
-        new.load_full(weight.detach())
+        if weight.device.type != "meta":
+            new.load_full(weight.detach())
         setattr(parent, attr, new)  # the full table is freed with the old module
         sharded[name] = new
     return sharded

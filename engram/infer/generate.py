@@ -1,4 +1,4 @@
-"""Incremental generation with the decode cache (``engram.infer.cache``).
+"""Incremental generation with the decode cache (``engram.model.cache``).
 
 Prompts of different lengths are left-padded into one batch, run through the model once (the
 prefill fills the cache), then each step feeds one new token per sequence. The logits are the same

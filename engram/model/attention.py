@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.config import BackboneConfig
+from engram.model.cache import LayerCache
 from engram.model.layers import apply_rotary
 
 
@@ -23,11 +24,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(D, kd, bias=False)
         self.wo = nn.Linear(hd, D, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, T, D); cos/sin (T, d) or (B, T, d) -> (B, T, D), causal.
 
-        ``cache`` (``engram.infer.cache.LayerCache``): keys/values of earlier calls are kept there and
-        its mask says which cached positions each query may see."""
+        ``cache``: this block's decode state; keys/values of earlier calls are kept there and its mask
+        says which cached positions each query may see."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, k, T, d)

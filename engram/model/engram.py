@@ -12,36 +12,18 @@ touches numpy or the host in ``forward`` (PITFALLS 11). It returns Y only; the b
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engram.config import EngramConfig
+from engram.hashing import TableGeometry
+from engram.model.cache import LayerCache
+from engram.model.tables import MultiHeadEmbedding
 
 GATE_SQRT_FLOOR = 1e-6  # sqrt'(s) explodes at 0 (PITFALLS 10)
-
-
-class MultiHeadEmbedding(nn.Module):
-    """All heads of one layer in one flat table; head j's rows start at ``offsets[j]`` (SPEC §2 step 5).
-
-    ``sparse`` makes the backward produce a sparse gradient holding only the looked-up rows, so a
-    sparse optimizer costs O(rows touched) (PITFALLS 12). Storage tiers replace this module.
-    """
-
-    def __init__(self, table_sizes: list[int], dim: int):
-        super().__init__()
-        sizes = torch.tensor(table_sizes, dtype=torch.int64)
-        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)  # (H,)
-        self.weight = nn.Parameter(torch.empty(int(sizes.sum()), dim))
-        self.sparse = False
-
-    @property
-    def num_rows(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H, d_h)
-        return F.embedding(hash_ids + self.offsets, self.weight, sparse=self.sparse)
 
 
 class BranchLinear(nn.Module):
@@ -82,51 +64,66 @@ class BranchRMSNorm(nn.Module):
 
 
 class Engram(nn.Module):
-    """One Engram module at one block. ``table_sizes``: prime row count of each of the H heads.
+    """One Engram module at one block. ``geometry``: its table's head sizes and offsets (the hasher's
+    ``geometry[layer_id]``; a list of the H prime row counts is accepted too). ``branches``: G, the
+    backbone's ``hc_mult``. ``sparse_table``: the table's gradient holds only the looked-up rows.
 
     The ablation switches (SPEC §5) decide at build time which parameters exist, so parameter
     accounting and checkpoints see exactly the module that runs:
     gate="none" builds no key_proj, norm_query or norm_key; short_conv=False builds no norm_conv or
     conv_weight; branch_keys=False builds key_proj as a ``SharedLinear`` and norm_key with one weight.
     The default module keeps its parameter names and order (checkpoint keys, optimizer state order).
+
+    Built on the meta device (inside ``EngramLM``) it allocates and initialises nothing; otherwise it
+    initialises itself once (``init_weights``).
     """
 
-    def __init__(self, config: EngramConfig, dim: int, table_sizes: list[int], norm_eps: float = 1e-6, *,
-                 branches: int = 1):
+    def __init__(self, config: EngramConfig, dim: int, geometry: TableGeometry | Sequence[int],
+                 norm_eps: float = 1e-6, *, branches: int = 1, sparse_table: bool = False):
         super().__init__()
-        if len(table_sizes) != config.n_heads:
-            raise ValueError(f"need one table size per hash head ({config.n_heads}), got {len(table_sizes)}")
+        if not isinstance(geometry, TableGeometry):
+            geometry = TableGeometry(tuple(int(x) for x in geometry))
+        if geometry.n_heads != config.n_heads:
+            raise ValueError(f"need one table size per hash head ({config.n_heads}), got {geometry.n_heads}")
         if not isinstance(branches, int) or branches < 1:
             raise ValueError(f"Engram.branches: must be an int >= 1, got {branches!r}")
         G, M = branches, config.memory_dim
-        self.branches = G
         gated = config.gate != "none"
         keys = G if config.branch_keys else 1
         self.config = config
         self.dim = dim
-        self.embedding = MultiHeadEmbedding(table_sizes, config.head_dim)
+        self.branches = G
+        self.embedding = MultiHeadEmbedding(geometry, config.head_dim, sparse=sparse_table)
         # W_K^g, one per branch (branch-specific fusion), or one shared by all branches
         self.key_proj = (BranchLinear if config.branch_keys else SharedLinear)(G, M, dim) if gated else None
         self.value_proj = nn.Linear(M, dim, bias=False)  # W_V, shared by all branches
         self.norm_query = BranchRMSNorm(G, dim, norm_eps) if gated else None
         self.norm_key = BranchRMSNorm(keys, dim, norm_eps) if gated else None
         self.norm_conv = BranchRMSNorm(G, dim, norm_eps) if config.short_conv else None
-        self.conv_weight = nn.Parameter(torch.zeros(G, dim, config.kernel_size)) if config.short_conv else None
-        self.init_weights()
+        self.conv_weight = nn.Parameter(torch.empty(G, dim, config.kernel_size)) if config.short_conv else None
+        if self.value_proj.weight.device.type != "meta":
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, table_std: float = 1.0) -> None:
+    def init_weights(self, std: float = 0.02, table_std: float = 1.0, table_seed: int | None = None,
+                     tables: bool = True) -> None:
         """Initialisation, per parameter (absent ones are skipped):
 
-        | parameter            | init                                                    |
-        |----------------------|---------------------------------------------------------|
-        | embedding.weight     | N(0, table_std)                                          |
-        | key_proj.weight      | N(0, std)                                                |
-        | value_proj.weight    | N(0, std)                                                |
-        | norm_*.weight        | ones                                                     |
-        | conv_weight          | zeros: the conv branch starts as identity (SPEC §2 step 8)|
+        | parameter            | init                                                      |
+        |----------------------|-----------------------------------------------------------|
+        | embedding.weight     | N(0, table_std), row blocks seeded by ``table_seed``       |
+        |                      | (drawn from torch's generator when None; ``normal_rows_``) |
+        | key_proj.weight      | N(0, std)                                                  |
+        | value_proj.weight    | N(0, std)                                                  |
+        | norm_*.weight        | ones                                                       |
+        | conv_weight          | zeros: the conv branch starts as identity (SPEC §2 step 8) |
+
+        ``tables=False`` leaves the table rows as they are (a checkpoint or a benchmark fills them).
         """
-        nn.init.normal_(self.embedding.weight, std=table_std)
+        if table_seed is None:
+            table_seed = int(torch.randint(0, 2**62, ()).item())
+        if tables and hasattr(self.embedding, "init_weights"):
+            self.embedding.init_weights(table_std, table_seed)
         nn.init.normal_(self.value_proj.weight, std=std)
         if self.key_proj is not None:
             nn.init.normal_(self.key_proj.weight, std=std)
@@ -151,13 +148,15 @@ class Engram(nn.Module):
             score = score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt()
         return torch.sigmoid(score)
 
-    def conv_residual(self, value: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def conv_residual(self, value: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      cache: LayerCache | None = None) -> torch.Tensor:
         """Y = v + SiLU(conv(RMSNorm v)): (B, T, G, D) -> (B, T, G, D). Y = v with short_conv=False."""
         if self.conv_weight is None:
             return value
         return value + F.silu(self.short_conv(self.norm_conv(value), doc_ids, cache))
 
-    def short_conv(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def short_conv(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                   cache: LayerCache | None = None) -> torch.Tensor:
         """Depthwise causal conv over time with dilation N: (B, T, G, D) -> (B, T, G, D).
 
         Tap j reads t - (K-1-j)*N (left padding (K-1)*N, PITFALLS 8); a tap that reaches into an
@@ -189,10 +188,10 @@ class Engram(nn.Module):
         return out
 
     def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
+                cache: LayerCache | None = None) -> torch.Tensor:
         """hidden (B, T, G, D), hash_ids (B, T, H) int64, doc_ids (B, T) -> Y (B, T, G, D).
 
-        ``cache``: the block's decode state (``engram.infer.cache.LayerCache``) when decoding."""
+        ``cache``: the block's decode state when decoding (its ``conv_history``)."""
         B, T = hash_ids.shape[:2]
         # 1. gather: one row per head, concatenated into the memory vector e_t
         e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)

@@ -73,7 +73,8 @@ class HyperConnection(nn.Module):
         self.bias_pre = nn.Parameter(torch.empty(g))
         self.bias_post = nn.Parameter(torch.empty(g))
         self.bias_res = nn.Parameter(torch.empty(g, g))
-        self.init_weights()
+        if self.alpha.device.type != "meta":  # inside EngramLM the model initialises once
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

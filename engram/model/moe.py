@@ -72,9 +72,17 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(e, dtype=torch.float32))
         self.register_buffer("_load", torch.zeros(e, dtype=torch.float32), persistent=False)
         self.register_buffer("_last_load", torch.zeros(e, dtype=torch.float32), persistent=False)
-        # A usable standalone default; the model's init_weights overrides it.
-        self.init_weights(dim**-0.5)
+        if self.router.weight.device.type != "meta":  # a usable standalone default; EngramLM initialises once
+            self.init_weights(dim**-0.5)
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The balancing state at its start: zero expert bias and load counts (``EngramLM.init_weights``
+        calls this after building on meta; a checkpoint's bias is loaded after)."""
+        for state in (self.expert_bias, self._load, self._last_load):
+            state.zero_()
+
+    @torch.no_grad()
     def init_weights(self, std: float, out_std: float | None = None) -> None:
         """Initialise every parameter; ``expert_bias`` is state, not a weight, and is left alone.
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from engram.config import ModelConfig, OverEncodingConfig
 from engram.hashing import NgramHasher
-from engram.model.engram import MultiHeadEmbedding
+from engram.model.tables import MultiHeadEmbedding
 from engram.tokenizer import CompressedTokenizer
 
 
@@ -60,20 +60,20 @@ class OverEncoding(nn.Module):
     """
 
     def __init__(self, config: OverEncodingConfig, dim: int, compressed_tokenizer: CompressedTokenizer,
-                 layer_id: int):
+                 layer_id: int, sparse_table: bool = False):
         super().__init__()
         self.config = config
         self.layer_id = layer_id
         self.hasher = NgramHasher(config, compressed_tokenizer, layer_ids=[layer_id])
-        sizes = [p for order in self.hasher.primes[layer_id] for p in order]
-        self.embedding = MultiHeadEmbedding(sizes, config.head_dim)
+        self.embedding = MultiHeadEmbedding(self.hasher.geometry[layer_id], config.head_dim, sparse=sparse_table)
         # the variant is chosen here: a projection only when an order's width is not the model's
         E = config.n_embed_per_ngram
         self.proj = OrderProjection(config.n_orders, E, dim) if E != dim else nn.Identity()
-        self.init_weights()
+        if self.embedding.weight.device.type != "meta":  # inside EngramLM: the model initialises once
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, tables: bool = True) -> None:
         """Initialisation, per parameter:
 
         | parameter         | init                                                                 |
@@ -85,8 +85,10 @@ class OverEncoding(nn.Module):
         seen only at evaluation time) must add nothing, not a fixed random vector. With N(0, 1) rows
         the tiny memory sweep was 0.4-0.5 nats *worse* than no memory at all, at every table size.
         Rows leave zero on their first lookup (their gradient is P_n^T dL/dx, nonzero).
+        ``tables=False`` leaves the table rows as they are (a checkpoint fills them).
         """
-        nn.init.zeros_(self.embedding.weight)
+        if tables and hasattr(self.embedding, "init_weights"):
+            self.embedding.init_weights(0.0, 0)
         if isinstance(self.proj, OrderProjection):
             nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.config.n_embed_per_ngram))
 

@@ -18,13 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.config import ModelConfig
-from engram.hashing import NgramHasher, document_ids
+from engram.hashing import NgramHasher, TableGeometry, check_token_ids, document_ids
 from engram.model.attention import Attention
+from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
 from engram.model.hyper import make_residual
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE
 from engram.model.overencoding import OverEncoding, input_layer_id
+from engram.model.tables import HashedTable, derive_seed
 from engram.tokenizer import CompressedTokenizer
 
 IGNORE_INDEX = -100
@@ -39,12 +41,14 @@ class LMOutput:
 class Block(nn.Module):
     """[Engram ->] attention -> FFN or MoE. The FFN variant is chosen here, at build time."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, table_sizes: list[int] | None):
+    def __init__(self, config: ModelConfig, layer_id: int, geometry: TableGeometry | None, sparse_tables: bool = False):
         super().__init__()
         bb = config.backbone
         self.layer_id = layer_id
-        self.engram = (Engram(config.engram, bb.d_model, table_sizes, bb.norm_eps, branches=bb.hc_mult)
-                       if table_sizes else None)
+        self.engram = None
+        if geometry is not None:
+            self.engram = Engram(config.engram, bb.d_model, geometry, bb.norm_eps, branches=bb.hc_mult,
+                                 sparse_table=sparse_tables)
         self.attn_norm = RMSNorm(bb.d_model, bb.norm_eps)
         self.attn = Attention(bb)
         self.attn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)
@@ -55,7 +59,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 hash_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
+                cache: LayerCache | None = None) -> torch.Tensor:
         """x (B, T, G, D) -> (B, T, G, D). ``cache``: this block's decode state, when decoding."""
         if self.engram is not None:
             x = x + self.engram(x, hash_ids, doc_ids, cache)  # the module returns its contribution only
@@ -70,10 +74,25 @@ class EngramLM(nn.Module):
     raw id (no compression). A hasher whose config says ``compress=False`` hashes raw ids whatever it
     is given; ``self.compressed_tokenizer`` keeps the tokenizer the model was given, which checkpoints
     store. A config with neither Engram layers nor OverEncoding builds the plain dense/MoE baseline.
+    ``sparse_tables``: the hashed tables' gradients hold only the looked-up rows, as
+    ``engram.train.Optimizers`` (SparseAdam, O(rows touched) per step, PITFALLS 12) needs; the default
+    dense gradients suit any other optimizer and gradient inspection. Decided here, at build time
+    (the trainer builds with True).
+
+    Build, place, initialise: the constructor builds every module on the meta device and, unless it
+    is itself called under ``torch.device("meta")``, materialises them on the current default device
+    and runs ``init_weights`` once. Under ``torch.device("meta")`` nothing is allocated: place the model
+    (``engram.distributed.parallelize`` shards its tables), then ``to_empty(device=...)`` and
+    ``init_weights()``.
     """
 
-    def __init__(self, config: ModelConfig, compressed_tokenizer: CompressedTokenizer | None = None):
+    def __init__(self, config: ModelConfig, compressed_tokenizer: CompressedTokenizer | None = None,
+                 sparse_tables: bool = False):
         super().__init__()
+        unresolved = config.unresolved()
+        if unresolved:
+            raise ValueError(f"{', '.join(unresolved)} unset: these come from the data; align the config with its "
+                             "data (ModelConfig.with_data) or set them to build a model without data")
         self.config = config
         bb = config.backbone
         self.hasher = None
@@ -85,30 +104,35 @@ class EngramLM(nn.Module):
                 raise ValueError(f"compressed tokenizer covers {tok.raw_vocab_size} raw ids but "
                                  f"backbone.vocab_size is {bb.vocab_size}")
             self.compressed_tokenizer = tok
-        if config.engram_layer_ids:
-            self.hasher = NgramHasher(config.engram, self.compressed_tokenizer)
-        if config.overencoding is not None:
-            self.overencoding = OverEncoding(config.overencoding, bb.d_model, self.compressed_tokenizer,
-                                             input_layer_id(config))
-        self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
-        self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta)
-        self.layers = nn.ModuleList(Block(config, i, self._table_sizes(i)) for i in range(bb.n_layers))
-        self.norm = RMSNorm(bb.d_model, bb.norm_eps)
-        self.output = nn.Linear(bb.d_model, bb.vocab_size, bias=False)
-        self.init_weights()
-
-    def _table_sizes(self, layer_id: int) -> list[int] | None:
-        if self.hasher is None or layer_id not in self.hasher.layer_ids:
-            return None
-        return [p for order in self.hasher.primes[layer_id] for p in order]
+        target = torch.get_default_device()
+        with torch.device("meta"):  # allocate nothing yet, initialise nothing twice
+            if config.engram_layer_ids:
+                self.hasher = NgramHasher(config.engram, self.compressed_tokenizer)
+            if config.overencoding is not None:
+                self.overencoding = OverEncoding(config.overencoding, bb.d_model, self.compressed_tokenizer,
+                                                 input_layer_id(config), sparse_table=sparse_tables)
+            self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
+            self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta)
+            geometry = self.hasher.geometry if self.hasher is not None else {}
+            self.layers = nn.ModuleList(Block(config, i, geometry.get(i), sparse_tables) for i in range(bb.n_layers))
+            self.norm = RMSNorm(bb.d_model, bb.norm_eps)
+            self.output = nn.Linear(bb.d_model, bb.vocab_size, bias=False)
+        if target.type != "meta":
+            self.to_empty(device=target)
+            self.init_weights()
 
     @property
     def engram_layers(self) -> dict[int, Engram]:
         return {blk.layer_id: blk.engram for blk in self.layers if blk.engram is not None}
 
+    def named_tables(self) -> dict[str, HashedTable]:
+        """Module name -> every hashed table (Engram layers, then OverEncoding... in module order, which
+        is the order of the table optimizer's parameters), whatever placement holds its rows."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, HashedTable)}
+
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Initialisation, per parameter:
+    def init_weights(self, std: float = 0.02, tables: bool = True) -> None:
+        """Initialise every parameter and buffer, once, from torch's generator (``torch.manual_seed``):
 
         | parameter                         | init                                   |
         |-----------------------------------|----------------------------------------|
@@ -119,11 +143,26 @@ class EngramLM(nn.Module):
         | norms                             | ones                                   |
         | MoE, hyper-connections, Engram,   | their own ``init_weights``             |
         | OverEncoding                      |                                        |
+        | hashed table rows                 | from one seed drawn first, per table   |
+        |                                   | (``derive_seed(seed, module name)``):  |
+        |                                   | row blocks, so shards agree with whole |
+        |                                   | tables (``engram.model.tables``)       |
+        | buffers (hasher, RoPE, offsets,   | recomputed from the config; MoE bias   |
+        | MoE expert bias and load)         | and load counts zero                   |
+
+        ``tables=False`` leaves the rows of the hashed tables as they are (a checkpoint fills them).
         """
+        for module in self.modules():  # derived buffers: hashers, RoPE, table offsets, MoE state
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+        table_seed = int(torch.randint(0, 2**62, ()).item())
         out_std = std / math.sqrt(2 * self.config.backbone.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=1.0)
         nn.init.normal_(self.output.weight, std=std)
-        for blk in self.layers:
+        nn.init.ones_(self.norm.weight)
+        for i, blk in enumerate(self.layers):
+            for norm in (blk.attn_norm, blk.ffn_norm):
+                nn.init.ones_(norm.weight)
             for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv):
                 nn.init.normal_(lin.weight, std=std)
             nn.init.normal_(blk.attn.wo.weight, std=out_std)
@@ -137,40 +176,38 @@ class EngramLM(nn.Module):
                 if hasattr(res, "init_weights"):
                     res.init_weights()
             if blk.engram is not None:
-                blk.engram.init_weights(std)
+                blk.engram.init_weights(std, table_seed=derive_seed(table_seed, f"layers.{i}.engram.embedding"),
+                                        tables=tables)
         if self.overencoding is not None:
-            self.overencoding.init_weights()
+            self.overencoding.init_weights(tables=tables)
 
-    def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
-             validate: bool = True) -> dict[int, torch.Tensor]:
+    def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Hash ids for every Engram layer, computed once per batch (empty for a baseline), plus the
         OverEncoding ids under its virtual layer id (``overencoding.layer_id``, never a block's)."""
-        ids = {} if self.hasher is None else self.hasher(input_ids, boundary, validate)
+        ids = {} if self.hasher is None else self.hasher(input_ids, boundary)
         if self.overencoding is not None:
-            ids |= self.overencoding.hasher(input_ids, boundary, validate)
+            ids |= self.overencoding.hasher(input_ids, boundary)
         return ids
 
-    def _hash_cached(self, input_ids: torch.Tensor, boundary: torch.Tensor | None, cache) -> dict[int, torch.Tensor]:
+    def _hash_cached(self, input_ids: torch.Tensor, boundary: torch.Tensor | None,
+                     cache: InferenceCache) -> dict[int, torch.Tensor]:
         """``hash`` for a cached call: each hasher continues from its last N-1 ids (PITFALLS 5)."""
         ids = {}
         if self.hasher is not None:
-            ids, cache.ngram_history = self.hasher.hash_with_history(
-                input_ids, cache.ngram_history, boundary, validate=False)
+            ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary)
         if self.overencoding is not None:
             more, cache.input_ngram_history = self.overencoding.hasher.hash_with_history(
-                input_ids, cache.input_ngram_history, boundary, validate=False)
+                input_ids, cache.input_ngram_history, boundary)
             ids |= more
         return ids
 
-    def new_cache(self, starts: torch.Tensor, max_len: int):
+    def new_cache(self, starts: torch.Tensor, max_len: int) -> InferenceCache:
         """Decode state for ``len(starts)`` left-padded sequences (``starts[b]``: first real token)."""
-        from engram.infer.cache import InferenceCache
-
         return InferenceCache(self, starts, max_len)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 boundary: torch.Tensor | None = None,
-                hash_ids: dict[int, torch.Tensor] | None = None, cache=None) -> LMOutput:
+                hash_ids: dict[int, torch.Tensor] | None = None, cache: InferenceCache | None = None) -> LMOutput:
         """input_ids (B, T) raw ids; labels (B, T), the loss predicts labels[:, t+1] at position t
         (ignore index -100); boundary (B, T) bool, True where a packed document starts, resets the
         n-grams and the short conv; hash_ids, if already computed (e.g. by a prefetcher).
@@ -181,15 +218,11 @@ class EngramLM(nn.Module):
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         V = self.config.backbone.vocab_size
-        if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= V)).any()):
-            bad = input_ids[(input_ids < 0) | (input_ids >= V)][0].item()
-            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {V})")
-        # the ids are checked: the hasher's tokenizer covers exactly [0, V) (see __init__), so it need not
-        # check them again (that would be a second host sync per step)
+        check_token_ids(input_ids, V, "the model's vocabulary", allow_negative=False)
         if cache is None:
             positions = torch.arange(T, device=input_ids.device)  # (T,)
             if hash_ids is None:
-                hash_ids = self.hash(input_ids, boundary, validate=False)
+                hash_ids = self.hash(input_ids, boundary)
         else:
             if boundary is not None or labels is not None:
                 raise ValueError("a cached call takes neither boundary (the cache's starts are the "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engram.model.tables import HashedTable
 from engram.storage.cache import RowCache
 from engram.storage.export import open_tables
 from engram.storage.prefetch import Prefetcher
@@ -36,8 +37,9 @@ class _Pending:
     inverse: torch.Tensor  # (B*T*H,) index into the unique rows
 
 
-class OffloadedEmbedding(nn.Module):
-    """Drop-in for ``MultiHeadEmbedding`` whose rows live in ``store``: (B, T, H) -> (B, T, H, d_h)."""
+class OffloadedEmbedding(HashedTable):
+    """A ``HashedTable`` whose rows live in ``store`` (host RAM, disk, behind a cache): (B, T, H) ->
+    (B, T, H, d_h). It has no parameter, so it is never trained (``sparse`` is False)."""
 
     def __init__(self, store, offsets: torch.Tensor, device: torch.device, dtype: torch.dtype,
                  prefetcher: Prefetcher | None = None):
@@ -55,6 +57,10 @@ class OffloadedEmbedding(nn.Module):
     @property
     def num_rows(self) -> int:
         return self.store.num_rows
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
 
     def _gather(self, unique: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h) fp32 CPU
         with self._lock:

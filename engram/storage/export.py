@@ -5,16 +5,15 @@ Layout of a tables directory::
     layer_{id}.bin   rows x d_h values, C order, little-endian, dtype from the manifest
     manifest.json    written LAST: format, the hasher layout, per layer {file, rows, dim, dtype, bytes, sha256}
 
-A directory without ``manifest.json`` is an unfinished export. Every file goes through a temp file and
-``os.replace``, and an old manifest is removed before any table is rewritten, so a crash never leaves a
-manifest that describes other bytes than the files hold. The hasher layout travels with the tables
+A directory without ``manifest.json`` is an unfinished export. Every file is written atomically
+(``engram.fileio``), and an old manifest is removed before any table is rewritten, so a crash never
+leaves a manifest that describes other bytes than the files hold. The hasher layout travels with the tables
 because a row is meaningless without the addresses that chose it (PITFALLS 3, 4).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.fileio import CHUNK_BYTES, atomic_write, check_file, read_manifest, write_manifest
+
 FORMAT = "engram.tables/1"
 MANIFEST = "manifest.json"
-_CHUNK_BYTES = 64 << 20  # write in slices so a big table needs no second full copy in RAM
 
 # bfloat16 has no numpy dtype: its bytes travel as little-endian uint16 and are reinterpreted on read
 DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<u2")}
@@ -60,13 +60,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[int, str]:
-    """Stream ``weight`` (rows, d_h) to ``path`` through a temp file; returns (bytes, sha256)."""
+    """Stream ``weight`` (rows, d_h) to ``path`` in slices, atomically; returns (bytes, sha256)."""
     torch_dtype, np_dtype = DTYPES[_dtype_name(dtype)]
     rows, dim = weight.shape
-    step = max(1, _CHUNK_BYTES // max(1, dim * np.dtype(np_dtype).itemsize))
+    step = max(1, CHUNK_BYTES // max(1, dim * np.dtype(np_dtype).itemsize))
     digest, total = hashlib.sha256(), 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f) -> None:
+        nonlocal total
         for start in range(0, rows, step):
             chunk = weight[start: start + step].detach().to("cpu", torch_dtype).contiguous()  # (n, d_h)
             if torch_dtype == torch.bfloat16:
@@ -76,9 +77,8 @@ def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[
             digest.update(data)
             f.write(data)
             total += len(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write, fsync=True)
     return total, digest.hexdigest()
 
 
@@ -102,20 +102,7 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torc
         nbytes, sha = _write_table(weight, directory / file, dtype)
         layers[str(layer_id)] = {"file": file, "rows": int(weight.shape[0]), "dim": int(weight.shape[1]),
                                  "dtype": name, "bytes": nbytes, "sha256": sha}
-    manifest = {"format": FORMAT, "layout": model.hasher.layout(), "layers": layers}
-    tmp = manifest_path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
-    return manifest_path
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (tables, checkpoint files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+    return write_manifest(manifest_path, FORMAT, layout=model.hasher.layout(), layers=layers)
 
 
 def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size") -> TableManifest:
@@ -125,15 +112,8 @@ def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size")
         raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
     directory = Path(directory)
     manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise TableError(f"{manifest_path} is missing: not an Engram tables directory, or the export did not "
-                         "finish (the manifest is written last)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise TableError(f"{manifest_path} is not valid JSON: {err}") from None
-    if manifest.get("format") != FORMAT:
-        raise TableError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_manifest(manifest_path, FORMAT, TableError, missing_hint="not an Engram tables directory, or "
+                             "the export did not finish (the manifest is written last)")
     if hasher is not None:
         try:
             hasher.check_layout(manifest.get("layout"))
@@ -148,12 +128,6 @@ def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size")
         if expected != info["bytes"]:
             raise TableError(f"{manifest_path}: layer {key} claims {info['bytes']} bytes but "
                              f"{info['rows']}x{info['dim']} {info['dtype']} is {expected}")
-        if not path.is_file():
-            raise TableError(f"{path} is missing (listed in {manifest_path})")
-        size = path.stat().st_size
-        if size != expected:
-            raise TableError(f"{path} has {size} bytes, the manifest expects {expected} (truncated or replaced)")
-        if verify == "sha256" and file_sha256(path) != info["sha256"]:
-            raise TableError(f"{path}: sha256 mismatch with {manifest_path} (file corrupted or replaced)")
+        check_file(path, expected, info["sha256"] if verify == "sha256" else None, TableError)
         layers[int(key)] = TableEntry(int(key), path, info["rows"], info["dim"], info["dtype"], expected, info["sha256"])
     return TableManifest(directory, manifest["layout"], layers)

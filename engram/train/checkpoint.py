@@ -11,10 +11,12 @@ A checkpoint is a directory ``<run>/checkpoints/step_NNNNNNN/``:
     tokenizer/tokenizer.json, tokenizer/compressed_tokenizer.safetensors
     manifest.json                size and sha256 of every file above; written last
 
-A model trained with sharded tables (``engram.distributed``) writes the same files with the table
-rows left out of ``model.safetensors`` and the table moments out of ``optimizer.pt``; every rank
-writes its rows to ``tables/shard-RRRRR-of-WWWWW.safetensors`` (``engram/distributed/checkpoint.py``).
-Such a checkpoint loads on any number of ranks, and in a single process as whole tables.
+A model trained with sharded tables writes the same files with the table rows left out of
+``model.safetensors`` and the table moments out of ``optimizer.pt``; every rank writes its rows to
+``tables/shard-RRRRR-of-WWWWW.safetensors``. That collective save lives in
+``engram.distributed.checkpoint``, which composes the steps here (``stage``, ``write_replicated``,
+``publish``); nothing in this module talks to other processes. Such a checkpoint loads on any number of
+ranks, and in a single process as whole tables.
 
 It is written into a temporary directory and renamed into place, then ``<run>/checkpoints/latest`` is
 replaced atomically, so a crash at any moment leaves the previous checkpoint intact. Loading checks
@@ -33,14 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from engram import fileio
 from engram.config import RunConfig
 from engram.distributed import checkpoint as table_ckpt
-from engram.distributed import runtime
-from engram.distributed.sharded import sharded_tables
 from engram.model.transformer import EngramLM
-from engram.storage.export import file_sha256
 from engram.tokenizer import CompressedTokenizer
 
 FORMAT = "engram.checkpoint/1"
@@ -52,92 +51,19 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupted, or incompatible with the tokenizer in use."""
 
 
-def _file_entry(path: Path) -> dict:
-    """A file's manifest entry."""
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, optimizer_state: dict,
-                    run_config: RunConfig, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep_last``.
-
-    With sharded tables this is a collective: every rank calls it, writes its shard, and rank 0 writes
-    the rest (``run_dir`` must be one shared directory for all ranks, e.g. on a network filesystem).
-    """
-    from safetensors.torch import save_file
-
-    tables = sharded_tables(model)
-    group = next(iter(tables.values())).group if tables else None
-    # without sharded tables there is nothing per rank to write: rank 0 writes everything
-    main = dist.get_rank(group) == 0 if tables else runtime.is_main()
+# -- writing: stage -> write -> publish ----------------------------------------------------------------
+def stage(run_dir: str | os.PathLike, step: int, tag: str | None = None) -> Path:
+    """A fresh temporary directory for checkpoint ``step`` (``tag`` names it when several processes write
+    into one; default this process's pid)."""
     root = checkpoints_dir(run_dir)
-    final = root / f"step_{step:07d}"
-    # one temporary directory that every rank writes into: its name must not depend on the process
-    tmp = root / (f".tmp_step_{step:07d}_sharded" if tables else f".tmp_step_{step:07d}_{os.getpid()}")
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "tokenizer").mkdir(parents=True)
-    shard_files: dict[str, dict] = {}
-    if tables:
-        dist.barrier(group)
-        written = table_ckpt.write_shard(tmp, tables, optimizer_state.get("tables"))
-        mine = {written: _file_entry(tmp / written)}  # each rank hashes its own shard
-        gathered: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, mine, group=group)
-        for entry in gathered:
-            shard_files.update(entry)
-    if main:
-        table_keys = {f"{name}.weight" for name in tables}
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in table_keys}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "step": str(step)})
-        if tables:
-            optimizer_state = table_ckpt.strip_table_moments(optimizer_state)
-            _write_json(tmp / table_ckpt.INDEX, table_ckpt.table_index(tables, dist.get_world_size(group)))
-        torch.save({**optimizer_state, "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        _write_json(tmp / "run_config.json", run_config.to_dict())
-        _write_json(tmp / "trainer_state.json", {"format": FORMAT, "step": step, **trainer_state})
-        for name, hasher in _hashers(model).items():
-            _write_json(tmp / name, hasher.layout())
-        tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
-        # the tokenizer's compression, not the hasher's: with compress=False the hasher is the identity,
-        # and loading compares this file with the compression rebuilt from tokenizer.json
-        compressed = model.compressed_tokenizer
-        if compressed is None:
-            compressed = CompressedTokenizer.from_pretrained(tokenizer)
-        compressed.save(tmp / "tokenizer")
-
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        entries = {str(p.relative_to(tmp)): shard_files.get(str(p.relative_to(tmp))) or _file_entry(p) for p in files}
-        missing = sorted(set(shard_files) - set(entries))
-        if missing:
-            raise CheckpointError(f"table shards {missing} were written by other ranks but are not in {tmp}: "
-                                  "every rank must see the same run directory (a shared filesystem)")
-        manifest = {"format": FORMAT, "step": step, "files": entries}
-        _write_json(tmp / MANIFEST, manifest)
-
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        latest_tmp = root / f".{LATEST}.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, root / LATEST)
-
-        for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    if tables:
-        dist.barrier(group)
-    elif runtime.is_distributed():
-        runtime.barrier()  # no rank reads or re-saves the step before rank 0 has renamed it
-    return final
+    tmp = root / f".tmp_step_{step:07d}_{tag or os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tokenizer").mkdir(parents=True)
+    return tmp
 
 
 def _hashers(model: EngramLM) -> dict[str, object]:
@@ -150,6 +76,68 @@ def _hashers(model: EngramLM) -> dict[str, object]:
     return hashers
 
 
+def write_replicated(tmp: Path, step: int, model: EngramLM, optimizer_state: dict, run_config: RunConfig,
+                     tokenizer, trainer_state: dict, skip: set[str] = frozenset()) -> None:
+    """Everything but per-rank table shards into ``tmp``: weights (without the ``skip`` keys), optimizer
+    state plus the torch RNG, the configs, the hash layouts and the tokenizer."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+    fileio.atomic_write_bytes(tmp / "model.safetensors", save(state, metadata={"format": FORMAT, "step": str(step)}))
+    fileio.atomic_write(tmp / "optimizer.pt", lambda f: torch.save({**optimizer_state, "torch_rng": torch.get_rng_state()}, f))
+    fileio.atomic_write_json(tmp / "run_config.json", run_config.to_dict(), sort_keys=True)
+    fileio.atomic_write_json(tmp / "trainer_state.json", {"format": FORMAT, "step": step, **trainer_state}, sort_keys=True)
+    for name, hasher in _hashers(model).items():
+        fileio.atomic_write_json(tmp / name, hasher.layout(), sort_keys=True)
+    tokenizer.save(str(tmp / "tokenizer" / "tokenizer.json"))
+    # the tokenizer's compression, not the hasher's: with compress=False the hasher is the identity,
+    # and loading compares this file with the compression rebuilt from tokenizer.json
+    compressed = model.compressed_tokenizer
+    if compressed is None:
+        compressed = CompressedTokenizer.from_pretrained(tokenizer)
+    compressed.save(tmp / "tokenizer")
+
+
+def publish(tmp: Path, step: int, keep_last: int = 2, entries: dict[str, dict] | None = None) -> Path:
+    """Write ``tmp``'s manifest (``entries`` supplies files hashed elsewhere, e.g. by the rank that wrote
+    them), rename it to ``step_NNNNNNN``, point ``latest`` at it and keep the newest ``keep_last``."""
+    entries = entries or {}
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    listed = {str(p.relative_to(tmp)): entries.get(str(p.relative_to(tmp))) or fileio.file_entry(p) for p in files}
+    missing = sorted(set(entries) - set(listed))
+    if missing:
+        raise CheckpointError(f"{missing} were written by other ranks but are not in {tmp}: every rank must see "
+                              "the same run directory (a shared filesystem)")
+    fileio.write_manifest(tmp / MANIFEST, FORMAT, step=step, files=listed)
+    root = tmp.parent
+    final = root / f"step_{step:07d}"
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fileio.atomic_write_text(root / LATEST, final.name + "\n")
+    for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, optimizer_state: dict,
+                    run_config: RunConfig, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
+    """Write checkpoint ``step`` of a single process atomically and point ``latest`` at it; keep the
+    newest ``keep_last``. A model with row-sharded tables is saved by all of its ranks together
+    (``engram.distributed.checkpoint.save_sharded``)."""
+    if table_ckpt.sharded_tables(model):
+        raise CheckpointError("the model's tables are sharded over ranks: save it with "
+                              "engram.distributed.checkpoint.save_sharded, which every rank calls")
+    tmp = stage(run_dir, step)
+    try:
+        write_replicated(tmp, step, model, optimizer_state, run_config, tokenizer, trainer_state)
+        return publish(tmp, step, keep_last)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- reading -------------------------------------------------------------------------------------------
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` points at, or None when the run has none."""
     pointer = checkpoints_dir(run_dir) / LATEST
@@ -178,34 +166,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def verify_checkpoint(path: str | os.PathLike, check_hashes: bool = True) -> dict:
     """Check every file against the manifest; raise CheckpointError naming the first bad file."""
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST}: the checkpoint is incomplete") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path / MANIFEST} is not valid JSON ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = fileio.read_manifest(path / MANIFEST, FORMAT, CheckpointError,
+                                    missing_hint="the checkpoint is incomplete")
     for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file {file} is missing")
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file {file} is truncated or altered: "
-                                  f"{size} bytes, manifest says {expected['bytes']}")
-        if check_hashes and file_sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} is corrupted: sha256 differs from the manifest")
+        fileio.check_file(path / name, expected["bytes"], expected["sha256"] if check_hashes else None,
+                          CheckpointError)
     return manifest
 
 
 @dataclass
 class Checkpoint:
+    """A verified checkpoint directory: its configs and tokenizer, and ``load_into`` to fill a model.
+
+    ``model`` is set by ``load_checkpoint`` (a fresh model holding the checkpoint's weights)."""
+
     path: Path
     run_config: RunConfig
-    model: EngramLM
     tokenizer: Any  # tokenizers.Tokenizer
+    compressed: CompressedTokenizer
     trainer_state: dict
+    model: EngramLM | None = None
     _optimizer_state: dict | None = field(default=None, repr=False)
 
     @property
@@ -231,27 +211,59 @@ class Checkpoint:
 
     def tables(self, names: list[str] | None = None) -> table_ckpt.CheckpointTables:
         """A reader of any row range of the stored tables and their moments, whichever layout."""
-        from engram.train.optim import named_tables
+        if names is None:  # the stored model's tables, in optimizer order (a meta build allocates nothing)
+            names = list((self.model or self.build_model()).named_tables())
+        try:
+            return table_ckpt.CheckpointTables(self.path, names)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
 
-        return table_ckpt.CheckpointTables(self.path, names or list(named_tables(self.model)))
+    def build_model(self, sparse_tables: bool = False) -> EngramLM:
+        """The stored model's architecture on the meta device: nothing allocated yet (place it, then
+        ``to_empty``, ``init_weights(tables=False)`` and ``load_into``)."""
+        with torch.device("meta"):
+            return EngramLM(self.run_config.model, self.compressed, sparse_tables=sparse_tables)
+
+    def load_into(self, model: EngramLM) -> None:
+        """Check the hash layouts against ``model``'s hashers and copy the weights in. Tables that are
+        row-sharded (``engram.distributed``) are left to ``engram.distributed.checkpoint.load_shards``;
+        whole tables are read from either layout."""
+        from safetensors import safe_open
+
+        for name, hasher in _hashers(model).items():
+            layout_file = self.path / name
+            if not layout_file.is_file():
+                raise CheckpointError(f"{self.path} holds a model with hashed tables but no {name}")
+            try:
+                hasher.check_layout(json.loads(layout_file.read_text()))
+            except ValueError as err:
+                raise CheckpointError(f"{layout_file}: {err}") from None
+        tables = model.named_tables()
+        per_rank = set(table_ckpt.sharded_tables(model))
+        table_keys = {f"{name}.weight" for name in tables}
+        whole = [name for name in tables if name not in per_rank]
+        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+            state = {k: f.get_tensor(k) for k in keys if k not in table_keys}
+            if not self.sharded:
+                state |= {f"{n}.weight": f.get_tensor(f"{n}.weight") for n in whole if f"{n}.weight" in keys}
+        if self.sharded and whole:
+            reader = self.tables(list(tables))
+            state |= {f"{name}.weight": reader.read(name, "weight") for name in whole}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k[: -len(".weight")] not in per_rank]
+        if missing or unexpected:
+            raise CheckpointError(f"{self.path}/model.safetensors does not fit the stored config: "
+                                  f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
-                    check_hashes: bool = True, tables: bool = True) -> Checkpoint:
-    """Load a checkpoint (or a run directory's latest) into a fresh model on ``device``.
+def open_checkpoint(path: str | os.PathLike, tokenizer=None, check_hashes: bool = True) -> Checkpoint:
+    """Verify a checkpoint (or a run directory's latest) and read its configs, without building a model.
 
     ``tokenizer`` (a tokenizers.Tokenizer, directory or tokenizer.json), when given, must compress
     exactly like the one stored; otherwise the stored tokenizer is used. Either way the compressed
-    table is rebuilt from the tokenizer and compared with the stored table and hash layout.
-
-    A sharded checkpoint loads with whole tables (read from every shard). ``tables=False`` leaves the
-    hashed tables at their initial values (for ranks that then read only their own rows, see
-    ``engram.distributed.checkpoint.load_shards``).
-    """
-    from safetensors import safe_open
+    table is rebuilt from the tokenizer and compared with the stored one."""
     from tokenizers import Tokenizer
-
-    from engram.train.optim import named_tables
 
     path = resolve_checkpoint(path)
     verify_checkpoint(path, check_hashes)
@@ -268,51 +280,32 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             f"the tokenizer in use compresses to V'={rebuilt.vocab_size} (sha256 {rebuilt.sha256[:12]}) but the "
             f"checkpoint's tables were addressed with V'={stored.vocab_size} (sha256 {stored.sha256[:12]}); "
             "refusing to load (a different tokenizer or tokenizers version would scramble every Engram row)")
-
-    model = EngramLM(run_config.model, stored)
-    for name, hasher in _hashers(model).items():
-        layout_file = path / name
-        if not layout_file.is_file():
-            raise CheckpointError(f"{path} holds a model with hashed tables but no {name}")
-        try:
-            hasher.check_layout(json.loads(layout_file.read_text()))
-        except ValueError as err:
-            raise CheckpointError(f"{layout_file}: {err}") from None
-    table_names = list(named_tables(model))
-    table_keys = {f"{name}.weight" for name in table_names}
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if tables or k not in table_keys}
-    sharded = (path / table_ckpt.INDEX).is_file()
-    if sharded and tables:
-        try:
-            reader = table_ckpt.CheckpointTables(path, table_names)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
-        state |= {f"{name}.weight": reader.read(name, "weight") for name in table_names}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if not tables:
-        missing = [k for k in missing if k not in table_keys]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}/model.safetensors does not fit the stored config: "
-                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return Checkpoint(path=path, run_config=run_config, model=model.to(device), tokenizer=tokenizer,
+    return Checkpoint(path=path, run_config=run_config, tokenizer=tokenizer, compressed=stored,
                       trainer_state=trainer_state)
 
 
-def restore_training_state(ckpt: Checkpoint, model: EngramLM, optimizers) -> dict:
-    """Put ``ckpt``'s optimizer state (and, when ``model``'s tables are sharded, this rank's table rows)
-    into ``model`` / ``optimizers``; returns the optimizer state as loaded (it holds ``torch_rng``).
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", tokenizer=None,
+                    check_hashes: bool = True) -> Checkpoint:
+    """Load a checkpoint (or a run directory's latest) into a fresh model on ``device`` (``.model``).
 
-    ``model`` is ``ckpt.model``, possibly after ``shard_tables``: then every rank reads its own rows
-    and moments from the checkpoint, whichever number of ranks wrote it (``load_checkpoint(...,
-    tables=False)`` skips reading whole tables first).
-    """
-    tables = sharded_tables(model)
-    if not tables:
-        state = ckpt.optimizer_state()
-    else:
-        reader = ckpt.tables(list(tables))
-        table_ckpt.load_shards(reader, tables)
-        state = table_ckpt.shard_optimizer_state(reader, tables, ckpt.stored_optimizer_state())
+    Built on meta, materialised once, table rows never initialised only to be overwritten; a sharded
+    checkpoint loads with whole tables (read from every shard)."""
+    ckpt = open_checkpoint(path, tokenizer, check_hashes)
+    model = ckpt.build_model()
+    model.to_empty(device="cpu")
+    model.init_weights(tables=False)
+    ckpt.load_into(model)
+    ckpt.model = model.to(device)
+    return ckpt
+
+
+def restore_training_state(ckpt: Checkpoint, model: EngramLM, optimizers) -> dict:
+    """Put ``ckpt``'s optimizer state into ``optimizers`` (the model's weights are already loaded);
+    returns it as loaded (it holds ``torch_rng``). A model with sharded tables restores through
+    ``engram.distributed.checkpoint.restore_sharded``."""
+    if table_ckpt.sharded_tables(model):
+        raise CheckpointError("the model's tables are sharded over ranks: restore with "
+                              "engram.distributed.checkpoint.restore_sharded")
+    state = ckpt.optimizer_state()
     optimizers.load_state_dict(state)
     return state

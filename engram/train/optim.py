@@ -1,7 +1,7 @@
 """Optimizers and the learning-rate schedule.
 
-Dense parameters use AdamW (weight decay on matrices only). Hashed tables (Engram and OverEncoding:
-every ``MultiHeadEmbedding``) use Adam restricted to the rows a step looked up
+Dense parameters use AdamW (weight decay on matrices only). Hashed tables with sparse gradients (Engram
+and OverEncoding, built with ``sparse_tables=True``, and their row shards) use Adam restricted to the rows a step looked up
 (``torch.optim.SparseAdam``, lazy moments) at ``table_lr_mult`` x the base rate with no weight decay
 (SPEC §3): a step costs O(rows touched), not O(table) (PITFALLS 12).
 """
@@ -9,31 +9,17 @@ every ``MultiHeadEmbedding``) use Adam restricted to the rows a step looked up
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
-import torch.distributed as dist
-
 from engram.config import TrainConfig
-from engram.distributed.sharded import ShardedTable
-from engram.model.engram import MultiHeadEmbedding
-from engram.model.transformer import EngramLM
 
 
-def named_tables(model: EngramLM) -> dict[str, MultiHeadEmbedding | ShardedTable]:
-    """Module name -> every hashed table of the model (Engram layers, OverEncoding), in module order,
-    which is the order of the table optimizer's parameters; after ``shard_tables`` these are the
-    ``ShardedEmbedding`` blocks this rank owns."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (MultiHeadEmbedding, ShardedTable))}
-
-
-def table_embeddings(model: EngramLM) -> list[MultiHeadEmbedding | ShardedTable]:
-    return list(named_tables(model).values())
-
-
-def table_parameters(model: EngramLM) -> list[nn.Parameter]:
-    return [table.weight for table in table_embeddings(model)]
+def table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable rows of every hashed table (offloaded tables hold none)."""
+    return [t.weight for t in model.named_tables().values() if getattr(t, "weight", None) is not None]
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -44,19 +30,27 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 class Optimizers:
-    """AdamW for dense parameters plus SparseAdam for hashed tables, stepped and saved together."""
+    """AdamW for dense parameters plus SparseAdam for hashed tables, stepped and saved together.
 
-    def __init__(self, model: EngramLM, config: TrainConfig, sparse_tables: bool = True):
+    Whether a table's gradient is sparse is decided where the model was built or placed
+    (``EngramLM(..., sparse_tables=True)``; row shards always are), never here: a model whose tables
+    give dense gradients is refused, because Adam over a dense table gradient moves every row every
+    step (PITFALLS 12: O(table) instead of O(rows touched)). ``reduce_table_sq``: how the tables' squared gradient norm is
+    summed over the processes holding their rows (``engram.distributed.Parallel.sum_table_squares``);
+    the identity in a single process.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig,
+                 reduce_table_sq: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
-        tables = table_parameters(model) if sparse_tables else []
-        sharded = [t for t in table_embeddings(model) if isinstance(t, ShardedTable)]
-        if sharded and not sparse_tables:
-            raise ValueError("sharded tables are trained by SparseAdam on their own rows (sparse_tables=True)")
-        # each rank holds its own rows: their squared gradient norm is summed over the tables' group
-        self._table_group = sharded[0].group if sharded else None
-        self._tables_sharded = bool(sharded)
-        for table in table_embeddings(model):
-            table.sparse = sparse_tables
+        self.reduce_table_sq = reduce_table_sq
+        rows = {n: t for n, t in model.named_tables().items() if getattr(t, "weight", None) is not None}
+        dense_grads = [n for n, t in rows.items() if not t.sparse]
+        if dense_grads:
+            raise ValueError(f"Optimizers: the tables {dense_grads} give dense gradients; build the model with "
+                             "EngramLM(..., sparse_tables=True) so SparseAdam moves only the rows a step looked up "
+                             "(Adam on a dense table gradient moves every row, every step)")
+        tables = [t.weight for t in rows.values()]
         table_ids = {id(p) for p in tables}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
         decay = [p for p in dense if p.dim() >= 2]
@@ -84,19 +78,18 @@ class Optimizers:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm over dense and (coalesced) sparse table gradients; scales both when > max_norm.
 
-        With sharded tables the table part is all-reduced over the ranks (every rank must call this),
-        so every rank computes the same norm as one process holding the whole table.
+        The tables' part goes through ``reduce_table_sq`` (with row-sharded tables every rank must call
+        this), so every rank computes the norm one process holding the whole tables would.
         """
         squares, table_squares = [], []
         for p in self.table_params:
             if p.grad is not None:
                 p.grad = p.grad.coalesce()  # duplicate rows from one batch must add before the norm
                 table_squares.append(p.grad._values().float().square().sum())
-        if self._tables_sharded:
+        if self.reduce_table_sq is not None and self.table_params:
             device = self.table_params[0].device
             total = torch.stack(table_squares).sum() if table_squares else torch.zeros((), device=device)
-            dist.all_reduce(total, group=self._table_group)
-            squares.append(total)
+            squares.append(self.reduce_table_sq(total))
         else:
             squares += table_squares
         for p in self.dense_params:

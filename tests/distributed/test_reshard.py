@@ -6,10 +6,8 @@ import torch
 from safetensors import safe_open
 
 from support import spawn_group, tiny_run
-from engram.distributed import shard_tables
-from engram.train import CheckpointError, Optimizers, load_checkpoint, save_checkpoint, train
-from engram.train.checkpoint import restore_training_state
-from engram.train.optim import named_tables
+from engram.distributed import Parallel, materialise, shard_tables
+from engram.train import CheckpointError, Optimizers, load_checkpoint, open_checkpoint, save_checkpoint, train
 
 
 def _train(run_dict, out_dir):
@@ -19,14 +17,17 @@ def _train(run_dict, out_dir):
 
 
 def _reshard(src, dst):
-    """Load any checkpoint on this group's ranks and save it again, sharded over them."""
-    ckpt = load_checkpoint(src, tables=False)
-    model = ckpt.model
+    """Load any checkpoint on this group's ranks and save it again, sharded over them: each rank
+    allocates and reads only its own block of every table."""
+    ckpt = open_checkpoint(src)
+    model = ckpt.build_model()  # on meta
     shard_tables(model)
+    materialise(model, torch.device("cpu"), init_tables=False)
     optimizers = Optimizers(model, ckpt.run_config.train)
-    restore_training_state(ckpt, model, optimizers)
-    save_checkpoint(dst, ckpt.step, model, optimizers.state_dict(), ckpt.run_config, ckpt.tokenizer,
-                    ckpt.trainer_state)
+    parallel = Parallel(model, torch.device("cpu"))
+    parallel.restore(ckpt, optimizers)
+    parallel.save_checkpoint(dst, ckpt.step, optimizers.state_dict(), ckpt.run_config, ckpt.tokenizer,
+                             ckpt.trainer_state)
 
 
 def _tables(path) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def _tables(path) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(path)
     state = ckpt.optimizer_state()["tables"]["state"]
     out = {}
-    for i, (name, table) in enumerate(named_tables(ckpt.model).items()):
+    for i, (name, table) in enumerate(ckpt.model.named_tables().items()):
         out[f"{name}.weight"] = table.weight.detach()
         for m in ("exp_avg", "exp_avg_sq"):
             out[f"{name}.{m}"] = state[i][m]
@@ -54,15 +55,16 @@ def _train_recording_writers(run_dict, out_dir, marks):
     from pathlib import Path
 
     import torch.distributed as dist
-    from engram.train import checkpoint
+    from engram import fileio
 
-    write_json = checkpoint._write_json
+    write_json = fileio.atomic_write_json
 
-    def recording(path, data):
-        Path(marks, f"rank{dist.get_rank()}").touch()
-        write_json(path, data)
+    def recording(path, data, *args, **kwargs):
+        if "checkpoints" in str(path):
+            Path(marks, f"rank{dist.get_rank()}").touch()
+        return write_json(path, data, *args, **kwargs)
 
-    checkpoint._write_json = recording
+    fileio.atomic_write_json = recording
     _train(run_dict, out_dir)
 
 

@@ -50,7 +50,7 @@ def inputs(layer, B=2, T=12):
 
 @pytest.mark.parametrize("name", sorted(SWITCHES))
 def test_switch_trains_one_step_and_is_causal(name):
-    model = EngramLM(ablated(**SWITCHES[name]), PAIRS)
+    model = EngramLM(ablated(**SWITCHES[name]), PAIRS, sparse_tables=True)
     before = train_step(model, 512)
     after = dict(model.named_parameters())
     table = "layers.1.engram.embedding.weight"

@@ -108,14 +108,14 @@ def test_precomputed_hash_ids_are_used():
 
 
 def test_no_host_round_trips_in_engram_forward():
-    """The hasher (validation off) and the layer run on meta tensors: any .item()/.cpu()/numpy fails."""
+    """The hasher and the layer run on meta tensors: any .item()/.cpu()/numpy in them fails."""
     config = get_preset("tiny-engram")
     hasher = NgramHasher(config.engram, CompressedTokenizer.identity(512)).to("meta")
     ids = torch.empty(2, 16, dtype=torch.long, device="meta")
     boundary = torch.empty(2, 16, dtype=torch.bool, device="meta")
-    hash_ids = hasher(ids, boundary, validate=False)[1]
+    hash_ids = hasher(ids, boundary)[1]
     assert hash_ids.shape == (2, 16, config.engram.n_heads)
-    layer = Engram(config.engram, 64, [1009] * 8).to("meta")
+    layer = Engram(config.engram, 64, [1009] * 8, branches=2).to("meta")
     y = layer(torch.empty(2, 16, 2, 64, device="meta"), hash_ids)
     assert y.shape == (2, 16, 2, 64)
 

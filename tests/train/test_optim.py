@@ -13,7 +13,7 @@ def _batch():
 
 def test_table_step_touches_only_looked_up_rows_and_matches_dense_adam():
     torch.manual_seed(0)
-    model = EngramLM(get_preset("tiny-engram"))
+    model = EngramLM(get_preset("tiny-engram"), sparse_tables=True)
     config = TrainConfig(lr=1e-2, grad_clip=0.0)
     table = table_parameters(model)[0]
     opt = Optimizers(model, config)
@@ -37,7 +37,7 @@ def test_table_step_touches_only_looked_up_rows_and_matches_dense_adam():
 
 def test_untouched_rows_never_move_and_no_weight_decay_on_tables():
     torch.manual_seed(0)
-    model = EngramLM(get_preset("tiny-engram"))
+    model = EngramLM(get_preset("tiny-engram"), sparse_tables=True)
     opt = Optimizers(model, TrainConfig(lr=1e-2, weight_decay=0.5))
     table = table_parameters(model)[0]
     before = table.detach().clone()
@@ -57,7 +57,7 @@ def test_untouched_rows_never_move_and_no_weight_decay_on_tables():
 
 def test_clip_includes_sparse_gradients():
     torch.manual_seed(0)
-    model = EngramLM(get_preset("tiny-engram"))
+    model = EngramLM(get_preset("tiny-engram"), sparse_tables=True)
     opt = Optimizers(model, TrainConfig())
     ids = _batch()
     model(ids, labels=ids).loss.mul(100).backward()
@@ -79,7 +79,7 @@ def test_schedule_warmup_then_step_decay():
 
 def test_state_dict_round_trip():
     torch.manual_seed(0)
-    model = EngramLM(get_preset("tiny-engram"))
+    model = EngramLM(get_preset("tiny-engram"), sparse_tables=True)
     opt = Optimizers(model, TrainConfig())
     ids = _batch()
     model(ids, labels=ids).loss.backward()
@@ -88,6 +88,17 @@ def test_state_dict_round_trip():
     fresh = Optimizers(model, TrainConfig())
     fresh.load_state_dict(state)
     assert fresh.state_dict()["tables"]["state"].keys() == state["tables"]["state"].keys()
-    baseline = Optimizers(EngramLM(get_preset("tiny-moe")), TrainConfig())
+    baseline = Optimizers(EngramLM(get_preset("tiny-moe"), sparse_tables=True), TrainConfig())
     with pytest.raises(ValueError, match="sparse"):
         baseline.load_state_dict(state)
+
+
+def test_sparsity_is_decided_when_the_model_is_built_never_by_the_optimizer():
+    dense = EngramLM(get_preset("tiny-engram"))
+    assert not any(t.sparse for t in dense.named_tables().values())
+    with pytest.raises(ValueError, match=r"layers\.1\.engram\.embedding.*sparse_tables=True"):
+        Optimizers(dense, TrainConfig())
+    assert not any(t.sparse for t in dense.named_tables().values())  # not flipped behind the caller's back
+    sparse = EngramLM(get_preset("tiny-engram"), sparse_tables=True)
+    opt = Optimizers(sparse, TrainConfig())
+    assert [p for g in opt.tables.param_groups for p in g["params"]] == table_parameters(sparse)

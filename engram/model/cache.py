@@ -1,4 +1,5 @@
-"""Decode state for incremental generation of a batch of sequences (SPEC §2, "decode-time state").
+"""Decode state for incremental generation of a batch of sequences (SPEC §2, "decode-time state"): the
+typed object ``EngramLM.forward(..., cache=)`` reads and writes, one ``LayerCache`` per block.
 
 Legend: B sequences, T new tokens this call, L tokens cached so far, k key/value heads, d head width,
 G branches, D model width, N max n-gram order, K conv taps, P = (K-1)*N conv lookback.
@@ -49,6 +50,7 @@ class InferenceCache:
     """
 
     def __init__(self, model, starts: torch.Tensor, max_len: int):
+        """``model``: the ``EngramLM`` the cache is for (its config, blocks and hashers)."""
         bb = model.config.backbone
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
@@ -60,7 +62,7 @@ class InferenceCache:
         self.length = 0
         self.mask: torch.Tensor | None = None  # (B, 1, T, L+T) for the current call
         shape = (B, bb.n_kv_heads, max_len, bb.head_dim)
-        self.layers = []
+        self.layers: list[LayerCache] = []
         for blk in model.layers:
             conv = None
             if blk.engram is not None and blk.engram.config.short_conv:
@@ -69,8 +71,8 @@ class InferenceCache:
             self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                           torch.zeros(shape, device=device, dtype=dtype), conv))
         # (B, N-1) compressed ids per hasher, pads until the first call
-        self.ngram_history = _pad_history(model.hasher, B, device)  # Engram layers
-        self.input_ngram_history = None  # OverEncoding
+        self.ngram_history: torch.Tensor | None = _pad_history(model.hasher, B, device)  # Engram layers
+        self.input_ngram_history: torch.Tensor | None = None  # OverEncoding
         if model.overencoding is not None:
             self.input_ngram_history = _pad_history(model.overencoding.hasher, B, device)
 

@@ -1,0 +1,139 @@
+"""Placement for training: ``parallelize(model, device)`` shards the hashed tables over the process group,
+materialises and initialises the model (each rank only its own block of every table), and wraps the
+dense part in DistributedDataParallel. It returns a ``Parallel``: everything collective the trainer
+needs, in one object, so that the train step, the optimizer and the checkpoint code never call
+``torch.distributed`` themselves.
+
+Outside a process group of several ranks (a plain ``python -m engram.cli train``) it only materialises
+the model, and every method of ``Parallel`` is the single-process identity.
+
+The flow the trainer follows (``engram.train.loop.setup``)::
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = EngramLM(config, tokenizer, sparse_tables=True)   # nothing allocated
+    parallel = parallelize(model, device)    # shard tables -> to_empty (host) -> init_weights -> device -> DDP
+    optimizers = Optimizers(model, train_config, reduce_table_sq=parallel.sum_table_squares)
+    parallel.restore(checkpoint, model, optimizers)   # when resuming
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engram.distributed import runtime as rt
+from engram.distributed.checkpoint import restore_sharded, save_sharded
+from engram.distributed.sharded import TRAFFIC, shard_tables, sharded_tables
+
+
+class Parallel:
+    """How this process takes part in training. ``net`` is what forward and backward go through (the
+    DDP wrapper, or the model itself); ``model`` keeps the weights, the checkpoints and evaluation."""
+
+    def __init__(self, model: nn.Module, device: torch.device, net: nn.Module | None = None):
+        self.model, self.device = model, device
+        self.net = net if net is not None else model
+        self.world, self.rank = rt.world_size(), rt.rank()
+        tables = sharded_tables(model)
+        self.table_group = next(iter(tables.values())).group if tables else None
+        self.tables_sharded = bool(tables)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that prints, logs and writes the replicated files."""
+        return self.rank == 0
+
+    def rows(self, *tensors: torch.Tensor | None):
+        """This rank's rows of each tensor of the global batch (all of them in a single process)."""
+        if not self.distributed:
+            return tensors
+        return tuple(None if t is None else t.chunk(self.world)[self.rank] for t in tensors)
+
+    def no_sync(self, last_micro_batch: bool):
+        """DDP all-reduces the dense gradients once per step: after the last micro-batch only."""
+        if last_micro_batch or not self.distributed:
+            return contextlib.nullcontext()
+        return self.net.no_sync()
+
+    def mean(self, value: float) -> float:
+        """The mean over ranks of a per-rank scalar (e.g. the loss of each rank's equal share)."""
+        return rt.mean_over_ranks(value, self.device)
+
+    def sum(self, values: list[float]) -> list[float]:
+        return rt.sum_over_ranks(values, self.device)
+
+    def sum_table_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        """The tables' squared gradient norm over every rank's rows (each rank holds its own rows), so
+        every rank clips by the norm of one process holding the whole tables."""
+        if self.tables_sharded:
+            dist.all_reduce(squares, group=self.table_group)
+        return squares
+
+    def reduce_moe_load(self) -> None:
+        """The whole batch's expert load on every rank, so every rank moves its expert bias alike."""
+        rt.reduce_moe_load(self.model)
+
+    def traffic(self) -> dict:
+        """Bytes sent to other ranks so far, by kind (``TRAFFIC``)."""
+        return TRAFFIC.snapshot()
+
+    def barrier(self) -> None:
+        rt.barrier()
+
+    def save_checkpoint(self, run_dir: str | Path, step: int, optimizer_state: dict, run_config, tokenizer,
+                        trainer_state: dict, keep_last: int = 2) -> Path:
+        """Write checkpoint ``step``: by this process alone, or by every rank together."""
+        if self.distributed:
+            return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
+                                keep_last)
+        from engram.train.checkpoint import save_checkpoint
+
+        return save_checkpoint(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
+                               keep_last)
+
+    def restore(self, checkpoint, optimizers) -> dict:
+        """Load ``checkpoint`` (``engram.train.checkpoint.Checkpoint``, written by any number of ranks):
+        weights (this rank's rows of sharded tables) and optimizer state; returns the optimizer state
+        as loaded (it holds ``torch_rng``)."""
+        checkpoint.load_into(self.model)
+        if self.tables_sharded:
+            return restore_sharded(checkpoint, self.model, optimizers)
+        from engram.train.checkpoint import restore_training_state
+
+        return restore_training_state(checkpoint, self.model, optimizers)
+
+
+def materialise(model: nn.Module, device: torch.device, init_tables: bool = True) -> nn.Module:
+    """A model built on meta: allocate it on the host, initialise it once, move it to ``device``. The
+    initial values come from torch's CPU generator, so a seed gives the same model on every device.
+    A model that is already materialised is only moved."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        model.to_empty(device="cpu")
+        model.init_weights(tables=init_tables)
+    return model.to(device)
+
+
+def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True) -> Parallel:
+    """Place ``model`` (an ``EngramLM``, built on meta or materialised) for training on ``device``.
+
+    Inside a process group of W > 1 ranks: its hashed tables are row-sharded (``shard_tables``; on a meta
+    model each rank then allocates only its block), the model is materialised and initialised
+    (``init_tables=False`` leaves table rows for a checkpoint) and the dense parameters go under
+    DistributedDataParallel (``wrap_ddp``). Otherwise the model is only materialised and moved.
+    """
+    if not rt.is_distributed():
+        return Parallel(materialise(model, device, init_tables), device)
+    rt.check_backend(device)
+    if model.named_tables():
+        shard_tables(model)
+    materialise(model, device, init_tables)
+    return Parallel(model, device, rt.wrap_ddp(model, device))

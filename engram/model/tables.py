@@ -1,0 +1,109 @@
+"""Hashed tables: what every table answers, wherever its rows live, and the device-resident one.
+
+Legend: B batch, T time, H hash heads, d_h row width, N rows of the flat table.
+
+``HashedTable`` is the one type the rest of the code asks for ("which tables does this model have":
+``EngramLM.named_tables``). Its implementations are the device table here (``MultiHeadEmbedding``), a
+row-sharded block (``engram.distributed.ShardedEmbedding``) and an offloaded table
+(``engram.storage.OffloadedEmbedding``); the placements swap one for another on a built model.
+
+Whether a table's gradient is sparse (only the looked-up rows, for SparseAdam: PITFALLS 12) is
+decided when it is built or placed (``sparse``), never flipped later by an optimizer.
+
+Table rows are initialised by ``normal_rows_``: rows come from independently seeded blocks of
+``INIT_BLOCK_ROWS``, so a rank holding rows [a, b) of a table fills exactly the rows a whole table
+would hold there, without ever materialising the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.hashing import TableGeometry
+
+INIT_BLOCK_ROWS = 8192
+
+
+def row_block_seed(seed: int, block: int) -> int:
+    """The generator seed of rows [block * INIT_BLOCK_ROWS, (block + 1) * INIT_BLOCK_ROWS) of a table."""
+    digest = hashlib.sha256(f"engram.table-init:{seed}:{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """A table's own seed from the model's table seed and the table's module name."""
+    digest = hashlib.sha256(f"engram.table:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def normal_rows_(weight: torch.Tensor, first_row: int, std: float, seed: int) -> torch.Tensor:
+    """Fill ``weight`` (n, d_h), which holds rows [first_row, first_row + n) of a table, with N(0, std)
+    rows that depend only on (seed, row): whole tables and row shards of them agree row for row."""
+    n, dim = weight.shape
+    if n == 0 or weight.device.type == "meta":
+        return weight
+    first_block, last_block = first_row // INIT_BLOCK_ROWS, (first_row + n - 1) // INIT_BLOCK_ROWS
+    block = torch.empty(INIT_BLOCK_ROWS, dim, dtype=weight.dtype, device=weight.device)
+    generator = torch.Generator(device=weight.device)
+    for b in range(first_block, last_block + 1):
+        generator.manual_seed(row_block_seed(seed, b))
+        block.normal_(0.0, std, generator=generator)  # always a whole block: a fill's prefix is not a shorter fill
+        lo, hi = max(first_row, b * INIT_BLOCK_ROWS), min(first_row + n, (b + 1) * INIT_BLOCK_ROWS)
+        weight[lo - first_row: hi - first_row].copy_(block[lo - b * INIT_BLOCK_ROWS: hi - b * INIT_BLOCK_ROWS])
+    return weight
+
+
+class HashedTable(nn.Module):
+    """A flat table of H hashed heads: hash ids (B, T, H) -> rows (B, T, H, d_h).
+
+    Every implementation has ``offsets`` (H,) (head j's first row), ``num_rows``, ``dim`` and
+    ``sparse``; those holding trainable rows have a ``weight`` and ``init_weights(std, seed)``, and
+    ``reset_buffers()`` rewrites derived buffers after ``to_empty``. (A marker base: the attributes are
+    plain attributes or properties of each implementation.)"""
+
+    sparse: bool = False
+
+
+class MultiHeadEmbedding(HashedTable):
+    """All heads of one layer in one flat table on the model's device (SPEC §2 step 5).
+
+    ``geometry`` (from the hasher) fixes the head sizes and offsets. ``sparse`` makes the backward
+    produce a sparse gradient holding only the looked-up rows, so a sparse optimizer costs O(rows
+    touched) (PITFALLS 12).
+    """
+
+    def __init__(self, geometry: TableGeometry, dim: int, sparse: bool = False):
+        super().__init__()
+        self.geometry = geometry
+        self.sparse = sparse
+        self.register_buffer("offsets", torch.empty(geometry.n_heads, dtype=torch.int64), persistent=False)  # (H,)
+        self.weight = nn.Parameter(torch.empty(geometry.num_rows, dim))
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.offsets.copy_(torch.tensor(self.geometry.offsets, dtype=torch.int64))
+
+    @property
+    def num_rows(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    def init_weights(self, std: float, seed: int) -> None:
+        """Rows N(0, std) from ``seed`` (``normal_rows_``); std 0 gives zeros."""
+        if std == 0:
+            with torch.no_grad():
+                self.weight.zero_()
+        else:
+            normal_rows_(self.weight, 0, std, seed)
+
+    def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H, d_h)
+        return F.embedding(hash_ids + self.offsets, self.weight, sparse=self.sparse)
