@@ -53,7 +53,7 @@ def build(args: argparse.Namespace) -> tuple[Engram, SwiGLU, torch.Tensor, torch
     gen = torch.Generator().manual_seed(0)
     raw = torch.randint(0, RAW_VOCAB, (args.batch, args.seq), generator=gen)
     hash_ids = hasher(raw)[1]  # (B, T, H)
-    table_sizes = [p for order in hasher.primes[1] for p in order]
+    table_sizes = hasher.geometry[1]
     torch.manual_seed(0)
     layer = Engram(config, args.dim, table_sizes, branches=args.branches)
     with torch.no_grad():  # a trained-looking conv, so the conv branch is not the identity shortcut

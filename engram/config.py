@@ -500,3 +500,16 @@ _NESTED: dict[tuple[str, str], type] = {
     ("RunConfig", "data"): DataConfig,
     ("RunConfig", "train"): TrainConfig,
 }
+
+
+_MOVED = {"PRESETS": "engram.presets", "RUN_PRESETS": "engram.presets", "get_preset": "engram.presets",
+          "get_run_preset": "engram.presets"}
+
+
+def __getattr__(name: str):
+    """Names that 0.1 defined here and that now live in ``engram.presets`` stay importable from here."""
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

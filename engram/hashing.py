@@ -102,10 +102,15 @@ class TableGeometry:
         return tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
 
 
+def geometry_from_primes(primes: dict[int, list[list[int]]]) -> dict[int, TableGeometry]:
+    """layer id -> geometry, from ``table_primes``' per-layer, per-order lists of head primes."""
+    return {lid: TableGeometry(tuple(p for order in per_order for p in order)) for lid, per_order in primes.items()}
+
+
 def table_geometry(config: TableConfig, layer_ids: list[int]) -> dict[int, TableGeometry]:
-    """layer id -> its table's geometry, from the one global prime search over ``layer_ids`` in order."""
-    primes = table_primes(config.engram_vocab_size, config.n_head_per_ngram, list(layer_ids))
-    return {lid: TableGeometry(tuple(p for order in primes[lid] for p in order)) for lid in layer_ids}
+    """layer id -> its table's geometry, from the one global prime search over ``layer_ids`` in order
+    (what a hasher of ``config`` over these layers holds, without building one)."""
+    return geometry_from_primes(table_primes(config.engram_vocab_size, config.n_head_per_ngram, list(layer_ids)))
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "the tokenizer's range",
@@ -231,8 +236,7 @@ class NgramHasher(nn.Module):
             for lid in self.layer_ids
         }
         self.primes = table_primes(config.engram_vocab_size, config.n_head_per_ngram, self.layer_ids)
-        self.geometry = {lid: TableGeometry(tuple(p for order in self.primes[lid] for p in order))
-                         for lid in self.layer_ids}
+        self.geometry = geometry_from_primes(self.primes)
 
         L, N, H = len(self.layer_ids), config.max_ngram_size, config.n_heads
         self.register_buffer("lookup", torch.empty(compressed_tokenizer.raw_vocab_size, dtype=torch.int64),
@@ -244,7 +248,7 @@ class NgramHasher(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Write the buffers from the layout held on the host (a no-op on the meta device)."""
-        L, N, H = len(self.layer_ids), self.config.max_ngram_size, self.config.n_heads
+        L, H = len(self.layer_ids), self.config.n_heads
         self.lookup.copy_(self.tokenizer.lookup)
         if L:
             self.multiplier_table.copy_(torch.stack([self.multipliers[lid] for lid in self.layer_ids]))

@@ -184,16 +184,14 @@ class CompressedTokenizer:
     # -- persistence ----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``compressed_tokenizer.safetensors`` (table + V' + sha256) atomically into ``directory``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from engram.fileio import atomic_write_bytes
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / _FILE
-        tmp = path.with_suffix(".tmp")
         meta = {"vocab_size": str(self.vocab_size), "sha256": self.sha256, "format": "engram.compressed_tokenizer/1"}
-        save_file({"lookup": self.lookup.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return atomic_write_bytes(directory / _FILE, save({"lookup": self.lookup.contiguous()}, metadata=meta))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "CompressedTokenizer":

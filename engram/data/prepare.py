@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from engram.config import DataConfig
 from engram.data.bpe import load_tokenizer, special_ids, tokenizer_sha256, train_bpe
 from engram.data.corpus import TEXT_SUFFIXES, load_documents
 from engram.data.shards import TokenShards, write_split
+from engram.fileio import atomic_write_json
 from engram.tokenizer import CompressedTokenizer
 
 FORMAT_VERSION = 1  # bump when shard layout, splitting or BPE settings change: old caches then miss
@@ -178,9 +178,7 @@ def _build(config: DataConfig, directory: Path, key: str) -> None:
         "splits": {s: {k: m[k] for k in ("n_tokens", "n_docs", "n_bytes")} for s, m in manifests.items()},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
-    tmp = directory / (PREPARED + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, directory / PREPARED)
+    atomic_write_json(directory / PREPARED, meta, indent=1)
 
 
 def prepare_data(config: DataConfig, rebuild: bool = False) -> PreparedData:

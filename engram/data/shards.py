@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from engram.data.bpe import tokenizer_sha256
+from engram.fileio import atomic_write, atomic_write_json, temporary_path
 from engram.data.corpus import Document
 
 FORMAT = "engram.token_shards/1"
@@ -37,13 +38,6 @@ _ENCODE_CHUNK_CHARS = 4_000_000  # text per encode_batch call: keeps threads bus
 def dtype_for(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (halves disk and page cache), else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _encoded(documents: Iterable[Document], tokenizer: Tokenizer) -> Iterator[tuple[Document, list[int]]]:
@@ -77,7 +71,7 @@ class _ShardWriter:
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):03d}.bin"
         self._path = self.out_dir / name
-        self._file = open(self._path.with_name(name + ".tmp"), "wb")
+        self._file = open(temporary_path(self._path), "wb")  # streamed, then renamed whole
         self._starts: list[int] = []
         self._n = 0
         self.shards.append({"file": name, "tokens": 0, "docs": 0})
@@ -86,7 +80,7 @@ class _ShardWriter:
         self._file.close()
         os.replace(self._file.name, self._path)  # a .bin under its final name is always complete
         starts = np.asarray(self._starts, dtype=np.int64)  # (D,)
-        _atomic_write_bytes(self._path.with_suffix(".docs.npy"), lambda f: np.save(f, starts))
+        atomic_write(self._path.with_suffix(".docs.npy"), lambda f: np.save(f, starts))
         self.shards[-1].update(tokens=self._n, docs=len(self._starts))
         self._file = None
 
@@ -147,7 +141,7 @@ def write_split(documents: Iterable[Document], tokenizer: Tokenizer, out_dir: st
         "vocab_size": vocab_size,
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
     }
-    _atomic_write_bytes(out_dir / f"{split}.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    atomic_write_json(out_dir / f"{split}.json", manifest, indent=1)
     return manifest
 
 

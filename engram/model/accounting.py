@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from engram.config import ModelConfig
-from engram.hashing import table_primes
+from engram.hashing import table_geometry
 from engram.model.attention import attention_params
 from engram.model.hyper import hyper_params
 from engram.model.layers import swiglu_params
@@ -68,9 +68,7 @@ def engram_table_params(config: ModelConfig) -> int:
     e = config.engram
     if e is None or not e.layer_ids:
         return 0
-    primes = table_primes(e.engram_vocab_size, e.n_head_per_ngram, e.layer_ids)
-    rows = sum(p for lid in e.layer_ids for order in primes[lid] for p in order)
-    return rows * e.head_dim
+    return sum(g.num_rows for g in table_geometry(e, e.layer_ids).values()) * e.head_dim
 
 
 def overencoding_table_params(config: ModelConfig) -> int:
@@ -78,8 +76,7 @@ def overencoding_table_params(config: ModelConfig) -> int:
     o = config.overencoding
     if o is None:
         return 0
-    primes = table_primes(o.engram_vocab_size, o.n_head_per_ngram, [0])[0]
-    return sum(p for order in primes for p in order) * o.head_dim
+    return table_geometry(o, [0])[0].num_rows * o.head_dim
 
 
 def overencoding_dense_params(config: ModelConfig) -> int:

@@ -48,13 +48,19 @@ def normal_rows_(weight: torch.Tensor, first_row: int, std: float, seed: int) ->
     if n == 0 or weight.device.type == "meta":
         return weight
     first_block, last_block = first_row // INIT_BLOCK_ROWS, (first_row + n - 1) // INIT_BLOCK_ROWS
-    block = torch.empty(INIT_BLOCK_ROWS, dim, dtype=weight.dtype, device=weight.device)
     generator = torch.Generator(device=weight.device)
+    scratch = None
     for b in range(first_block, last_block + 1):
         generator.manual_seed(row_block_seed(seed, b))
-        block.normal_(0.0, std, generator=generator)  # always a whole block: a fill's prefix is not a shorter fill
         lo, hi = max(first_row, b * INIT_BLOCK_ROWS), min(first_row + n, (b + 1) * INIT_BLOCK_ROWS)
-        weight[lo - first_row: hi - first_row].copy_(block[lo - b * INIT_BLOCK_ROWS: hi - b * INIT_BLOCK_ROWS])
+        if hi - lo == INIT_BLOCK_ROWS:  # a whole block: fill it in place
+            weight[lo - first_row: hi - first_row].normal_(0.0, std, generator=generator)
+            continue
+        # part of a block: fill the whole block and copy the part (a fill's prefix is not a shorter fill)
+        if scratch is None:
+            scratch = torch.empty(INIT_BLOCK_ROWS, dim, dtype=weight.dtype, device=weight.device)
+        scratch.normal_(0.0, std, generator=generator)
+        weight[lo - first_row: hi - first_row].copy_(scratch[lo - b * INIT_BLOCK_ROWS: hi - b * INIT_BLOCK_ROWS])
     return weight
 
 

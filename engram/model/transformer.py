@@ -126,8 +126,8 @@ class EngramLM(nn.Module):
         return {blk.layer_id: blk.engram for blk in self.layers if blk.engram is not None}
 
     def named_tables(self) -> dict[str, HashedTable]:
-        """Module name -> every hashed table (Engram layers, then OverEncoding... in module order, which
-        is the order of the table optimizer's parameters), whatever placement holds its rows."""
+        """Module name -> every hashed table, whatever placement holds its rows, in module order
+        (OverEncoding's, then the blocks'), which is the order of the table optimizer's parameters."""
         return {name: m for name, m in self.named_modules() if isinstance(m, HashedTable)}
 
     @torch.no_grad()

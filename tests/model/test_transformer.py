@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from support import assert_causal
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig
+from engram.config import BackboneConfig, EngramConfig, ModelConfig
 from engram.presets import get_preset
 from engram.hashing import NgramHasher
 from engram.model.engram import Engram
