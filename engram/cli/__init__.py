@@ -172,19 +172,21 @@ def cmd_bench_offload(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from engram.experiments import sweep as sw
+    from engram.sweeps.plan import describe_plan
+    from engram.sweeps.report import format_summary, report_sweep
+    from engram.sweeps.runner import run_sweep
 
     if args.kind == "report":
-        tables, paths = sw.report_sweep(args.budget, args.out, args.report_dir)
+        tables, paths = report_sweep(args.budget, args.out, args.report_dir)
         print(tables)
         print("\n".join(f"wrote {p}" for p in paths.values()))
     elif args.dry_run:
-        print(sw.describe_plan(args.kind, args.budget, args.seeds, args.overrides))
+        print(describe_plan(args.kind, args.budget, args.seeds, args.overrides))
     else:
-        results = sw.run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
-                               threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
+        results = run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
+                            threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
         if results and not args.no_summary:
-            print(sw.format_summary(results))
+            print(format_summary(results))
     return 0
 
 

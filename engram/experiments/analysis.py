@@ -239,7 +239,7 @@ def alignment_index(S: np.ndarray, top: int = 5) -> np.ndarray:
 def plot_logit_lens(curves: dict[str, list[float]], path, dashed: list[str] = ()) -> Path:
     """One line per model: mean KL(final || block l) against the block number; models named in
     ``dashed`` (the baselines) are drawn dashed."""
-    from engram.experiments.plots import pyplot, save_figure
+    from engram.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
@@ -258,7 +258,7 @@ def plot_cka(S: np.ndarray, path, base_name: str = "baseline", engram_name: str 
              align: np.ndarray | None = None, reference: np.ndarray | None = None) -> Path:
     """Heatmap of S (rows: baseline blocks, columns: Engram blocks) on its own colour range, each
     column's best match boxed, a_j drawn over it (and the baseline-vs-itself a_j, dotted)."""
-    from engram.experiments.plots import pyplot, save_figure
+    from engram.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 4.6))

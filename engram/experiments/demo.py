@@ -27,7 +27,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
-    from engram.experiments.plots import pyplot, save_figure
+    from engram.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)

@@ -145,7 +145,7 @@ def gate_map_html(gm: GateMap, title: str = "Engram gate map", top: list[dict] |
 
 def plot_gate_map(gm: GateMap, path, per_line: int = 48, max_tokens: int = 192) -> Path:
     """Heatmap PNG: the first ``max_tokens`` tokens in lines of ``per_line``, one row per layer and branch."""
-    from engram.experiments.plots import pyplot, save_figure
+    from engram.plotting import pyplot, save_figure
 
     plt = pyplot()
     rows = gm.rows()

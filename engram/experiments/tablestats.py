@@ -204,7 +204,7 @@ def table_control_losses(model, batches, seed: int = 0) -> dict[str, float]:
 def plot_row_usage(usage: dict, path, min_count: int = 3) -> Path:
     """Rank/frequency (log-log) per layer and order: each head's row counts, the distinct n-grams'
     counts (dashed), and head 0's Zipf fit."""
-    from engram.experiments.plots import pyplot, save_figure
+    from engram.plotting import pyplot, save_figure
 
     plt = pyplot()
     panels = [(lid, n) for lid, u in usage.items() for n in sorted({key[0] for key in u})]
