@@ -159,14 +159,14 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from engram.experiments.demo import run_demo
+    from engram.demo import run_demo
 
     run_demo(out_dir=args.out, overrides=args.overrides, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
 def cmd_bench_offload(args) -> int:
-    from engram.experiments.offload_bench import main as offload
+    from engram.bench.offload import main as offload
 
     return offload(args.passthrough, prog="engram bench offload")
 
@@ -197,7 +197,7 @@ def _inspect_device(args) -> str:
 
 
 def cmd_inspect_gates(args) -> int:
-    from engram.experiments.gatemap import inspect_gates
+    from engram.analysis.gates import inspect_gates
 
     if (args.text is None) == (args.file is None):
         raise ValueError("give exactly one of --text and --file")
@@ -209,7 +209,7 @@ def cmd_inspect_gates(args) -> int:
 
 
 def cmd_inspect_knockout(args) -> int:
-    from engram.experiments.probes import inspect_knockout
+    from engram.analysis.knockout import inspect_knockout
 
     result = inspect_knockout(args.ckpt, args.out, max_probes=args.max_probes, max_train_tokens=args.max_train_tokens,
                               max_val_tokens=args.max_val_tokens, seq_len=args.seq_len, device=_inspect_device(args))
@@ -218,7 +218,7 @@ def cmd_inspect_knockout(args) -> int:
 
 
 def cmd_inspect_logit_lens(args) -> int:
-    from engram.experiments.analysis import inspect_logit_lens
+    from engram.analysis.logit_lens import inspect_logit_lens
 
     result = inspect_logit_lens(args.ckpt, args.out, args.batch_size, args.seq_len, args.batches, _inspect_device(args))
     print(json.dumps(result, indent=2))
@@ -226,7 +226,7 @@ def cmd_inspect_logit_lens(args) -> int:
 
 
 def cmd_inspect_cka(args) -> int:
-    from engram.experiments.analysis import inspect_cka
+    from engram.analysis.cka import inspect_cka
 
     result = inspect_cka(args.base, args.engram, args.out, args.batch_size, args.seq_len, args.batches,
                          args.minibatch, args.top, _inspect_device(args))
@@ -235,7 +235,7 @@ def cmd_inspect_cka(args) -> int:
 
 
 def cmd_inspect_tables(args) -> int:
-    from engram.experiments.tablestats import inspect_tables
+    from engram.analysis.tables import inspect_tables
 
     result = inspect_tables(args.ckpt, args.out, args.split, args.batch_size, args.seq_len, args.batches,
                             _inspect_device(args))
