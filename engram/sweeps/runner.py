@@ -10,20 +10,22 @@ It executes a plan (``plan.plan``: a list of ``PlannedRun``, a grid point and a 
     failed.json    the error of a run that raised; the next invocation retries it
     .lock          held while a process trains the run (host and pid inside)
 
-Runs are claimed through the lock file (``O_CREAT | O_EXCL``), so any number of processes, started by
-``--workers`` or by hand, can work through one sweep: each skips runs that are done or claimed. A lock
-left by a dead process on this host is taken over.
+Runs are claimed through the lock file (``O_CREAT | O_EXCL``), so any number of processes can work
+through one sweep: the workers ``run_workers`` spawns for ``--workers N`` (``multiprocessing``, each
+calling ``work_through`` on the same plan), or sweeps started by hand in other shells. Each skips runs
+that are done or claimed; a lock left by a dead process on this host is taken over.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from engram.config import RunConfig
@@ -188,23 +190,10 @@ def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Pat
     pending = [r for r in runs if result_of(r, root) is None]
     _log(f"{sweep} sweep, budget {budget}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
          f"{len(pending)} to go" + (f", {workers} workers" if workers > 1 else ""))
-    failures: list[str] = []
     if workers > 1 and pending:
-        failures = _run_workers(sweep, budget, seeds, root, workers, threads, overrides or [], runs, progress)
+        failures = run_workers(runs, root, workers, threads, progress, f"{sweep} sweep")
     else:
-        for i, planned in enumerate(pending):
-            start = time.time()
-            try:
-                record = execute(planned, root, progress=progress)
-            except Exception as exc:  # keep going: one diverged point must not lose the rest of the sweep
-                failures.append(f"{planned.point} seed {planned.seed}: {type(exc).__name__}: {exc}")
-                _log(f"FAILED {planned.point} seed {planned.seed}: {exc}")
-                continue
-            if record is None:
-                _log(f"{planned.point} seed {planned.seed}: claimed by another process, skipped")
-                continue
-            _log(f"[{i + 1}/{len(pending)}] {planned.point} seed {planned.seed}: val_loss {record['val_loss']:.4f} "
-                 f"({time.time() - start:.0f} s)")
+        failures = work_through(pending, root, progress)
     results = [r for r in (result_of(p, root) for p in runs) if r is not None]
     if failures:
         _log(f"{len(failures)} run(s) failed (see failed.json in their directories; rerun to retry):\n  "
@@ -212,31 +201,79 @@ def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Pat
     return results
 
 
-def _run_workers(sweep, budget, seeds, root, workers, threads, overrides, runs, progress) -> list[str]:
-    cmd = [sys.executable, "-m", "engram.cli", "sweep", sweep, "--budget", budget, "--out", str(root),
-           "--workers", "1", "--threads", str(threads), "--no-progress", "--no-summary"]
-    if seeds is not None:
-        cmd += ["--seeds", str(seeds)]
-    for o in overrides:
-        cmd += ["--set", o]
-    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+def work_through(runs: list[PlannedRun], root: Path, progress: bool = True) -> list[str]:
+    """Execute each run in turn, skipping those done or claimed by another process; returns one line per
+    run that failed (its error is also in its failed.json)."""
+    failures = []
+    for i, planned in enumerate(runs):
+        start = time.time()
+        try:
+            record = execute(planned, root, progress=progress)
+        except Exception as exc:  # keep going: one diverged point must not lose the rest of the sweep
+            failures.append(f"{planned.point} seed {planned.seed}: {type(exc).__name__}: {exc}")
+            _log(f"FAILED {planned.point} seed {planned.seed}: {exc}")
+            continue
+        if record is None:
+            _log(f"{planned.point} seed {planned.seed}: claimed by another process, skipped")
+            continue
+        _log(f"[{i + 1}/{len(runs)}] {planned.point} seed {planned.seed}: val_loss {record['val_loss']:.4f} "
+             f"({time.time() - start:.0f} s)")
+    return failures
+
+
+def _worker(runs: list[PlannedRun], root: Path, threads: int) -> None:
+    """One worker process of ``run_workers``: the runs of the plan not done yet, with its own threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        work_through([r for r in runs if result_of(r, root) is None], root, progress=False)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent reports it once
+        sys.exit(130)
+
+
+def run_workers(runs: list[PlannedRun], root: Path, workers: int, threads: int, progress: bool = True,
+                desc: str = "sweep") -> list[str]:
+    """Work through ``runs`` with ``workers`` processes (one progress bar over all runs); returns the failed
+    runs and the workers that exited abnormally. Ctrl-C stops the workers; a run they were training resumes
+    from its last checkpoint next time (a lock left behind names a dead process, so it is taken over).
+
+    The workers are started with ``spawn``: each imports engram afresh, then calls ``work_through`` on the
+    same plan (a forked child of a process that has run torch can hang in its thread pool, and cannot use
+    CUDA at all). The locks decide which worker trains which run."""
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(runs, root, threads), name=f"engram-sweep-worker-{i}")
+             for i in range(workers)]
+    for p in procs:
+        p.start()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(runs), desc=f"{sweep} sweep", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=len(runs), desc=desc, unit="run", dynamic_ncols=True)
     try:
-        while any(p.poll() is None for p in procs):
+        while alive := [p for p in procs if p.is_alive()]:
+            wait([p.sentinel for p in alive], timeout=5)  # returns early when a worker exits
             if bar is not None:
                 bar.n = sum(result_of(r, root) is not None for r in runs)
                 bar.refresh()
-            time.sleep(5)
     except KeyboardInterrupt:
+        # a terminal's Ctrl-C reached the workers too: a moment to release their locks, then stop the rest
+        deadline = time.time() + 5
         for p in procs:
-            p.terminate()
+            p.join(max(0.0, deadline - time.time()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
         raise
     finally:
         if bar is not None:
             bar.n = sum(result_of(r, root) is not None for r in runs)
             bar.close()
-    return [f"worker {i} exited with {p.returncode}" for i, p in enumerate(procs) if p.returncode != 0]
+    failed = [f"worker {i} exited with {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+    for r in runs:  # the workers logged these as they happened; collected here for the final summary
+        path = r.directory(root) / "failed.json"
+        if path.exists() and result_of(r, root) is None:
+            failed.append(f"{r.point} seed {r.seed}: {json.loads(path.read_text())['error']}")
+    return failed

@@ -1,12 +1,14 @@
 """The sweep runner (engram.sweeps.runner): resumable and parallel-safe execution of a plan."""
 
 import json
+import multiprocessing.context
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import engram.train
 from engram.cli import main as cli
@@ -91,3 +93,36 @@ def test_two_workers_share_one_sweep(budget_file, tmp_path):
         log = tmp_path / "unit" / "allocation" / r["point"] / f"seed{r['seed']}" / "train" / "metrics.jsonl"
         steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"train"' in line]
         assert steps == [1, 2]
+
+
+def test_workers_are_spawned_processes_running_the_library(budget_file, tmp_path, monkeypatch):
+    """`--workers N` starts N spawned processes that call the runner on the plan; nothing shells out to
+    `python -m engram.cli`, so the library does not depend on the CLI's flag names (issue 13)."""
+    started = []
+    start = multiprocessing.context.SpawnProcess.start
+
+    def record_start(process):
+        started.append(process)
+        start(process)
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"a sweep started a subprocess: {args}")
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", record_start)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    results = runner.run_sweep("allocation", budget_file, seeds=1, root=tmp_path, workers=2, threads=1, progress=False)
+    assert sorted(r["point"] for r in results) == ["rho=0.500", "rho=1.000"]
+    assert len(started) == 2 and [p.exitcode for p in started] == [0, 0]
+    assert not list(tmp_path.rglob(".lock"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs train.device=cuda to fail")
+def test_runs_that_fail_in_workers_are_reported(budget_file, tmp_path, capfd):
+    results = runner.run_sweep("allocation", budget_file, seeds=1, root=tmp_path, workers=2, threads=1,
+                               overrides=["train.device=cuda"], progress=False)
+    assert results == []
+    for point in ("rho=0.500", "rho=1.000"):
+        failed = tmp_path / "unit" / "allocation" / point / "seed0" / "failed.json"
+        assert "CUDA is not available" in json.loads(failed.read_text())["error"]
+    err = capfd.readouterr().err
+    assert "2 run(s) failed" in err and "rho=0.500 seed 0: ValueError" in err
