@@ -89,8 +89,8 @@ def test_exported_tables_hold_the_checkpoint_rows():
 
 
 def test_sweep_plan_and_budget_files_still_match():
-    from engram.experiments import sweep as sw
-    from engram.experiments.budgets import get_budget
+    from engram.sweeps import runner as sw  # runner.plan is plan.plan; check_plan is the runner's
+    from engram.sweeps.budgets import get_budget
 
     stored = json.loads((FIXTURES / "plan.json").read_text())
     planned = next(r for r in sw.plan("allocation", "tiny", 1) if r.point == EXPECTED["plan_point"])

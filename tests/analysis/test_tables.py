@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from engram.presets import get_preset
-from engram.experiments.tablestats import (collision_stats, expected_random_collision, fit_zipf, ngram_tuples,
-                                           plot_row_usage, shared_rows, table_control, table_control_losses,
-                                           table_statistics)
+from engram.analysis.tables import (collision_stats, expected_random_collision, fit_zipf, ngram_tuples, plot_row_usage,
+                                    shared_rows, table_control, table_control_losses, table_statistics)
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 
 
 @pytest.fixture(scope="module")

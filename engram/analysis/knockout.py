@@ -1,5 +1,5 @@
 """Knock-out on two probe sets from held-out data (SPEC §5: with Engram's output zeroed, factual recall
-keeps 29-44% of its score, reading comprehension 81-93%).
+keeps 29-44% of its score, reading comprehension 81-93%); ``engram inspect knockout``.
 
 Our analogue of that split, for a code corpus:
 - **static** probes: frequent multi-token names and idioms (``os.path.join``, ``isinstance(``) mined from
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engram.experiments.analysis import capture_gates, knockout
+from engram.analysis.hooks import capture_gates, knockout
 
 # words joined by "." or one space, optionally opening a call or subscript: os.path.join, raise ValueError(
 STATIC_SHAPE = re.compile(r"[A-Za-z_]\w*(?:[. ][A-Za-z_]\w*)*[(\[]?")

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram.presets import get_preset
-from engram.experiments.probes import (identifier_spans, in_context_probes, knockout_report, mine_static_patterns,
-                                       score_positions, static_probes, word_counts)
+from engram.analysis.knockout import (identifier_spans, in_context_probes, knockout_report, mine_static_patterns,
+                                      score_positions, static_probes, word_counts)
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 
 # a made-up vocabulary: the text of each token id (ids 0-2 are special)
 WORDS = ["", "", "", " os", ".", "path", "join", "(", ")", "\n", "def", " foo", "_bar", " =", " x", " is",
@@ -176,7 +176,7 @@ def test_knockout_report_samples_probes_and_needs_an_engram_model():
 
 
 def test_retention_interval_brackets_the_ratio():
-    from engram.experiments.probes import retention_interval
+    from engram.analysis.knockout import retention_interval
 
     w = np.array([1.0] * 80 + [0.0] * 20)
     lo, hi = retention_interval(w, w * np.array([1.0, 0.0] * 50))  # half of the hits survive

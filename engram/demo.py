@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from engram.cli.overrides import apply_overrides
+from engram.plotting import pyplot, save_figure
 from engram.presets import get_run_preset
 
 PRESETS = ("demo-moe", "demo-engram")
@@ -27,8 +28,6 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_losses(runs: dict[str, Path], path: Path) -> None:
-    from engram.experiments.plots import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for (name, run_dir), colour in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green")):

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         warm_page_cache(directory)
         results = []
         def worker(tier: str, rows: int) -> dict:
-            cmd = [sys.executable, "-m", "engram.experiments.offload_bench", *argv, "--dir", str(directory),
+            cmd = [sys.executable, "-m", "engram.bench.offload", *argv, "--dir", str(directory),
                    "--worker", tier, "--worker-cache-rows", str(rows)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             return json.loads(out.strip().splitlines()[-1])

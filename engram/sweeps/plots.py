@@ -1,8 +1,7 @@
 """The sweeps' pictures (PNG): the allocation U-curve, memory scaling per method, and the ablation bars.
 
-The statistics behind them (fits, bootstrap interval, seed-paired deltas) live in
-``engram.experiments.report``; these functions only draw. matplotlib is imported lazily with the Agg
-backend, so sweeps and CI run without a display.
+The statistics behind them (fits, bootstrap interval, seed-paired deltas) live in ``stats``; these
+functions only draw, through ``engram.plotting`` (matplotlib imported lazily, on the Agg backend).
 """
 
 from __future__ import annotations
@@ -13,31 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engram.experiments.report import (PAPER_OPTIMUM, REFERENCE, LogLinearFit, allocation_groups, bootstrap_minimiser,
-                                       by_point, by_seed, delta_spread, delta_vs_reference, fit_quadratic,
-                                       natural_key, runs_of, sample_std, sweep_fits)
-
-DPI = 120
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend: sweeps and CI run on machines without a display."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, path, dpi: int = DPI, bbox_tight: bool = False) -> Path:
-    """Write ``fig`` as a PNG (creating its directory) and close it. ``bbox_tight`` crops to what is
-    drawn, for figures with a legend or labels outside the axes; otherwise the layout is tightened."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not bbox_tight:
-        fig.tight_layout()
-    fig.savefig(path, dpi=dpi, bbox_inches="tight" if bbox_tight else None)
-    pyplot().close(fig)
-    return path
+from engram.plotting import pyplot, save_figure
+from engram.sweeps.stats import (PAPER_OPTIMUM, REFERENCE, LogLinearFit, allocation_groups, bootstrap_minimiser,
+                                 by_point, by_seed, delta_spread, delta_vs_reference, fit_quadratic, natural_key,
+                                 runs_of, sample_std, sweep_fits)
 
 
 def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:

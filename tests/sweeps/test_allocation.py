@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig
 from engram.model.accounting import count_parameters
-from engram.experiments.allocation import allocate, allocation_grid, format_grid, solve_rows
-from engram.experiments.budgets import BUDGETS
 from engram.model.transformer import EngramLM
+from engram.sweeps.allocation import allocate, allocation_grid, format_grid, solve_rows
+from engram.sweeps.budgets import BUDGETS
 
 
 def check_point(base: ModelConfig, point, rho: float, rho_slack: float = 1.0) -> None:

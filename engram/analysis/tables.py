@@ -1,4 +1,5 @@
-"""Engram table statistics: how the hashed n-grams of real text use the tables.
+"""Engram table statistics: how the hashed n-grams of real text use the tables
+(``engram inspect tables``).
 
 Per Engram layer, over a split's tokens: the row-usage distribution of every head (rank/frequency,
 log-log, with a least-squares Zipf exponent), per-head collision rates (the fraction of distinct
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.experiments.analysis import knockout
+from engram.analysis.hooks import knockout
 from engram.hashing import document_ids, shift_back
+from engram.plotting import pyplot, save_figure
 
 
 @dataclass
@@ -204,8 +206,6 @@ def table_control_losses(model, batches, seed: int = 0) -> dict[str, float]:
 def plot_row_usage(usage: dict, path, min_count: int = 3) -> Path:
     """Rank/frequency (log-log) per layer and order: each head's row counts, the distinct n-grams'
     counts (dashed), and head 0's Zipf fit."""
-    from engram.experiments.plots import pyplot, save_figure
-
     plt = pyplot()
     panels = [(lid, n) for lid, u in usage.items() for n in sorted({key[0] for key in u})]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)

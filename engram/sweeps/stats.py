@@ -1,5 +1,6 @@
-"""Analysis and plots of the sweeps (SPEC §4-6): allocation U-shape, memory scaling, ablations.
+"""Statistics of the sweeps (SPEC §4-6): allocation U-shape, memory scaling, ablations.
 
+Numbers only: ``plots`` draws them and ``report`` writes them out as tables and JSON.
 Input is one dict per training run, as the sweep runner writes it to ``result.json`` (``load_results``):
 ``sweep``, ``budget``, ``point`` (a label unique within the sweep), ``seed``, ``val_loss``, ``params``, and
 per sweep ``rho`` (allocation), ``method`` + ``table_params`` (memory), ``variant`` + ``group`` (ablation).
@@ -152,7 +153,7 @@ def runs_of(results, sweep: str) -> list[dict]:
     return runs
 
 
-def _split(results) -> dict[tuple[str, str], list[dict]]:
+def by_sweep(results) -> dict[tuple[str, str], list[dict]]:
     """(sweep, budget) -> runs, in report order."""
     out = defaultdict(list)
     for r in results:
@@ -212,7 +213,7 @@ def by_seed(runs) -> dict:
 
 def summarise(results) -> list[dict]:
     rows = []
-    for (sweep, budget), runs in _split(results).items():
+    for (sweep, budget), runs in by_sweep(results).items():
         for point, pruns in by_point(runs).items():
             loss = np.array([float(r["val_loss"]) for r in pruns])
             params = defaultdict(list)
@@ -234,7 +235,7 @@ REFERENCE = {"allocation": ("rho=1 (pure MoE)", lambda r: math.isclose(float(r["
 
 def delta_vs_reference(results, sweep: str) -> list[dict]:
     name, is_ref = REFERENCE[sweep]
-    parts = {budget: runs for (s, budget), runs in _split(results).items() if s == sweep}
+    parts = {budget: runs for (s, budget), runs in by_sweep(results).items() if s == sweep}
     if not parts:
         raise ValueError(f"no {sweep} results")
     rows = []
@@ -280,106 +281,7 @@ def sweep_fits(sweep: str, runs: list[dict]) -> dict:
     return {}
 
 
-
-# ---- tables and the report ----
-
-def _f(x, fmt: str = ".4f") -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
-
-
-def _fit_lines(fits: dict) -> list[str]:
-    if "error" in fits:
-        return [f"Fit: not possible ({fits['error']})."]
-    lines = []
-    if "quadratic" in fits:
-        q, b = QuadraticFit(**fits["quadratic"]), MinimiserInterval(**fits["bootstrap"])
-        interval = "no replicate had a minimum" if b.low is None else f"95% [{b.low:.3f}, {b.high:.3f}]"
-        lines.append(f"Quadratic fit on the per-point means: {q.describe()}; bootstrap over seeds: {interval}, "
-                     f"{b.fraction_with_minimum:.0%} of replicates U-shaped (paper: 0.75-0.80).")
-    for method, d in fits.get("loglinear", {}).items():
-        lines.append(f"{method}: {_f(d['slope_per_doubling'], '+.4f')} ± {_f(d['slope_stderr'])} loss per doubling "
-                     f"of the table (R^2={d['r2']:.3f}, {d['n']} runs).")
-    return lines
-
-
-def markdown_tables(results) -> str:
-    x_cols = {"allocation": [("rho", lambda r: f"{r['rho']:.2f}")],
-              "memory": [("method", lambda r: r["method"]), ("table params", lambda r: _size(r["table_params"]))],
-              "ablation": [("group", lambda r: r["group"])]}
-    summary, out = summarise(results), []
-    for (sweep, budget), runs in _split(results).items():
-        cols = x_cols.get(sweep, [])
-        try:
-            deltas = {d["point"]: d for d in delta_vs_reference(runs, sweep)} if sweep in REFERENCE else {}
-            ref = REFERENCE[sweep][0] if sweep in REFERENCE else ""
-        except ValueError:
-            deltas, ref = {}, "no reference"
-        head = ["point", *(c for c, _ in cols), "n", "mean", "std", "min", "max", f"Δ vs {ref}", "paired Δ",
-                "paired std", "pairs"]
-        out += [f"### {sweep} sweep, budget {budget}", "", "| " + " | ".join(head) + " |",
-                "| " + " | ".join("---" for _ in head) + " |"]
-        for r in (r for r in summary if (r["sweep"], r["budget"]) == (sweep, budget)):
-            d = deltas.get(r["point"], {})
-            cells = [r["point"], *(fn(r) for _, fn in cols), str(r["n"]),
-                     *(_f(r[k]) for k in ("mean", "std", "min", "max")),
-                     _f(d.get("delta"), "+.4f"), _f(d.get("paired_mean"), "+.4f"), _f(d.get("paired_std")),
-                     str(d["paired_n"]) if d else "-"]
-            out.append("| " + " | ".join(cells) + " |")
-        fits = sweep_fits(sweep, runs)
-        out += ["", *_fit_lines(fits), ""] if fits else [""]
-    return "\n".join(out)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if math.isnan(x) else float(x)  # strict JSON has no NaN
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def write_report(results, out_dir) -> dict[str, Path]:
-    """Plots (one PNG per sweep present), ``summary.json`` (summaries, fits, deltas), ``tables.md`` and
-    ``runs.jsonl`` (one line per run)."""
-    from engram.experiments.plots import PLOTS
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = _split(results)
-    paths, fits, deltas = {}, {}, {}
-    for (sweep, budget), runs in parts.items():
-        name = sweep if sum(s == sweep for s, _ in parts) == 1 else f"{sweep}_{budget}"
-        fits[name] = sweep_fits(sweep, runs)
-        try:
-            deltas[name] = delta_vs_reference(runs, sweep) if sweep in REFERENCE else []
-        except ValueError as e:
-            deltas[name] = {"error": str(e)}
-        if sweep in PLOTS:
-            try:
-                paths[name] = PLOTS[sweep](runs, out / f"{name}.png")
-            except ValueError as e:  # e.g. an ablation sweep holding only the reference so far
-                warnings.warn(f"no {name} plot: {e}", stacklevel=2)
-    summary = {"summary": summarise(results), "fits": fits, "deltas": deltas}
-    paths["summary"] = out / "summary.json"
-    paths["summary"].write_text(json.dumps(_jsonable(summary), indent=1) + "\n")
-    paths["tables"] = out / "tables.md"
-    paths["tables"].write_text(markdown_tables(results))
-    # every run's numbers, one line each (without its eval history), so the tables can be recomputed
-    paths["runs"] = out / "runs.jsonl"
-    runs = sorted(results, key=lambda r: (str(r["sweep"]), str(r["point"]), r["seed"]))
-    paths["runs"].write_text("".join(json.dumps(_jsonable({k: v for k, v in r.items() if k != "evals"})) + "\n"
-                                     for r in runs))
-    return paths
-
+# ---- reading results ----
 
 def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
     """Every ``result.json`` under the given directories (recursively) or the given files themselves."""

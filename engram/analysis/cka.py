@@ -1,125 +1,20 @@
-"""Mechanistic analysis tools (SPEC §5): hooks into a built model, LogitLens and CKA.
+"""Linear CKA between the blocks of a baseline and an Engram model, and the soft alignment index
+(SPEC §5; ``engram inspect cka``).
 
-Legend: B batch, T time, G hyper-connection branches, D model width, V vocabulary, L blocks,
-n tokens in a CKA minibatch.
-
-Analysis is not a flag inside the layers: every tool here attaches forward hooks to a finished
-``EngramLM`` inside a context manager and removes them on exit, so no hook outlives a tool (the tools
-put the model in eval mode and leave it there).
-Layer numbers in results are 1-based block indices (block 1 is the first), like the paper's.
-
-The other tools live beside this module: ``gatemap`` (per-token gates, HTML/PNG), ``probes``
-(knock-out on static-pattern and in-context probes) and ``tablestats`` (row usage, collisions).
+Legend: B batch, T time, D model width, L blocks, n tokens in a CKA minibatch.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-# -- hooks -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def knockout(model) -> Iterator[None]:
-    """Zero every Engram module's contribution Y (SPEC §5 knock-out) while the context is open.
-
-    The module still runs (its output is replaced by zeros), so a storage tier's prefetch stays
-    matched; the hooks are removed on exit, whatever happens inside.
-    """
-    handles = [layer.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
-               for layer in model.engram_layers.values()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def capture_gates(model) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """Record alpha (B, T, G) fp32 of every Engram layer on each forward: ``{layer_id: [per call]}``.
-
-    ``Engram.gate`` is a method, not a module, so it cannot be hooked; the hook recomputes alpha from
-    the module's own pieces (gather -> ``gate``) on the same inputs, which is what its forward used.
-    """
-    gates: dict[int, list[torch.Tensor]] = {lid: [] for lid in model.engram_layers}
-
-    def hook(lid):
-        def fn(mod, args, kwargs, out):
-            hidden = args[0] if args else kwargs["hidden"]
-            hash_ids = args[1] if len(args) > 1 else kwargs["hash_ids"]
-            B, T = hash_ids.shape[:2]
-            with torch.no_grad():
-                e = mod.embedding(hash_ids).reshape(B, T, -1)  # (B, T, M)
-                gates[lid].append(mod.gate(hidden, e)[..., 0].float().cpu())  # (B, T, G)
-        return fn
-
-    handles = [layer.register_forward_hook(hook(lid), with_kwargs=True) for lid, layer in model.engram_layers.items()]
-    try:
-        yield gates
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def capture_streams(model) -> Iterator[list[torch.Tensor | None]]:
-    """Record each block's output residual stream, averaged over the G branches as the LM head reads
-    it: ``streams[l]`` is (B, T, D) for block l+1 after the forward (overwritten by the next call)."""
-    streams: list[torch.Tensor | None] = [None] * len(model.layers)
-
-    def hook(i):
-        def fn(mod, args, out):
-            streams[i] = out.mean(dim=2)  # (B, T, G, D) -> (B, T, D)
-        return fn
-
-    handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(model.layers)]
-    try:
-        yield streams
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def head_logits(model, stream: torch.Tensor) -> torch.Tensor:
-    """The model's own head on a (B, T, D) branch-averaged stream: norm -> output, (B, T, V)."""
-    return model.output(model.norm(stream))
-
-
-# -- LogitLens ---------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def logit_lens(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> list[float]:
-    """Mean over tokens of KL(p_final || p_l) in nats, one value per block l = 1..L.
-
-    p_l = softmax(head(stream after block l)); the last block's stream is what the head reads, so its
-    KL is 0. Lower KL in early blocks means the prediction is finished sooner (SPEC §5).
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros(len(model.layers), dtype=torch.float64)
-    count = 0
-    with capture_streams(model) as streams:
-        for ids, boundary in batches:
-            ids = ids.to(device)
-            final = F.log_softmax(model(ids, boundary=None if boundary is None else boundary.to(device))
-                                  .logits.float(), dim=-1)  # (B, T, V)
-            p_final = final.exp()
-            for i, h in enumerate(streams):
-                layer = F.log_softmax(head_logits(model, h).float(), dim=-1)  # (B, T, V)
-                total[i] += (p_final * (final - layer)).sum().double().cpu()
-            count += ids.numel()
-    return (total / max(count, 1)).tolist()
-
-
-# -- CKA ---------------------------------------------------------------------------------------------
+from engram.analysis.hooks import capture_streams, short_labels, val_windows
+from engram.plotting import pyplot, save_figure
 
 
 def _hsic_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,33 +128,10 @@ def alignment_index(S: np.ndarray, top: int = 5) -> np.ndarray:
     return out
 
 
-# -- plots -------------------------------------------------------------------------------------------
-
-
-def plot_logit_lens(curves: dict[str, list[float]], path, dashed: list[str] = ()) -> Path:
-    """One line per model: mean KL(final || block l) against the block number; models named in
-    ``dashed`` (the baselines) are drawn dashed."""
-    from engram.experiments.plots import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, kl in curves.items():
-        ax.plot(range(1, len(kl) + 1), kl, marker="o", ls="--" if name in dashed else "-", label=name)
-    ax.set_xlabel("block (1-based)")
-    ax.set_ylabel("KL(final || block), nats")
-    ax.set_title("LogitLens")
-    ax.set_xticks(range(1, max(len(k) for k in curves.values()) + 1))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
-
-
 def plot_cka(S: np.ndarray, path, base_name: str = "baseline", engram_name: str = "engram",
              align: np.ndarray | None = None, reference: np.ndarray | None = None) -> Path:
     """Heatmap of S (rows: baseline blocks, columns: Engram blocks) on its own colour range, each
     column's best match boxed, a_j drawn over it (and the baseline-vs-itself a_j, dotted)."""
-    from engram.experiments.plots import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.4, 4.6))
     lo, hi = float(np.nanmin(S)), float(np.nanmax(S))
@@ -288,57 +160,6 @@ def plot_cka(S: np.ndarray, path, base_name: str = "baseline", engram_name: str 
     return save_figure(fig, path, bbox_tight=True)  # the legend sits below the axes
 
 
-# -- entry points (what `engram inspect logit-lens | cka` call) -------------------------------------
-
-
-def _val_batches(ckpt, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from engram.data import prepare_data
-
-    return list(prepare_data(ckpt.run_config.data).val.eval_batches(batch_size, seq_len, batches))
-
-
-def short_labels(paths: list[str]) -> list[str]:
-    """The paths without the leading and trailing components they all share, as plot labels:
-    runs/demo/demo-engram, runs/demo/demo-moe -> demo-engram, demo-moe."""
-    parts = [Path(p).parts for p in paths]
-    if len(set(parts)) < len(parts):
-        return [str(p) for p in paths]
-    lo = 0
-    while all(len(q) > lo + 1 for q in parts) and len({q[lo] for q in parts}) == 1:
-        lo += 1
-    hi = 0
-    while all(len(q) > lo + hi + 1 for q in parts) and len({q[-1 - hi] for q in parts}) == 1:
-        hi += 1
-    return ["/".join(q[lo:len(q) - hi]) for q in parts]
-
-
-def inspect_logit_lens(ckpts: list[str], out_dir, batch_size: int = 4, seq_len: int = 256, batches: int = 4,
-                       device: str = "cpu") -> dict:
-    """LogitLens for each checkpoint on its own validation windows; writes logit_lens.png/json."""
-    import json
-
-    from engram.train import load_checkpoint
-
-    if not ckpts:
-        raise ValueError("logit-lens needs at least one --ckpt")
-    curves, info, engram = {}, {}, []
-    for path, name in zip(ckpts, short_labels(ckpts)):
-        ckpt = load_checkpoint(path, device=device)
-        if ckpt.model.engram_layers:
-            engram.append(name)
-        windows = _val_batches(ckpt, batch_size, seq_len, batches)
-        kl = logit_lens(ckpt.model, windows)
-        curves[name] = kl
-        info[name] = {"checkpoint": str(ckpt.path), "step": ckpt.step, "tokens": sum(x.numel() for x, _ in windows),
-                      "engram_layers": [lid + 1 for lid in ckpt.model.engram_layers], "kl": kl}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"models": info,
-              "png": str(plot_logit_lens(curves, out / "logit_lens.png", dashed=[n for n in curves if n not in engram]))}
-    (out / "logit_lens.json").write_text(json.dumps(result, indent=1))
-    return result
-
-
 def inspect_cka(base: str, engram: str, out_dir, batch_size: int = 4, seq_len: int = 256, batches: int = 8,
                 minibatch: int = 512, top: int = 5, device: str = "cpu") -> dict:
     """CKA between the blocks of a baseline and an Engram checkpoint on the baseline's validation
@@ -346,15 +167,13 @@ def inspect_cka(base: str, engram: str, out_dir, batch_size: int = 4, seq_len: i
     same index of the baseline against itself (the reference a_j is read against) and each Engram
     block's most similar baseline block. The even and odd batches are also scored apart, so a reader
     can see whether a best match survives a change of data (split-half stability)."""
-    import json
-
     from engram.train import load_checkpoint
 
     a = load_checkpoint(base, device=device)
     b = load_checkpoint(engram, device=device)
     if a.tokenizer.to_str() != b.tokenizer.to_str():
         raise ValueError(f"{base} and {engram} use different tokenizers; CKA needs the same tokens in both")
-    windows = _val_batches(a, batch_size, seq_len, batches)
+    windows = val_windows(a, batch_size, seq_len, batches)
     S = cka_between(a.model, b.model, windows, minibatch)
     align = alignment_index(S, top)
     halves = [cka_between(a.model, b.model, windows[k::2], minibatch) for k in (0, 1)] if len(windows) > 1 else []

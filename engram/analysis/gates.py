@@ -1,4 +1,5 @@
-"""Gate maps (SPEC §5: "the gate is high on the last token of multi-token entities and set phrases").
+"""Gate maps (SPEC §5: "the gate is high on the last token of multi-token entities and set phrases");
+``engram inspect gates``.
 
 For one text: alpha of every Engram layer and branch at every token, as an HTML page (one span per
 token, background by alpha, values in the tooltip), a PNG heatmap, and the highest-gated n-grams
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram.analysis.hooks import capture_gates
 from engram.data.bpe import special_ids
-from engram.experiments.analysis import capture_gates
+from engram.plotting import pyplot, save_figure
 
 
 @dataclass
@@ -145,8 +147,6 @@ def gate_map_html(gm: GateMap, title: str = "Engram gate map", top: list[dict] |
 
 def plot_gate_map(gm: GateMap, path, per_line: int = 48, max_tokens: int = 192) -> Path:
     """Heatmap PNG: the first ``max_tokens`` tokens in lines of ``per_line``, one row per layer and branch."""
-    from engram.experiments.plots import pyplot, save_figure
-
     plt = pyplot()
     rows = gm.rows()
     T = min(len(gm.ids), max_tokens)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engram.presets import get_preset
+from engram.analysis.gates import gate_map, gate_map_html, plot_gate_map, top_ngrams
 from engram.data.bpe import train_bpe
-from engram.experiments.gatemap import gate_map, gate_map_html, plot_gate_map, top_ngrams
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 
 TEXT = "def alpha(x):\n    if x < 3 and y > 'q':\n        return \"<b>\" & x\n"
 
@@ -39,7 +39,7 @@ def test_gate_map_has_one_value_per_token_layer_and_branch(model, tokenizer):
 
 def test_gate_map_matches_a_batched_forward(model, tokenizer):
     # the gates of a text do not depend on what else is in the batch (row 0 of a batch of two)
-    from engram.experiments.analysis import capture_gates
+    from engram.analysis.hooks import capture_gates
 
     gm = gate_map(model, tokenizer, TEXT)
     x = torch.tensor([gm.ids, gm.ids[::-1]])

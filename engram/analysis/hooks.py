@@ -1,0 +1,113 @@
+"""What several ``engram inspect`` verbs share: forward hooks into a built model, and reading a
+checkpoint's validation windows.
+
+Legend: B batch, T time, G hyper-connection branches, D model width, V vocabulary.
+
+Analysis is not a flag inside the layers: every tool attaches forward hooks to a finished ``EngramLM``
+inside a context manager and removes them on exit, so no hook outlives a tool (the tools put the model
+in eval mode and leave it there). Layer numbers in results are 1-based block indices (block 1 is the
+first), like the paper's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+# -- hooks -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def knockout(model) -> Iterator[None]:
+    """Zero every Engram module's contribution Y (SPEC §5 knock-out) while the context is open.
+
+    The module still runs (its output is replaced by zeros), so a storage tier's prefetch stays
+    matched; the hooks are removed on exit, whatever happens inside.
+    """
+    handles = [layer.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
+               for layer in model.engram_layers.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_gates(model) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record alpha (B, T, G) fp32 of every Engram layer on each forward: ``{layer_id: [per call]}``.
+
+    ``Engram.gate`` is a method, not a module, so it cannot be hooked; the hook recomputes alpha from
+    the module's own pieces (gather -> ``gate``) on the same inputs, which is what its forward used.
+    """
+    gates: dict[int, list[torch.Tensor]] = {lid: [] for lid in model.engram_layers}
+
+    def hook(lid):
+        def fn(mod, args, kwargs, out):
+            hidden = args[0] if args else kwargs["hidden"]
+            hash_ids = args[1] if len(args) > 1 else kwargs["hash_ids"]
+            B, T = hash_ids.shape[:2]
+            with torch.no_grad():
+                e = mod.embedding(hash_ids).reshape(B, T, -1)  # (B, T, M)
+                gates[lid].append(mod.gate(hidden, e)[..., 0].float().cpu())  # (B, T, G)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(lid), with_kwargs=True) for lid, layer in model.engram_layers.items()]
+    try:
+        yield gates
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_streams(model) -> Iterator[list[torch.Tensor | None]]:
+    """Record each block's output residual stream, averaged over the G branches as the LM head reads
+    it: ``streams[l]`` is (B, T, D) for block l+1 after the forward (overwritten by the next call)."""
+    streams: list[torch.Tensor | None] = [None] * len(model.layers)
+
+    def hook(i):
+        def fn(mod, args, out):
+            streams[i] = out.mean(dim=2)  # (B, T, G, D) -> (B, T, D)
+        return fn
+
+    handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(model.layers)]
+    try:
+        yield streams
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def head_logits(model, stream: torch.Tensor) -> torch.Tensor:
+    """The model's own head on a (B, T, D) branch-averaged stream: norm -> output, (B, T, V)."""
+    return model.output(model.norm(stream))
+
+
+# -- inputs and labels -----------------------------------------------------------------------------
+
+
+def val_windows(ckpt, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` fixed validation windows (ids (B, T), document starts (B, T)) of the corpus the
+    checkpoint was trained on (prepared once, then read from the data cache)."""
+    from engram.data import prepare_data
+
+    return list(prepare_data(ckpt.run_config.data).val.eval_batches(batch_size, seq_len, batches))
+
+
+def short_labels(paths: list[str]) -> list[str]:
+    """The paths without the leading and trailing components they all share, as plot labels:
+    runs/demo/demo-engram, runs/demo/demo-moe -> demo-engram, demo-moe."""
+    parts = [Path(p).parts for p in paths]
+    if len(set(parts)) < len(parts):
+        return [str(p) for p in paths]
+    lo = 0
+    while all(len(q) > lo + 1 for q in parts) and len({q[lo] for q in parts}) == 1:
+        lo += 1
+    hi = 0
+    while all(len(q) > lo + hi + 1 for q in parts) and len({q[-1 - hi] for q in parts}) == 1:
+        hi += 1
+    return ["/".join(q[lo:len(q) - hi]) for q in parts]

@@ -1,0 +1,265 @@
+"""The subcommands, in the order ``engram --help`` lists them (``inspect``'s verbs are in ``inspection``):
+per command, the function that declares its flags and the one that runs it, which calls one library or
+research function and prints what it returns."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from engram.cli.flags import Command, add_ckpt, add_device, add_preset, add_sampling, add_set, device
+from engram.cli.inspection import INSPECT
+
+
+def _run_config(args):
+    from engram.cli.overrides import apply_overrides
+    from engram.presets import get_run_preset
+
+    return apply_overrides(get_run_preset(args.preset), args.overrides)
+
+
+# -- train, eval ---------------------------------------------------------------------------------------
+
+def train_flags(p) -> None:
+    add_preset(p, None)
+    p.add_argument("--out", default=None, help="run directory (default: the preset's train.out_dir)")
+    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="torch.distributed backend when launched by torchrun (default: nccl with CUDA, else gloo); "
+                        "ignored in a single process")
+
+
+def train(args) -> int:
+    from engram.distributed import runtime
+    from engram.train import train
+
+    run = _run_config(args)
+    # under torchrun: join the process group; the trainer then shards the tables and runs DDP
+    runtime.init_from_env(args.backend)
+    try:
+        result = train(run, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
+        if runtime.is_main():
+            print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
+                              "tokens_per_s": round(result.tokens_per_s, 1), **result.final_eval,
+                              "checkpoint": str(result.checkpoint), "ranks": runtime.world_size()}, indent=2))
+    finally:
+        runtime.shutdown()
+    return 0
+
+
+def eval_flags(p) -> None:
+    add_ckpt(p)
+    p.add_argument("--batches", type=int, default=None, help="evaluation batches (default: the run's eval_batches)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
+    add_device(p)
+
+
+def evaluate(args) -> int:
+    from engram.data import prepare_data
+    from engram.train import evaluate, load_checkpoint
+
+    where = device(args)
+    ckpt = load_checkpoint(args.ckpt, device=where)
+    tc = ckpt.run_config.train
+    prepared = prepare_data(ckpt.run_config.data)
+    result = evaluate(ckpt.model, prepared.val, args.batch_size or tc.batch_size, args.seq_len or tc.seq_len,
+                      args.batches or tc.eval_batches, where)
+    print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, **result}, indent=2))
+    return 0
+
+
+# -- sample, generate, export-tables ---------------------------------------------------------------------
+
+def _stream_completion(model, tokenizer, args) -> None:
+    """Encode ``args.prompt`` as training documents start (with <|bos|>), stream the continuation."""
+    from engram.data import special_ids
+    from engram.infer import generate
+
+    special = special_ids(tokenizer)
+    prompt = tokenizer.encode(args.prompt).ids
+    if special.bos is not None:
+        prompt = [special.bos] + prompt
+    eos = special.eos
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+             top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
+    sys.stdout.write("\n")
+
+
+def sample_flags(p) -> None:
+    add_ckpt(p)
+    add_sampling(p)
+
+
+def sample(args) -> int:
+    from engram.train import load_checkpoint
+
+    ckpt = load_checkpoint(args.ckpt, device=device(args))
+    _stream_completion(ckpt.model, ckpt.tokenizer, args)
+    return 0
+
+
+def generate_flags(p) -> None:
+    sample_flags(p)
+    p.add_argument("--tier", default="device", choices=["device", "host", "disk"],
+                   help="where the tables live (default device); disk needs --tables")
+    p.add_argument("--tables", default=None, help="tables directory from `engram export-tables` (disk tier)")
+    p.add_argument("--cache-rows", type=int, default=0,
+                   help="rows per layer cached in RAM in front of the host/disk tier (default 0 = no cache)")
+    p.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="cache eviction policy (default lru)")
+    p.add_argument("--stats", action="store_true", help="print per-layer cache hits and RAM use to stderr")
+
+
+def generate(args) -> int:
+    from engram.storage import apply_storage
+    from engram.train import load_checkpoint
+
+    ckpt = load_checkpoint(args.ckpt, device=device(args))
+    with apply_storage(ckpt.model, args.tier, args.tables, args.cache_rows, args.policy) as handle:
+        _stream_completion(ckpt.model, ckpt.tokenizer, args)
+        if args.stats:
+            print(json.dumps(handle.stats(), indent=2), file=sys.stderr)
+    return 0
+
+
+def export_tables_flags(p) -> None:
+    add_ckpt(p)
+    p.add_argument("--out", required=True, help="tables directory to write (manifest.json is written last)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="stored row dtype (default float32; only float32 reproduces the checkpoint exactly)")
+
+
+def export_tables(args) -> int:
+    import torch
+
+    from engram.storage import export_tables
+    from engram.train import load_checkpoint
+
+    ckpt = load_checkpoint(args.ckpt)
+    manifest = export_tables(ckpt.model, args.out, dtype=getattr(torch, args.dtype))
+    print(json.dumps({"checkpoint": str(ckpt.path), "manifest": str(manifest),
+                      "layers": json.loads(manifest.read_text())["layers"]}, indent=2))
+    return 0
+
+
+# -- data prepare, presets --------------------------------------------------------------------------------
+
+def prepare_flags(p) -> None:
+    add_preset(p, "demo-engram")
+
+
+def prepare(args) -> int:
+    from engram.data import prepare_data
+
+    prepared = prepare_data(_run_config(args).data)
+    print(json.dumps(prepared.describe(), indent=2, default=str))
+    return 0
+
+
+def presets(args) -> int:
+    from engram.model.accounting import count_parameters
+    from engram.presets import PRESETS, RUN_PRESETS, get_preset, get_run_preset
+
+    print(f"{'preset':<14} {'kind':<6} {'P_tot':>12} {'P_act':>12} {'Engram tables':>14}")
+    for name in list(RUN_PRESETS) + list(PRESETS):
+        c = count_parameters(get_run_preset(name).model if name in RUN_PRESETS else get_preset(name))
+        print(f"{name:<14} {'run' if name in RUN_PRESETS else 'model':<6} {c.total:>12,} {c.active:>12,} "
+              f"{c.engram_tables:>14,}")
+    return 0
+
+
+# -- research: demo, bench, sweep -------------------------------------------------------------------------
+
+def demo_flags(p) -> None:
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (a few steps each)")
+    add_set(p, "override a field of both runs, e.g. train.max_steps=100 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def demo(args) -> int:
+    from engram.demo import run_demo
+
+    run_demo(out_dir=args.out, overrides=args.overrides, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def bench_offload(args) -> int:
+    from engram.bench.offload import main as offload
+
+    return offload(args.passthrough, prog="engram bench offload")
+
+
+def sweep_flags(p) -> None:
+    p.add_argument("kind", choices=["allocation", "memory", "ablation", "report"],
+                   help="which sweep to run, or `report` to analyse the finished runs of a budget")
+    p.add_argument("--budget", default="tiny", help="named budget (tiny runs on a CPU; small and medium are for GPUs; "
+                                                    "default tiny)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per grid point (default: the budget's)")
+    p.add_argument("--out", default="runs/sweeps", help="sweep root; runs go to OUT/BUDGET/SWEEP/POINT/seedK "
+                                                       "(default runs/sweeps)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the sweep (default 1); more processes may also be started by hand")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    add_set(p, "override a data/train field of every run, e.g. train.max_steps=20 (not model fields)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (the allocation table) and exit")
+    p.add_argument("--report-dir", default="docs/results", help="where `report` writes plots and tables "
+                                                                "(default docs/results)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-summary", action="store_true", help="do not print the summary table at the end")
+
+
+def sweep(args) -> int:
+    from engram.sweeps.plan import describe_plan
+    from engram.sweeps.report import format_summary, report_sweep
+    from engram.sweeps.runner import run_sweep
+
+    if args.kind == "report":
+        tables, paths = report_sweep(args.budget, args.out, args.report_dir)
+        print(tables)
+        print("\n".join(f"wrote {p}" for p in paths.values()))
+    elif args.dry_run:
+        print(describe_plan(args.kind, args.budget, args.seeds, args.overrides))
+    else:
+        results = run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
+                            threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
+        if results and not args.no_summary:
+            print(format_summary(results))
+    return 0
+
+
+COMMANDS = (
+    Command("train", "train a model from a preset (resumes from the run's latest checkpoint)", train_flags, train),
+    Command("eval", "validation loss and bits per byte of a checkpoint", eval_flags, evaluate),
+    Command("sample", "continue a prompt with a trained model, streaming the text", sample_flags, sample),
+    Command("export-tables", "write a checkpoint's Engram tables as raw files for the disk tier",
+            export_tables_flags, export_tables),
+    Command("generate", "like sample, with the Engram tables on device, in host RAM or on disk",
+            generate_flags, generate),
+    Command("data", "data preparation", subcommands=(
+        Command("prepare", "build (or reuse) the corpus, tokenizer and token shards of a preset",
+                prepare_flags, prepare),)),
+    Command("demo", "train demo-moe and demo-engram and compare them (what `make demo` runs)", demo_flags, demo),
+    Command("bench", "benchmarks that ship with the package", subcommands=(
+        # its options (see `engram bench offload --help`) belong to the benchmark and are passed through
+        Command("offload", "prefill/decode tokens/s per table tier vs device-resident, hit rate, peak RSS",
+                run=bench_offload, passthrough=True),)),
+    Command("sweep", "the paper's experiments: allocation (U-curve), memory scaling, ablations; report makes the "
+                     "plots and tables", sweep_flags, sweep),
+    INSPECT,
+    Command("presets", "list presets with their parameter counts", run=presets),
+)

@@ -1,0 +1,279 @@
+"""Sweep runner: ``engram sweep allocation|memory|ablation --budget NAME [--seeds K] [--workers N]``.
+
+It executes a plan (``plan.plan``: a list of ``PlannedRun``, a grid point and a seed with its full
+``RunConfig``). Each run lives in ``<root>/<budget>/<sweep>/<point>/seed<k>/`` and writes there::
+
+    plan.json      the run's config and grid coordinates; a later plan that differs is refused
+    train/         the training run (checkpoints, metrics.jsonl): an interrupted run resumes
+    result.json    written last and atomically: its presence means the run is done and is skipped
+                   (a run identical to one another sweep of the budget finished reuses that result)
+    failed.json    the error of a run that raised; the next invocation retries it
+    .lock          held while a process trains the run (host and pid inside)
+
+Runs are claimed through the lock file (``O_CREAT | O_EXCL``), so any number of processes can work
+through one sweep: the workers ``run_workers`` spawns for ``--workers N`` (``multiprocessing``, each
+calling ``work_through`` on the same plan), or sweeps started by hand in other shells. Each skips runs
+that are done or claimed; a lock left by a dead process on this host is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import traceback
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from engram.config import RunConfig
+from engram.fileio import atomic_write_json
+from engram.sweeps.plan import PlannedRun, plan
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def try_lock(path: Path) -> bool:
+    """Claim ``path`` (create it exclusively); take over a lock whose process on this host is gone."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+            except (OSError, ValueError):
+                return False  # being written right now, or unreadable: leave it
+            if host != socket.gethostname() or _pid_alive(int(pid)):
+                return False
+            path.unlink(missing_ok=True)  # stale: its process died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _plan_record(planned: PlannedRun) -> dict:
+    return {"sweep": planned.sweep, "budget": planned.budget, "point": planned.point, "seed": planned.seed,
+            "info": planned.info, "run": planned.run.to_dict()}
+
+
+def _stored_run(plan_path: Path) -> dict | None:
+    """A plan.json's run config, normalised through RunConfig so fields added since (with their
+    defaults) do not make an old, identical plan look different."""
+    try:
+        return RunConfig.from_dict(json.loads(plan_path.read_text())["run"]).to_dict()
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def check_plan(planned: PlannedRun, directory: Path) -> None:
+    """Refuse a directory that holds a run of a different plan (a changed budget or override)."""
+    path = directory / "plan.json"
+    if path.exists() and _stored_run(path) != planned.run.to_dict():
+        raise ValueError(f"{directory} holds a run of a different config (the budget or the overrides "
+                         f"changed); use another --out or remove the directory")
+
+
+def result_of(planned: PlannedRun, root: Path) -> dict | None:
+    """The finished run's result, None when not finished; a result of a different plan is refused."""
+    directory = planned.directory(root)
+    path = directory / "result.json"
+    if not path.exists():
+        return None
+    check_plan(planned, directory)
+    return json.loads(path.read_text())
+
+
+def _record(planned: PlannedRun, result: dict) -> dict:
+    return {"sweep": planned.sweep, "budget": planned.budget, "point": planned.point, "seed": planned.seed,
+            **planned.info, **result}
+
+
+# the numbers ``execute`` records from a training run, and a reused twin carries over
+RESULT_KEYS = ("val_loss", "val_bpb", "tokens", "train_seconds", "tokens_per_s", "params", "evals", "checkpoint")
+
+
+def find_twin(planned: PlannedRun, root: Path) -> dict | None:
+    """The result of an identical run (same model, data, training and seed) finished by another sweep of
+    the budget, e.g. the ablation's reference is one allocation point. Training is deterministic given
+    the config, so the twin's result is this run's result."""
+    mine = planned.run.to_dict()
+    for plan_path in sorted((Path(root) / planned.budget).glob("*/*/seed*/plan.json")):
+        result_path = plan_path.with_name("result.json")
+        if plan_path.parent == planned.directory(root) or not result_path.exists():
+            continue
+        if _stored_run(plan_path) == mine:
+            twin = json.loads(result_path.read_text())
+            return _record(planned, {k: twin[k] for k in RESULT_KEYS if k in twin} | {"reused_from": str(plan_path.parent)})
+    return None
+
+
+def execute(planned: PlannedRun, root: Path, progress: bool = True) -> dict | None:
+    """Train one planned run unless it is done or claimed; returns its result (None when claimed
+    elsewhere). Exceptions are recorded in failed.json and re-raised."""
+    from engram.train import train
+
+    directory = planned.directory(root)
+    done = result_of(planned, root)
+    if done is not None:
+        return done
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / ".lock"
+    if not try_lock(lock):
+        return None
+    try:
+        done = result_of(planned, root)  # finished between our check and the lock
+        if done is not None:
+            return done
+        check_plan(planned, directory)
+        if not (directory / "plan.json").exists():
+            atomic_write_json(directory / "plan.json", _plan_record(planned))
+        (directory / "failed.json").unlink(missing_ok=True)
+        twin = find_twin(planned, root)
+        if twin is not None:
+            atomic_write_json(directory / "result.json", twin)
+            return twin
+        try:
+            result = train(planned.run, out_dir=directory / "train", progress=progress)
+        except Exception as exc:
+            atomic_write_json(directory / "failed.json", {"error": f"{type(exc).__name__}: {exc}",
+                                                    "traceback": traceback.format_exc()})
+            raise
+        numbers = {
+            "val_loss": result.final_eval["val_loss"], "val_bpb": result.final_eval["val_bpb"],
+            "tokens": result.tokens, "train_seconds": round(result.train_seconds, 2),
+            "tokens_per_s": round(result.tokens_per_s, 1), "params": result.parameters, "evals": result.evals,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+        record = _record(planned, numbers)
+        atomic_write_json(directory / "result.json", record)
+        return record
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(f"[engram.sweep] {message}", file=sys.stderr, flush=True)
+
+
+def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Path = "runs/sweeps",
+              workers: int = 1, threads: int | None = None, overrides: list[str] | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run (or finish) a sweep; returns the results of every finished run of the plan.
+
+    ``workers > 1`` starts that many worker processes on the same plan (each with ``threads`` torch
+    threads, default cores // workers) and shows one progress bar over the whole sweep.
+    """
+    from engram.data import prepare_data
+
+    root = Path(root)
+    runs = plan(sweep, budget, seeds, overrides)
+    prepare_data(runs[0].run.data)  # once, before workers start: preparation is not parallel-safe
+    if threads is None and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    pending = [r for r in runs if result_of(r, root) is None]
+    _log(f"{sweep} sweep, budget {budget}: {len(runs)} runs, {len(runs) - len(pending)} already done, "
+         f"{len(pending)} to go" + (f", {workers} workers" if workers > 1 else ""))
+    if workers > 1 and pending:
+        failures = run_workers(runs, root, workers, threads, progress, f"{sweep} sweep")
+    else:
+        failures = work_through(pending, root, progress)
+    results = [r for r in (result_of(p, root) for p in runs) if r is not None]
+    if failures:
+        _log(f"{len(failures)} run(s) failed (see failed.json in their directories; rerun to retry):\n  "
+             + "\n  ".join(failures))
+    return results
+
+
+def work_through(runs: list[PlannedRun], root: Path, progress: bool = True) -> list[str]:
+    """Execute each run in turn, skipping those done or claimed by another process; returns one line per
+    run that failed (its error is also in its failed.json)."""
+    failures = []
+    for i, planned in enumerate(runs):
+        start = time.time()
+        try:
+            record = execute(planned, root, progress=progress)
+        except Exception as exc:  # keep going: one diverged point must not lose the rest of the sweep
+            failures.append(f"{planned.point} seed {planned.seed}: {type(exc).__name__}: {exc}")
+            _log(f"FAILED {planned.point} seed {planned.seed}: {exc}")
+            continue
+        if record is None:
+            _log(f"{planned.point} seed {planned.seed}: claimed by another process, skipped")
+            continue
+        _log(f"[{i + 1}/{len(runs)}] {planned.point} seed {planned.seed}: val_loss {record['val_loss']:.4f} "
+             f"({time.time() - start:.0f} s)")
+    return failures
+
+
+def _worker(runs: list[PlannedRun], root: Path, threads: int) -> None:
+    """One worker process of ``run_workers``: the runs of the plan not done yet, with its own threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        work_through([r for r in runs if result_of(r, root) is None], root, progress=False)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent reports it once
+        sys.exit(130)
+
+
+def run_workers(runs: list[PlannedRun], root: Path, workers: int, threads: int, progress: bool = True,
+                desc: str = "sweep") -> list[str]:
+    """Work through ``runs`` with ``workers`` processes (one progress bar over all runs); returns the failed
+    runs and the workers that exited abnormally. Ctrl-C stops the workers; a run they were training resumes
+    from its last checkpoint next time (a lock left behind names a dead process, so it is taken over).
+
+    The workers are started with ``spawn``: each imports engram afresh, then calls ``work_through`` on the
+    same plan (a forked child of a process that has run torch can hang in its thread pool, and cannot use
+    CUDA at all). The locks decide which worker trains which run."""
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_worker, args=(runs, root, threads), name=f"engram-sweep-worker-{i}")
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runs), desc=desc, unit="run", dynamic_ncols=True)
+    try:
+        while alive := [p for p in procs if p.is_alive()]:
+            wait([p.sentinel for p in alive], timeout=5)  # returns early when a worker exits
+            if bar is not None:
+                bar.n = sum(result_of(r, root) is not None for r in runs)
+                bar.refresh()
+    except KeyboardInterrupt:
+        # a terminal's Ctrl-C reached the workers too: a moment to release their locks, then stop the rest
+        deadline = time.time() + 5
+        for p in procs:
+            p.join(max(0.0, deadline - time.time()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        raise
+    finally:
+        if bar is not None:
+            bar.n = sum(result_of(r, root) is not None for r in runs)
+            bar.close()
+    failed = [f"worker {i} exited with {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
+    for r in runs:  # the workers logged these as they happened; collected here for the final summary
+        path = r.directory(root) / "failed.json"
+        if path.exists() and result_of(r, root) is None:
+            failed.append(f"{r.point} seed {r.seed}: {json.loads(path.read_text())['error']}")
+    return failed

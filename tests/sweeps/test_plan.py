@@ -1,0 +1,66 @@
+"""Sweep plans (engram.sweeps.plan): the grids, every variant trains a step, --dry-run."""
+
+import pytest
+import torch
+
+from engram.cli import main as cli
+from engram.model.accounting import count_parameters
+from engram.model.transformer import EngramLM
+from engram.sweeps.plan import plan
+from engram.train.optim import Optimizers
+
+
+def test_plans_cover_their_grids():
+    alloc = plan("allocation", "tiny", seeds=3)
+    assert len(alloc) == 21 and len({(r.point, r.seed) for r in alloc}) == 21
+    assert [r.seed for r in alloc[:7]] == [0] * 7  # every point gets a first seed before any gets a second
+    assert {r.run.train.seed for r in alloc} == {0, 1, 2}
+    memory = plan("memory", "tiny", seeds=1)
+    methods = {r.info["method"] for r in memory}
+    assert methods == {"none", "engram", "overencoding"}
+    for method in ("engram", "overencoding"):  # equal memory at every grid point
+        sizes = sorted(r.info["table_params"] for r in memory if r.info["method"] == method)
+        assert sizes == sorted(r.info["table_params"] for r in memory if r.info["method"] == "engram")
+    ablation = plan("ablation", "tiny", seeds=1)
+    full = next(r for r in ablation if r.info["variant"] == "full")
+    for r in ablation:  # a fixed Engram table budget: within 2% of the reference's table parameters
+        assert abs(r.info["table_params"] - full.info["table_params"]) <= 0.02 * full.info["table_params"]
+    variants = {r.info["variant"] for r in ablation}
+    assert {"no-compression", "no-gate", "no-short-conv", "+4-grams", "G=2", "G=2-shared-key",
+            "layer=0", "layer=2", "layer=3"} <= variants
+    with pytest.raises(ValueError, match="may not change the model"):
+        plan("allocation", "tiny", overrides=["model.backbone.d_model=64"])
+    with pytest.raises(ValueError, match="unknown sweep"):
+        plan("scaling", "tiny")
+    with pytest.raises(ValueError, match="seeds"):
+        plan("allocation", "tiny", seeds=0)
+
+
+@pytest.mark.parametrize("sweep", ["memory", "ablation"])
+def test_every_variant_builds_and_trains_a_step(budget_file, sweep):
+    for planned in plan(sweep, budget_file, seeds=1):
+        model_config = planned.run.model
+        assert count_parameters(model_config).total > 0
+        torch.manual_seed(0)
+        model = EngramLM(model_config)
+        optimizers = Optimizers(model, planned.run.train)
+        ids = torch.randint(0, model_config.backbone.vocab_size, (2, 16))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizers.step()
+        assert torch.isfinite(loss), planned.point
+        changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
+        assert changed, planned.point
+        if planned.info.get("table_params"):
+            assert any("embedding.weight" in n or "table" in n for n in changed), (planned.point, changed)
+
+
+def test_cli_dry_run_and_errors(budget_file, capsys):
+    assert cli(["sweep", "allocation", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "rho (asked)" in out and "21 runs" in out
+    assert cli(["sweep", "ablation", "--budget", budget_file, "--dry-run"]) == 0
+    assert "no-gate" in capsys.readouterr().out
+    assert cli(["sweep", "allocation", "--budget", "enormous"]) == 2
+    assert "known budgets" in capsys.readouterr().err
