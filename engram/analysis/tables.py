@@ -76,7 +76,7 @@ def expected_random_collision(m: int, p: int) -> float:
 def ngram_tuples(hasher, input_ids: torch.Tensor, boundary: torch.Tensor | None) -> torch.Tensor:
     """(B, T) raw ids -> (B, T, N) compressed ids [x'_t, x'_{t-1}, ...], pad before a document start:
     exactly what the hash of order n reads in its first n columns."""
-    compressed = hasher.compress(input_ids, validate=False)
+    compressed = hasher.compress(input_ids)
     doc = document_ids(boundary, input_ids.shape, input_ids.device)
     return torch.stack([shift_back(compressed, k, hasher.compressed_pad_id, doc)
                         for k in range(hasher.config.max_ngram_size)], dim=-1)
@@ -156,9 +156,9 @@ def table_control(model, kind: str, mean_rows: dict[int, torch.Tensor] | None = 
             handles.append(emb.register_forward_hook(
                 lambda mod, args, out, row=row: row.to(out.dtype).expand_as(out).clone()))
         elif kind == "shuffled":
-            sizes = [p for order in model.hasher.primes[lid] for p in order]
+            geometry = model.hasher.geometry[lid]
             perm = torch.cat([off + torch.randperm(p, generator=gen) for off, p in
-                              zip(emb.offsets.tolist(), sizes)]).to(emb.offsets.device)  # (sum p,)
+                              zip(geometry.offsets, geometry.sizes)]).to(emb.offsets.device)  # (sum p,)
             handles.append(emb.register_forward_pre_hook(
                 lambda mod, args, perm=perm: (perm[args[0] + mod.offsets] - mod.offsets,)))
         else:

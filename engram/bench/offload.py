@@ -48,34 +48,11 @@ import torch
 
 from engram.presets import get_preset
 from engram.infer import generate_batch
-from engram.model.engram import Engram
 from engram.model.transformer import EngramLM
 from engram.storage import StorageHandle, apply_storage, export_tables
 
 TIERS = [("device", 0), ("host", 0), ("disk", 0), ("disk+cache", None)]  # None: --cache-rows
 COLD_RUNS = 3  # fresh processes for the cold-page-cache tier; the median is reported
-
-
-@contextlib.contextmanager
-def tables_left_uninitialised():
-    """Build models whose tables skip ``normal_`` (``Engram.__init__`` runs it): a multi-GB N(0,1)
-    init costs seconds and, for the disk tiers, would make the table's pages resident (inflating
-    peak RSS) before the tier frees them. Restores ``Engram.init_weights`` on exit."""
-    original = Engram.init_weights
-
-    def init_without_table(self, std: float = 0.02, table_std: float = 1.0) -> None:
-        table = self.embedding.weight
-        self.embedding.weight = torch.nn.Parameter(torch.empty(0, table.shape[1]))
-        try:
-            original(self, std, table_std)
-        finally:
-            self.embedding.weight = table
-
-    Engram.init_weights = init_without_table
-    try:
-        yield
-    finally:
-        Engram.init_weights = original
 
 
 def config_for(table_gb: float, head_dim: int, engram_layers: int = 1):
@@ -90,9 +67,16 @@ def config_for(table_gb: float, head_dim: int, engram_layers: int = 1):
 
 
 def build(args, fill: bool) -> EngramLM:
+    """The benchmark model: built on meta, materialised, dense weights initialised, table rows left
+    to this function. A multi-GB N(0,1) fill costs seconds and, for the disk tiers, would make the
+    table's pages resident (inflating peak RSS) before the tier frees them; untouched rows read as
+    zero pages, and ``fill`` tiles one random block over them (memcpy speed)."""
     torch.manual_seed(0)
-    with tables_left_uninitialised():
-        model = EngramLM(config_for(args.table_gb, args.head_dim, args.engram_layers)).eval()
+    with torch.device("meta"):
+        model = EngramLM(config_for(args.table_gb, args.head_dim, args.engram_layers))
+    model.to_empty(device="cpu")
+    model.init_weights(tables=False)
+    model.eval()
     if fill:
         block = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1))
         for layer in model.engram_layers.values():

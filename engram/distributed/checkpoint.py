@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from engram import fileio
-from engram.distributed import runtime
+import engram.distributed.runtime as runtime
 from engram.distributed.sharded import sharded_tables
 
 INDEX = "tables/index.json"

@@ -13,7 +13,7 @@ The flow the trainer follows (``engram.train.loop.setup``)::
     with torch.device("meta"):
         model = EngramLM(config, tokenizer, sparse_tables=True)   # nothing allocated
     parallel = parallelize(model, device)    # shard tables -> to_empty (host) -> init_weights -> device -> DDP
-    optimizers = Optimizers(model, train_config, reduce_table_sq=parallel.sum_table_squares)
+    optimizers = Optimizers(model, train_config, reduce_table_sq=parallel.table_squares_reduce)
     parallel.restore(checkpoint, model, optimizers)   # when resuming
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engram.distributed import runtime as rt
+import engram.distributed.runtime as rt
 from engram.distributed.checkpoint import restore_sharded, save_sharded
 from engram.distributed.sharded import TRAFFIC, shard_tables, sharded_tables
 
@@ -77,6 +77,12 @@ class Parallel:
         if self.tables_sharded:
             dist.all_reduce(squares, group=self.table_group)
         return squares
+
+    @property
+    def table_squares_reduce(self):
+        """What ``Optimizers(reduce_table_sq=...)`` needs: ``sum_table_squares`` when the tables are
+        sharded, else None (one process sums the squares in its usual order, bit for bit as before)."""
+        return self.sum_table_squares if self.tables_sharded else None
 
     def reduce_moe_load(self) -> None:
         """The whole batch's expert load on every rank, so every rank moves its expert bias alike."""

@@ -6,7 +6,7 @@ P_act: parameters used by one token: everything in P_tot except the routed exper
     paper counts tables as sparse). OverEncoding's per-order projections are active.
 P_sparse = P_tot - P_act: the budget split by the allocation ratio rho between routed experts and Engram.
 
-``tests/experiments/test_accounting.py`` pins every count to ``numel`` of a built model, so the
+``tests/model/test_accounting.py`` pins every count to ``numel`` of a built model, so the
 allocation sweeps can trust these numbers without instantiating huge tables.
 """
 

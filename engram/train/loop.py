@@ -160,7 +160,7 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         model = EngramLM(run.model, data.compressed, sparse_tables=True)
     parallel = parallelize(model, device, init_tables=ckpt is None)
     model.train()
-    optimizers = Optimizers(model, tc, reduce_table_sq=parallel.sum_table_squares)
+    optimizers = Optimizers(model, tc, reduce_table_sq=parallel.table_squares_reduce)
     state = TrainState(run=run, run_dir=run_dir, device=device, data=data, model=model, parallel=parallel,
                        optimizers=optimizers, step=0, last_checkpoint=ckpt_path)
     if ckpt is not None:

@@ -35,9 +35,10 @@ class Optimizers:
     Whether a table's gradient is sparse is decided where the model was built or placed
     (``EngramLM(..., sparse_tables=True)``; row shards always are), never here: a model whose tables
     give dense gradients is refused, because Adam over a dense table gradient moves every row every
-    step (PITFALLS 12: O(table) instead of O(rows touched)). ``reduce_table_sq``: how the tables' squared gradient norm is
-    summed over the processes holding their rows (``engram.distributed.Parallel.sum_table_squares``);
-    the identity in a single process.
+    step (PITFALLS 12: O(table) instead of O(rows touched)).
+
+    ``reduce_table_sq``: how the tables' squared gradient norm is summed over the processes holding
+    their rows (``engram.distributed.Parallel.table_squares_reduce``); None in a single process.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig,

@@ -47,7 +47,7 @@ def _worker(out_dir: str) -> None:
     reference = dict(whole.named_parameters())
     assert all(torch.equal(p.detach(), reference[n].detach()) for n, p in dense.items())
     # the tables' squared gradient norm is summed over the ranks' rows
-    total = parallel.sum_table_squares(torch.tensor(float(rank + 1)))
+    total = parallel.table_squares_reduce(torch.tensor(float(rank + 1)))
     assert total.item() == sum(range(1, world + 1))
     ids, _ = parallel.rows(torch.arange(8).view(4, 2), None)
     assert torch.equal(ids, torch.arange(8).view(4, 2).chunk(world)[rank])
@@ -75,3 +75,4 @@ def test_one_process_is_only_materialised():
     assert parallel.mean(2.5) == 2.5 and parallel.sum([1.0, 2.0]) == [1.0, 2.0]
     squares = torch.tensor(3.0)
     assert parallel.sum_table_squares(squares) is squares
+    assert parallel.table_squares_reduce is None  # one process sums the squares in its usual order

@@ -42,7 +42,7 @@ def test_every_variant_builds_and_trains_a_step(budget_file, sweep):
         model_config = planned.run.model
         assert count_parameters(model_config).total > 0
         torch.manual_seed(0)
-        model = EngramLM(model_config)
+        model = EngramLM(model_config, sparse_tables=True)
         optimizers = Optimizers(model, planned.run.train)
         ids = torch.randint(0, model_config.backbone.vocab_size, (2, 16))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
