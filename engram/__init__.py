@@ -8,12 +8,12 @@ The public surface::
 """
 
 from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
-from engram.presets import get_preset
-from engram.model.accounting import ParameterCount, count_parameters
 from engram.hashing import NgramHasher
+from engram.model.accounting import ParameterCount, count_parameters
 from engram.model.engram import Engram
 from engram.model.overencoding import OverEncoding
 from engram.model.transformer import EngramLM, LMOutput
+from engram.presets import get_preset
 from engram.tokenizer import CompressedTokenizer
 
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from engram.cli.overrides import apply_overrides
+from engram.fileio import atomic_write_json
 from engram.plotting import pyplot, save_figure
 from engram.presets import get_run_preset
 
@@ -87,7 +88,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = No
             "sample_prompt": PROMPT, "sample": PROMPT + tok.decode(completion),
         }
         run_dirs[name] = run_dir
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / "results.json", results)
     plot_losses(run_dirs, out / "loss.png")
 
     print()

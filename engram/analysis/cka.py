@@ -6,7 +6,6 @@ Legend: B batch, T time, D model width, L blocks, n tokens in a CKA minibatch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from engram.analysis.hooks import capture_streams, short_labels, val_windows
+from engram.fileio import atomic_write_json
 from engram.plotting import pyplot, save_figure
 
 
@@ -193,5 +193,5 @@ def inspect_cka(base: str, engram: str, out_dir, batch_size: int = 4, seq_len: i
               "best_match_halves": [(h.argmax(axis=0) + 1).tolist() for h in halves],
               "alignment_index_halves": [np.round(alignment_index(h, top), 3).tolist() for h in halves],
               "engram_layers": [lid + 1 for lid in b.model.engram_layers], "png": str(png)}
-    (out / "cka.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(out / "cka.json", result, indent=1)
     return result

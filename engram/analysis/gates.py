@@ -11,7 +11,6 @@ Legend: T tokens, G branches.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from engram.analysis.hooks import capture_gates
 from engram.data.bpe import special_ids
+from engram.fileio import atomic_write_json, atomic_write_text
 from engram.plotting import pyplot, save_figure
 
 
@@ -181,12 +181,12 @@ def inspect_gates(ckpt_path: str, text: str, out_dir, top: int = 20, max_tokens:
     best = top_ngrams(gm, top)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gates.html").write_text(gate_map_html(gm, f"Engram gate map: {ckpt.path}", best), encoding="utf-8")
+    atomic_write_text(out / "gates.html", gate_map_html(gm, f"Engram gate map: {ckpt.path}", best))
     png = plot_gate_map(gm, out / "gates.png")
     result = {"checkpoint": str(ckpt.path), "tokens": len(gm.ids),
               "mean_alpha": {label: round(float(np.mean(a[1:] if gm.starts[0] else a)), 4) for label, a in gm.rows()},
               "top_ngrams": best, "html": str(out / "gates.html"), "png": str(png)}
-    (out / "gates.json").write_text(json.dumps({**result, "pieces": gm.pieces,
-                                                "alpha": {label: np.round(a, 4).tolist() for label, a in gm.rows()}},
-                                               indent=1))
+    atomic_write_json(out / "gates.json", {**result, "pieces": gm.pieces,
+                                           "alpha": {label: np.round(a, 4).tolist() for label, a in gm.rows()}},
+                      indent=1)
     return result

@@ -17,7 +17,6 @@ the mean over its target tokens, and retention = accuracy without / accuracy wit
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.analysis.hooks import capture_gates, knockout
+from engram.fileio import atomic_write_json
 
 # words joined by "." or one space, optionally opening a call or subscript: os.path.join, raise ValueError(
 STATIC_SHAPE = re.compile(r"[A-Za-z_]\w*(?:[. ][A-Za-z_]\w*)*[(\[]?")
@@ -338,5 +338,5 @@ def inspect_knockout(ckpt_path: str, out_dir=None, max_probes: int | None = None
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "knockout.json").write_text(json.dumps(result, indent=1))
+        atomic_write_json(out / "knockout.json", result, indent=1)
     return result

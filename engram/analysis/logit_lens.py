@@ -6,7 +6,6 @@ Legend: B batch, T time, D model width, V vocabulary, L blocks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.analysis.hooks import capture_streams, head_logits, short_labels, val_windows
+from engram.fileio import atomic_write_json
 from engram.plotting import pyplot, save_figure
 
 
@@ -78,5 +78,5 @@ def inspect_logit_lens(ckpts: list[str], out_dir, batch_size: int = 4, seq_len: 
     out.mkdir(parents=True, exist_ok=True)
     result = {"models": info,
               "png": str(plot_logit_lens(curves, out / "logit_lens.png", dashed=[n for n in curves if n not in engram]))}
-    (out / "logit_lens.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(out / "logit_lens.json", result, indent=1)
     return result

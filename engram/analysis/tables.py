@@ -18,7 +18,6 @@ Legend: n tokens, m distinct n-grams, H heads (K per order), N max order, p a he
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from engram.analysis.hooks import knockout
+from engram.fileio import atomic_write_json
 from engram.hashing import document_ids, shift_back
 from engram.plotting import pyplot, save_figure
 
@@ -250,5 +250,5 @@ def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int 
     result = {"checkpoint": str(ckpt.path), "split": split, **stats,
               "losses": table_control_losses(ckpt.model, val),
               "png": str(plot_row_usage(usage, out / "row_usage.png"))}
-    (out / "tables.json").write_text(json.dumps(result, indent=1))
+    atomic_write_json(out / "tables.json", result, indent=1)
     return result

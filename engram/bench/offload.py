@@ -46,9 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.presets import get_preset
 from engram.infer import generate_batch
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 from engram.storage import StorageHandle, apply_storage, export_tables
 
 TIERS = [("device", 0), ("host", 0), ("disk", 0), ("disk+cache", None)]  # None: --cache-rows

@@ -28,8 +28,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from engram.data.bpe import tokenizer_sha256
-from engram.fileio import atomic_write, atomic_write_json, temporary_path
 from engram.data.corpus import Document
+from engram.fileio import atomic_write, atomic_write_json, temporary_path
 
 FORMAT = "engram.token_shards/1"
 _ENCODE_CHUNK_CHARS = 4_000_000  # text per encode_batch call: keeps threads busy, memory bounded

@@ -28,6 +28,7 @@ import torch
 from engram.config import RunConfig
 from engram.distributed import runtime as rt
 from engram.distributed.parallelize import parallelize
+from engram.fileio import atomic_write_json, atomic_write_text
 from engram.model.accounting import count_parameters
 from engram.model.transformer import EngramLM
 from engram.train.allocator import fix_mmap_threshold
@@ -117,11 +118,11 @@ class MetricsLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            path.write_text("")
-        elif path.exists():
+            atomic_write_text(path, "")
+        elif path.exists():  # rewritten whole: a crash here keeps the old history, never half of it
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -195,7 +196,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     start = state.step
     if par.is_main:
         state.run_dir.mkdir(parents=True, exist_ok=True)
-        (state.run_dir / "config.json").write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+        atomic_write_json(state.run_dir / "config.json", run.to_dict())
     log = MetricsLog(state.run_dir / "metrics.jsonl", start if state.last_checkpoint is not None else None) \
         if par.is_main else None
     counts = count_parameters(run.model, tc.seq_len).to_dict()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engram.config import ModelConfig, OverEncodingConfig
-from engram.presets import get_preset
 from engram.infer import generate, generate_batch, left_pad, sample_next
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 
 
 def variant(name: str, hc_mult: int | None = None, overencoding: OverEncodingConfig | None = None,

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
-from engram.presets import get_preset
 from engram.model.accounting import count_parameters, format_count
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 
 CONFIGS = {
     "tiny-dense": get_preset("tiny-dense"),

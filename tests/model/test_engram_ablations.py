@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from support import assert_causal, train_step
 from engram.config import EngramConfig, ModelConfig
-from engram.presets import get_preset
 from engram.model.accounting import count_parameters
 from engram.model.engram import Engram, SharedLinear
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 from engram.tokenizer import CompressedTokenizer
 
 PAIRS = CompressedTokenizer(torch.arange(512) // 2, 256)  # raw ids 2i and 2i+1 share a compressed id

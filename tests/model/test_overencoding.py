@@ -5,12 +5,12 @@ import torch
 
 from support import assert_causal, train_step
 from engram.config import ModelConfig, OverEncodingConfig, TrainConfig
-from engram.presets import get_preset
-from engram.model.accounting import count_parameters
 from engram.hashing import NgramHasher, layer_multipliers
+from engram.model.accounting import count_parameters
 from engram.model.engram import MultiHeadEmbedding
 from engram.model.overencoding import OrderProjection, OverEncoding
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 from engram.tokenizer import CompressedTokenizer
 from engram.train.optim import Optimizers, table_parameters
 

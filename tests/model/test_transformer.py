@@ -6,12 +6,12 @@ import torch.nn.functional as F
 
 from support import assert_causal
 from engram.config import BackboneConfig, EngramConfig, ModelConfig
-from engram.presets import get_preset
 from engram.hashing import NgramHasher
 from engram.model.engram import Engram
 from engram.model.hyper import HyperConnection, PlainResidual
 from engram.model.moe import MoE
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 from engram.tokenizer import CompressedTokenizer
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from support import tiny_run
-from engram.presets import get_preset
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 from engram.storage import export_tables
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from engram.config import TrainConfig
-from engram.presets import get_preset
 from engram.model.transformer import EngramLM
+from engram.presets import get_preset
 from engram.train.optim import Optimizers, learning_rate, table_parameters
 
 
