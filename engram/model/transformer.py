@@ -74,10 +74,10 @@ class EngramLM(nn.Module):
     raw id (no compression). A hasher whose config says ``compress=False`` hashes raw ids whatever it
     is given; ``self.compressed_tokenizer`` keeps the tokenizer the model was given, which checkpoints
     store. A config with neither Engram layers nor OverEncoding builds the plain dense/MoE baseline.
-    ``sparse_tables``: the hashed tables' gradients hold only the looked-up rows, as
-    ``engram.train.Optimizers`` (SparseAdam, O(rows touched) per step, PITFALLS 12) needs; the default
-    dense gradients suit any other optimizer and gradient inspection. Decided here, at build time
-    (the trainer builds with True).
+    ``sparse_tables`` (default True): the hashed tables' gradients hold only the looked-up rows, as
+    ``engram.train.Optimizers`` (SparseAdam, O(rows touched) per step, PITFALLS 12) needs. False gives
+    dense gradients, for optimizers that take only dense ones (``torch.optim.AdamW`` refuses sparse
+    gradients) or for inspecting them. Decided here, at build time; nothing flips it later.
 
     Build, place, initialise: the constructor builds every module on the meta device and, unless it
     is itself called under ``torch.device("meta")``, materialises them on the current default device
@@ -87,7 +87,7 @@ class EngramLM(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, compressed_tokenizer: CompressedTokenizer | None = None,
-                 sparse_tables: bool = False):
+                 sparse_tables: bool = True):
         super().__init__()
         unresolved = config.unresolved()
         if unresolved:

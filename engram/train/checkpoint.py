@@ -218,7 +218,7 @@ class Checkpoint:
         except ValueError as err:
             raise CheckpointError(str(err)) from None
 
-    def build_model(self, sparse_tables: bool = False) -> EngramLM:
+    def build_model(self, sparse_tables: bool = True) -> EngramLM:
         """The stored model's architecture on the meta device: nothing allocated yet (place it, then
         ``to_empty``, ``init_weights(tables=False)`` and ``load_into``)."""
         with torch.device("meta"):

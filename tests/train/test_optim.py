@@ -94,7 +94,8 @@ def test_state_dict_round_trip():
 
 
 def test_sparsity_is_decided_when_the_model_is_built_never_by_the_optimizer():
-    dense = EngramLM(get_preset("tiny-engram"))
+    assert all(t.sparse for t in EngramLM(get_preset("tiny-engram")).named_tables().values())  # the default
+    dense = EngramLM(get_preset("tiny-engram"), sparse_tables=False)
     assert not any(t.sparse for t in dense.named_tables().values())
     with pytest.raises(ValueError, match=r"layers\.1\.engram\.embedding.*sparse_tables=True"):
         Optimizers(dense, TrainConfig())
