@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import engram.distributed.runtime as runtime
+
 from engram.config import DataConfig, RunConfig, TrainConfig
 from engram.presets import get_preset
 
@@ -97,4 +99,4 @@ def _run_in_group(rank: int, world: int, port: int, backend: str, fn, args) -> N
     try:
         fn(*args)
     finally:
-        dist.destroy_process_group()
+        runtime.shutdown()
