@@ -20,6 +20,7 @@ The flow the trainer follows (``engram.train.loop.setup``)::
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -94,6 +95,13 @@ class Parallel:
 
     def barrier(self) -> None:
         rt.barrier()
+
+    def close(self) -> None:
+        """Drop the DDP wrapper now. It sits in reference cycles that hold the process group; left to
+        the interpreter's exit, destroying the group's threads there can abort the process."""
+        if self.net is not self.model:
+            self.net = self.model
+            gc.collect()
 
     def save_checkpoint(self, run_dir: str | Path, step: int, optimizer_state: dict, run_config, tokenizer,
                         trainer_state: dict, keep_last: int = 2) -> Path:

@@ -244,6 +244,7 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
             bar.close()
 
     final = evals[-1] if evals else evaluate_now()
+    par.close()  # the DDP wrapper goes now, not at interpreter exit (see Parallel.close)
     return TrainResult(run_dir=state.run_dir, steps=tc.max_steps, tokens=tc.max_steps * tc.tokens_per_step,
                        train_seconds=train_seconds,
                        tokens_per_s=trained_tokens / train_seconds if train_seconds else 0.0,
