@@ -105,3 +105,79 @@ def read_manifest(path: str | os.PathLike, expected_format: str, error: type[Exc
 def write_manifest(path: str | os.PathLike, expected_format: str, **fields: Any) -> Path:
     """Write a manifest ``{"format": ..., **fields}`` atomically; call it after every file it describes."""
     return atomic_write_json(path, {"format": expected_format, **fields}, sort_keys=True)
+
+
+class LockBusy(RuntimeError):
+    """Another live process holds the lock; ``holder`` is what it wrote there ("host pid ...")."""
+
+    def __init__(self, path: Path, holder: str):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+
+
+class FileLock:
+    """An exclusive advisory lock on ``path`` (``fcntl.flock``), with its holder written inside.
+
+    The kernel drops the lock when its process dies, however it dies, so a dead holder's lock is
+    simply taken by the next process; the file itself stays (removing it would let two processes lock
+    two different files of one name). Local filesystems only: flock is not reliable over some NFS
+    setups. ``acquire(wait=False)`` raises ``LockBusy`` naming the holder; ``wait=True`` blocks,
+    calling ``on_wait(holder)`` once first.
+    """
+
+    def __init__(self, path: str | os.PathLike, purpose: str = ""):
+        self.path = Path(path)
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def acquire(self, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> "FileLock":
+        import fcntl
+        import socket
+        import time
+
+        if self._fd is not None:
+            raise RuntimeError(f"{self.path} is already held by this object")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise LockBusy(self.path, self.holder()) from None
+                if on_wait is not None:
+                    on_wait(self.holder())
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since {stamp}"
+                          f"{' (' + self.purpose + ')' if self.purpose else ''}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.ftruncate(fd, 0)  # no stale holder shown to the next reader
+            finally:
+                os.close(fd)  # closing the descriptor drops the flock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "FileLock":
+        return self if self.held else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

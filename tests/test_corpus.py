@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from engram.config import DataConfig
-from engram.data.corpus import (Document, hf_documents, load_documents, split_of, stdlib_documents,
+from engram.data.corpus import (MAX_PARAGRAPH_CHARS, Document, hf_documents, load_documents, split_of, stdlib_documents,
                                 text_documents)
 
 
@@ -45,7 +45,36 @@ def test_text_documents_directory(tmp_path):
 def test_text_documents_single_file_any_suffix(tmp_path):
     path = tmp_path / "notes.log"
     path.write_text("hello")
-    assert text_documents(path) == [Document("notes.log", "hello")]
+    assert [d.text for d in text_documents(path)] == ["hello"]
+    assert text_documents(path)[0].name.startswith("notes.log#")
+
+
+def test_a_single_file_is_cut_into_paragraph_documents(tmp_path):
+    text = "para one\nline two\n\n  \t\n\npara two\n\n" + "".join(f"long line {i}\n" for i in range(3000))
+    path = tmp_path / "book.txt"
+    path.write_text(text)
+    docs = text_documents(path)
+    assert [d.text for d in docs[:2]] == ["para one\nline two\n", "para two\n"]
+    assert all(len(d.text) <= MAX_PARAGRAPH_CHARS for d in docs) and len(docs) > 3
+    assert "".join(d.text for d in docs[2:]) == "".join(f"long line {i}\n" for i in range(3000))  # cut at line ends
+    # names follow the text: editing one paragraph renames only that one
+    path.write_text(text.replace("para one", "para 1"))
+    assert {d.name for d in text_documents(path)} ^ {d.name for d in docs} == {docs[0].name, text_documents(path)[0].name}
+
+
+def test_a_single_file_corpus_gets_both_splits(tmp_path):
+    path = tmp_path / "plays.txt"
+    path.write_text("\n\n".join(f"SCENE {i}. A speech of some length, number {i}." for i in range(200)))
+    splits = load_documents(DataConfig(source=str(path), val_fraction=0.1, cache_dir=str(tmp_path)))
+    assert 5 < len(splits["val"]) < 40 and len(splits["train"]) + len(splits["val"]) == 200
+
+
+def test_a_directory_without_readable_files_lists_the_extensions(tmp_path):
+    (tmp_path / "a.csv").write_text("x")
+    (tmp_path / "b.html").write_text("y")
+    with pytest.raises(ValueError, match=r"no file ending in \.txt, \.md, \.rst, \.py, \.json, \.jsonl .*found: "
+                                         r"\.csv, \.html"):
+        text_documents(tmp_path)
 
 
 def test_text_documents_jsonl(tmp_path):

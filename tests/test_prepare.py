@@ -91,3 +91,49 @@ def test_foreign_tokenizer_without_pad(corpus, tmp_path):
     assert "no pad token" in meta["pad_note"]
     assert data.train.window(0, 0, 3)[0].tolist()[0] != 1  # no bos prefix
     assert data.train.n_docs + data.val.n_docs == 60
+
+
+def test_two_processes_preparing_one_new_config_both_succeed(corpus, tmp_path):
+    """While one process prepares a key (here: this test, holding its lock over a half-built directory),
+    others wait instead of deleting its work; then exactly one of them builds and all succeed (the
+    second one used to delete the first one's directory mid-build and die on a missing file)."""
+    import subprocess
+    import sys
+    import time
+
+    from engram.fileio import FileLock
+
+    cfg = config(corpus, tmp_path)
+    directory = tmp_path / "cache" / cache_key(cfg)
+    directory.mkdir(parents=True)
+    (directory / "train_000.bin").write_bytes(b"in progress")
+    lock = FileLock(directory.with_name(directory.name + ".lock")).acquire()
+    script = ("import json, sys; from engram.config import DataConfig; from engram.data import prepare_data; "
+              "d = prepare_data(DataConfig(**json.loads(sys.argv[1]))); print(d.directory, d.val.n_tokens)")
+    logs = [tmp_path / f"err{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(cfg.to_dict())], stdout=subprocess.PIPE,
+                              stderr=log.open("w"), text=True) for log in logs]
+    deadline = time.time() + 120
+    while not all("waiting for host" in log.read_text() for log in logs):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.1)
+    assert (directory / "train_000.bin").read_bytes() == b"in progress"  # the holder's work is untouched
+    lock.release()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    errs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert len(set(outs)) == 1 and outs[0].startswith(str(directory))
+    assert sum("training BPE" in err for err in errs) == 1  # one built, the other opened its result
+
+
+def test_prepare_with_tokenizer_never_retrains(corpus, tmp_path):
+    from engram.data import prepare_with_tokenizer
+
+    first = prepare_data(config(corpus, tmp_path))
+    tokenizer_file = tmp_path / "tok.json"
+    first.tokenizer.save(str(tokenizer_file))
+    assert prepare_with_tokenizer(config(corpus, tmp_path), first.tokenizer, tokenizer_file).directory == first.directory
+    (corpus / "new.txt").write_text("zzz qqq " * 500)  # the corpus changes: a BPE trained now would differ
+    again = prepare_with_tokenizer(config(corpus, tmp_path), first.tokenizer, tokenizer_file)
+    assert again.directory != first.directory
+    assert again.tokenizer.to_str() == first.tokenizer.to_str()

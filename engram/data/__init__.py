@@ -9,11 +9,12 @@ from engram.data.bpe import (BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, SpecialIds,
                              tokenizer_sha256, train_bpe)
 from engram.data.corpus import (Document, hf_documents, load_documents, split_of, stdlib_documents,
                                 text_documents)
-from engram.data.prepare import PreparedData, cache_key, prepare_data
+from engram.data.prepare import PreparedData, cache_key, prepare_data, prepare_text, prepare_with_tokenizer
 from engram.data.shards import TokenShards, write_split
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "SPECIAL_TOKENS", "Document", "PreparedData", "SpecialIds", "TokenShards",
-    "cache_key", "hf_documents", "load_documents", "load_tokenizer", "prepare_data", "special_ids",
+    "cache_key", "hf_documents", "load_documents", "load_tokenizer", "prepare_data", "prepare_text",
+    "prepare_with_tokenizer", "special_ids",
     "split_of", "stdlib_documents", "text_documents", "tokenizer_sha256", "train_bpe", "write_split",
 ]

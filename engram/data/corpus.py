@@ -22,6 +22,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl")
 _TEST_DIRS = {"test", "tests", "idle_test"}
 _NEVER_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 SPLITS = ("train", "val")
+MAX_PARAGRAPH_CHARS = 16_384  # a single-file corpus is cut into documents no longer than this (at line ends)
 
 
 @dataclass(frozen=True)
@@ -98,23 +99,63 @@ def _file_documents(path: Path, name: str, text_field: str) -> list[Document]:
     return [Document(name, text)] if text else []
 
 
+def paragraph_documents(text: str, name: str, max_chars: int = MAX_PARAGRAPH_CHARS) -> list[Document]:
+    """One text cut into documents, in order: at blank lines (lines of only whitespace), and a paragraph
+    longer than ``max_chars`` further at line ends into pieces of at most ``max_chars`` (a single line
+    longer than that stays whole). Each piece keeps its lines as they were, newlines included, and is
+    named ``"<name>#<first 16 hex digits of its sha256>"``: the name follows the text, not its position,
+    so editing one paragraph moves no other between splits, and repeated paragraphs share a split."""
+    paragraphs: list[list[str]] = [[]]
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            paragraphs[-1].append(line)
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    docs = []
+    for lines in paragraphs:
+        piece: list[str] = []
+        size = 0
+        for line in lines + [None]:
+            if line is None or (piece and size + len(line) > max_chars):
+                if piece:
+                    body = "".join(piece)
+                    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+                    docs.append(Document(f"{name}#{digest}", body))
+                piece, size = [], 0
+            if line is not None:
+                piece.append(line)
+                size += len(line)
+    return docs
+
+
 def text_documents(path: str | os.PathLike, text_field: str = "text") -> list[Document]:
-    """Documents from a local file, or from every text file under a directory, sorted by name.
+    """Documents from a local file, or from every text file under a directory.
 
     A directory contributes files ending in one of ``TEXT_SUFFIXES`` (hidden files and directories are
-    skipped); a file given directly is read whatever its suffix. Each ``.jsonl`` line is its own
-    document, ``record[text_field]``, named ``"<file>:<line number>"``. Names are relative to the
-    directory (or the file's own name), so moving the corpus keeps every document's split.
+    skipped), one document per file, sorted by name; each ``.jsonl`` line is its own document,
+    ``record[text_field]``, named ``"<file>:<line number>"``. Names are relative to the directory, so
+    moving the corpus keeps every document's split.
+
+    A single file given directly (read whatever its suffix) is one corpus, not one document: a
+    ``.jsonl`` gives its lines as above; any other file is cut into paragraphs by
+    ``paragraph_documents`` (blank lines; pieces of at most 16,384 characters), in file order.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"corpus path {str(path)!r} does not exist")
     if path.is_file():
-        docs = _file_documents(path, path.name, text_field)
-    else:
-        docs = []
-        for file in _walk(path, set(), TEXT_SUFFIXES):
-            docs.extend(_file_documents(file, _relative_name(file, path), text_field))
+        if path.suffix == ".jsonl":
+            return _jsonl_documents(path, path.name, text_field)
+        return paragraph_documents(_read_text(path), path.name)
+    files = _walk(path, set(), TEXT_SUFFIXES)
+    if not files:
+        others = sorted({f.suffix or f.name for f in _walk(path, set(), ("",))})[:10]
+        raise ValueError(f"corpus directory {str(path)!r} has no file ending in {', '.join(TEXT_SUFFIXES)} (the "
+                         f"ones read; found: {', '.join(others) or 'no files'}); rename the files or give one "
+                         "file directly as data.source")
+    docs = []
+    for file in files:
+        docs.extend(_file_documents(file, _relative_name(file, path), text_field))
     return sorted(docs, key=lambda d: d.name)
 
 

@@ -13,6 +13,7 @@ second run with the same config opens the cache in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -26,9 +27,9 @@ from tokenizers import Tokenizer
 
 from engram.config import DataConfig
 from engram.data.bpe import load_tokenizer, special_ids, tokenizer_sha256, train_bpe
-from engram.data.corpus import TEXT_SUFFIXES, load_documents
+from engram.data.corpus import TEXT_SUFFIXES, load_documents, source_documents
 from engram.data.shards import TokenShards, write_split
-from engram.fileio import atomic_write_json
+from engram.fileio import FileLock, atomic_write_json
 from engram.tokenizer import CompressedTokenizer
 
 FORMAT_VERSION = 1  # bump when shard layout, splitting or BPE settings change: old caches then miss
@@ -65,7 +66,10 @@ def source_identity(config: DataConfig) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"DataConfig.source {config.source!r} is neither 'stdlib', 'hf:NAME' nor an "
                                 f"existing path")
-    return {"kind": "path", "path": str(path), "fingerprint": _path_fingerprint(path)}
+    identity = {"kind": "path", "path": str(path), "fingerprint": _path_fingerprint(path)}
+    if path.is_file() and path.suffix != ".jsonl":  # cut into paragraph documents since 0.2
+        identity["documents"] = "paragraphs/16384"
+    return identity
 
 
 def tokenizer_identity(config: DataConfig) -> dict[str, Any]:
@@ -181,20 +185,80 @@ def _build(config: DataConfig, directory: Path, key: str) -> None:
     atomic_write_json(directory / PREPARED, meta, indent=1)
 
 
+def _locked(directory: Path):
+    """The per-key lock beside ``directory``: one process prepares, the others wait for it."""
+    def waiting(holder: str) -> None:
+        _log(f"waiting for {holder or 'another process'} preparing {directory.name} ...")
+    return FileLock(directory.with_name(directory.name + ".lock"), purpose="engram data prepare"), waiting
+
+
 def prepare_data(config: DataConfig, rebuild: bool = False) -> PreparedData:
     """Prepared data for ``config``: from the cache when complete, else built (and cached) now.
 
-    A directory without prepared.json is an interrupted preparation and is removed and rebuilt;
-    ``rebuild=True`` rebuilds a complete one too.
+    Safe under concurrency: the cache key's lock (``<key>.lock``) lets one process build while the
+    others wait and then open its result. A directory without prepared.json whose lock is free is an
+    interrupted preparation, removed and rebuilt; ``rebuild=True`` rebuilds a complete one too.
     """
     key = cache_key(config)
     directory = Path(config.cache_dir) / key
     if (directory / PREPARED).is_file() and not rebuild:
         return _open(directory)
-    if directory.exists():
-        _log(f"removing {'old' if rebuild else 'incomplete'} preparation {directory}")
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    _build(config, directory, key)
-    _log(f"prepared {directory}")
-    return _open(directory)
+    lock, waiting = _locked(directory)
+    lock.acquire(wait=True, on_wait=waiting)
+    try:
+        if (directory / PREPARED).is_file() and not rebuild:  # built by the process we waited for
+            return _open(directory)
+        if directory.exists():
+            _log(f"removing {'old' if rebuild else 'incomplete'} preparation {directory}")
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        _build(config, directory, key)
+        _log(f"prepared {directory}")
+        return _open(directory)
+    finally:
+        lock.release()
+
+
+def prepare_with_tokenizer(config: DataConfig, tokenizer: Tokenizer, tokenizer_file: str | Path) -> PreparedData:
+    """The data of ``config`` tokenized by ``tokenizer`` (e.g. a checkpoint's own), never by a tokenizer
+    trained again: the prepared cache of ``config`` when it was made with this very tokenizer, else the
+    corpus tokenized now with ``tokenizer_file`` (its own cache entry, keyed by the tokenizer's sha256)."""
+    sha = tokenizer_sha256(tokenizer)
+    directory = Path(config.cache_dir) / cache_key(config)
+    if (directory / PREPARED).is_file():
+        made_with = json.loads((directory / PREPARED).read_text()).get("tokenizer_sha256")
+        if made_with == sha:
+            return _open(directory)
+        _log(f"{directory} was prepared with another tokenizer (sha256 {str(made_with)[:12]}, not {sha[:12]}): "
+             "tokenizing the corpus again with the given one")
+    elif config.tokenizer == "bpe":
+        _log("no prepared data of this config was made with the given tokenizer: tokenizing the corpus with it "
+             "(never a newly trained BPE)")
+    return prepare_data(dataclasses.replace(config, tokenizer=str(tokenizer_file)))
+
+
+def prepare_text(source: str, tokenizer: Tokenizer, tokenizer_file: str | Path, cache_dir: str | Path,
+                 text_field: str = "text") -> TokenShards:
+    """Every document of ``source`` (a path or "hf:NAME", read as ``DataConfig.source``) tokenized by
+    ``tokenizer`` as one split, for evaluating a model on other text; cached under ``cache_dir``."""
+    config = DataConfig(source=source, tokenizer=str(tokenizer_file), text_field=text_field,
+                        cache_dir=str(cache_dir))
+    key = _sha256_json({"format": FORMAT_VERSION, "kind": "text", "source": source_identity(config),
+                        "tokenizer": tokenizer_sha256(tokenizer), "text_field": text_field})[:16]
+    directory = Path(cache_dir) / f"text-{key}"
+    if not (directory / PREPARED).is_file():
+        lock, waiting = _locked(directory)
+        with lock.acquire(wait=True, on_wait=waiting):
+            if not (directory / PREPARED).is_file():
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(parents=True)
+                docs = source_documents(config)
+                if not docs:
+                    raise ValueError(f"{source!r} holds no text to evaluate on")
+                bos = special_ids(tokenizer).bos
+                manifest = write_split(docs, tokenizer, directory, "val", bos_id=bos)
+                atomic_write_json(directory / PREPARED, {"format": FORMAT_VERSION, "kind": "text", "key": key,
+                                                         "source": source_identity(config),
+                                                         "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                                                         "n_tokens": manifest["n_tokens"]}, indent=1)
+    return TokenShards(directory, "val")
