@@ -15,6 +15,7 @@ Named presets live in ``engram.presets``; ``--set key=value`` parsing beside the
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -415,6 +416,32 @@ class DataConfig(_Serialisable):
         _require(isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1, c, "val_fraction",
                  f"must be in (0, 1), got {self.val_fraction!r}")
 
+    def _path_fields(self) -> list[str]:
+        """The fields that hold a filesystem path here (``source`` and ``tokenizer`` only when they are one)."""
+        return [name for name, value in (("source", self.source), ("tokenizer", self.tokenizer),
+                                         ("cache_dir", self.cache_dir))
+                if not (name == "source" and (value == "stdlib" or value.startswith("hf:")))
+                and not (name == "tokenizer" and value == "bpe")]
+
+    def relative_to(self, base: str | os.PathLike) -> "DataConfig":
+        """This config with its relative paths (meant from the current directory) rewritten relative to
+        ``base``: how a run stores them, so they still resolve when the run is used from elsewhere."""
+        base = os.path.abspath(base)
+        changes = {}
+        for name in self._path_fields():
+            value = os.path.expanduser(getattr(self, name))
+            if not os.path.isabs(value):
+                changes[name] = os.path.relpath(os.path.abspath(value), base)
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, base: str | os.PathLike | None = None) -> "DataConfig":
+        """This config with every path absolute: relative ones taken from ``base`` (default: the
+        current directory)."""
+        base = os.path.abspath(base if base is not None else os.getcwd())
+        changes = {name: os.path.normpath(os.path.join(base, os.path.expanduser(getattr(self, name))))
+                   for name in self._path_fields()}
+        return dataclasses.replace(self, **changes)
+
 
 @dataclass
 class TrainConfig(_Serialisable):
@@ -489,6 +516,10 @@ class RunConfig(_Serialisable):
                 setattr(self, name, cls.from_dict(value))
             _require(isinstance(getattr(self, name), cls), "RunConfig", name,
                      f"must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        context = self.model.backbone.max_seq_len
+        _require(self.train.seq_len <= context, "RunConfig", "train.seq_len",
+                 f"is {self.train.seq_len}, above the model's context model.backbone.max_seq_len={context}; "
+                 "lower train.seq_len or raise the context")
 
 
 _NESTED: dict[tuple[str, str], type] = {

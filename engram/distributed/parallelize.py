@@ -72,6 +72,14 @@ class Parallel:
     def sum(self, values: list[float]) -> list[float]:
         return rt.sum_over_ranks(values, self.device)
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's ``value`` (e.g. a stop request that reached some ranks only)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def sum_table_squares(self, squares: torch.Tensor) -> torch.Tensor:
         """The tables' squared gradient norm over every rank's rows (each rank holds its own rows), so
         every rank clips by the norm of one process holding the whole tables."""

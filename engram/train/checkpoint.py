@@ -45,6 +45,7 @@ from engram.tokenizer import CompressedTokenizer
 FORMAT = "engram.checkpoint/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+STAGING_PREFIX = ".tmp_step_"  # a checkpoint being written; left behind only by a killed writer
 
 
 class CheckpointError(ValueError):
@@ -60,7 +61,7 @@ def stage(run_dir: str | os.PathLike, step: int, tag: str | None = None) -> Path
     """A fresh temporary directory for checkpoint ``step`` (``tag`` names it when several processes write
     into one; default this process's pid)."""
     root = checkpoints_dir(run_dir)
-    tmp = root / f".tmp_step_{step:07d}_{tag or os.getpid()}"
+    tmp = root / f"{STAGING_PREFIX}{step:07d}_{tag or os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tokenizer").mkdir(parents=True)
     return tmp
@@ -114,8 +115,10 @@ def publish(tmp: Path, step: int, keep_last: int = 2, entries: dict[str, dict] |
     if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
-    fileio.atomic_write_text(root / LATEST, final.name + "\n")
-    for old in sorted(root.glob("step_*"))[:-keep_last] if keep_last > 0 else []:
+    point_latest(root.parent, final)
+    # prune only below the step just written: a higher step is never this history's to delete
+    older = [path for s, path in list_checkpoints(root.parent) if s < step]
+    for old in older[:max(0, len(older) - (keep_last - 1))] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -138,15 +141,71 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
 
 
 # -- reading -------------------------------------------------------------------------------------------
+def step_of(path: str | os.PathLike) -> int | None:
+    """``step_0000100`` -> 100; None for any other name."""
+    name = Path(path).name
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every published checkpoint of the run, by step (not verified)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found)
+
+
+def point_latest(run_dir: str | os.PathLike, checkpoint: Path) -> None:
+    """Atomically make ``latest`` name ``checkpoint`` (a published directory of this run)."""
+    fileio.atomic_write_text(checkpoints_dir(run_dir) / LATEST, Path(checkpoint).name + "\n")
+
+
+def last_intact_checkpoint(run_dir: str | os.PathLike, below: int | None = None) -> Path | None:
+    """The newest checkpoint (with a step below ``below``, when given) whose every file matches its
+    manifest; None when there is none. Reads every file of each candidate (sha256)."""
+    for step, path in reversed(list_checkpoints(run_dir)):
+        if below is not None and step >= below:
+            continue
+        try:
+            verify_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
+def recovery_hint(run_dir: str | os.PathLike, below: int | None = None) -> str:
+    """What to do when a checkpoint of ``run_dir`` cannot be used: name the last intact one."""
+    intact = last_intact_checkpoint(run_dir, below)
+    if intact is None:
+        return "no older intact checkpoint is left in this run (start afresh with --no-resume)"
+    step = step_of(intact)
+    return (f"the last intact checkpoint is {intact}: continue from it with `engram train ... --resume-from "
+            f"{step}` (train(..., resume_from={step})), or evaluate it with --ckpt {intact}")
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint ``latest`` points at, or None when the run has none."""
     pointer = checkpoints_dir(run_dir) / LATEST
     if not pointer.is_file():
         return None
     path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} points at {path.name}, which does not exist")
+    if not path.is_dir() or step_of(path) is None:
+        raise CheckpointError(f"{pointer} points at {path.name}, which does not exist; {recovery_hint(run_dir)}")
     return path
+
+
+def remove_staging(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the half-written checkpoints a killed writer left (``.tmp_step_*``); returns them. Only
+    safe while no other process writes into the run (hold its lock, ``engram.train.rundir``)."""
+    root = checkpoints_dir(run_dir)
+    stale = sorted(root.glob(f"{STAGING_PREFIX}*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -191,6 +250,36 @@ class Checkpoint:
     @property
     def step(self) -> int:
         return int(self.trainer_state["step"])
+
+    @property
+    def data_config(self):
+        """The run's ``DataConfig`` with absolute paths. Runs store relative paths relative to the run
+        directory (``trainer_state["paths_relative_to"] == "run_dir"``), so they resolve from anywhere;
+        older checkpoints stored them relative to where training ran, taken here from the current
+        directory as before."""
+        base = self.path.parent.parent if self.trainer_state.get("paths_relative_to") == "run_dir" else None
+        return self.run_config.data.resolved(base)
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the manifest, which lists every file's sha256: names these exact weights wherever
+        the checkpoint is copied (exported tables record it)."""
+        return fileio.sha256_file(self.path / MANIFEST)
+
+    def prepared_data(self):
+        """The run's corpus tokenized by this checkpoint's own tokenizer (``prepare_with_tokenizer``):
+        the training cache when it was made with it, else tokenized again; never a retrained BPE."""
+        from engram.data import prepare_with_tokenizer
+
+        return prepare_with_tokenizer(self.data_config, self.tokenizer, self.path / "tokenizer" / "tokenizer.json")
+
+    def text_data(self, source: str):
+        """Every document of ``source`` tokenized by this checkpoint's tokenizer, as one split (TokenShards)."""
+        from engram.data import prepare_text
+
+        data = self.data_config
+        return prepare_text(source, self.tokenizer, self.path / "tokenizer" / "tokenizer.json", data.cache_dir,
+                            data.text_field)
 
     @property
     def sharded(self) -> bool:
@@ -266,7 +355,12 @@ def open_checkpoint(path: str | os.PathLike, tokenizer=None, check_hashes: bool 
     from tokenizers import Tokenizer
 
     path = resolve_checkpoint(path)
-    verify_checkpoint(path, check_hashes)
+    try:
+        verify_checkpoint(path, check_hashes)
+    except CheckpointError as err:
+        if path.parent.name != "checkpoints" or step_of(path) is None:
+            raise
+        raise CheckpointError(f"{err}; {recovery_hint(path.parent.parent, below=step_of(path))}") from None
     run_config = RunConfig.from_dict(json.loads((path / "run_config.json").read_text()))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     stored = CompressedTokenizer.load(path / "tokenizer")

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -32,12 +34,16 @@ from engram.fileio import atomic_write_json, atomic_write_text
 from engram.model.accounting import count_parameters
 from engram.model.transformer import EngramLM
 from engram.train.allocator import fix_mmap_threshold
+import engram.train.rundir as rundir
 from engram.train.checkpoint import latest_checkpoint, open_checkpoint
 from engram.train.optim import Optimizers
 from engram.train.step import TrainingDiverged, TrainState, autocast, train_step
 
-__all__ = ["MetricsLog", "TrainResult", "TrainState", "TrainingDiverged", "evaluate", "mean_loss",
-           "resolve_device", "setup", "train", "train_step"]
+__all__ = ["MetricsLog", "TrainResult", "TrainState", "TrainingDiverged", "TrainingInterrupted", "config_changes",
+           "evaluate", "mean_loss", "resolve_device", "setup", "train", "train_step"]
+
+# train fields that say where and how fast, not what is learned: never reported as changed on resume
+_NOT_COMPARED = {"train.out_dir", "train.device"}
 
 
 @dataclass
@@ -129,13 +135,83 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True) -> TrainState:
-    """Everything before the first step: data (rank 0 prepares it first), the config's derived fields
-    from the data, the model built on meta and placed (``parallelize``: sharded, materialised,
-    initialised once), the optimizers, and the latest checkpoint of ``out_dir`` when ``resume``."""
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(stored: RunConfig, now: RunConfig) -> list[tuple[str, object, object]]:
+    """(dotted field, stored value, new value) for every field that differs, paths compared resolved
+    (give both with their data paths absolute); ``train.out_dir`` and ``train.device`` are not compared."""
+    a, b = _flatten(stored.to_dict()), _flatten(now.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in _NOT_COMPARED and a.get(k) != b.get(k)]
+
+
+def _describe(changes) -> str:
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+
+
+def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> None:
+    """Refuse a checkpoint of another model, naming the fields; report other changed fields."""
+    now = dataclasses.replace(run, data=run.data.resolved())
+    stored = dataclasses.replace(ckpt.run_config, data=ckpt.data_config)
+    changes = config_changes(stored, now)
+    model = [c for c in changes if c[0].startswith("model.")]
+    if model:
+        raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) of a different model ({_describe(model)}); "
+                         "use another --out, or --no-resume to start afresh (the old history is moved to "
+                         f"{run_dir / rundir.ARCHIVE})")
+    if changes and rt.is_main():
+        print(f"[engram] resuming {ckpt.path.name} with changed settings (allowed; the run is no longer one "
+              f"uninterrupted run of a single config): {_describe(changes)}", file=sys.stderr)
+
+
+def _check_splits(data, seq_len: int) -> None:
+    """Both splits must hold at least one window of ``seq_len`` tokens, before any step is spent."""
+    for name, shards in (("training", data.train), ("validation", data.val)):
+        longest = max((len(t) for t in shards.tokens), default=0)
+        if longest < seq_len:
+            raise ValueError(f"the {name} split of {data.directory} has no window of train.seq_len={seq_len} tokens "
+                             f"(its longest shard holds {longest}); lower train.seq_len"
+                             + (", raise data.val_fraction" if name == "validation" else "")
+                             + " or use more text")
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, resume_from: int | None) -> None:
+    """Rank 0, under the run's lock: drop half-written checkpoints, then archive the history
+    (``resume=False``) or rewind to ``resume_from``."""
+    for path in rundir.clean_staging(run_dir):
+        print(f"[engram] removed {path}, a checkpoint a killed process did not finish", file=sys.stderr)
+    if not resume:
+        moved = rundir.start_fresh(run_dir)
+        if moved is not None:
+            print(f"[engram] --no-resume: the previous history of {run_dir} is kept in {moved}", file=sys.stderr)
+    elif resume_from is not None:
+        _, moved = rundir.rewind(run_dir, resume_from)
+        if moved is not None:
+            rundir.copy_metrics(run_dir, moved)
+            print(f"[engram] resuming from step {resume_from}: the later checkpoints are kept in {moved.parent}",
+                  file=sys.stderr)
+
+
+def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True,
+          resume_from: int | None = None) -> TrainState:
+    """Everything before the first step: the run directory (see ``engram.train.rundir``; hold its lock,
+    as ``train`` does), data (rank 0 prepares it first), the config's derived fields from the data, the
+    model built on meta and placed (``parallelize``: sharded, materialised, initialised once), the
+    optimizers, and a checkpoint of ``out_dir``: the latest when ``resume``, step ``resume_from`` when
+    given (later steps are archived), none when not ``resume`` (the old history is archived)."""
     from engram.data import prepare_data
 
     tc = run.train
+    if resume_from is not None and not resume:
+        raise ValueError("resume_from (--resume-from) and resume=False (--no-resume) contradict each other")
     fix_mmap_threshold()  # consistent step times on glibc (see engram/train/allocator.py)
     world = rt.world_size()
     if tc.batch_size % world:
@@ -143,19 +219,20 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
                          f"{world} ranks")
     run_dir = Path(out_dir or tc.out_dir)
     device = rt.local_device(resolve_device(tc.device))
-    if rt.is_main():  # rank 0 builds the tokenizer and token caches; the others then read them
+    if rt.is_main():  # rank 0 tidies the run directory, builds the tokenizer and token caches; the others wait
+        _prepare_run_dir(run_dir, resume, resume_from)
         data = prepare_data(run.data)
     rt.barrier()
     if not rt.is_main():
         data = prepare_data(run.data)
     run = dataclasses.replace(run, model=run.model.with_data(data.vocab_size, data.pad_id))
+    _check_splits(data, tc.seq_len)
 
     ckpt_path = latest_checkpoint(run_dir) if resume else None
     ckpt = None
     if ckpt_path is not None:
         ckpt = open_checkpoint(ckpt_path, tokenizer=data.tokenizer)
-        if ckpt.run_config.model != run.model:
-            raise ValueError(f"{run_dir} holds a checkpoint of a different model; use another --out or --no-resume")
+        _check_resume(ckpt, run, run_dir)
     torch.manual_seed(tc.seed)
     with torch.device("meta"):
         model = EngramLM(run.model, data.compressed, sparse_tables=True)
@@ -183,20 +260,76 @@ def _announce(state: TrainState, counts: dict) -> None:
           file=sys.stderr)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after a finished step, with that step saved. A
+    ``KeyboardInterrupt``, so code that stops on Ctrl-C stops on it too; the CLI exits 128 + ``signum``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
+                         "holds it (run the same command again to continue)")
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask for a stop at the end of the current step, which is then saved; a second
+    SIGINT stops at once (KeyboardInterrupt, nothing saved). Installed only in the main thread (Python
+    delivers signals there); elsewhere signals keep their handlers."""
+
+    def __init__(self, verbose: bool):
+        self.signum = 0
+        self.verbose = verbose
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.verbose:
+            print(f"\n[engram] {signal.Signals(signum).name}: stopping after this step and saving it "
+                  "(Ctrl-C again stops at once, unsaved)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _stored(run: RunConfig, run_dir: Path) -> RunConfig:
+    """``run`` as a run stores it: data paths relative to the run directory."""
+    return dataclasses.replace(run, data=run.data.relative_to(run_dir))
+
+
 def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train ``run`` into ``out_dir`` (default ``run.train.out_dir``), resuming from its latest checkpoint.
+          on_step: Callable[[int, dict], None] | None = None, resume_from: int | None = None) -> TrainResult:
+    """Train ``run`` into ``out_dir`` (default ``run.train.out_dir``): from its latest checkpoint
+    (``resume``), from checkpoint ``resume_from``, or afresh (``resume=False``; see ``engram.train.rundir``
+    for what happens to the old history). The run directory is locked while training: a second trainer
+    is refused. SIGINT/SIGTERM save the last finished step and raise ``TrainingInterrupted``.
 
     ``on_step(step, metrics)`` is called after every optimizer step (logging hooks, tests). Inside a
     process group of several ranks every rank calls ``train`` with the same arguments (see the module
-    docstring); rank 0 alone prints, logs and writes the replicated checkpoint files.
+    docstring); rank 0 alone locks the directory, prints, logs and writes the replicated checkpoint files.
     """
-    state = setup(run, out_dir, resume)
+    import contextlib
+
+    run_dir = Path(out_dir or run.train.out_dir)
+    with rundir.lock_run(run_dir) if rt.is_main() else contextlib.nullcontext():
+        return _train_locked(run, run_dir, resume, progress, on_step, resume_from)
+
+
+def _train_locked(run: RunConfig, run_dir: Path, resume: bool, progress: bool, on_step, resume_from) -> TrainResult:
+    state = setup(run, run_dir, resume, resume_from)
     run, tc, par, model = state.run, state.run.train, state.parallel, state.model
+    stored_run = _stored(run, state.run_dir)
     start = state.step
     if par.is_main:
         state.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(state.run_dir / "config.json", run.to_dict())
+        atomic_write_json(state.run_dir / "config.json", stored_run.to_dict())
     log = MetricsLog(state.run_dir / "metrics.jsonl", start if state.last_checkpoint is not None else None) \
         if par.is_main else None
     counts = count_parameters(run.model, tc.seq_len).to_dict()
@@ -207,41 +340,59 @@ def train(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
         return evaluate(model, state.data.val, tc.batch_size, tc.seq_len, tc.eval_batches, state.device,
                         par.distributed)
 
+    saved_step = start if state.last_checkpoint is not None else None
+
+    def save(done: int, metrics: dict) -> None:
+        nonlocal saved_step
+        trainer_state = {"tokens": done * tc.tokens_per_step, "last": metrics, "paths_relative_to": "run_dir"}
+        state.last_checkpoint = par.save_checkpoint(state.run_dir, done, state.optimizers.state_dict(), stored_run,
+                                                    state.data.tokenizer, trainer_state)
+        saved_step = done
+
     bar = None
     if progress and par.is_main:
         from tqdm import tqdm
         bar = tqdm(total=tc.max_steps, initial=start, desc=state.run_dir.name, unit="step", dynamic_ncols=True)
     evals: list[dict] = []
     train_seconds, trained_tokens = 0.0, 0
-    try:
-        while state.step < tc.max_steps:
-            metrics = train_step(state)
-            done = state.step
-            train_seconds += metrics.pop("seconds")
-            trained_tokens += tc.tokens_per_step
-            if log is not None and (done % tc.log_every == 0 or done == tc.max_steps):
-                log.write({"kind": "train", **metrics})
-            if done % tc.eval_every == 0 or done == tc.max_steps:
-                result = evaluate_now()
-                evals.append({"step": done, "tokens": metrics["tokens"], **result})
-                if log is not None:
-                    log.write({"kind": "eval", "step": done, "tokens": metrics["tokens"], **result})
-                metrics.update(result)
-            if done % tc.save_every == 0 or done == tc.max_steps:
-                trainer_state = {"tokens": done * tc.tokens_per_step, "last": metrics}
-                state.last_checkpoint = par.save_checkpoint(state.run_dir, done, state.optimizers.state_dict(), run,
-                                                            state.data.tokenizer, trainer_state)
+    metrics: dict = {}
+    stopped = 0
+    with _StopSignals(verbose=par.is_main) as stop:
+        try:
+            while state.step < tc.max_steps:
+                metrics = train_step(state)
+                done = state.step
+                train_seconds += metrics.pop("seconds")
+                trained_tokens += tc.tokens_per_step
+                if log is not None and (done % tc.log_every == 0 or done == tc.max_steps):
+                    log.write({"kind": "train", **metrics})
+                if done % tc.eval_every == 0 or done == tc.max_steps:
+                    result = evaluate_now()
+                    evals.append({"step": done, "tokens": metrics["tokens"], **result})
+                    if log is not None:
+                        log.write({"kind": "eval", "step": done, "tokens": metrics["tokens"], **result})
+                    metrics.update(result)
+                if done % tc.save_every == 0 or done == tc.max_steps:
+                    save(done, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{trained_tokens / train_seconds:,.0f}"}
+                    if "val_loss" in metrics:
+                        shown["val"] = f"{metrics['val_loss']:.3f}"
+                    bar.set_postfix(shown)
+                if on_step is not None:
+                    on_step(done, metrics)
+                stopped = par.max_over_ranks(stop.signum)  # every rank stops at the same step
+                if stopped:
+                    break
+            if stopped and saved_step != state.step:
+                save(state.step, metrics)
+        finally:
             if bar is not None:
-                bar.update(1)
-                shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{trained_tokens / train_seconds:,.0f}"}
-                if "val_loss" in metrics:
-                    shown["val"] = f"{metrics['val_loss']:.3f}"
-                bar.set_postfix(shown)
-            if on_step is not None:
-                on_step(done, metrics)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
+    if stopped:
+        par.close()
+        raise TrainingInterrupted(stopped, state.step, state.last_checkpoint)
 
     final = evals[-1] if evals else evaluate_now()
     par.close()  # the DDP wrapper goes now, not at interpreter exit (see Parallel.close)
