@@ -19,6 +19,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -45,15 +49,39 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, torch.tensor([T - len(p) for p in prompts])
 
 
+def fit_context(prompts: list[list[int]], max_new_tokens: int, context: int, truncate: bool = False) -> list[list[int]]:
+    """The context policy: a prompt plus ``max_new_tokens`` must fit in the model's ``context``
+    (``backbone.max_seq_len``, the longest sequence it was built for). Otherwise it is refused, or with
+    ``truncate`` the prompt keeps its last ``context - max_new_tokens`` tokens (its start, BOS included,
+    is dropped, as in a training window cut from the middle of a document)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens (backbone.max_seq_len)")
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens <= context:
+        return prompts
+    if not truncate:
+        raise ValueError(f"the prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
+                         f"context of {context} tokens (backbone.max_seq_len); shorten the prompt, generate fewer "
+                         f"tokens, or truncate (keep the prompt's last {context - max_new_tokens} tokens)")
+    keep = context - max_new_tokens
+    return [p[-keep:] for p in prompts]
+
+
 @torch.no_grad()
 def generate_batch(model: EngramLM, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.8,
                    top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
                    stop_ids: set[int] | None = None,
-                   on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                   on_token: Callable[[int, int], None] | None = None, truncate: bool = False) -> list[list[int]]:
     """Continue every prompt (raw ids); returns the new ids per prompt, each ending at its first stop id.
 
-    ``on_token(row, id)`` streams tokens as they come.
+    ``on_token(row, id)`` streams tokens as they come. Prompts that do not fit the model's context with
+    ``max_new_tokens`` are refused, or cut from the left with ``truncate`` (``fit_context``). Non-finite
+    logits (NaN or inf weights) raise ValueError instead of producing arbitrary tokens.
     """
+    prompts = fit_context(prompts, max_new_tokens, model.config.backbone.max_seq_len, truncate)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -65,6 +93,10 @@ def generate_batch(model: EngramLM, prompts: list[list[int]], max_new_tokens: in
     outs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step in range(max_new_tokens):
+        if not bool(torch.isfinite(logits).all()):
+            model.train(was_training)
+            raise ValueError(f"the model's logits are not finite at generated token {step} (NaN or inf in the "
+                             "weights or tables); refusing to sample from them")
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         for b, token in enumerate(nxt.tolist()):
             if done[b]:
@@ -82,7 +114,9 @@ def generate_batch(model: EngramLM, prompts: list[list[int]], max_new_tokens: in
 
 def generate(model: EngramLM, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
-             stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None) -> list[int]:
+             stop_ids: set[int] | None = None, on_token: Callable[[int], None] | None = None,
+             truncate: bool = False) -> list[int]:
     """Continue one prompt; ``on_token(id)`` streams each new id."""
     stream = None if on_token is None else (lambda _row, token: on_token(token))
-    return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, stream)[0]
+    return generate_batch(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop_ids, stream,
+                          truncate)[0]

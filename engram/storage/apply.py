@@ -145,13 +145,14 @@ class StorageHandle:
 
 
 def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int = 0, policy: str = "lru",
-                  verify: str = "size") -> StorageHandle:
+                  verify: str = "size", checkpoint: str | None = None) -> StorageHandle:
     """Move every Engram table of ``model`` to ``tier`` in place; returns the handle to close.
 
     device: tables stay parameters (the reference). host: each table becomes a ``HostStore`` and the
     parameter is freed. disk: rows come from ``tables_dir`` (``export_tables`` of this model, checked
     against ``model.hasher``), the parameter is freed. ``cache_rows`` > 0 puts a ``RowCache`` of that
-    many rows per layer (``policy`` lru or lfu) in front of host or disk.
+    many rows per layer (``policy`` lru or lfu) in front of host or disk. ``verify`` and ``checkpoint``
+    (the loaded checkpoint's identity) are ``open_tables``'s checks of the disk tier's files.
     """
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
@@ -171,7 +172,7 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     layers = model.engram_layers
     if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
         raise ValueError("the model's tables are already offloaded; apply_storage once per model")
-    manifest = open_tables(tables_dir, model.hasher, verify) if tier == "disk" else None
+    manifest = open_tables(tables_dir, model.hasher, verify, checkpoint) if tier == "disk" else None
     if manifest is not None:  # check every layer before changing any
         for lid, layer in layers.items():
             entry, shape = manifest.layers.get(lid), tuple(layer.embedding.weight.shape)

@@ -3,18 +3,23 @@
 Layout of a tables directory::
 
     layer_{id}.bin   rows x d_h values, C order, little-endian, dtype from the manifest
-    manifest.json    written LAST: format, the hasher layout, per layer {file, rows, dim, dtype, bytes, sha256}
+    manifest.json    written LAST: format, the hasher layout, per layer {file, rows, dim, dtype, bytes, sha256},
+                     and ``source``: the checkpoint the rows came from ({path, step, identity}), when known
 
 A directory without ``manifest.json`` is an unfinished export. Every file is written atomically
 (``engram.fileio``), and an old manifest is removed before any table is rewritten, so a crash never
 leaves a manifest that describes other bytes than the files hold. The hasher layout travels with the tables
-because a row is meaningless without the addresses that chose it (PITFALLS 3, 4).
+because a row is meaningless without the addresses that chose it (PITFALLS 3, 4), and the source
+checkpoint's identity with them, because another run of the same layout addresses the same rows with
+other weights. Rows must be finite: export refuses a NaN or infinite value, and a sha256 verification at
+open finds one (it reads every byte anyway).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +55,7 @@ class TableManifest:
     directory: Path
     layout: dict
     layers: dict[int, TableEntry]
+    source: dict | None = None  # the checkpoint exported from: {path, step, identity}; None before 0.2
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -70,6 +76,11 @@ def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[
         nonlocal total
         for start in range(0, rows, step):
             chunk = weight[start: start + step].detach().to("cpu", torch_dtype).contiguous()  # (n, d_h)
+            bad = (~torch.isfinite(chunk)).any(dim=1).nonzero()
+            if bad.numel():
+                raise TableError(f"row {start + int(bad[0])} of the table for {path.name} is not finite (NaN or "
+                                 f"inf, {bad.numel()} such rows in rows {start}..{start + len(chunk) - 1}); "
+                                 "refusing to export it")
             if torch_dtype == torch.bfloat16:
                 chunk = chunk.view(torch.int16)  # same bytes; numpy has no bfloat16
             arr = chunk.numpy()
@@ -83,8 +94,12 @@ def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[
 
 
 @torch.no_grad()
-def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Write every Engram layer's table of ``model`` to ``directory``; returns the manifest path."""
+def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                  source: dict | None = None) -> Path:
+    """Write every Engram layer's table of ``model`` to ``directory``; returns the manifest path.
+
+    ``source``: the checkpoint the model was loaded from, ``{"path", "step", "identity"}``
+    (``Checkpoint.identity``), recorded so that ``open_tables`` can refuse these rows for another one."""
     if model.hasher is None or not model.engram_layers:
         raise TableError("the model has no Engram layers: nothing to export")
     name = _dtype_name(dtype)
@@ -102,12 +117,40 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torc
         nbytes, sha = _write_table(weight, directory / file, dtype)
         layers[str(layer_id)] = {"file": file, "rows": int(weight.shape[0]), "dim": int(weight.shape[1]),
                                  "dtype": name, "bytes": nbytes, "sha256": sha}
-    return write_manifest(manifest_path, FORMAT, layout=model.hasher.layout(), layers=layers)
+    extra = {"source": dict(source)} if source is not None else {}
+    return write_manifest(manifest_path, FORMAT, layout=model.hasher.layout(), layers=layers, **extra)
 
 
-def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size") -> TableManifest:
+def _scan(path: Path, entry: TableEntry) -> None:
+    """Read the file once: its sha256 must match and every value must be finite."""
+    np_dtype = np.dtype(DTYPES[entry.dtype][1])
+    row_bytes = entry.dim * np_dtype.itemsize
+    rows_per_block = max(1, CHUNK_BYTES // max(1, row_bytes))
+    digest, row = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(rows_per_block * row_bytes):
+            digest.update(block)
+            values = np.frombuffer(block, dtype=np_dtype).reshape(-1, entry.dim)  # (n, d_h)
+            if entry.dtype == "bfloat16":  # non-finite iff every exponent bit is set
+                finite = (values & 0x7F80) != 0x7F80
+            else:
+                finite = np.isfinite(values)
+            bad = np.flatnonzero(~finite.all(axis=1))
+            if bad.size:
+                raise TableError(f"{path}: row {row + int(bad[0])} (of layer {entry.layer_id}) is not finite (NaN or "
+                                 "inf); export the tables again from an intact checkpoint")
+            row += len(values)
+    if digest.hexdigest() != entry.sha256:
+        raise TableError(f"{path}: sha256 mismatch with the manifest; {path.name} is corrupted or replaced")
+
+
+def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size",
+                checkpoint: str | None = None) -> TableManifest:
     """Read and check a tables directory. ``verify``: "size" (cheap, catches truncation) or "sha256"
-    (reads every byte). With ``hasher``, the stored layout must equal ``hasher.layout()``."""
+    (reads every byte once: catches any altered byte and any non-finite value). With ``hasher``, the
+    stored layout must equal ``hasher.layout()``. With ``checkpoint`` (``Checkpoint.identity``), the
+    tables must have been exported from that checkpoint; tables that record no source (written by
+    engram 0.1) are accepted on their layout alone, with a warning."""
     if verify not in ("size", "sha256"):
         raise ValueError(f"verify must be 'size' or 'sha256', got {verify!r}")
     directory = Path(directory)
@@ -119,6 +162,16 @@ def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size")
             hasher.check_layout(manifest.get("layout"))
         except ValueError as err:
             raise TableError(f"{manifest_path}: {err}") from None
+    if checkpoint is not None:
+        source = manifest.get("source")
+        if source is None:
+            warnings.warn(f"{manifest_path} does not say which checkpoint its rows came from (exported by engram "
+                          "0.1): only its hash layout was checked; export the tables again to record it",
+                          stacklevel=2)
+        elif source.get("identity") != checkpoint:
+            raise TableError(f"{directory} holds the tables of another checkpoint ({source.get('path')}, step "
+                             f"{source.get('step')}), not of the one loaded; export this checkpoint's tables with "
+                             "`engram export-tables`")
     layers = {}
     for key, info in manifest["layers"].items():
         path = directory / info["file"]
@@ -128,6 +181,9 @@ def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size")
         if expected != info["bytes"]:
             raise TableError(f"{manifest_path}: layer {key} claims {info['bytes']} bytes but "
                              f"{info['rows']}x{info['dim']} {info['dtype']} is {expected}")
-        check_file(path, expected, info["sha256"] if verify == "sha256" else None, TableError)
-        layers[int(key)] = TableEntry(int(key), path, info["rows"], info["dim"], info["dtype"], expected, info["sha256"])
-    return TableManifest(directory, manifest["layout"], layers)
+        check_file(path, expected, None, TableError)
+        entry = TableEntry(int(key), path, info["rows"], info["dim"], info["dtype"], expected, info["sha256"])
+        if verify == "sha256":
+            _scan(path, entry)
+        layers[int(key)] = entry
+    return TableManifest(directory, manifest["layout"], layers, manifest.get("source"))
