@@ -92,10 +92,8 @@ def head_logits(model, stream: torch.Tensor) -> torch.Tensor:
 
 def val_windows(ckpt, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``batches`` fixed validation windows (ids (B, T), document starts (B, T)) of the corpus the
-    checkpoint was trained on (prepared once, then read from the data cache)."""
-    from engram.data import prepare_data
-
-    return list(prepare_data(ckpt.run_config.data).val.eval_batches(batch_size, seq_len, batches))
+    checkpoint was trained on, tokenized by its own tokenizer (``Checkpoint.prepared_data``)."""
+    return list(ckpt.prepared_data().val.eval_batches(batch_size, seq_len, batches))
 
 
 def short_labels(paths: list[str]) -> list[str]:

@@ -327,11 +327,10 @@ def knockout_report(model, pieces: list[str], train: tuple[np.ndarray, np.ndarra
 def inspect_knockout(ckpt_path: str, out_dir=None, max_probes: int | None = None, max_train_tokens: int | None = None,
                      max_val_tokens: int | None = None, seq_len: int = 256, device: str = "cpu") -> dict:
     """Knock-out report of a checkpoint on its own corpus; writes knockout.json to ``out_dir`` if given."""
-    from engram.data import prepare_data
     from engram.train import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path, device=device)
-    data = prepare_data(ckpt.run_config.data)
+    data = ckpt.prepared_data()
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step,
               **knockout_report(ckpt.model, vocab_pieces(ckpt.tokenizer), read_split(data.train, max_train_tokens),
                                 read_split(data.val, max_val_tokens), max_probes, seq_len)}

@@ -234,13 +234,12 @@ def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int 
                    batches: int = 16, device: str = "cpu") -> dict:
     """Table statistics of a checkpoint over ``batches`` fixed windows of a split, plus the functional
     controls on the validation windows; writes tables.json and row_usage.png to ``out_dir``."""
-    from engram.data import prepare_data
     from engram.train import load_checkpoint
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, got {split!r}")
     ckpt = load_checkpoint(ckpt_path, device=device)
-    data = prepare_data(ckpt.run_config.data)
+    data = ckpt.prepared_data()
     windows = list(getattr(data, split).eval_batches(batch_size, seq_len, batches))
     stats = table_statistics(ckpt.model, windows)
     usage = stats.pop("_usage")

@@ -44,8 +44,19 @@ def _add(sub, command: Command) -> None:
     p.set_defaults(fn=command.run, passthrough=command.passthrough)
 
 
+class UsageError(Exception):
+    """A command line argparse refused: ``main`` prints it as one line and returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (one line, exit 2 from ``main``) instead of a usage dump."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="engram", description="Engram: conditional memory for language models")
+    parser = _Parser(prog="engram", description="Engram: conditional memory for language models")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         _add(sub, command)
@@ -54,19 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.passthrough:
-        args.passthrough = extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from engram.train import TrainingDiverged
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if args.passthrough:
+            args.passthrough = extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    from engram.train import TrainingDiverged, TrainingInterrupted
 
     try:
         return args.fn(args)
     except TrainingDiverged as err:
         print(f"engram {args.command}: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except TrainingInterrupted as err:  # the last finished step was saved
+        print(f"engram {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as err:
         # configuration, data and checkpoint problems are the user's to fix: say what, not where in torch
         print(f"engram {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
-from engram.cli.flags import Command, add_ckpt, add_device, add_preset, add_sampling, add_set, device
+from engram.cli.flags import (Command, add_ckpt, add_device, add_preset, add_sampling, add_set, device, directory,
+                              nonnegative_int, positive_int)
 from engram.cli.inspection import INSPECT
 
 
@@ -22,8 +23,14 @@ def _run_config(args):
 
 def train_flags(p) -> None:
     add_preset(p, None)
-    p.add_argument("--out", default=None, help="run directory (default: the preset's train.out_dir)")
-    p.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    p.add_argument("--out", default=None, type=directory, help="run directory (default: the preset's train.out_dir)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true",
+                        help="start from scratch; the directory's earlier checkpoints and metrics are moved to "
+                             "OUT/archive/, never deleted")
+    resume.add_argument("--resume-from", type=nonnegative_int, default=None, metavar="STEP",
+                        help="continue from checkpoint STEP instead of the latest (e.g. when the latest is damaged); "
+                             "later checkpoints are moved to OUT/archive/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="torch.distributed backend when launched by torchrun (default: nccl with CUDA, else gloo); "
@@ -38,7 +45,8 @@ def train(args) -> int:
     # under torchrun: join the process group; the trainer then shards the tables and runs DDP
     runtime.init_from_env(args.backend)
     try:
-        result = train(run, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
+        result = train(run, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress,
+                       resume_from=args.resume_from)
         if runtime.is_main():
             print(json.dumps({"run_dir": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
                               "tokens_per_s": round(result.tokens_per_s, 1), **result.final_eval,
@@ -50,23 +58,33 @@ def train(args) -> int:
 
 def eval_flags(p) -> None:
     add_ckpt(p)
-    p.add_argument("--batches", type=int, default=None, help="evaluation batches (default: the run's eval_batches)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's)")
+    p.add_argument("--batches", type=positive_int, default=None,
+                   help="evaluation batches (default: the run's eval_batches)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default: the run's)")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="tokens per sequence (default: the run's; at most the model's context)")
+    p.add_argument("--data", default=None, metavar="SRC",
+                   help="evaluate on every document of SRC (a file, a directory or hf:NAME) instead of the run's "
+                        "validation split, tokenized with the checkpoint's tokenizer")
     add_device(p)
 
 
 def evaluate(args) -> int:
-    from engram.data import prepare_data
     from engram.train import evaluate, load_checkpoint
 
     where = device(args)
     ckpt = load_checkpoint(args.ckpt, device=where)
     tc = ckpt.run_config.train
-    prepared = prepare_data(ckpt.run_config.data)
-    result = evaluate(ckpt.model, prepared.val, args.batch_size or tc.batch_size, args.seq_len or tc.seq_len,
+    seq_len = args.seq_len or tc.seq_len
+    context = ckpt.run_config.model.backbone.max_seq_len
+    if seq_len > context:
+        raise ValueError(f"--seq-len {seq_len} is above the model's context of {context} tokens")
+    # the checkpoint's own tokenizer, never one trained again on today's corpus
+    shards = ckpt.text_data(args.data) if args.data is not None else ckpt.prepared_data().val
+    result = evaluate(ckpt.model, shards, args.batch_size or tc.batch_size, seq_len,
                       args.batches or tc.eval_batches, where)
-    print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step, **result}, indent=2))
+    print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step,
+                      "data": args.data if args.data is not None else "validation split", **result}, indent=2))
     return 0
 
 
@@ -76,6 +94,7 @@ def _stream_completion(model, tokenizer, args) -> None:
     """Encode ``args.prompt`` as training documents start (with <|bos|>), stream the continuation."""
     from engram.data import special_ids
     from engram.infer import generate
+    from engram.infer.generate import fit_context
 
     special = special_ids(tokenizer)
     prompt = tokenizer.encode(args.prompt).ids
@@ -94,6 +113,7 @@ def _stream_completion(model, tokenizer, args) -> None:
             sys.stdout.flush()
             shown = text
 
+    prompt = fit_context([prompt], args.max_new_tokens, model.config.backbone.max_seq_len, args.truncate_prompt)[0]
     sys.stdout.write(args.prompt)
     generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
@@ -118,10 +138,13 @@ def generate_flags(p) -> None:
     p.add_argument("--tier", default="device", choices=["device", "host", "disk"],
                    help="where the tables live (default device); disk needs --tables")
     p.add_argument("--tables", default=None, help="tables directory from `engram export-tables` (disk tier)")
-    p.add_argument("--cache-rows", type=int, default=0,
+    p.add_argument("--cache-rows", type=nonnegative_int, default=0,
                    help="rows per layer cached in RAM in front of the host/disk tier (default 0 = no cache)")
     p.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="cache eviction policy (default lru)")
     p.add_argument("--stats", action="store_true", help="print per-layer cache hits and RAM use to stderr")
+    p.add_argument("--verify", default="sha256", choices=["sha256", "size"],
+                   help="check of the --tables files when opened: sha256 reads every byte once and also finds "
+                        "non-finite rows (default; about 1.8 s per GiB on a 2-core CPU, docs/RUNS.md), size only catches truncation")
 
 
 def generate(args) -> int:
@@ -129,7 +152,10 @@ def generate(args) -> int:
     from engram.train import load_checkpoint
 
     ckpt = load_checkpoint(args.ckpt, device=device(args))
-    with apply_storage(ckpt.model, args.tier, args.tables, args.cache_rows, args.policy) as handle:
+    if args.tables is not None and args.tier != "disk":
+        raise ValueError(f"--tables is read by the disk tier only, not --tier {args.tier}")
+    with apply_storage(ckpt.model, args.tier, args.tables, args.cache_rows, args.policy, verify=args.verify,
+                       checkpoint=ckpt.identity) as handle:
         _stream_completion(ckpt.model, ckpt.tokenizer, args)
         if args.stats:
             print(json.dumps(handle.stats(), indent=2), file=sys.stderr)
@@ -138,7 +164,8 @@ def generate(args) -> int:
 
 def export_tables_flags(p) -> None:
     add_ckpt(p)
-    p.add_argument("--out", required=True, help="tables directory to write (manifest.json is written last)")
+    p.add_argument("--out", required=True, type=directory,
+                   help="tables directory to write (manifest.json is written last)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="stored row dtype (default float32; only float32 reproduces the checkpoint exactly)")
 
@@ -150,7 +177,8 @@ def export_tables(args) -> int:
     from engram.train import load_checkpoint
 
     ckpt = load_checkpoint(args.ckpt)
-    manifest = export_tables(ckpt.model, args.out, dtype=getattr(torch, args.dtype))
+    source = {"path": str(ckpt.path.resolve()), "step": ckpt.step, "identity": ckpt.identity}
+    manifest = export_tables(ckpt.model, args.out, dtype=getattr(torch, args.dtype), source=source)
     print(json.dumps({"checkpoint": str(ckpt.path), "manifest": str(manifest),
                       "layers": json.loads(manifest.read_text())["layers"]}, indent=2))
     return 0
@@ -185,7 +213,7 @@ def presets(args) -> int:
 # -- research: demo, bench, sweep -------------------------------------------------------------------------
 
 def demo_flags(p) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--out", default="runs/demo", type=directory, help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a short smoke run (a few steps each)")
     add_set(p, "override a field of both runs, e.g. train.max_steps=100 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -209,15 +237,15 @@ def sweep_flags(p) -> None:
                    help="which sweep to run, or `report` to analyse the finished runs of a budget")
     p.add_argument("--budget", default="tiny", help="named budget (tiny runs on a CPU; small and medium are for GPUs; "
                                                     "default tiny)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per grid point (default: the budget's)")
-    p.add_argument("--out", default="runs/sweeps", help="sweep root; runs go to OUT/BUDGET/SWEEP/POINT/seedK "
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per grid point (default: the budget's)")
+    p.add_argument("--out", default="runs/sweeps", type=directory, help="sweep root; runs go to OUT/BUDGET/SWEEP/POINT/seedK "
                                                        "(default runs/sweeps)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="worker processes sharing the sweep (default 1); more processes may also be started by hand")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: cores / workers)")
     add_set(p, "override a data/train field of every run, e.g. train.max_steps=20 (not model fields)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (the allocation table) and exit")
-    p.add_argument("--report-dir", default="docs/results", help="where `report` writes plots and tables "
+    p.add_argument("--report-dir", default="docs/results", type=directory, help="where `report` writes plots and tables "
                                                                 "(default docs/results)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-summary", action="store_true", help="do not print the summary table at the end")

@@ -6,9 +6,61 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 CKPT_HELP = "checkpoint directory or run directory (uses its latest)"
+
+
+# -- value types: argparse reports "argument --flag: <why>" and exits 2 before any work starts --------------
+
+def _number(kind: type, low: float | None, low_open: bool, high: float | None, what: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, 1, False, None, "an integer >= 1")
+nonnegative_int = _number(int, 0, False, None, "an integer >= 0")
+nonnegative_float = _number(float, 0.0, False, float("inf"), "a number >= 0")
+probability = _number(float, 0.0, True, 1.0, "a probability in (0, 1]")
+
+
+def directory(text: str) -> str:
+    """A directory to write into: it may not exist yet, but it may not be a file."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a directory")
+    return text
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda[:N] or mps, and present on this machine."""
+    kind, _, index = text.partition(":")
+    if text != "auto" and (kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit()))):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r} asked for, but CUDA is not available on this machine "
+                                             "(use cpu or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError("'mps' asked for, but MPS is not available on this machine")
+    return text
 
 
 @dataclass(frozen=True)
@@ -48,25 +100,29 @@ def add_ckpt(p: argparse.ArgumentParser, flag: str = "--ckpt", whose: str = "", 
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu or cuda[:N] (default auto)")
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
     """The prompt and the sampler of ``sample`` and ``generate``, and ``--device``."""
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (default 50; 0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to generate (default 100)")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help="when the prompt plus --max-new-tokens exceeds the model's context, keep the prompt's last "
+                        "tokens instead of refusing")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=nonnegative_int, default=50,
+                   help="sample from the k most likely tokens (default 50; 0 = off)")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
     add_device(p)
 
 
 def add_windows(p: argparse.ArgumentParser, batches: int) -> None:
     """Fixed validation windows read by an analysis tool: ``batches`` x ``--batch-size`` x ``--seq-len``."""
-    p.add_argument("--batches", type=int, default=batches, help=f"batches of windows to read (default {batches})")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per batch (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--batches", type=positive_int, default=batches, help=f"batches of windows to read (default {batches})")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per batch (default 4)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
 
 
 def device(args: argparse.Namespace):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from engram.cli.flags import Command, add_ckpt, add_device, add_windows, device
+from engram.cli.flags import Command, add_ckpt, add_device, add_windows, device, directory, positive_int
 
 
 class Verb(NamedTuple):
@@ -26,9 +26,9 @@ def gates_flags(p) -> None:
     add_ckpt(p)
     p.add_argument("--text", default=None, help="the text to map")
     p.add_argument("--file", default=None, help="read the text from this file instead")
-    p.add_argument("--out", required=True, help="directory for gates.html, gates.png, gates.json")
-    p.add_argument("--top", type=int, default=20, help="highest-gated n-grams to list (default 20)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--out", required=True, type=directory, help="directory for gates.html, gates.png, gates.json")
+    p.add_argument("--top", type=positive_int, default=20, help="highest-gated n-grams to list (default 20)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="map only the first N tokens, <|bos|> included (default: all; more than the model's "
                         "context is an error)")
 
@@ -44,13 +44,13 @@ def gates(args, device: str) -> dict:
 
 def knockout_flags(p) -> None:
     add_ckpt(p)
-    p.add_argument("--max-probes", type=int, default=None, help="sample at most N probes per set (default all)")
-    p.add_argument("--max-train-tokens", type=int, default=None,
+    p.add_argument("--max-probes", type=positive_int, default=None, help="sample at most N probes per set (default all)")
+    p.add_argument("--max-train-tokens", type=positive_int, default=None,
                    help="mine patterns and identifier counts from the first N train tokens (default all)")
-    p.add_argument("--max-val-tokens", type=int, default=None, help="probe the first N validation tokens (default all)")
-    p.add_argument("--seq-len", type=int, default=256, help="scoring window; half of it is the minimum context "
+    p.add_argument("--max-val-tokens", type=positive_int, default=None, help="probe the first N validation tokens (default all)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="scoring window; half of it is the minimum context "
                                                              "(default 256)")
-    p.add_argument("--out", default=None, help="also write knockout.json here")
+    p.add_argument("--out", default=None, type=directory, help="also write knockout.json here")
 
 
 def knockout(args, device: str) -> dict:
@@ -62,7 +62,7 @@ def knockout(args, device: str) -> dict:
 
 def logit_lens_flags(p) -> None:
     add_ckpt(p, repeat=True)
-    p.add_argument("--out", required=True, help="directory for logit_lens.png and logit_lens.json")
+    p.add_argument("--out", required=True, type=directory, help="directory for logit_lens.png and logit_lens.json")
     add_windows(p, 4)
 
 
@@ -75,9 +75,9 @@ def logit_lens(args, device: str) -> dict:
 def cka_flags(p) -> None:
     add_ckpt(p, "--base", whose="the baseline's ")
     add_ckpt(p, "--engram", whose="the Engram model's ")
-    p.add_argument("--out", required=True, help="directory for cka.png and cka.json")
-    p.add_argument("--minibatch", type=int, default=512, help="tokens per CKA minibatch (default 512)")
-    p.add_argument("--top", type=int, default=5, help="most similar baseline blocks in the alignment index "
+    p.add_argument("--out", required=True, type=directory, help="directory for cka.png and cka.json")
+    p.add_argument("--minibatch", type=positive_int, default=512, help="tokens per CKA minibatch (default 512)")
+    p.add_argument("--top", type=positive_int, default=5, help="most similar baseline blocks in the alignment index "
                                                       "(default 5, the paper's)")
     add_windows(p, 8)
 
@@ -91,7 +91,7 @@ def cka(args, device: str) -> dict:
 
 def tables_flags(p) -> None:
     add_ckpt(p)
-    p.add_argument("--out", required=True, help="directory for tables.json and row_usage.png")
+    p.add_argument("--out", required=True, type=directory, help="directory for tables.json and row_usage.png")
     p.add_argument("--split", default="val", choices=["train", "val"], help="tokens to count (default val)")
     add_windows(p, 16)
 

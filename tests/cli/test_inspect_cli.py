@@ -81,7 +81,7 @@ def test_tables(runs, tmp_path, capsys):
     (["gates", "--ckpt", "RUN:tiny-moe", "--text", "x", "--out", "OUT"], "no Engram layer"),
     (["knockout", "--ckpt", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
     (["tables", "--ckpt", "RUN:tiny-moe", "--out", "OUT"], "no Engram layer"),
-    (["tables", "--ckpt", "RUN:tiny-engram", "--out", "OUT", "--batches", "0"], "must be >= 1"),
+    (["tables", "--ckpt", "RUN:tiny-engram", "--out", "OUT", "--batches", "0"], "argument --batches: expected an integer >= 1"),
 ])
 def test_errors_are_one_line_with_exit_code_2(runs, tmp_path, capsys, argv, message):
     argv = [str(runs[a[4:]]) if a.startswith("RUN:") else str(tmp_path) if a == "OUT" else a for a in argv]
