@@ -12,7 +12,7 @@ PROSE  := runs/prose/shakespeare
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,hf,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -19,7 +19,8 @@ import torch
 
 REPLACEMENT_CHAR = "\ufffd"
 _SENTINEL = "\ue000"
-_FILE = "compressed_tokenizer.safetensors"
+COMPRESSED_FILE = "compressed_tokenizer.safetensors"
+_FILE = COMPRESSED_FILE
 
 
 def _normaliser():

@@ -49,8 +49,10 @@ class InferenceCache:
     Build it with ``model.new_cache(starts, max_len)``; pass it to ``model(ids, cache=cache)``.
     """
 
-    def __init__(self, model, starts: torch.Tensor, max_len: int):
-        """``model``: the ``EngramLM`` the cache is for (its config, blocks and hashers)."""
+    def __init__(self, model, starts: torch.Tensor, max_len: int, growable: bool = False):
+        """``model``: the ``EngramLM`` the cache is for (its config, blocks and hashers). ``growable``:
+        when a call needs more than ``max_len`` positions the KV buffers double instead of refusing
+        (for callers that do not know the final length, e.g. transformers' ``generate``)."""
         bb = model.config.backbone
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
@@ -59,6 +61,7 @@ class InferenceCache:
             raise ValueError(f"starts must be (B,), got shape {tuple(self.starts.shape)}")
         B = self.starts.numel()
         self.max_len = max_len
+        self.growable = growable
         self.length = 0
         self.mask: torch.Tensor | None = None  # (B, 1, T, L+T) for the current call
         shape = (B, bb.n_kv_heads, max_len, bb.head_dim)
@@ -83,7 +86,9 @@ class InferenceCache:
     def begin(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prepare a call of T tokens: returns RoPE positions (B, T) and the boundary (B, T) or None."""
         if self.length + T > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions; {self.length} used, {T} more requested")
+            if not self.growable:
+                raise ValueError(f"the cache holds {self.max_len} positions; {self.length} used, {T} more requested")
+            self._grow(max(self.length + T, 2 * self.max_len))
         device = self.starts.device
         absolute = torch.arange(self.length, self.length + T, device=device)  # (T,)
         positions = (absolute[None] - self.starts[:, None]).clamp_min(0)  # (B, T)
@@ -100,6 +105,31 @@ class InferenceCache:
     def end(self, T: int) -> None:
         self.length += T
         self.mask = None
+
+    def _grow(self, max_len: int) -> None:
+        """Reallocate every KV buffer to ``max_len`` positions, keeping what is cached."""
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)  # (B, k, max_len, d)
+                new = old.new_zeros(old.shape[0], old.shape[1], max_len, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(layer, name, new)
+        self.max_len = max_len
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep, reorder or repeat sequences: row b becomes old row ``index[b]`` in every per-sequence
+        tensor (starts, KV buffers, conv histories, n-gram histories). Beam search reorders with it."""
+        index = index.to(self.starts.device, torch.long)
+        self.starts = self.starts.index_select(0, index)
+        for layer in self.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+            if layer.conv_history is not None:
+                layer.conv_history = layer.conv_history.index_select(0, index)
+        if self.ngram_history is not None:
+            self.ngram_history = self.ngram_history.index_select(0, index)
+        if self.input_ngram_history is not None:
+            self.input_ngram_history = self.input_ngram_history.index_select(0, index)
 
 
 def _pad_history(hasher, B: int, device: torch.device) -> torch.Tensor | None:

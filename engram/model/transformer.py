@@ -201,9 +201,9 @@ class EngramLM(nn.Module):
             ids |= more
         return ids
 
-    def new_cache(self, starts: torch.Tensor, max_len: int) -> InferenceCache:
+    def new_cache(self, starts: torch.Tensor, max_len: int, growable: bool = False) -> InferenceCache:
         """Decode state for ``len(starts)`` left-padded sequences (``starts[b]``: first real token)."""
-        return InferenceCache(self, starts, max_len)
+        return InferenceCache(self, starts, max_len, growable)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 boundary: torch.Tensor | None = None,

@@ -1,0 +1,258 @@
+"""``EngramForCausalLM``: the project's ``EngramLM`` as a transformers model (``PreTrainedModel`` +
+``GenerationMixin``), and ``EngramCache``, the decode state ``generate()`` carries between steps.
+
+Legend: B sequences, T new tokens this call, L tokens cached so far.
+
+No second implementation: ``self.model`` is an ``EngramLM`` and every forward is its forward. What this
+module adds is the transformers contract:
+
+  - ``forward(input_ids, attention_mask, cache, use_cache, labels, ...)`` returns
+    ``CausalLMOutputWithPast(loss, logits, cache)``. transformers 5.24 names the cache argument and
+    output ``cache`` (earlier 5.x: ``past_key_values``, still accepted here).
+  - ``attention_mask`` must be *left* padding (zeros, then ones): row b's first real token,
+    ``starts[b]``, is a document start for the n-grams and the conv, attention masks the pad keys and
+    RoPE counts from it, so a left-padded row gives the logits of the same prompt alone. A padded
+    forward without a cache runs through a throw-away cache, the same arithmetic as a prefill.
+  - ``EngramCache`` holds one ``engram.model.cache.InferenceCache``: per block the KV buffers and the
+    Engram conv's last (K-1)*dilation normalised inputs per branch, and per hasher the last N-1
+    compressed ids. ``reorder_cache`` (beam search), ``batch_select_indices`` and
+    ``batch_repeat_interleave`` apply one row index to all of it. Its KV buffers grow on demand.
+  - The compressed tokenizer is not in the config: ``from_pretrained`` rebuilds it from the folder's
+    ``tokenizer.json`` and refuses the folder when it, or the stored hash layout, would address other
+    rows (``engram.hf.io``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from engram.hf.configuration import EngramHFConfig
+from engram.model.cache import InferenceCache
+from engram.model.transformer import IGNORE_INDEX, EngramLM
+from engram.tokenizer import CompressedTokenizer
+
+
+class EngramCache(Cache):
+    """transformers' view of an ``InferenceCache`` (see the module docstring). Built by the model's
+    forward on the first call of ``generate``; not meant to be built by hand."""
+
+    is_compileable = False
+
+    def __init__(self, inner: InferenceCache, n_layers: int):
+        super().__init__(layers=[])
+        self.inner = inner
+        self.n_layers = n_layers
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    def __repr__(self) -> str:
+        return f"EngramCache(batch={self.inner.batch_size}, length={self.inner.length})"
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.inner.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # grows on demand
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.n_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.n_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.n_layers
+
+    @property
+    def is_initialized(self) -> bool:
+        return True
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.inner.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.inner.select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        index = torch.arange(self.inner.batch_size, device=self.inner.starts.device).repeat_interleave(repeats)
+        self.inner.select_rows(index)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("EngramCache cannot be cropped: the Engram conv and n-gram state are not "
+                                  "kept per position (assisted and speculative decoding are not supported)")
+
+    def reset(self) -> None:
+        raise NotImplementedError("build a new cache instead (generate does)")
+
+
+def _starts_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) left-padding mask -> (B,) index of each row's first real token; refuses other masks."""
+    mask = attention_mask.to(torch.bool)
+    B, T = mask.shape
+    starts = T - mask.sum(dim=1)  # (B,)
+    expected = torch.arange(T, device=mask.device)[None] >= starts[:, None]
+    if not torch.equal(mask, expected):
+        raise ValueError("attention_mask must be left padding (zeros, then ones, per row): EngramForCausalLM "
+                         "supports left-padded batches only (tokenizer.padding_side = 'left')")
+    if bool((starts >= T).any()):
+        raise ValueError("a row of attention_mask has no real token")
+    return starts
+
+
+class EngramForCausalLM(PreTrainedModel, GenerationMixin):
+    """An ``EngramLM`` (``.model``) with transformers' loading, saving and ``generate()``."""
+
+    config_class = EngramHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_cache_class = True
+    _is_stateful = False
+
+    def __init__(self, config: EngramHFConfig, compressed_tokenizer: CompressedTokenizer | None = None):
+        super().__init__(config)
+        model_config = config.model_config
+        if compressed_tokenizer is None and (model_config.engram_layer_ids or model_config.overencoding is not None):
+            compressed_tokenizer = _identity_if_layout_says_so(config)
+        self.model = EngramLM(model_config, compressed_tokenizer, sparse_tables=False)
+        self.engram_tokenizer = None  # the raw tokenizers.Tokenizer, when known (saved with the model)
+        for name, hasher in (("hash_layout", self.model.hasher),
+                             ("overencoding_layout", getattr(self.model.overencoding, "hasher", None))):
+            stored = getattr(config, name)
+            if hasher is not None and stored is not None:
+                hasher.check_layout(stored)  # ValueError naming every differing field
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the forward builds an EngramCache itself (it holds more than keys and values)
+
+    def _init_weights(self, module) -> None:
+        """Nothing: ``EngramLM`` initialises itself when it is built off the meta device, and a loaded
+        model gets every weight from its file (``EngramLM.init_weights`` owns the scheme)."""
+
+    def init_weights(self) -> None:
+        """Nothing, for the same reason (transformers' ``post_init`` calls it)."""
+
+    # -- save and load --------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, compressed_tokenizer=None, **kwargs):
+        """Load a saved folder. The compressed table is rebuilt from the folder's ``tokenizer.json`` and
+        must equal the one the tables were addressed with (``compressed_tokenizer.safetensors`` and the
+        config's hash layout); otherwise the folder is refused."""
+        from engram.hf.io import folder_tokenizers
+
+        tokenizer = None
+        if compressed_tokenizer is None:
+            compressed_tokenizer, tokenizer = folder_tokenizers(pretrained_model_name_or_path, kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                        compressed_tokenizer=compressed_tokenizer, **kwargs)
+        model.reset_derived_buffers()
+        model.engram_tokenizer = tokenizer
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' files (config.json, model.safetensors, generation_config.json), plus the
+        compressed table and, when the model knows it, the tokenizer (tokenizer.json and
+        tokenizer_config.json, left padding, so ``AutoTokenizer`` loads it)."""
+        from engram.hf.io import save_tokenizers
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        save_tokenizers(self, save_directory)
+
+    @property
+    def compressed_tokenizer(self) -> CompressedTokenizer | None:
+        return self.model.compressed_tokenizer
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value) -> None:
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.model.output
+
+    def set_output_embeddings(self, value) -> None:
+        self.model.output = value
+
+    def reset_derived_buffers(self) -> None:
+        """Recompute the buffers that are not saved (hasher tables, RoPE, table offsets) on the model's
+        device: after loading, transformers may leave them as they were built (on meta)."""
+        for module in self.model.modules():
+            if module is not self.model and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                cache: EngramCache | None = None, use_cache: bool | None = None,
+                labels: torch.LongTensor | None = None, boundary: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                return_dict: bool | None = None, past_key_values: EngramCache | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+        """input_ids (B, T) raw ids; attention_mask (B, L+T) left padding; labels (B, T) predicts
+        labels[:, t+1] at t (ignore -100); boundary (B, T) packed-document starts (no cache, no padding).
+        ``position_ids`` are ignored: positions count from each row's first real token."""
+        if inputs_embeds is not None:
+            raise ValueError("EngramForCausalLM takes input_ids, not inputs_embeds: Engram hashes token ids")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training and labels is None
+        if cache is not None and not isinstance(cache, EngramCache):
+            raise TypeError(f"EngramForCausalLM needs its own EngramCache, got {type(cache).__name__} "
+                            "(let generate() build it: do not pass cache_implementation)")
+        padded = attention_mask is not None and not bool(attention_mask.to(torch.bool).all())
+        if cache is None and (use_cache or padded):
+            if boundary is not None:
+                raise ValueError("boundary is for packed training batches, without padding or a cache")
+            mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
+            starts = (_starts_from_mask(mask) if mask is not None
+                      else torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device))
+            inner = self.model.new_cache(starts, input_ids.shape[1] + 64, growable=True)
+            cache = EngramCache(inner, len(self.model.layers))
+        if cache is not None:
+            if attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].to(torch.bool).all()) \
+                    and cache.get_seq_length() > 0:
+                raise ValueError("new tokens after the prompt must all be real (attention_mask 1)")
+            logits = self.model(input_ids, cache=cache.inner).logits  # (B, T, V)
+            loss = None
+            if labels is not None:
+                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
+        else:
+            out = self.model(input_ids, labels=labels, boundary=boundary)
+            logits, loss = out.logits, out.loss
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+def _identity_if_layout_says_so(config: EngramHFConfig) -> CompressedTokenizer:
+    """Without a tokenizer the compressed table is known only when it is the identity."""
+    layout = config.hash_layout or config.overencoding_layout or {}
+    tok = layout.get("tokenizer", {})
+    vocab = config.model_config.backbone.vocab_size
+    identity = CompressedTokenizer.identity(vocab)
+    if tok and tok.get("sha256") == identity.sha256:
+        return identity
+    raise ValueError("this Engram model's tables are addressed through its tokenizer's compressed ids: load it "
+                     "with EngramForCausalLM.from_pretrained(folder) (the folder's tokenizer.json rebuilds them) "
+                     "or pass compressed_tokenizer=")
