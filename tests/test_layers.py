@@ -156,3 +156,12 @@ def test_no_import_cycles_among_engram_modules():
     described = [" -> ".join(c) + "\n    " + "; ".join(
         f"{MODULES[a].relative_to(ENGRAM.parent)}:{lines[a, b]} imports {b}" for a, b in zip(c, c[1:])) for c in cycles]
     assert not cycles, "module-level import cycles:\n  " + "\n  ".join(described)
+
+
+def test_only_the_hf_integration_and_the_cli_import_transformers_and_engram_hf():
+    """transformers is an optional extra: the core library imports neither it nor ``engram.hf``."""
+    optional = ("engram.hf", "transformers", "lm_eval")
+    bad = [f"{MODULES[m].relative_to(ENGRAM.parent)}:{line}: {m} imports {target}"
+           for m in MODULES if not in_package(m, ("engram.hf", "engram.cli"))
+           for line, target in imports(m, top_level=False) if in_package(target, optional)]
+    assert not bad, "\n  ".join(bad)

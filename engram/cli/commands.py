@@ -184,6 +184,21 @@ def export_tables(args) -> int:
     return 0
 
 
+def export_hf_flags(p) -> None:
+    add_ckpt(p)
+    p.add_argument("--out", required=True, type=directory,
+                   help="folder to write: config.json, model.safetensors, the tokenizer (AutoModelForCausalLM and "
+                        "AutoTokenizer load it after `import engram.hf`)")
+
+
+def export_hf(args) -> int:
+    from engram.hf import export_hf as convert
+
+    out = convert(args.ckpt, args.out)
+    print(json.dumps({"checkpoint": str(args.ckpt), "out": str(out)}, indent=2))
+    return 0
+
+
 # -- data prepare, presets --------------------------------------------------------------------------------
 
 def prepare_flags(p) -> None:
@@ -278,6 +293,8 @@ COMMANDS = (
             export_tables_flags, export_tables),
     Command("generate", "like sample, with the Engram tables on device, in host RAM or on disk",
             generate_flags, generate),
+    Command("export-hf", "write a checkpoint as a Hugging Face transformers folder (needs engram-lm[hf])",
+            export_hf_flags, export_hf),
     Command("data", "data preparation", subcommands=(
         Command("prepare", "build (or reuse) the corpus, tokenizer and token shards of a preset",
                 prepare_flags, prepare),)),

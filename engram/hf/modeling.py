@@ -164,8 +164,23 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args,
                                         compressed_tokenizer=compressed_tokenizer, **kwargs)
         model.reset_derived_buffers()
+        model._align_tensors()
         model.engram_tokenizer = tokenizer
         return model
+
+    @torch.no_grad()
+    def _align_tensors(self) -> None:
+        """Copy tensors that loading left at unaligned addresses (views into the safetensors file):
+        SIMD kernels sum in another order there, which moves logits by ~1e-7 against the same weights
+        built natively. Aligned, a loaded model computes bit for bit what the native one does."""
+        for module in self.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None and t.device.type == "cpu" and t.data_ptr() % 64:
+                        if isinstance(t, torch.nn.Parameter):
+                            t.data = t.data.clone()
+                        else:
+                            store[name] = t.clone()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' files (config.json, model.safetensors, generation_config.json), plus the
@@ -192,12 +207,19 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value) -> None:
         self.model.output = value
 
+    @torch.no_grad()
     def reset_derived_buffers(self) -> None:
         """Recompute the buffers that are not saved (hasher tables, RoPE, table offsets) on the model's
-        device: after loading, transformers may leave them as they were built (on meta)."""
+        device: after loading, transformers may leave them as they were built (on meta). Saved buffers
+        (the MoE expert bias) keep their loaded values."""
+        saved = {name: b.clone() for name, b in self.model.named_buffers() if not b.is_meta
+                 and name.rsplit(".", 1)[-1] not in _non_persistent(self.model, name)}
         for module in self.model.modules():
             if module is not self.model and hasattr(module, "reset_buffers"):
                 module.reset_buffers()
+        buffers = dict(self.model.named_buffers())
+        for name, value in saved.items():
+            buffers[name].copy_(value)
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: EngramCache | None = None, use_cache: bool | None = None,
@@ -243,6 +265,12 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+
+def _non_persistent(root, buffer_name: str) -> set[str]:
+    """The non-persistent buffer names of the module that owns ``buffer_name``."""
+    owner = root.get_submodule(buffer_name.rsplit(".", 1)[0]) if "." in buffer_name else root
+    return owner._non_persistent_buffers_set
 
 
 def _identity_if_layout_says_so(config: EngramHFConfig) -> CompressedTokenizer:

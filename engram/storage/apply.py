@@ -146,7 +146,8 @@ class StorageHandle:
 
 def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int = 0, policy: str = "lru",
                   verify: str = "size", checkpoint: str | None = None) -> StorageHandle:
-    """Move every Engram table of ``model`` to ``tier`` in place; returns the handle to close.
+    """Move every Engram table of ``model`` (an ``EngramLM``, or a wrapper holding one as ``.model``, e.g.
+    ``EngramForCausalLM``) to ``tier`` in place; returns the handle to close.
 
     device: tables stay parameters (the reference). host: each table becomes a ``HostStore`` and the
     parameter is freed. disk: rows come from ``tables_dir`` (``export_tables`` of this model, checked
@@ -154,6 +155,8 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     many rows per layer (``policy`` lru or lfu) in front of host or disk. ``verify`` and ``checkpoint``
     (the loaded checkpoint's identity) are ``open_tables``'s checks of the disk tier's files.
     """
+    if not hasattr(model, "engram_layers") and hasattr(model, "model"):
+        model = model.model  # a wrapper such as engram.hf's EngramForCausalLM: its EngramLM
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
     if tier != "disk" and tables_dir is not None:
