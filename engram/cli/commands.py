@@ -199,6 +199,12 @@ def export_hf(args) -> int:
     return 0
 
 
+def lm_eval(args) -> int:
+    from engram.hf.lm_eval import main as harness
+
+    return harness(args.passthrough)
+
+
 # -- data prepare, presets --------------------------------------------------------------------------------
 
 def prepare_flags(p) -> None:
@@ -295,6 +301,9 @@ COMMANDS = (
             generate_flags, generate),
     Command("export-hf", "write a checkpoint as a Hugging Face transformers folder (needs engram-lm[hf])",
             export_hf_flags, export_hf),
+    # lm_eval's own flags, passed through unchanged (see `engram lm-eval --help`), with the model "engram" registered
+    Command("lm-eval", "run lm-evaluation-harness with the model name `engram` registered (needs engram-lm[eval])",
+            run=lm_eval, passthrough=True),
     Command("data", "data preparation", subcommands=(
         Command("prepare", "build (or reuse) the corpus, tokenizer and token shards of a preset",
                 prepare_flags, prepare),)),

@@ -17,13 +17,15 @@ lm_eval's ``HFLM``'s (batch_size, device, dtype, max_length, ...): ``EngramHFLM`
     decode cache (transformers' ``use_cache`` default) that scoring never reads. Its right-padded
     batches need no mask: the model is causal (padding after a row's tokens never reaches them) and
     its MoE has no capacity limit (padding never displaces a real token from an expert).
-    ``generate_until`` goes through ``generate()`` with left padding, which the model supports.
+    ``generate_until`` goes through ``generate()`` with left padding, which the model supports;
+  - scores a whole text (``loglikelihood_rolling``, perplexity tasks) after one BOS, where HFLM would
+    put two when ``add_bos_token`` is on.
 
 Why ``python -m engram.hf.lm_eval`` rather than ``lm_eval --model engram``: the ``lm_eval`` script of
 0.4.13 resolves ``--model`` in a registry filled from a fixed table (``lm_eval.models.MODEL_MAPPING``)
 and loads no plugins (no entry points are scanned), so a third-party model is found only when its
-module was imported first. This module imports itself, then runs lm_eval's own CLI with the arguments
-unchanged (``main``; the project's CLI exposes it as ``engram lm-eval``).
+module was imported first. Run as a module, this file registers the model, then runs lm_eval's own CLI
+with the arguments unchanged (``main``; the project's CLI exposes it as ``engram lm-eval``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("engram.hf.lm_eval needs lm-eval: pip install 'engram-lm[eval]'") from err
+    raise ImportError("engram.hf.lm_eval needs lm-eval and accelerate (lm-eval's HFLM imports it): "
+                      "pip install 'engram-lm[eval]'") from err
 
 from engram.hf import EngramForCausalLM, hf_tokenizer
 
