@@ -426,19 +426,19 @@ class DataConfig(_Serialisable):
     def relative_to(self, base: str | os.PathLike) -> "DataConfig":
         """This config with its relative paths (meant from the current directory) rewritten relative to
         ``base``: how a run stores them, so they still resolve when the run is used from elsewhere."""
-        base = os.path.abspath(base)
+        base = os.path.realpath(base)  # symlinks resolved on both sides: the relative path walks the real tree
         changes = {}
         for name in self._path_fields():
             value = os.path.expanduser(getattr(self, name))
             if not os.path.isabs(value):
-                changes[name] = os.path.relpath(os.path.abspath(value), base)
+                changes[name] = os.path.relpath(os.path.realpath(value), base)
         return dataclasses.replace(self, **changes)
 
     def resolved(self, base: str | os.PathLike | None = None) -> "DataConfig":
         """This config with every path absolute: relative ones taken from ``base`` (default: the
         current directory)."""
-        base = os.path.abspath(base if base is not None else os.getcwd())
-        changes = {name: os.path.normpath(os.path.join(base, os.path.expanduser(getattr(self, name))))
+        base = os.path.realpath(base if base is not None else os.getcwd())
+        changes = {name: os.path.realpath(os.path.join(base, os.path.expanduser(getattr(self, name))))
                    for name in self._path_fields()}
         return dataclasses.replace(self, **changes)
 
@@ -475,9 +475,9 @@ class TrainConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
-        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "log_every", "save_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "save_every"):
             _pos_int(c, name, getattr(self, name))
+        _pos_int(c, "seq_len", self.seq_len, minimum=2)  # one prediction needs two tokens
         _pos_int(c, "warmup_steps", self.warmup_steps, minimum=0)
         for name in ("lr", "table_lr_mult", "decay_factor"):
             value = getattr(self, name)

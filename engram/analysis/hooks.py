@@ -93,7 +93,19 @@ def head_logits(model, stream: torch.Tensor) -> torch.Tensor:
 def val_windows(ckpt, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``batches`` fixed validation windows (ids (B, T), document starts (B, T)) of the corpus the
     checkpoint was trained on, tokenized by its own tokenizer (``Checkpoint.prepared_data``)."""
-    return list(ckpt.prepared_data().val.eval_batches(batch_size, seq_len, batches))
+    return windows_of(ckpt, ckpt.prepared_data().val, batch_size, seq_len, batches)
+
+
+def windows_of(ckpt, shards, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``shards.eval_batches`` as a list, refused up front when ``seq_len`` exceeds the checkpoint's model
+    context or the split holds no window that long (an analysis of zero windows would print zeros)."""
+    context = ckpt.run_config.model.backbone.max_seq_len
+    if seq_len > context:
+        raise ValueError(f"--seq-len {seq_len} is above the model's context of {context} tokens")
+    windows = list(shards.eval_batches(batch_size, seq_len, batches))
+    if not windows:
+        raise ValueError(f"the {shards.split} split holds no window of {seq_len} tokens; use a shorter --seq-len")
+    return windows
 
 
 def short_labels(paths: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.analysis.hooks import knockout
+from engram.analysis.hooks import knockout, windows_of
 from engram.fileio import atomic_write_json
 from engram.hashing import document_ids, shift_back
 from engram.plotting import pyplot, save_figure
@@ -240,10 +240,10 @@ def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int 
         raise ValueError(f"split must be train or val, got {split!r}")
     ckpt = load_checkpoint(ckpt_path, device=device)
     data = ckpt.prepared_data()
-    windows = list(getattr(data, split).eval_batches(batch_size, seq_len, batches))
+    windows = windows_of(ckpt, getattr(data, split), batch_size, seq_len, batches)
     stats = table_statistics(ckpt.model, windows)
     usage = stats.pop("_usage")
-    val = windows if split == "val" else list(data.val.eval_batches(batch_size, seq_len, batches))
+    val = windows if split == "val" else windows_of(ckpt, data.val, batch_size, seq_len, batches)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": str(ckpt.path), "split": split, **stats,

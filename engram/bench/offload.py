@@ -229,17 +229,19 @@ def warm_page_cache(directory: Path) -> None:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from engram.cli.flags import directory, nonnegative_int, positive_float, positive_int
+
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("--table-gb", type=float, default=2.0, help="total Engram table size in GiB (default 2)")
-    p.add_argument("--head-dim", type=int, default=64, help="row width d_h in floats (default 64)")
-    p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
-    p.add_argument("--seq", type=int, default=128, help="prompt length (default 128)")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
-    p.add_argument("--cache-rows", type=int, default=65536, help="rows per layer in the disk+cache tier")
+    p.add_argument("--table-gb", type=positive_float, default=2.0, help="total Engram table size in GiB (default 2)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="row width d_h in floats (default 64)")
+    p.add_argument("--batch", type=positive_int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--seq", type=positive_int, default=128, help="prompt length (default 128)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per prompt (default 32)")
+    p.add_argument("--cache-rows", type=nonnegative_int, default=65536, help="rows per layer in the disk+cache tier")
     p.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="cache policy (default lru)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--dir", default=None, help="tables directory (default: a new one under /tmp)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per measurement (default 5)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--dir", default=None, type=directory, help="tables directory (default: a new one under /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the exported tables")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--engram-layers", type=int, default=1, choices=range(1, 5),

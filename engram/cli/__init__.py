@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from engram.cli.commands import COMMANDS
 from engram.cli.flags import Command
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engram.train import TrainingDiverged, TrainingInterrupted
 
+    warnings.formatwarning = lambda message, *rest, **kw: f"engram {args.command}: warning: {message}\n"
+
     try:
         return args.fn(args)
     except TrainingDiverged as err:
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:  # the last finished step was saved
         print(f"engram {args.command}: {err}", file=sys.stderr)
         return 128 + err.signum
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:
         # configuration, data and checkpoint problems are the user's to fix: say what, not where in torch
         print(f"engram {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from engram.cli.flags import (Command, add_ckpt, add_device, add_preset, add_sampling, add_set, device, directory,
-                              nonnegative_int, positive_int)
+                              nonnegative_int, positive_int, sequence_length)
 from engram.cli.inspection import INSPECT
 
 
@@ -61,7 +62,7 @@ def eval_flags(p) -> None:
     p.add_argument("--batches", type=positive_int, default=None,
                    help="evaluation batches (default: the run's eval_batches)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default: the run's)")
-    p.add_argument("--seq-len", type=positive_int, default=None,
+    p.add_argument("--seq-len", type=sequence_length, default=None,
                    help="tokens per sequence (default: the run's; at most the model's context)")
     p.add_argument("--data", default=None, metavar="SRC",
                    help="evaluate on every document of SRC (a file, a directory or hf:NAME) instead of the run's "
@@ -79,6 +80,8 @@ def evaluate(args) -> int:
     context = ckpt.run_config.model.backbone.max_seq_len
     if seq_len > context:
         raise ValueError(f"--seq-len {seq_len} is above the model's context of {context} tokens")
+    if args.data is not None and not args.data.startswith("hf:") and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data} does not exist")
     # the checkpoint's own tokenizer, never one trained again on today's corpus
     shards = ckpt.text_data(args.data) if args.data is not None else ckpt.prepared_data().val
     result = evaluate(ckpt.model, shards, args.batch_size or tc.batch_size, seq_len,
@@ -250,7 +253,10 @@ def demo(args) -> int:
 def bench_offload(args) -> int:
     from engram.bench.offload import main as offload
 
-    return offload(args.passthrough, prog="engram bench offload")
+    try:
+        return offload(args.passthrough, prog="engram bench offload")
+    except SystemExit as exit_:  # the benchmark's own argparse: --help, or a refused flag (exit 2)
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 def sweep_flags(p) -> None:

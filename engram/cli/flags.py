@@ -30,8 +30,11 @@ def _number(kind: type, low: float | None, low_open: bool, high: float | None, w
 
 
 positive_int = _number(int, 1, False, None, "an integer >= 1")
+sequence_length = _number(int, 2, False, None, "an integer >= 2 (a window needs two tokens to predict one)")
 nonnegative_int = _number(int, 0, False, None, "an integer >= 0")
-nonnegative_float = _number(float, 0.0, False, float("inf"), "a number >= 0")
+seed = _number(int, 0, False, 2**63 - 1, "an integer in [0, 2**63)")
+nonnegative_float = _number(float, 0.0, False, 1e30, "a finite number >= 0")
+positive_float = _number(float, 0.0, True, 1e30, "a finite number > 0")
 probability = _number(float, 0.0, True, 1.0, "a probability in (0, 1]")
 
 
@@ -44,8 +47,8 @@ def directory(text: str) -> str:
 
 def device_name(text: str) -> str:
     """auto, cpu, cuda[:N] or mps, and present on this machine."""
-    kind, _, index = text.partition(":")
-    if text != "auto" and (kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit()))):
+    kind, colon, index = text.partition(":")
+    if text != "auto" and (kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdigit()))):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
     if kind == "cuda":
         import torch
@@ -114,7 +117,7 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=nonnegative_int, default=50,
                    help="sample from the k most likely tokens (default 50; 0 = off)")
     p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling threshold in (0, 1] (default off)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed (default 0)")
     add_device(p)
 
 
@@ -122,7 +125,7 @@ def add_windows(p: argparse.ArgumentParser, batches: int) -> None:
     """Fixed validation windows read by an analysis tool: ``batches`` x ``--batch-size`` x ``--seq-len``."""
     p.add_argument("--batches", type=positive_int, default=batches, help=f"batches of windows to read (default {batches})")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per batch (default 4)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--seq-len", type=sequence_length, default=256, help="tokens per window (default 256)")
 
 
 def device(args: argparse.Namespace):

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from engram.cli.flags import Command, add_ckpt, add_device, add_windows, device, directory, positive_int
+from engram.cli.flags import (Command, add_ckpt, add_device, add_windows, device, directory, positive_int,
+                              sequence_length)
 
 
 class Verb(NamedTuple):
@@ -48,7 +49,7 @@ def knockout_flags(p) -> None:
     p.add_argument("--max-train-tokens", type=positive_int, default=None,
                    help="mine patterns and identifier counts from the first N train tokens (default all)")
     p.add_argument("--max-val-tokens", type=positive_int, default=None, help="probe the first N validation tokens (default all)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="scoring window; half of it is the minimum context "
+    p.add_argument("--seq-len", type=sequence_length, default=256, help="scoring window; half of it is the minimum context "
                                                              "(default 256)")
     p.add_argument("--out", default=None, type=directory, help="also write knockout.json here")
 

@@ -230,5 +230,6 @@ def load_documents(config: "DataConfig") -> dict[str, list[Document]]:
             raise ValueError(
                 f"source {config.source!r} gave {len(docs)} non-empty document(s), none in the {split!r} split "
                 f"(val_fraction={config.val_fraction}); the split is by document name, so use more "
-                f"documents (e.g. one file per document, or a .jsonl with one document per line)")
+                f"documents (one file per document, a .jsonl with one document per line, or a single text file "
+                f"with blank lines between its paragraphs)")
     return splits

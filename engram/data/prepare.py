@@ -224,6 +224,8 @@ def prepare_with_tokenizer(config: DataConfig, tokenizer: Tokenizer, tokenizer_f
     trained again: the prepared cache of ``config`` when it was made with this very tokenizer, else the
     corpus tokenized now with ``tokenizer_file`` (its own cache entry, keyed by the tokenizer's sha256)."""
     sha = tokenizer_sha256(tokenizer)
+    if config.tokenizer != "bpe":  # keyed by the file's content: the given one, wherever the named file went
+        config = dataclasses.replace(config, tokenizer=str(tokenizer_file))
     directory = Path(config.cache_dir) / cache_key(config)
     if (directory / PREPARED).is_file():
         made_with = json.loads((directory / PREPARED).read_text()).get("tokenizer_sha256")

@@ -74,8 +74,27 @@ def export_hf(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, check_h
     ``save_pretrained`` folder; returns the folder."""
     from engram.train import load_checkpoint
 
+    out_dir = Path(out_dir)
+    _check_out(out_dir)
     ckpt = load_checkpoint(checkpoint, check_hashes=check_hashes)
     hf = to_hf(ckpt.model, ckpt.tokenizer)
-    out_dir = Path(out_dir)
     hf.save_pretrained(out_dir)
     return out_dir
+
+
+def _check_out(out_dir: Path) -> None:
+    """A folder to write a model into: absent, empty, or an earlier export of an Engram model."""
+    import json
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    config = out_dir / "config.json"
+    try:
+        engram_folder = json.loads(config.read_text()).get("model_type") == "engram"
+    except (OSError, ValueError, AttributeError):
+        engram_folder = False
+    if not engram_folder:
+        raise ValueError(f"{out_dir} is not empty and is not an exported Engram model: refusing to write into it "
+                         "(it may be a checkpoint or a run directory); choose another --out")

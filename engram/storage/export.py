@@ -18,6 +18,7 @@ open finds one (it reads every byte anyway).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"tables can be exported as {sorted(DTYPES)}, not {dtype}")
 
 
+def _check_finite(weight: torch.Tensor, what: str) -> None:
+    """Raise TableError naming the first row of ``weight`` (rows, d_h) holding a NaN or inf."""
+    step = max(1, CHUNK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+    for start in range(0, weight.shape[0], step):
+        bad = (~torch.isfinite(weight[start: start + step])).any(dim=1).nonzero()
+        if bad.numel():
+            raise TableError(f"row {start + int(bad[0])} of {what}'s table is not finite (NaN or inf); refusing to "
+                             "export it")
+
+
 def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[int, str]:
     """Stream ``weight`` (rows, d_h) to ``path`` in slices, atomically; returns (bytes, sha256)."""
     torch_dtype, np_dtype = DTYPES[_dtype_name(dtype)]
@@ -76,11 +87,8 @@ def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[
         nonlocal total
         for start in range(0, rows, step):
             chunk = weight[start: start + step].detach().to("cpu", torch_dtype).contiguous()  # (n, d_h)
-            bad = (~torch.isfinite(chunk)).any(dim=1).nonzero()
-            if bad.numel():
-                raise TableError(f"row {start + int(bad[0])} of the table for {path.name} is not finite (NaN or "
-                                 f"inf, {bad.numel()} such rows in rows {start}..{start + len(chunk) - 1}); "
-                                 "refusing to export it")
+            if not bool(torch.isfinite(chunk).all()):  # finite in fp32 but not in a narrower dtype
+                _check_finite(chunk, f"{path.name} as {torch_dtype} (offset {start})")
             if torch_dtype == torch.bfloat16:
                 chunk = chunk.view(torch.int16)  # same bytes; numpy has no bfloat16
             arr = chunk.numpy()
@@ -104,8 +112,20 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torc
         raise TableError("the model has no Engram layers: nothing to export")
     name = _dtype_name(dtype)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / MANIFEST
+    if manifest_path.is_file():
+        try:
+            found = json.loads(manifest_path.read_text()).get("format")
+        except (ValueError, AttributeError):
+            found = None
+        if found != FORMAT:
+            raise TableError(f"{directory} holds a manifest of format {found!r}, not Engram tables: refusing to "
+                             "write tables over it (is it a checkpoint?); choose another directory")
+    for layer_id, layer in sorted(model.engram_layers.items()):  # refuse before any file is touched
+        weight = getattr(layer.embedding, "weight", None)
+        if weight is not None:
+            _check_finite(weight, f"layer {layer_id}")
+    directory.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # the old manifest must not vouch for half-rewritten files
     layers = {}
     for layer_id, layer in sorted(model.engram_layers.items()):

@@ -158,6 +158,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def run_directory(checkpoint: str | os.PathLike) -> Path:
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/step_N``, or, once archived,
+    ``<run>/archive/<name>/checkpoints/step_N``."""
+    checkpoint = Path(checkpoint).resolve()
+    run = checkpoint.parent.parent
+    if run.parent.name == "archive":
+        run = run.parent.parent
+    return run
+
+
 def point_latest(run_dir: str | os.PathLike, checkpoint: Path) -> None:
     """Atomically make ``latest`` name ``checkpoint`` (a published directory of this run)."""
     fileio.atomic_write_text(checkpoints_dir(run_dir) / LATEST, Path(checkpoint).name + "\n")
@@ -192,8 +202,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     pointer = checkpoints_dir(run_dir) / LATEST
     if not pointer.is_file():
         return None
-    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
-    if not path.is_dir() or step_of(path) is None:
+    name = pointer.read_text().strip()
+    path = checkpoints_dir(run_dir) / name
+    if step_of(name) is None or "/" in name:
+        raise CheckpointError(f"{pointer} holds {name!r}, not the name of a step directory; {recovery_hint(run_dir)}")
+    if not path.is_dir():
         raise CheckpointError(f"{pointer} points at {path.name}, which does not exist; {recovery_hint(run_dir)}")
     return path
 
@@ -257,8 +270,9 @@ class Checkpoint:
         directory (``trainer_state["paths_relative_to"] == "run_dir"``), so they resolve from anywhere;
         older checkpoints stored them relative to where training ran, taken here from the current
         directory as before."""
-        base = self.path.parent.parent if self.trainer_state.get("paths_relative_to") == "run_dir" else None
-        return self.run_config.data.resolved(base)
+        if self.trainer_state.get("paths_relative_to") != "run_dir":
+            return self.run_config.data.resolved()
+        return self.run_config.data.resolved(run_directory(self.path))
 
     @property
     def identity(self) -> str:

@@ -33,9 +33,10 @@ from engram.distributed.parallelize import parallelize
 from engram.fileio import atomic_write_json, atomic_write_text
 from engram.model.accounting import count_parameters
 from engram.model.transformer import EngramLM
-from engram.train.allocator import fix_mmap_threshold
 import engram.train.rundir as rundir
-from engram.train.checkpoint import latest_checkpoint, open_checkpoint
+from engram.train.allocator import fix_mmap_threshold
+from engram.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, open_checkpoint,
+                                     recovery_hint)
 from engram.train.optim import Optimizers
 from engram.train.step import TrainingDiverged, TrainState, autocast, train_step
 
@@ -81,7 +82,8 @@ def evaluate(model: EngramLM, shards, batch_size: int, seq_len: int, max_batches
     loss, count = mean_loss(model, shards.eval_batches(batch_size, seq_len, max_batches), device, distributed)
     model.train(was_training)
     if count == 0:
-        raise ValueError("the validation split is too small for one evaluation window")
+        raise ValueError(f"the evaluation data holds no window of {seq_len} tokens (no document, or shard, is that "
+                         "long); use a shorter sequence length or more text")
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / shards.bytes_per_token, "val_tokens": count}
 
 
@@ -126,8 +128,18 @@ class MetricsLog:
         if resume_step is None:
             atomic_write_text(path, "")
         elif path.exists():  # rewritten whole: a crash here keeps the old history, never half of it
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = []
+            for number, line in enumerate(lines, start=1):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    if number == len(lines):  # a line cut by a crash mid-write: it was never complete
+                        print(f"[engram] dropping the torn last line of {path}", file=sys.stderr)
+                        break
+                    raise ValueError(f"{path}:{number} is not valid JSON; repair or remove that line") from None
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line)
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -169,7 +181,8 @@ def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> None:
                          f"{run_dir / rundir.ARCHIVE})")
     if changes and rt.is_main():
         print(f"[engram] resuming {ckpt.path.name} with changed settings (allowed; the run is no longer one "
-              f"uninterrupted run of a single config): {_describe(changes)}", file=sys.stderr)
+              f"uninterrupted run of a single config; data is tokenized with the checkpoint's tokenizer): "
+              f"{_describe(changes)}", file=sys.stderr)
 
 
 def _check_splits(data, seq_len: int) -> None:
@@ -183,17 +196,52 @@ def _check_splits(data, seq_len: int) -> None:
                              + " or use more text")
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, resume_from: int | None) -> None:
-    """Rank 0, under the run's lock: drop half-written checkpoints, then archive the history
+def _checkpoint_to_resume(run_dir: Path, resume: bool, resume_from: int | None) -> Path | None:
+    """Which checkpoint the run continues from; reads the directory, changes nothing."""
+    if not resume:
+        return None
+    steps = list_checkpoints(run_dir)
+    if resume_from is not None:
+        chosen = dict(steps).get(resume_from)
+        if chosen is None:
+            have = ", ".join(str(s) for s, _ in steps) or "none"
+            raise CheckpointError(f"{run_dir} has no checkpoint of step {resume_from} (steps: {have})")
+        return chosen
+    latest = latest_checkpoint(run_dir)
+    if latest is None and steps:
+        raise CheckpointError(f"{run_dir} holds checkpoints (steps {', '.join(str(s) for s, _ in steps)}) but no "
+                              f"'latest' pointer, so which history to continue is unknown; {recovery_hint(run_dir)}; "
+                              "or --no-resume to move them to the archive and start afresh")
+    return latest
+
+
+def _prepare(config, ckpt):
+    """The run's data: prepared as configured for a new run; for a resumed run, tokenized by the
+    checkpoint's own tokenizer (a BPE is never trained again: changed data keeps the run's ids)."""
+    from engram.data import load_tokenizer, prepare_data, prepare_with_tokenizer
+    from engram.tokenizer import CompressedTokenizer
+
+    if ckpt is None:
+        return prepare_data(config)
+    if config.tokenizer != "bpe":
+        named = CompressedTokenizer.from_pretrained(load_tokenizer(config.tokenizer))
+        if named != ckpt.compressed:
+            raise CheckpointError(
+                f"data.tokenizer={config.tokenizer!r} compresses to V'={named.vocab_size} (sha256 "
+                f"{named.sha256[:12]}) but {ckpt.path}'s tables were addressed with V'={ckpt.compressed.vocab_size} "
+                f"(sha256 {ckpt.compressed.sha256[:12]}); refusing to resume with another tokenizer")
+    return prepare_with_tokenizer(config, ckpt.tokenizer, ckpt.path / "tokenizer" / "tokenizer.json")
+
+
+def _apply_run_dir(run_dir: Path, resume: bool, resume_from: int | None) -> None:
+    """Rank 0, under the run's lock, once every check has passed: archive the history
     (``resume=False``) or rewind to ``resume_from``."""
-    for path in rundir.clean_staging(run_dir):
-        print(f"[engram] removed {path}, a checkpoint a killed process did not finish", file=sys.stderr)
     if not resume:
         moved = rundir.start_fresh(run_dir)
         if moved is not None:
             print(f"[engram] --no-resume: the previous history of {run_dir} is kept in {moved}", file=sys.stderr)
     elif resume_from is not None:
-        _, moved = rundir.rewind(run_dir, resume_from)
+        _, moved = rundir.rewind(run_dir, resume_from, verify=False)  # setup verified it when opening it
         if moved is not None:
             rundir.copy_metrics(run_dir, moved)
             print(f"[engram] resuming from step {resume_from}: the later checkpoints are kept in {moved.parent}",
@@ -202,13 +250,14 @@ def _prepare_run_dir(run_dir: Path, resume: bool, resume_from: int | None) -> No
 
 def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True,
           resume_from: int | None = None) -> TrainState:
-    """Everything before the first step: the run directory (see ``engram.train.rundir``; hold its lock,
-    as ``train`` does), data (rank 0 prepares it first), the config's derived fields from the data, the
-    model built on meta and placed (``parallelize``: sharded, materialised, initialised once), the
-    optimizers, and a checkpoint of ``out_dir``: the latest when ``resume``, step ``resume_from`` when
-    given (later steps are archived), none when not ``resume`` (the old history is archived)."""
-    from engram.data import prepare_data
-
+    """Everything before the first step: the checkpoint to continue from (verified), data (rank 0
+    prepares it first; a resumed run's with the checkpoint's tokenizer), the config's derived fields
+    from the data, the checks (splits, changed settings), then the run directory (see
+    ``engram.train.rundir``; hold its lock, as ``train`` does; nothing in it changes before every check
+    passed), the model built on meta and placed (``parallelize``: sharded, materialised, initialised
+    once), the optimizers and the restored state. The checkpoint is the latest when ``resume``, step
+    ``resume_from`` when given (later steps are archived), none when not ``resume`` (the old history is
+    archived)."""
     tc = run.train
     if resume_from is not None and not resume:
         raise ValueError("resume_from (--resume-from) and resume=False (--no-resume) contradict each other")
@@ -219,20 +268,27 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
                          f"{world} ranks")
     run_dir = Path(out_dir or tc.out_dir)
     device = rt.local_device(resolve_device(tc.device))
-    if rt.is_main():  # rank 0 tidies the run directory, builds the tokenizer and token caches; the others wait
-        _prepare_run_dir(run_dir, resume, resume_from)
-        data = prepare_data(run.data)
+    if rt.is_main():
+        for path in rundir.clean_staging(run_dir):
+            print(f"[engram] removed {path}, a checkpoint a killed process did not finish", file=sys.stderr)
+    ckpt_path = _checkpoint_to_resume(run_dir, resume, resume_from)
+    ckpt = open_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if ckpt is not None and ckpt.step > tc.max_steps:
+        raise ValueError(f"train.max_steps={tc.max_steps} is below the step of {ckpt.path} ({ckpt.step}): nothing "
+                         "to train; raise train.max_steps, or --resume-from an earlier step")
+    if rt.is_main():  # rank 0 builds the tokenizer and token caches; the others then read them
+        data = _prepare(run.data, ckpt)
     rt.barrier()
     if not rt.is_main():
-        data = prepare_data(run.data)
+        data = _prepare(run.data, ckpt)
     run = dataclasses.replace(run, model=run.model.with_data(data.vocab_size, data.pad_id))
     _check_splits(data, tc.seq_len)
-
-    ckpt_path = latest_checkpoint(run_dir) if resume else None
-    ckpt = None
-    if ckpt_path is not None:
-        ckpt = open_checkpoint(ckpt_path, tokenizer=data.tokenizer)
+    if ckpt is not None:
         _check_resume(ckpt, run, run_dir)
+    if rt.is_main():
+        _apply_run_dir(run_dir, resume, resume_from)
+    rt.barrier()
+
     torch.manual_seed(tc.seed)
     with torch.device("meta"):
         model = EngramLM(run.model, data.compressed, sparse_tables=True)
@@ -267,7 +323,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, checkpoint: Path | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} "
-                         "holds it (run the same command again to continue)")
+                         "holds it; to continue, train into the same directory again without --no-resume or "
+                         "--resume-from (resume=True, the default)")
 
 
 class _StopSignals:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from engram.fileio import FileLock, LockBusy
-from engram.train.checkpoint import CheckpointError, list_checkpoints, point_latest, remove_staging
+from engram.train.checkpoint import (CheckpointError, list_checkpoints, point_latest, remove_staging,
+                                     verify_checkpoint)
 
 LOCK = ".train.lock"
 ARCHIVE = "archive"
@@ -75,16 +76,19 @@ def start_fresh(run_dir: str | os.PathLike) -> Path | None:
     return target
 
 
-def rewind(run_dir: str | os.PathLike, step: int) -> tuple[Path, Path | None]:
+def rewind(run_dir: str | os.PathLike, step: int, verify: bool = True) -> tuple[Path, Path | None]:
     """Make checkpoint ``step`` the run's latest and move every later checkpoint into
     ``archive/<time>-rewind-<step>/``; returns (the checkpoint, the archive or None). ``step`` must be a
-    published checkpoint of the run (verification happens when it is opened)."""
+    published checkpoint of the run whose files match its manifest (``verify=False``: the caller has
+    just checked); a damaged one is refused before anything moves."""
     run_dir = Path(run_dir)
     steps = list_checkpoints(run_dir)
     chosen = dict(steps).get(step)
     if chosen is None:
         have = ", ".join(str(s) for s, _ in steps) or "none"
         raise CheckpointError(f"{run_dir} has no checkpoint of step {step} (steps: {have})")
+    if verify:
+        verify_checkpoint(chosen)
     later = [path for s, path in steps if s > step]
     point_latest(run_dir, chosen)  # before anything it could name moves away
     target = None

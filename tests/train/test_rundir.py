@@ -230,3 +230,89 @@ def test_relative_paths_resolve_against_the_run_directory(corpus_dir, cache_dir,
     from engram.train import evaluate
     again = evaluate(ckpt.model, ckpt.prepared_data().val, 4, 32, 2, torch.device("cpu"))
     assert again == {k: result.final_eval[k] for k in again} and not (elsewhere / "cache").exists()
+
+
+def test_resume_from_a_damaged_step_moves_nothing(corpus_dir, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run = tiny_run(corpus_dir, cache_dir, run_dir, max_steps=8, save_every=4)
+    train(run, progress=False)
+    _corrupt(run_dir / "checkpoints" / "step_0000004")
+    with pytest.raises(CheckpointError, match="step_0000004/model.safetensors"):
+        train(run, progress=False, resume_from=4)
+    assert steps(run_dir) == [4, 8] and latest_checkpoint(run_dir).name == "step_0000008"
+    assert not (run_dir / "archive").exists()
+
+
+def test_checkpoints_without_latest_are_not_silently_restarted(corpus_dir, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run = tiny_run(corpus_dir, cache_dir, run_dir, max_steps=8, save_every=4)
+    train(run, progress=False)
+    before = (run_dir / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes()
+    (run_dir / "checkpoints" / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"steps 4, 8\) but no 'latest'.*--resume-from 8"):
+        train(run, progress=False)
+    assert (run_dir / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes() == before
+    assert metric_steps(run_dir)[-1] == 8
+
+
+@pytest.mark.parametrize("mode", ["no-resume", "resume-from"])
+def test_a_refused_command_leaves_the_run_directory_alone(corpus_dir, cache_dir, tmp_path, mode):
+    """--no-resume and --resume-from change the directory only after every check has passed."""
+    run_dir = tmp_path / "run"
+    run = tiny_run(corpus_dir, cache_dir, run_dir, max_steps=8, save_every=4)
+    train(run, progress=False)
+    if mode == "no-resume":
+        bad = dataclasses.replace(run, data=dataclasses.replace(run.data, source=str(tmp_path / "missing")))
+        with pytest.raises(FileNotFoundError):
+            train(bad, progress=False, resume=False)
+    else:
+        bad = tiny_run(corpus_dir, cache_dir, run_dir, max_steps=8, save_every=4)
+        bad.model.backbone.d_model = 96
+        with pytest.raises(ValueError, match="different model"):
+            train(bad, progress=False, resume_from=4)
+    assert steps(run_dir) == [4, 8] and latest_checkpoint(run_dir).name == "step_0000008"
+    assert not (run_dir / "archive").exists() and metric_steps(run_dir)[-1] == 8
+
+
+def test_changed_data_resumes_with_the_checkpoints_tokenizer(corpus_dir, cache_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(tiny_run(corpus_dir, cache_dir, run_dir, max_steps=4), progress=False)
+    changed = tiny_run(corpus_dir, cache_dir, run_dir, max_steps=6)
+    changed = dataclasses.replace(changed, data=dataclasses.replace(changed.data, val_fraction=0.3))
+    capsys.readouterr()
+    train(changed, progress=False)  # a BPE trained on the new split would address other rows
+    err = capsys.readouterr().err
+    assert "data.val_fraction: 0.2 -> 0.3" in err and "tokenized with the checkpoint's tokenizer" in err
+    assert steps(run_dir)[-1] == 6
+
+
+def test_max_steps_below_the_checkpoint_is_refused(corpus_dir, cache_dir, tmp_path):
+    train(tiny_run(corpus_dir, cache_dir, tmp_path / "run", max_steps=4), progress=False)
+    with pytest.raises(ValueError, match="train.max_steps=2 is below the step"):
+        train(tiny_run(corpus_dir, cache_dir, tmp_path / "run", max_steps=2), progress=False)
+
+
+def test_archived_checkpoints_and_symlinked_runs_resolve_their_data(corpus_dir, cache_dir, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    (work / "deep" / "x").mkdir(parents=True)
+    (work / "link").symlink_to(work / "deep" / "x")
+    monkeypatch.chdir(work)
+    rel_corpus = os.path.relpath(corpus_dir, work)
+    train(tiny_run(rel_corpus, "cache", "link/a", max_steps=2), progress=False)
+    real = work / "deep" / "x" / "a"
+    assert load_checkpoint(real).data_config.source == str(Path(corpus_dir).resolve())
+    train(tiny_run(rel_corpus, "cache", "link/a", max_steps=2), progress=False, resume=False)
+    (archived,) = (real / "archive").glob("*/checkpoints/step_0000002")
+    monkeypatch.chdir(tmp_path)
+    ckpt = load_checkpoint(archived)
+    assert ckpt.data_config.source == str(Path(corpus_dir).resolve())
+    assert ckpt.data_config.cache_dir == str((work / "cache").resolve())
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(corpus_dir, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(corpus_dir, cache_dir, run_dir, max_steps=4), progress=False)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # a crash mid-write
+    train(tiny_run(corpus_dir, cache_dir, run_dir, max_steps=6), progress=False)
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
