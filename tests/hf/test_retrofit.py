@@ -1,0 +1,191 @@
+"""engram.retrofit on tiny random models of the supported transformers families: identity at attach,
+gradients only in the adapter, exact cached generation (greedy, sampling, beams, left padding), save /
+detach / load with refusals, and the disk tier."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+
+from support import tiny_run  # noqa: E402
+from engram.config import EngramConfig  # noqa: E402
+from engram.data import prepare_data  # noqa: E402
+from engram.hf import hf_tokenizer  # noqa: E402
+from engram.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram, find_blocks  # noqa: E402
+
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                      num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                            num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                      num_attention_heads=4, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                num_attention_heads=4)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=3, n_head=4)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=3, num_attention_heads=4)),
+}
+ADAPTER = EngramAdapterConfig(engram=EngramConfig(engram_vocab_size=[101, 103], max_ngram_size=3,
+                                                  n_embed_per_ngram=16, n_head_per_ngram=2, pad_id=None,
+                                                  layer_ids=[1], kernel_size=4))
+PROMPTS = ["def beta_4(x):", "import os\nclass Gamma:\n    def delta_1(self, x):\n        return"]
+
+
+@pytest.fixture(scope="module")
+def tok(corpus_dir, cache_dir, tmp_path_factory):
+    data = prepare_data(tiny_run(corpus_dir, cache_dir, tmp_path_factory.mktemp("rf")).data)
+    return hf_tokenizer(data.tokenizer)
+
+
+def base_model(family: str, vocab: int, seed: int = 0):
+    config_cls, model_cls, fields = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(vocab_size=vocab, **fields, **SPECIAL)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def randomise(adapter) -> None:
+    """Every adapter parameter away from its init (W_V off zero, conv taps on)."""
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_identity_at_attach_and_gradients_only_in_the_adapter(tok, family):
+    model = base_model(family, len(tok))
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    reference = model(**batch).logits
+    adapter = attach_engram(model, tok, ADAPTER)
+    assert torch.equal(model(**batch).logits, reference)  # W_V = 0: Y = 0 exactly
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("engram_adapter" in n for n in trainable)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    module = adapter.engram_layers[1]
+    assert module.value_proj.weight.grad.abs().sum() > 0  # the zero start still learns
+    assert module.embedding.weight.grad is None or module.embedding.weight.grad.is_sparse
+    assert sorted(model.state_dict()) == sorted(
+        set(base_model(family, len(tok)).state_dict()) | {f"{n}" for n, _ in model.named_parameters()
+                                                          if "engram_adapter" in n}
+        | {n for n in model.state_dict() if "engram_adapter" in n})
+    model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_generation_equals_uncached(tok, family):
+    model = base_model(family, len(tok))
+    randomise(attach_engram(model, tok, ADAPTER))
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    for kwargs in (dict(do_sample=False), dict(num_beams=3, do_sample=False, num_return_sequences=2),
+                   dict(do_sample=True, top_k=20)):
+        torch.manual_seed(3)
+        cached = model.generate(**batch, max_new_tokens=8, **kwargs)
+        torch.manual_seed(3)
+        uncached = model.generate(**batch, max_new_tokens=8, use_cache=False, **kwargs)
+        assert torch.equal(cached, uncached), kwargs
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_step_logits_equal_the_full_forward(tok, family):
+    model = base_model(family, len(tok))
+    randomise(attach_engram(model, tok, ADAPTER))
+    batch = tok(PROMPTS[1:], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    full = model(out.sequences, use_cache=False).logits[0]
+    P = batch["input_ids"].shape[1]
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0], full[P - 1 + step], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox"])
+def test_a_left_padded_row_matches_the_prompt_alone_as_the_base_does(tok, family):
+    """Padding never reaches the Engram state: the retrofitted model's padded-vs-alone gap is the base
+    model's own (RoPE models: positions count from the cache, so the base itself is only close)."""
+    model = base_model(family, len(tok))
+    randomise(attach_engram(model, tok, ADAPTER))
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert not batch["attention_mask"][0].all()
+    together = model.generate(**batch, max_new_tokens=8, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    alone = model.generate(**tok(PROMPTS[:1], return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(together.sequences[0, -8:], alone.sequences[0, -8:])
+    for a, b in zip(together.logits, alone.logits):
+        torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=0)
+
+
+def test_save_detach_reattach_load(tok, tmp_path):
+    model = base_model("llama", len(tok))
+    adapter = attach_engram(model, tok, ADAPTER)
+    randomise(adapter)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    trained = model(**batch, use_cache=False).logits
+    adapter.save(tmp_path)
+    base = adapter.detach()
+    assert not any("engram_adapter" in n for n, _ in base.named_parameters())
+    plain = base(**batch, use_cache=False).logits
+    assert not torch.equal(plain, trained)
+    EngramAdapter.load(base, tmp_path, tok)
+    assert torch.equal(base(**batch, use_cache=False).logits, trained)
+
+    other = base_model("llama", len(tok))
+    other.model.layers = other.model.layers[:2]
+    other.config.num_hidden_layers = 2
+    with pytest.raises(ValueError, match="another base model .*num_hidden_layers: saved 3 vs given 2"):
+        EngramAdapter.load(other, tmp_path, tok)
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab["x"], vocab["y"] = vocab["y"], vocab["x"]  # two ids swap pieces: other compressed ids, other rows
+    with pytest.raises(ValueError, match="refusing to load"):
+        EngramAdapter.load(base_model("llama", len(tok)), tmp_path, Tokenizer.from_str(json.dumps(spec)))
+
+
+def test_disk_tier_generation_equals_the_in_memory_adapter(tok, tmp_path):
+    from engram.storage import apply_storage, export_tables
+
+    model = base_model("llama", len(tok))
+    adapter = attach_engram(model, tok, ADAPTER)
+    randomise(adapter)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    reference = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    export_tables(adapter, tmp_path / "tables")
+    with apply_storage(adapter, "disk", tmp_path / "tables", cache_rows=32) as handle:
+        assert torch.equal(model.generate(**batch, max_new_tokens=8, do_sample=False), reference)
+        assert handle.stats()["layers"][1]["rows_fetched"] > 0
+
+
+def test_an_unknown_layout_is_named():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = copy.copy(transformers.LlamaConfig(num_hidden_layers=3))
+            self.stack = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+
+    with pytest.raises(ValueError, match=r"num_hidden_layers=3 .*found ModuleLists: stack \(2\)"):
+        find_blocks(Odd())
+
+
+def test_inputs_embeds_and_right_padding_are_refused(tok):
+    model = base_model("llama", len(tok))
+    attach_engram(model, tok, ADAPTER)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="needs input_ids"):
+        model(inputs_embeds=model.model.embed_tokens(batch["input_ids"]))
+    with pytest.raises(ValueError, match="left padding"):
+        model(batch["input_ids"], attention_mask=batch["attention_mask"].flip(1))
