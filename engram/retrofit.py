@@ -185,6 +185,10 @@ class EngramAdapter(nn.Module):
     def engram_layers(self) -> dict[int, Engram]:
         return {int(lid): m for lid, m in self.modules_by_layer.items()}
 
+    def named_tables(self) -> dict:
+        """Module name -> hashed table, as ``EngramLM.named_tables`` (what ``Optimizers`` reads)."""
+        return {f"modules_by_layer.{lid}.embedding": m.embedding for lid, m in self.modules_by_layer.items()}
+
     @property
     def compressed_tokenizer(self) -> CompressedTokenizer:
         return self.hasher.tokenizer
@@ -414,12 +418,13 @@ def attach_engram(model: nn.Module, tokenizer, config: EngramAdapterConfig | Non
     """Insert Engram modules into ``model`` (a Hugging Face causal LM) in place; returns the adapter.
 
     ``tokenizer``: the base model's own (a transformers tokenizer, a ``tokenizers.Tokenizer``, a
-    directory or tokenizer.json): its ``CompressedTokenizer`` addresses the tables. The outputs equal the
+    directory or tokenizer.json): its ``CompressedTokenizer`` addresses the tables (a
+    ``CompressedTokenizer`` is taken as is). The outputs equal the
     base model's exactly until the adapter is trained (``W_V`` starts at zero)."""
     config = config or EngramAdapterConfig()
     if config.engram.pad_id is None:
         config = dataclasses.replace(config, engram=dataclasses.replace(config.engram, pad_id=_pad_id(tokenizer)))
-    compressed = CompressedTokenizer.from_pretrained(tokenizer)
+    compressed = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer.from_pretrained(tokenizer)
     param = next(model.parameters())
     with torch.device("meta"):
         adapter = EngramAdapter(config, compressed, _model_dim(model))

@@ -202,6 +202,31 @@ def export_hf(args) -> int:
     return 0
 
 
+def finetune_flags(p) -> None:
+    p.add_argument("--base", required=True, help="the pretrained transformers model folder")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --base to load (needs the gguf package)")
+    p.add_argument("--data", required=True, help="training text: a file, a directory or hf:NAME (data.source)")
+    p.add_argument("--out", default=None, type=directory, help="run directory (default runs/finetune)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true",
+                        help="start afresh; earlier checkpoints are moved to OUT/archive/, never deleted")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_set(p, "override a field, e.g. train.max_steps=100, adapter.engram.layer_ids=[1,3], "
+               "adapter.engram.engram_vocab_size=[20000,20000] (repeatable)")
+
+
+def finetune(args) -> int:
+    from engram.cli.overrides import apply_overrides
+    from engram.config import DataConfig
+    from engram.hf.finetune import FinetuneConfig, finetune as run
+
+    config = FinetuneConfig(base=args.base, gguf_file=args.gguf_file, data=DataConfig(source=args.data))
+    config = apply_overrides(config, args.overrides)
+    result = run(config, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def lm_eval(args) -> int:
     from engram.hf.lm_eval import main as harness
 
@@ -307,6 +332,8 @@ COMMANDS = (
             generate_flags, generate),
     Command("export-hf", "write a checkpoint as a Hugging Face transformers folder (needs engram-lm[hf])",
             export_hf_flags, export_hf),
+    Command("finetune", "train an Engram adapter on a frozen pretrained transformers model (needs engram-lm[hf])",
+            finetune_flags, finetune),
     # lm_eval's own flags, passed through unchanged (see `engram lm-eval --help`), with the model "engram" registered
     Command("lm-eval", "run lm-evaluation-harness with the model name `engram` registered (needs engram-lm[eval])",
             run=lm_eval, passthrough=True),

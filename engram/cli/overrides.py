@@ -1,13 +1,13 @@
-"""``--set key=value`` overrides of a run config, parsed beside the CLI that takes them."""
+"""``--set key=value`` overrides of a config (a ``RunConfig``, a ``FinetuneConfig``), parsed beside the CLI
+that takes them."""
 
 from __future__ import annotations
 
 import json
 
-from engram.config import RunConfig
 
 
-def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+def apply_overrides(config, overrides: list[str]):
     """Apply ``key=value`` overrides with dotted keys (``train.lr=1e-3``, ``model.engram.layer_ids=[1,3]``).
 
     Values are parsed as JSON when they parse (numbers, lists, true/false/null), else taken as strings.
@@ -33,4 +33,4 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             known = sorted(node) if isinstance(node, dict) else []
             raise ValueError(f"override {key!r}: unknown field {parts[-1]!r}; known: {known}")
         node[parts[-1]] = value
-    return RunConfig.from_dict(data)
+    return type(config).from_dict(data)
