@@ -147,7 +147,12 @@ def _starts(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torc
     """(B,) first real token per row from a left-padding mask over the T new positions."""
     if attention_mask is None:
         return torch.zeros(B, dtype=torch.long, device=device)
-    mask = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
+    if attention_mask.dim() == 4:  # (B, 1, T, K) built by generate for static caches: the last query's keys
+        last = attention_mask[:, 0, -1, :T]
+        mask = last if last.dtype == torch.bool else last == 0  # additive masks: 0 allowed, -inf not
+        mask = mask.to(device)
+    else:
+        mask = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
     starts = T - mask.sum(dim=1)
     if not torch.equal(mask, torch.arange(T, device=device)[None] >= starts[:, None]):
         raise ValueError("attention_mask must be left padding (zeros, then ones, per row): Engram treats each "

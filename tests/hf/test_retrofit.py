@@ -189,3 +189,14 @@ def test_inputs_embeds_and_right_padding_are_refused(tok):
         model(inputs_embeds=model.model.embed_tokens(batch["input_ids"]))
     with pytest.raises(ValueError, match="left padding"):
         model(batch["input_ids"], attention_mask=batch["attention_mask"].flip(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_the_base_models_static_cache_works_too(tok, family):
+    """generate(cache_implementation="static") hands the model a 4D mask: starts are read from it."""
+    model = base_model(family, len(tok))
+    randomise(attach_engram(model, tok, ADAPTER))
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    reference = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
+    static = model.generate(**batch, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, reference)
