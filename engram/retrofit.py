@@ -145,6 +145,8 @@ class _Call:
 
 def _starts(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
     """(B,) first real token per row from a left-padding mask over the T new positions."""
+    if isinstance(attention_mask, dict):  # one mask per attention type (models with sliding layers)
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values())))
     if attention_mask is None:
         return torch.zeros(B, dtype=torch.long, device=device)
     if attention_mask.dim() == 4:  # (B, 1, T, K) built by generate for static caches: the last query's keys
