@@ -147,6 +147,8 @@ class EngramConfig(TableConfig):
     short_conv: False drops the dilated short conv and its norm: Y = the gated value.
     branch_keys: False shares one W_K and one key RMSNorm across the G branches (no "branch-specific
         fusion"); the query norm and the gate stay per branch. Same as True when G = 1.
+    table_init_std: the standard deviation of the tables' initial rows. 1.0 is DeepSeek's demo code
+        (the reference, default); 0 starts every row at zero (the question issue 17 studies).
     """
 
     layer_ids: list[int] = field(default_factory=lambda: [1, 15])
@@ -154,6 +156,7 @@ class EngramConfig(TableConfig):
     gate: str = "signed_sqrt"
     short_conv: bool = True
     branch_keys: bool = True
+    table_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,6 +174,9 @@ class EngramConfig(TableConfig):
         for name in ("short_conv", "branch_keys"):
             value = getattr(self, name)
             _require(isinstance(value, bool), c, name, f"must be true or false, got {value!r}")
+        _require(isinstance(self.table_init_std, (int, float)) and not isinstance(self.table_init_std, bool)
+                 and 0 <= self.table_init_std < float("inf"), c, "table_init_std",
+                 f"must be a finite number >= 0, got {self.table_init_std!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):

@@ -105,13 +105,14 @@ class Engram(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, table_std: float = 1.0, table_seed: int | None = None,
+    def init_weights(self, std: float = 0.02, table_std: float | None = None, table_seed: int | None = None,
                      tables: bool = True) -> None:
         """Initialisation, per parameter (absent ones are skipped):
 
         | parameter            | init                                                      |
         |----------------------|-----------------------------------------------------------|
         | embedding.weight     | N(0, table_std), row blocks seeded by ``table_seed``       |
+        |                      | (``table_std`` None: ``config.table_init_std``)            |
         |                      | (drawn from torch's generator when None; ``normal_rows_``) |
         | key_proj.weight      | N(0, std)                                                  |
         | value_proj.weight    | N(0, std)                                                  |
@@ -122,6 +123,8 @@ class Engram(nn.Module):
         """
         if table_seed is None:
             table_seed = int(torch.randint(0, 2**62, ()).item())
+        if table_std is None:
+            table_std = self.config.table_init_std
         if tables and hasattr(self.embedding, "init_weights"):
             self.embedding.init_weights(table_std, table_seed)
         nn.init.normal_(self.value_proj.weight, std=std)

@@ -136,3 +136,32 @@ def test_table_init_statistics_and_zero_std():
 def test_a_model_whose_derived_fields_are_unset_is_refused():
     with pytest.raises(ValueError, match=r"backbone\.vocab_size, engram\.pad_id unset.*with_data"):
         EngramLM(get_preset("tiny-engram").without_data())
+
+
+def test_table_init_std_is_a_recorded_option_and_the_reference_is_unchanged():
+    """EngramConfig.table_init_std (issue 17's study): 1.0, DeepSeek's demo init, is the default and draws
+    exactly what an explicit N(0, 1) draws; 0 starts the rows at zero; the run config records it."""
+    import dataclasses
+
+    import pytest
+
+    from engram.config import EngramConfig, RunConfig
+    from engram.model.transformer import EngramLM
+    from engram.presets import get_preset
+
+    config = get_preset("tiny-engram")
+    assert config.engram.table_init_std == 1.0
+    torch.manual_seed(5)
+    reference = EngramLM(config)
+    torch.manual_seed(5)
+    explicit = EngramLM(dataclasses.replace(config, engram=dataclasses.replace(config.engram, table_init_std=1.0)))
+    for (name, a), b in zip(reference.named_tables().items(), explicit.named_tables().values()):
+        assert torch.equal(a.weight, b.weight), name
+    zero = dataclasses.replace(config, engram=dataclasses.replace(config.engram, table_init_std=0.0))
+    torch.manual_seed(5)
+    model = EngramLM(zero)
+    assert all(bool((t.weight == 0).all()) for t in model.named_tables().values())
+    assert RunConfig(model=zero).to_dict()["model"]["engram"]["table_init_std"] == 0.0
+    for bad in (-1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="EngramConfig.table_init_std"):
+            EngramConfig(table_init_std=bad)
