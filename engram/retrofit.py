@@ -32,6 +32,7 @@ How it sits in the base model (no second copy of it, no change to its code):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -186,6 +187,7 @@ class EngramAdapter(nn.Module):
         self._hooks: list = []
         self._call: _Call | None = None
         self._pending: _Sequences | None = None
+        self._boundary: torch.Tensor | None = None
         self._states: dict[int, tuple[weakref.ref, _Sequences]] = {}
 
     @property
@@ -259,6 +261,17 @@ class EngramAdapter(nn.Module):
         self._states.clear()
         return model
 
+    @contextlib.contextmanager
+    def documents(self, boundary: torch.Tensor | None):
+        """Within the block, forwards without a cache treat ``boundary`` (B, T) bool, True where a packed
+        document starts, as document starts: n-grams and the conv reset there, as in ``engram train``.
+        (The base model's own attention still spans the documents.)"""
+        self._boundary = boundary
+        try:
+            yield self
+        finally:
+            self._boundary = None
+
     # -- the forward ------------------------------------------------------------------------------------
     def _before(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -287,6 +300,9 @@ class EngramAdapter(nn.Module):
             boundary = None
             if bool((starts > 0).any()):
                 boundary = torch.arange(T, device=input_ids.device)[None] == starts[:, None]  # (B, T)
+            if self._boundary is not None:  # packed documents (``documents``)
+                packed = self._boundary.to(device=input_ids.device, dtype=torch.bool)
+                boundary = packed if boundary is None else boundary | packed
             doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
             if use_cache or cache is not None:
                 history = torch.full((B, self.config.engram.max_ngram_size - 1), self.hasher.compressed_pad_id,

@@ -72,14 +72,17 @@ def load_base(config: FinetuneConfig):
 
 
 class _Scored(torch.nn.Module):
-    """The base model with its adapter as the ``model(ids, labels=, boundary=)`` that ``evaluate`` calls."""
+    """The base model with its adapter as the ``model(ids, labels=, boundary=)`` that ``evaluate`` calls:
+    the adapter resets its n-grams and conv at the document starts in ``boundary``."""
 
-    def __init__(self, model):
+    def __init__(self, model, adapter: EngramAdapter):
         super().__init__()
         self.model = model
+        self.__dict__["adapter"] = adapter  # not a submodule: it is attached to ``model`` already
 
     def forward(self, ids, labels=None, boundary=None):
-        return self.model(input_ids=ids, labels=labels, use_cache=False)
+        with self.adapter.documents(boundary):
+            return self.model(input_ids=ids, labels=labels, use_cache=False)
 
 
 def finetune(config: FinetuneConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
@@ -155,7 +158,7 @@ def _loop(config, model, adapter, optimizers, data, run_dir, step, latest, progr
     tc = config.train
     log = MetricsLog(run_dir / "metrics.jsonl", step if latest is not None else None)
     device = next(model.parameters()).device
-    scored = _Scored(model).eval()  # the frozen base runs in eval mode (no dropout); evaluate restores it
+    scored = _Scored(model, adapter).eval()  # the frozen base runs in eval mode (no dropout); evaluate restores it
 
     def evaluate_now() -> dict:
         return evaluate(scored, data.val, tc.batch_size, tc.seq_len, tc.eval_batches, device)
@@ -174,8 +177,9 @@ def _loop(config, model, adapter, optimizers, data, run_dir, step, latest, progr
                 optimizers.set_lr(lr)
                 loss_sum = 0.0
                 for micro in range(tc.grad_accum):
-                    ids, _ = data.train.batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed)
-                    loss = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=False).loss
+                    ids, boundary = data.train.batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len,
+                                                     tc.seed)
+                    loss = scored(ids.to(device), labels=ids.to(device), boundary=boundary.to(device)).loss
                     (loss / tc.grad_accum).backward()
                     loss_sum += float(loss.detach())
                 loss_value = loss_sum / tc.grad_accum

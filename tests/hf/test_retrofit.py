@@ -200,3 +200,25 @@ def test_the_base_models_static_cache_works_too(tok, family):
     reference = model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=False)
     static = model.generate(**batch, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(static, reference)
+
+
+def test_packed_documents_reset_the_adapter_state(tok):
+    """adapter.documents(boundary): the second document's n-grams and conv start afresh, so its Engram
+    output equals the document's alone (the base's attention, which spans both, is left out here)."""
+    model = base_model("llama", len(tok))
+    adapter = attach_engram(model, tok, ADAPTER)
+    randomise(adapter)
+    a, b = tok("def alpha_1(x):")["input_ids"], tok("return beta_2")["input_ids"]
+    ids = torch.tensor([a + b])
+    boundary = torch.zeros_like(ids, dtype=torch.bool)
+    boundary[0, 0] = boundary[0, len(a)] = True
+    hidden = torch.randn(1, ids.shape[1], 32)
+    with adapter.documents(boundary):
+        adapter._before(model, (), {"input_ids": ids, "use_cache": False})
+        packed = adapter.contribution(1, hidden)
+    adapter._before(model, (), {"input_ids": ids[:, len(a):], "use_cache": False})
+    alone = adapter.contribution(1, hidden[:, len(a):])
+    torch.testing.assert_close(packed[:, len(a):], alone, atol=1e-6, rtol=0)
+    adapter._before(model, (), {"input_ids": ids, "use_cache": False})  # without documents(): no reset
+    assert not torch.allclose(adapter.contribution(1, hidden)[:, len(a):], alone, atol=1e-6)
+    adapter._call = None
