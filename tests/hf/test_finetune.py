@@ -86,3 +86,20 @@ def test_the_cli(base_dir, corpus_dir, cache_dir, tmp_path, capsys):
     assert result["steps"] == 2 and (tmp_path / "run" / "checkpoints" / "step_0000002" / "adapter").is_dir()
     assert main([*argv[:-2], "--set", "adapter.nope=1"]) == 2
     assert "unknown field 'nope'" in capsys.readouterr().err
+
+
+def test_a_nan_loss_stops_before_anything_moves(base_dir, corpus_dir, cache_dir, tmp_path, monkeypatch):
+    from engram.train import TrainingDiverged, latest_checkpoint
+
+    calls = {"n": 0}
+    real = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss  # steps 1-2 fine, then NaN
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3 .*step_0000002"):
+        finetune(config(base_dir, corpus_dir, cache_dir, eval_every=100), tmp_path / "run", progress=False)
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
