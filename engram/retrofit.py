@@ -394,9 +394,10 @@ class EngramAdapter(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str | os.PathLike, tokenizer) -> "EngramAdapter":
+    def load(cls, model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> "EngramAdapter":
         """Attach the adapter saved in ``directory`` to ``model``: refuses a base model of another shape or
-        a tokenizer that addresses other rows."""
+        a ``tokenizer`` that addresses other rows. Without ``tokenizer`` the saved compressed table is
+        used as is (pass the tokenizer you will feed the model to have it checked)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -409,8 +410,8 @@ class EngramAdapter(nn.Module):
             detail = "; ".join(f"{k}: saved {a!r} vs given {b!r}" for k, (a, b) in diffs.items())
             raise ValueError(f"the adapter in {directory} was trained on another base model ({detail})")
         config = EngramAdapterConfig.from_dict(meta["config"])
-        compressed = CompressedTokenizer.from_pretrained(tokenizer)
         stored = CompressedTokenizer.load(directory)
+        compressed = stored if tokenizer is None else CompressedTokenizer.from_pretrained(tokenizer)
         if compressed != stored:
             raise ValueError(f"the tokenizer given compresses to V'={compressed.vocab_size} (sha256 "
                              f"{compressed.sha256[:12]}) but the adapter's tables were addressed with "

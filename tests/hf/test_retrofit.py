@@ -139,6 +139,9 @@ def test_save_detach_reattach_load(tok, tmp_path):
     assert not torch.equal(plain, trained)
     EngramAdapter.load(base, tmp_path, tok)
     assert torch.equal(base(**batch, use_cache=False).logits, trained)
+    plain_again = EngramAdapter.load(base_model("llama", len(tok)), tmp_path)  # the saved table, unchecked
+    assert plain_again.compressed_tokenizer == EngramAdapter.load(base_model("llama", len(tok)), tmp_path,
+                                                                  tok).compressed_tokenizer
 
     other = base_model("llama", len(tok))
     other.model.layers = other.model.layers[:2]
