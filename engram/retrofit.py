@@ -281,16 +281,25 @@ class EngramAdapter(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
         B, T = input_ids.shape
+        if self.hasher.lookup.device != input_ids.device:  # the base model was moved after attach
+            self.hasher.to(input_ids.device)
+        raw = self.hasher.lookup.shape[0]
+        # ids the model can emit but the tokenizer lacks (a padded embedding table): hashed as padding
+        input_ids = torch.where(input_ids < raw, input_ids, self.config.engram.pad_id)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = bool(getattr(module.config, "use_cache", False)) and not module.training
+        if use_cache is None:  # what the model will do: return a cache when its config says so
+            use_cache = bool(getattr(module.config, "use_cache", False))
         self._pending = None
         if past > 0:  # continuing the sequences of this cache
             entry = self._states.get(id(cache))
             if entry is None or entry[0]() is not cache or entry[1].length != past:
-                raise ValueError("this cache holds no Engram state for its tokens (it was filled without the "
-                                 "adapter, or by another model); start the generation again")
+                raise ValueError("this cache holds no Engram state for its tokens: it was filled without the "
+                                 "adapter, copied, or cropped (assisted and speculative decoding are not supported "
+                                 "with an Engram adapter); start the generation again")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask[:, -T:].all()):
+                raise ValueError("padding after the first chunk of a cached generation would enter the n-grams "
+                                 "and the conv: only the prompt may be (left) padded")
             state = entry[1]
             ids, state.ngram_history = self.hasher.hash_with_history(input_ids, state.ngram_history)
             state.length += T
@@ -328,35 +337,39 @@ class EngramAdapter(nn.Module):
     def _after(self, module, args, kwargs, output):
         self._call = None
         if self._pending is not None:
-            cache = getattr(output, "cache", None) if not isinstance(output, tuple) else None
-            cache = cache if cache is not None else getattr(output, "past_key_values", None)
+            if isinstance(output, tuple):  # return_dict=False: the cache is the element that has a length
+                cache = next((o for o in output if hasattr(o, "get_seq_length")), None)
+            else:
+                cache = getattr(output, "cache", None)
+                cache = cache if cache is not None else getattr(output, "past_key_values", None)
             if cache is not None:
                 self._bind(cache, self._pending)
             self._pending = None
 
     def _bind(self, cache, state: _Sequences) -> None:
-        """Tie ``state`` to ``cache`` and make the cache's row operations apply to it too."""
-        self._states = {k: v for k, v in self._states.items() if v[0]() is not None}
-        self._states[id(cache)] = (weakref.ref(cache), state)
+        """Tie ``state`` to ``cache`` (by identity; the entry goes when the cache is freed) and make the
+        cache's row operations apply to it too. The wrappers hold the cache weakly: a cache keeps no
+        reference cycle, so its keys and values are freed as soon as ``generate`` drops it."""
+        key = id(cache)
+        self._states[key] = (weakref.ref(cache), state)
+        weakref.finalize(cache, self._states.pop, key, None)
         if getattr(cache, "_engram_wrapped", False):
             return
-        states = self._states
+        states, ref = self._states, weakref.ref(cache)
 
-        def current():
-            return states[id(cache)][1]
+        def current() -> _Sequences:
+            return states[id(ref())][1]
 
         for name in ("reorder_cache", "batch_select_indices"):
-            original = getattr(cache, name, None)
-            if original is not None:
-                def wrapped(index, _original=original):
-                    result = _original(index)
+            if getattr(cache, name, None) is not None:
+                def wrapped(index, _name=name):
+                    result = getattr(type(ref()), _name)(ref(), index)
                     current().select(index)
                     return result
                 setattr(cache, name, wrapped)
-        original = getattr(cache, "batch_repeat_interleave", None)
-        if original is not None:
-            def repeat(repeats, _original=original):
-                result = _original(repeats)
+        if getattr(cache, "batch_repeat_interleave", None) is not None:
+            def repeat(repeats):
+                result = type(ref()).batch_repeat_interleave(ref(), repeats)
                 n = current().ngram_history.shape[0]
                 current().select(torch.arange(n).repeat_interleave(repeats))
                 return result
@@ -416,7 +429,7 @@ class EngramAdapter(nn.Module):
             raise ValueError(f"the tokenizer given compresses to V'={compressed.vocab_size} (sha256 "
                              f"{compressed.sha256[:12]}) but the adapter's tables were addressed with "
                              f"V'={stored.vocab_size} (sha256 {stored.sha256[:12]}); refusing to load")
-        adapter = cls(config, compressed, _model_dim(model))
+        adapter = _build(config, compressed, model)  # nothing initialised only to be overwritten
         adapter.hasher.check_layout(json.loads((directory / "hash_layout.json").read_text()))
         adapter.modules_by_layer.load_state_dict(load_file(str(directory / "adapter.safetensors")))
         return adapter.attach(model)
@@ -449,6 +462,13 @@ def attach_engram(model: nn.Module, tokenizer, config: EngramAdapterConfig | Non
     if config.engram.pad_id is None:
         config = dataclasses.replace(config, engram=dataclasses.replace(config.engram, pad_id=_pad_id(tokenizer)))
     compressed = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer.from_pretrained(tokenizer)
+    adapter = _build(config, compressed, model)
+    adapter.init_weights(seed=seed)
+    return adapter.attach(model)
+
+
+def _build(config: EngramAdapterConfig, compressed: CompressedTokenizer, model: nn.Module) -> EngramAdapter:
+    """An adapter for ``model`` on its device, built on meta: buffers computed, weights not yet set."""
     param = next(model.parameters())
     with torch.device("meta"):
         adapter = EngramAdapter(config, compressed, _model_dim(model))
@@ -456,5 +476,4 @@ def attach_engram(model: nn.Module, tokenizer, config: EngramAdapterConfig | Non
     for module in adapter.modules():
         if module is not adapter and hasattr(module, "reset_buffers"):
             module.reset_buffers()
-    adapter.init_weights(seed=seed)
-    return adapter.attach(model)
+    return adapter

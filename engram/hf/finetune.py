@@ -99,7 +99,14 @@ def finetune(config: FinetuneConfig, out_dir: str | Path | None = None, resume: 
                                           f"{ckpt_io.recovery_hint(run_dir)}")
         if latest is not None:
             ckpt_io.verify_checkpoint(latest)
+        if not config.adapter.freeze_base:
+            raise ValueError("adapter.freeze_base=false: engram finetune trains and saves the adapter only; "
+                             "train the base too with your own loop (attach_engram(..., freeze_base=False))")
+        from engram.train.loop import resolve_device
+
+        device = resolve_device(tc.device)
         model, tokenizer = load_base(config)
+        model.to(device)
         data = _prepare(config, tokenizer, run_dir)
         if not resume:
             moved = rundir.start_fresh(run_dir)

@@ -103,3 +103,12 @@ def test_a_nan_loss_stops_before_anything_moves(base_dir, corpus_dir, cache_dir,
     with pytest.raises(TrainingDiverged, match="loss is nan at step 3 .*step_0000002"):
         finetune(config(base_dir, corpus_dir, cache_dir, eval_every=100), tmp_path / "run", progress=False)
     assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
+
+
+def test_freeze_base_false_is_refused(base_dir, corpus_dir, cache_dir, tmp_path):
+    import dataclasses
+
+    cfg = config(base_dir, corpus_dir, cache_dir)
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, freeze_base=False))
+    with pytest.raises(ValueError, match="trains and saves the adapter only"):
+        finetune(cfg, tmp_path / "run", progress=False)

@@ -225,3 +225,50 @@ def test_packed_documents_reset_the_adapter_state(tok):
     adapter._before(model, (), {"input_ids": ids, "use_cache": False})  # without documents(): no reset
     assert not torch.allclose(adapter.contribution(1, hidden)[:, len(a):], alone, atol=1e-6)
     adapter._call = None
+
+
+def test_a_reused_cache_object_follows_its_new_generation(tok):
+    from transformers import StaticCache
+
+    model = base_model("llama", len(tok))
+    randomise(attach_engram(model, tok, ADAPTER))
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    reference = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False, use_cache=False)
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    first = model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False, past_key_values=cache)
+    assert torch.equal(first, reference)
+    model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False)  # another generation between
+    cache.reset()  # the same object starts a new generation
+    assert torch.equal(model.generate(**batch, max_new_tokens=6, num_beams=3, do_sample=False,
+                                      past_key_values=cache), reference)
+
+
+def test_a_generations_cache_is_freed_without_the_cycle_collector(tok):
+    import gc
+    import weakref
+
+    model = base_model("llama", len(tok))
+    adapter = attach_engram(model, tok, ADAPTER)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    gc.disable()
+    try:
+        out = model.generate(**batch, max_new_tokens=4, num_beams=2, do_sample=False, return_dict_in_generate=True)
+        cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+        ref = weakref.ref(cache)
+        del out, cache
+        assert ref() is None and not adapter._states
+    finally:
+        gc.enable()
+
+
+def test_ids_beyond_the_tokenizer_hash_as_padding(tok):
+    """Padded embedding tables (Qwen2.5, Phi-2): the model may emit ids the tokenizer lacks."""
+    model = base_model("llama", len(tok) + 16)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    ids = batch["input_ids"].clone()
+    ids[:, -1] = len(tok) + 5
+    reference = model(ids, attention_mask=batch["attention_mask"]).logits
+    adapter = attach_engram(model, tok, ADAPTER)
+    assert torch.equal(model(ids, attention_mask=batch["attention_mask"]).logits, reference)
+    randomise(adapter)
+    model(ids, attention_mask=batch["attention_mask"])  # no error
