@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from engram.train import TrainingDiverged, TrainingInterrupted
 
+    formatwarning = warnings.formatwarning  # one line per warning while the command runs; restored after
     warnings.formatwarning = lambda message, *rest, **kw: f"engram {args.command}: warning: {message}\n"
-
     try:
         return args.fn(args)
     except TrainingDiverged as err:
@@ -94,3 +94,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"engram {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
