@@ -289,6 +289,9 @@ def sweep_flags(p) -> None:
                    help="which sweep to run, or `report` to analyse the finished runs of a budget")
     p.add_argument("--budget", default="tiny", help="named budget (tiny runs on a CPU; small and medium are for GPUs; "
                                                     "default tiny)")
+    p.add_argument("--first-seed", type=nonnegative_int, default=0,
+                   help="first seed of the plan (default 0): e.g. choose on seeds 0-2, then confirm the choice "
+                        "on fresh seeds with --seeds 3 --first-seed 3")
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per grid point (default: the budget's)")
     p.add_argument("--out", default="runs/sweeps", type=directory, help="sweep root; runs go to OUT/BUDGET/SWEEP/POINT/seedK "
                                                        "(default runs/sweeps)")
@@ -313,9 +316,10 @@ def sweep(args) -> int:
         print(tables)
         print("\n".join(f"wrote {p}" for p in paths.values()))
     elif args.dry_run:
-        print(describe_plan(args.kind, args.budget, args.seeds, args.overrides))
+        print(describe_plan(args.kind, args.budget, args.seeds, args.overrides, args.first_seed))
     else:
         results = run_sweep(args.kind, args.budget, args.seeds, args.out, workers=args.workers,
+                            first_seed=args.first_seed,
                             threads=args.threads, overrides=args.overrides, progress=not args.no_progress)
         if results and not args.no_summary:
             print(format_summary(results))

@@ -46,14 +46,14 @@ def _table_params(model: ModelConfig) -> int:
 
 
 # -- the three plans ----------------------------------------------------------------------------------
-def plan_allocation(budget: Budget, seeds: int) -> list[PlannedRun]:
+def plan_allocation(budget: Budget, seeds: range) -> list[PlannedRun]:
     base = budget.base_run()
     points = allocation_grid(base.model, budget.engram_template(), budget.rhos)
     return [PlannedRun("allocation", budget.name, p.label, seed, _seeded(base, p.config, seed),
                        {"rho": p.rho, "rho_nominal": p.rho_nominal, "rho_target": p.rho_target,
                         "removed_experts": p.removed_experts, "rows_per_head": p.rows_per_head,
                         "table_params": p.params.engram_tables})
-            for seed in range(seeds) for p in points]
+            for seed in seeds for p in points]
 
 
 def memory_models(budget: Budget) -> list[tuple[str, dict, ModelConfig]]:
@@ -73,11 +73,11 @@ def memory_models(budget: Budget) -> list[tuple[str, dict, ModelConfig]]:
     return models
 
 
-def plan_memory(budget: Budget, seeds: int) -> list[PlannedRun]:
+def plan_memory(budget: Budget, seeds: range) -> list[PlannedRun]:
     base = budget.base_run()
     return [PlannedRun("memory", budget.name, label, seed, _seeded(base, model, seed),
                        info | {"table_params": _table_params(model)})
-            for seed in range(seeds) for label, info, model in memory_models(budget)]
+            for seed in seeds for label, info, model in memory_models(budget)]
 
 
 def ablation_models(budget: Budget) -> list[tuple[str, str, ModelConfig]]:
@@ -112,12 +112,12 @@ def ablation_models(budget: Budget) -> list[tuple[str, str, ModelConfig]]:
     return variants
 
 
-def plan_ablation(budget: Budget, seeds: int) -> list[PlannedRun]:
+def plan_ablation(budget: Budget, seeds: range) -> list[PlannedRun]:
     base = budget.base_run()
     variants = ablation_models(budget)
     ref_layer = variants[0][2].engram.layer_ids[0]  # variants[0] is "full"
     runs = []
-    for seed in range(seeds):
+    for seed in seeds:
         for variant, group, model in variants:
             info = {"variant": variant, "group": group, "table_params": _table_params(model),
                     "layer": model.engram.layer_ids[0], "reference_layer": ref_layer}
@@ -125,20 +125,25 @@ def plan_ablation(budget: Budget, seeds: int) -> list[PlannedRun]:
     return runs
 
 
-PLANS: dict[str, Callable[[Budget, int], list[PlannedRun]]] = {
+PLANS: dict[str, Callable[[Budget, range], list[PlannedRun]]] = {
     "allocation": plan_allocation, "memory": plan_memory, "ablation": plan_ablation}
 
 
-def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None) -> list[PlannedRun]:
-    """The runs of ``sweep`` for ``budget`` (``seeds`` defaults to the budget's); ``overrides`` are
-    ``key=value`` settings applied to every run's data/train config (e.g. ``train.max_steps=20``)."""
+def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None,
+         first_seed: int = 0) -> list[PlannedRun]:
+    """The runs of ``sweep`` for ``budget``: seeds ``first_seed`` .. ``first_seed + seeds - 1`` (``seeds``
+    defaults to the budget's; a later ``first_seed`` gives fresh seeds to confirm a choice made on the
+    first ones); ``overrides`` are ``key=value`` settings applied to every run's data/train config (e.g.
+    ``train.max_steps=20``)."""
     if sweep not in PLANS:
         raise ValueError(f"unknown sweep {sweep!r}; known: {list(PLANS)}")
     b = get_budget(budget)
     n = b.seeds if seeds is None else seeds
     if n < 1:
         raise ValueError(f"--seeds must be >= 1, got {n}")
-    runs = PLANS[sweep](b, n)
+    if not isinstance(first_seed, int) or first_seed < 0:
+        raise ValueError(f"--first-seed must be an int >= 0, got {first_seed!r}")
+    runs = PLANS[sweep](b, range(first_seed, first_seed + n))
     if overrides:
         bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
         if bad:
@@ -147,10 +152,11 @@ def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str]
     return runs
 
 
-def describe_plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None) -> str:
+def describe_plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None,
+                  first_seed: int = 0) -> str:
     """What ``--dry-run`` prints: the solver's table (allocation) or each grid point's sizes, and the
     number of runs."""
-    runs = plan(sweep, budget, seeds, overrides)
+    runs = plan(sweep, budget, seeds, overrides, first_seed)
     if sweep == "allocation":
         b = get_budget(budget)
         base = b.base_run().model

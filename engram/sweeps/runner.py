@@ -170,8 +170,9 @@ def _log(message: str) -> None:
 
 def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Path = "runs/sweeps",
               workers: int = 1, threads: int | None = None, overrides: list[str] | None = None,
-              progress: bool = True) -> list[dict]:
-    """Run (or finish) a sweep; returns the results of every finished run of the plan.
+              progress: bool = True, first_seed: int = 0) -> list[dict]:
+    """Run (or finish) a sweep, seeds ``first_seed`` onwards; returns the results of every finished run of
+    the plan.
 
     ``workers > 1`` starts that many worker processes on the same plan (each with ``threads`` torch
     threads, default cores // workers) and shows one progress bar over the whole sweep.
@@ -179,8 +180,8 @@ def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Pat
     from engram.data import prepare_data
 
     root = Path(root)
-    runs = plan(sweep, budget, seeds, overrides)
-    prepare_data(runs[0].run.data)  # once, before workers start: preparation is not parallel-safe
+    runs = plan(sweep, budget, seeds, overrides, first_seed)
+    prepare_data(runs[0].run.data)  # once, before the workers start (they would wait on its lock anyway)
     if threads is None and workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
     if threads is not None:

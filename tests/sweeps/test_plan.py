@@ -64,3 +64,16 @@ def test_cli_dry_run_and_errors(budget_file, capsys):
     assert "no-gate" in capsys.readouterr().out
     assert cli(["sweep", "allocation", "--budget", "enormous"]) == 2
     assert "known budgets" in capsys.readouterr().err
+
+
+def test_first_seed_gives_fresh_seeds_with_the_same_grid():
+    """Choose on seeds 0-2, confirm on 3-5 (issue 17's protocol): same points, other seeds and batches."""
+    choose = plan("ablation", "tiny", seeds=3)
+    confirm = plan("ablation", "tiny", seeds=3, first_seed=3)
+    assert sorted({r.seed for r in choose}) == [0, 1, 2] and sorted({r.seed for r in confirm}) == [3, 4, 5]
+    assert [r.point for r in choose] == [r.point for r in confirm]
+    assert all(r.run.train.seed == r.seed for r in confirm)
+    assert [r.run.model for r in choose if r.seed == 0] == [r.run.model for r in confirm if r.seed == 3]
+    import pytest
+    with pytest.raises(ValueError, match="--first-seed must be an int >= 0"):
+        plan("ablation", "tiny", seeds=1, first_seed=-1)
