@@ -46,6 +46,7 @@ from torch import nn
 from engram.config import EngramConfig, _Serialisable
 from engram.fileio import atomic_write_bytes, atomic_write_json
 from engram.hashing import NgramHasher, document_ids
+from engram.model.cache import starts_from_left_padding
 from engram.model.engram import Engram
 from engram.tokenizer import CompressedTokenizer
 
@@ -153,14 +154,9 @@ def _starts(attention_mask: torch.Tensor | None, B: int, T: int, device) -> torc
     if attention_mask.dim() == 4:  # (B, 1, T, K) built by generate for static caches: the last query's keys
         last = attention_mask[:, 0, -1, :T]
         mask = last if last.dtype == torch.bool else last == 0  # additive masks: 0 allowed, -inf not
-        mask = mask.to(device)
     else:
-        mask = attention_mask[:, -T:].to(device=device, dtype=torch.bool)
-    starts = T - mask.sum(dim=1)
-    if not torch.equal(mask, torch.arange(T, device=device)[None] >= starts[:, None]):
-        raise ValueError("attention_mask must be left padding (zeros, then ones, per row): Engram treats each "
-                         "row's first real token as a document start (tokenizer.padding_side = 'left')")
-    return starts
+        mask = attention_mask[:, -T:]
+    return starts_from_left_padding(mask.to(device))
 
 
 # -- the adapter -------------------------------------------------------------------------------------------

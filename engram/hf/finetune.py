@@ -35,8 +35,9 @@ from engram.config import DataConfig, TrainConfig, _Serialisable
 from engram.fileio import atomic_write_json
 from engram.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram
 from engram.train import checkpoint as ckpt_io
+from engram.train.checkpoint import remove_staging
 from engram.train import rundir
-from engram.train.loop import MetricsLog, TrainingInterrupted, _StopSignals, evaluate
+from engram.train.loop import MetricsLog, StopSignals, TrainingInterrupted, check_splits, evaluate
 from engram.train.optim import Optimizers, learning_rate
 from engram.train.step import TrainingDiverged
 
@@ -91,7 +92,7 @@ def finetune(config: FinetuneConfig, out_dir: str | Path | None = None, resume: 
     tc = config.train
     run_dir = Path(out_dir or tc.out_dir)
     with rundir.lock_run(run_dir):
-        for path in rundir.clean_staging(run_dir):
+        for path in remove_staging(run_dir):
             print(f"[engram] removed {path}, a checkpoint a killed process did not finish", file=sys.stderr)
         latest = ckpt_io.latest_checkpoint(run_dir) if resume else None
         if resume and latest is None and ckpt_io.list_checkpoints(run_dir):
@@ -137,10 +138,7 @@ def _prepare(config: FinetuneConfig, tokenizer, run_dir: Path):
     file.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(file))
     data = prepare_data(dataclasses.replace(config.data, tokenizer=str(file)))
-    seq_len = config.train.seq_len
-    for name, shards in (("training", data.train), ("validation", data.val)):
-        if max((len(t) for t in shards.tokens), default=0) < seq_len:
-            raise ValueError(f"the {name} split of {data.directory} has no window of train.seq_len={seq_len} tokens")
+    check_splits(data, config.train.seq_len)
     return data
 
 
@@ -176,7 +174,7 @@ def _loop(config, model, adapter, optimizers, data, run_dir, step, latest, progr
         bar = tqdm(total=tc.max_steps, initial=step, desc=run_dir.name, unit="step", dynamic_ncols=True)
     checkpoint, saved, metrics, evals, stopped = latest, step if latest is not None else None, {}, [], 0
     seconds, tokens = 0.0, 0
-    with _StopSignals(verbose=True) as stop:
+    with StopSignals(verbose=True) as stop:
         try:
             while step < tc.max_steps:
                 start = time.perf_counter()

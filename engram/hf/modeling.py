@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from engram.hf.configuration import EngramHFConfig
-from engram.model.cache import InferenceCache
+from engram.model.cache import InferenceCache, starts_from_left_padding
 from engram.model.transformer import IGNORE_INDEX, EngramLM
 from engram.tokenizer import CompressedTokenizer
 
@@ -99,20 +99,6 @@ class EngramCache(Cache):
 
     def reset(self) -> None:
         raise NotImplementedError("build a new cache instead (generate does)")
-
-
-def _starts_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) left-padding mask -> (B,) index of each row's first real token; refuses other masks."""
-    mask = attention_mask.to(torch.bool)
-    B, T = mask.shape
-    starts = T - mask.sum(dim=1)  # (B,)
-    expected = torch.arange(T, device=mask.device)[None] >= starts[:, None]
-    if not torch.equal(mask, expected):
-        raise ValueError("attention_mask must be left padding (zeros, then ones, per row): EngramForCausalLM "
-                         "supports left-padded batches only (tokenizer.padding_side = 'left')")
-    if bool((starts >= T).any()):
-        raise ValueError("a row of attention_mask has no real token")
-    return starts
 
 
 class EngramForCausalLM(PreTrainedModel, GenerationMixin):
@@ -240,19 +226,19 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None and not isinstance(cache, EngramCache):
             raise TypeError(f"EngramForCausalLM needs its own EngramCache, got {type(cache).__name__} "
                             "(let generate() build it: do not pass cache_implementation)")
-        padded = attention_mask is not None and not bool(attention_mask.to(torch.bool).all())
+        T = input_ids.shape[1]
+        # one host sync per call: is any of this call's positions padding?
+        padded = attention_mask is not None and not bool(attention_mask[:, -T:].to(torch.bool).all())
+        if padded and cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("new tokens after the prompt must all be real (attention_mask 1)")
         if cache is None and (use_cache or padded):
             if boundary is not None:
                 raise ValueError("boundary is for packed training batches, without padding or a cache")
-            mask = attention_mask[:, -input_ids.shape[1]:] if attention_mask is not None else None
-            starts = (_starts_from_mask(mask) if mask is not None
+            starts = (starts_from_left_padding(attention_mask[:, -T:]) if padded
                       else torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device))
-            inner = self.model.new_cache(starts, input_ids.shape[1] + 64, growable=True)
+            inner = self.model.new_cache(starts, T + 64, growable=True)
             cache = EngramCache(inner, len(self.model.layers))
         if cache is not None:
-            if attention_mask is not None and not bool(attention_mask[:, -input_ids.shape[1]:].to(torch.bool).all()) \
-                    and cache.get_seq_length() > 0:
-                raise ValueError("new tokens after the prompt must all be real (attention_mask 1)")
             logits = self.model(input_ids, cache=cache.inner).logits  # (B, T, V)
             loss = None
             if labels is not None:

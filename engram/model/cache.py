@@ -132,6 +132,20 @@ class InferenceCache:
             self.input_ngram_history = self.input_ngram_history.index_select(0, index)
 
 
+def starts_from_left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) left-padding mask (zeros, then ones, per row) -> (B,) index of each row's first real
+    token; any other mask is refused, since that token is where the row's n-grams and conv start."""
+    mask = attention_mask.to(torch.bool)
+    B, T = mask.shape
+    starts = T - mask.sum(dim=1)  # (B,)
+    if not torch.equal(mask, torch.arange(T, device=mask.device)[None] >= starts[:, None]):
+        raise ValueError("attention_mask must be left padding (zeros, then ones, per row): each row's first real "
+                         "token starts its n-grams and conv (tokenizer.padding_side = 'left')")
+    if bool((starts >= T).any()):
+        raise ValueError("a row of attention_mask has no real token")
+    return starts
+
+
 def _pad_history(hasher, B: int, device: torch.device) -> torch.Tensor | None:
     if hasher is None:
         return None

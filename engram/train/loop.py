@@ -36,11 +36,12 @@ from engram.model.transformer import EngramLM
 import engram.train.rundir as rundir
 from engram.train.allocator import fix_mmap_threshold
 from engram.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, open_checkpoint,
-                                     recovery_hint)
+                                     recovery_hint, remove_staging)
 from engram.train.optim import Optimizers
 from engram.train.step import TrainingDiverged, TrainState, autocast, train_step
 
-__all__ = ["MetricsLog", "TrainResult", "TrainState", "TrainingDiverged", "TrainingInterrupted", "config_changes",
+__all__ = ["MetricsLog", "StopSignals", "TrainResult", "TrainState", "TrainingDiverged", "TrainingInterrupted",
+           "check_splits", "config_changes",
            "evaluate", "mean_loss", "resolve_device", "setup", "train", "train_step"]
 
 # train fields that say where and how fast, not what is learned: never reported as changed on resume
@@ -185,7 +186,7 @@ def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> None:
               f"{_describe(changes)}", file=sys.stderr)
 
 
-def _check_splits(data, seq_len: int) -> None:
+def check_splits(data, seq_len: int) -> None:
     """Both splits must hold at least one window of ``seq_len`` tokens, before any step is spent."""
     for name, shards in (("training", data.train), ("validation", data.val)):
         longest = max((len(t) for t in shards.tokens), default=0)
@@ -269,7 +270,7 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     run_dir = Path(out_dir or tc.out_dir)
     device = rt.local_device(resolve_device(tc.device))
     if rt.is_main():
-        for path in rundir.clean_staging(run_dir):
+        for path in remove_staging(run_dir):
             print(f"[engram] removed {path}, a checkpoint a killed process did not finish", file=sys.stderr)
     ckpt_path = _checkpoint_to_resume(run_dir, resume, resume_from)
     ckpt = open_checkpoint(ckpt_path) if ckpt_path is not None else None
@@ -282,7 +283,7 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     if not rt.is_main():
         data = _prepare(run.data, ckpt)
     run = dataclasses.replace(run, model=run.model.with_data(data.vocab_size, data.pad_id))
-    _check_splits(data, tc.seq_len)
+    check_splits(data, tc.seq_len)
     if ckpt is not None:
         _check_resume(ckpt, run, run_dir)
     if rt.is_main():
@@ -327,7 +328,7 @@ class TrainingInterrupted(KeyboardInterrupt):
                          "--resume-from (resume=True, the default)")
 
 
-class _StopSignals:
+class StopSignals:
     """SIGINT and SIGTERM ask for a stop at the end of the current step, which is then saved; a second
     SIGINT stops at once (KeyboardInterrupt, nothing saved). Installed only in the main thread (Python
     delivers signals there); elsewhere signals keep their handlers."""
@@ -345,7 +346,7 @@ class _StopSignals:
             print(f"\n[engram] {signal.Signals(signum).name}: stopping after this step and saving it "
                   "(Ctrl-C again stops at once, unsaved)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -414,7 +415,7 @@ def _train_locked(run: RunConfig, run_dir: Path, resume: bool, progress: bool, o
     train_seconds, trained_tokens = 0.0, 0
     metrics: dict = {}
     stopped = 0
-    with _StopSignals(verbose=par.is_main) as stop:
+    with StopSignals(verbose=par.is_main) as stop:
         try:
             while state.step < tc.max_steps:
                 metrics = train_step(state)

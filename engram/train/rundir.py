@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 from engram.fileio import FileLock, LockBusy
-from engram.train.checkpoint import (CheckpointError, list_checkpoints, point_latest, remove_staging,
-                                     verify_checkpoint)
+from engram.train.checkpoint import CheckpointError, list_checkpoints, point_latest, verify_checkpoint
 
 LOCK = ".train.lock"
 ARCHIVE = "archive"
@@ -98,11 +97,6 @@ def rewind(run_dir: str | os.PathLike, step: int, verify: bool = True) -> tuple[
         for path in later:
             os.rename(path, target / path.name)
     return chosen, target
-
-
-def clean_staging(run_dir: str | os.PathLike) -> list[Path]:
-    """Remove the ``.tmp_step_*`` directories of checkpoints whose writer was killed (hold the lock)."""
-    return remove_staging(run_dir)
 
 
 def copy_metrics(run_dir: Path, archive: Path | None) -> None:

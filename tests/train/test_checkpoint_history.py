@@ -15,7 +15,8 @@ from engram.data import prepare_data
 from engram.model.transformer import EngramLM
 from engram.train import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
 from engram.train.checkpoint import step_of
-from engram.train.rundir import clean_staging, rewind, start_fresh
+from engram.train.checkpoint import remove_staging
+from engram.train.rundir import rewind, start_fresh
 
 
 class Killed(BaseException):
@@ -76,7 +77,7 @@ def test_latest_survives_any_interleaving(saver, tmp_path_factory, ops):
     def restart():
         """What the next process sees: no staging left, latest absent or intact and not behind."""
         nonlocal step
-        clean_staging(run_dir)
+        remove_staging(run_dir)
         latest = latest_checkpoint(run_dir)  # never raises: latest names a published step or is absent
         if latest is not None:
             verify_checkpoint(latest)
