@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from engram.config import MoEConfig
 from engram.model.layers import SwiGLU, swiglu_params
+from engram.model.tables import derive_seed, seeded
 
 
 class RoutedExperts(nn.Module):
@@ -83,8 +84,13 @@ class MoE(nn.Module):
             state.zero_()
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float | None = None) -> None:
+    def init_weights(self, std: float, out_std: float | None = None, seed: int | None = None) -> None:
         """Initialise every parameter; ``expert_bias`` is state, not a weight, and is left alone.
+
+        Expert e's slices and router row are drawn from their own stream (``derive_seed(seed,
+        "expert.e")``), the shared experts from another: an MoE with fewer experts starts with the first
+        experts of a larger one under the same seed (issue 17's seed pairing). ``seed`` None: drawn
+        from torch's generator.
 
         ``out_std`` (default ``std``) lets the model shrink the matrices that write to the residual
         stream, as it does for the dense FFN's w2.
@@ -98,15 +104,17 @@ class MoE(nn.Module):
         | shared.w2.weight                   | normal(0, out_std) |
         """
         out_std = std if out_std is None else out_std
-        inputs = [self.router.weight, self.experts.w1, self.experts.w3]
-        outputs = [self.experts.w2]
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        for e in range(self.experts.w1.shape[0]):  # expert e (its router row too) has its own stream
+            with seeded(derive_seed(seed, f"expert.{e}")):
+                for w, s in ((self.router.weight, std), (self.experts.w1, std), (self.experts.w3, std),
+                             (self.experts.w2, out_std)):
+                    nn.init.normal_(w[e], mean=0.0, std=s)
         if self.shared is not None:
-            inputs += [self.shared.w1.weight, self.shared.w3.weight]
-            outputs.append(self.shared.w2.weight)
-        for w in inputs:
-            nn.init.normal_(w, mean=0.0, std=std)
-        for w in outputs:
-            nn.init.normal_(w, mean=0.0, std=out_std)
+            with seeded(derive_seed(seed, "shared")):
+                for w, s in ((self.shared.w1.weight, std), (self.shared.w3.weight, std), (self.shared.w2.weight, out_std)):
+                    nn.init.normal_(w, mean=0.0, std=s)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, D) -> combine weights (N, k) fp32, chosen experts (N, k) int64."""

@@ -26,7 +26,7 @@ from engram.model.hyper import make_residual
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE
 from engram.model.overencoding import OverEncoding, input_layer_id
-from engram.model.tables import HashedTable, derive_seed
+from engram.model.tables import HashedTable, derive_seed, seeded
 from engram.tokenizer import CompressedTokenizer
 
 IGNORE_INDEX = -100
@@ -132,7 +132,11 @@ class EngramLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, tables: bool = True) -> None:
-        """Initialise every parameter and buffer, once, from torch's generator (``torch.manual_seed``):
+        """Initialise every parameter and buffer, once, from one seed drawn from torch's generator
+        (``torch.manual_seed``). Each module's weights come from their own stream, ``derive_seed(seed,
+        module name)``, and each routed expert from its own (``MoE.init_weights``): two models that share
+        a parameter (same name and shape) start it equal under the same seed, whatever else either holds,
+        so an MoE and its Engram twin are seed-paired (issue 17):
 
         | parameter                         | init                                   |
         |-----------------------------------|----------------------------------------|
@@ -143,8 +147,8 @@ class EngramLM(nn.Module):
         | norms                             | ones                                   |
         | MoE, hyper-connections, Engram,   | their own ``init_weights``             |
         | OverEncoding                      |                                        |
-        | hashed table rows                 | from one seed drawn first, per table   |
-        |                                   | (``derive_seed(seed, module name)``):  |
+        | hashed table rows                 | per table, from                        |
+        |                                   | ``derive_seed(seed, module name)``:    |
         |                                   | row blocks, so shards agree with whole |
         |                                   | tables (``engram.model.tables``)       |
         | buffers (hasher, RoPE, offsets,   | recomputed from the config; MoE bias   |
@@ -155,31 +159,42 @@ class EngramLM(nn.Module):
         for module in self.modules():  # derived buffers: hashers, RoPE, table offsets, MoE state
             if module is not self and hasattr(module, "reset_buffers"):
                 module.reset_buffers()
-        table_seed = int(torch.randint(0, 2**62, ()).item())
+        seed = int(torch.randint(0, 2**62, ()).item())  # the one draw from torch's generator
+
+        def own(name: str):  # the stream of the weights under module ``name``
+            return seeded(derive_seed(seed, name))
+
         out_std = std / math.sqrt(2 * self.config.backbone.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-        nn.init.normal_(self.output.weight, std=std)
+        with own("tok_embeddings"):
+            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
+        with own("output"):
+            nn.init.normal_(self.output.weight, std=std)
         nn.init.ones_(self.norm.weight)
         for i, blk in enumerate(self.layers):
             for norm in (blk.attn_norm, blk.ffn_norm):
                 nn.init.ones_(norm.weight)
-            for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv):
-                nn.init.normal_(lin.weight, std=std)
-            nn.init.normal_(blk.attn.wo.weight, std=out_std)
+            with own(f"layers.{i}.attn"):
+                for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv):
+                    nn.init.normal_(lin.weight, std=std)
+                nn.init.normal_(blk.attn.wo.weight, std=out_std)
             if isinstance(blk.ffn, SwiGLU):
-                nn.init.normal_(blk.ffn.w1.weight, std=std)
-                nn.init.normal_(blk.ffn.w3.weight, std=std)
-                nn.init.normal_(blk.ffn.w2.weight, std=out_std)
+                with own(f"layers.{i}.ffn"):
+                    nn.init.normal_(blk.ffn.w1.weight, std=std)
+                    nn.init.normal_(blk.ffn.w3.weight, std=std)
+                    nn.init.normal_(blk.ffn.w2.weight, std=out_std)
             else:
-                blk.ffn.init_weights(std, out_std)
-            for res in (blk.attn_res, blk.ffn_res):
+                blk.ffn.init_weights(std, out_std, seed=derive_seed(seed, f"layers.{i}.ffn"))
+            for part, res in (("attn_res", blk.attn_res), ("ffn_res", blk.ffn_res)):
                 if hasattr(res, "init_weights"):
-                    res.init_weights()
+                    with own(f"layers.{i}.{part}"):
+                        res.init_weights()
             if blk.engram is not None:
-                blk.engram.init_weights(std, table_seed=derive_seed(table_seed, f"layers.{i}.engram.embedding"),
-                                        tables=tables)
+                with own(f"layers.{i}.engram"):
+                    blk.engram.init_weights(std, table_seed=derive_seed(seed, f"layers.{i}.engram.embedding"),
+                                            tables=tables)
         if self.overencoding is not None:
-            self.overencoding.init_weights(tables=tables)
+            with own("overencoding"):
+                self.overencoding.init_weights(tables=tables)
 
     def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Hash ids for every Engram layer, computed once per batch (empty for a baseline), plus the

@@ -165,3 +165,37 @@ def test_table_init_std_is_a_recorded_option_and_the_reference_is_unchanged():
     for bad in (-1.0, float("inf"), True):
         with pytest.raises(ValueError, match="EngramConfig.table_init_std"):
             EngramConfig(table_init_std=bad)
+
+
+def _twins():
+    """An MoE and its Engram twin of different sizes: 8 vs 6 routed experts, Engram at block 1."""
+    moe = get_preset("tiny-moe")
+    engram = get_preset("tiny-engram")
+    engram = dataclasses.replace(engram, backbone=dataclasses.replace(
+        engram.backbone, moe=dataclasses.replace(engram.backbone.moe, n_routed_experts=6)))
+    return moe, engram
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_seed_gives_twins_the_same_initial_weight_for_every_shared_parameter(seed):
+    """Seed pairing (issue 17): a parameter both models have (same name, same shape) starts equal,
+    and so do the routed experts and router rows they share, whatever the other model holds besides
+    (an Engram module, more experts); a weight's draw depends on its name, not on what came before."""
+    moe_config, engram_config = _twins()
+    torch.manual_seed(seed)
+    moe = dict(EngramLM(moe_config).named_parameters())
+    torch.manual_seed(seed)
+    engram = dict(EngramLM(engram_config).named_parameters())
+    shared = [n for n in moe if n in engram and moe[n].shape == engram[n].shape]
+    assert len(shared) > 20 and any(n.startswith("layers.3.") for n in shared)
+    for name in shared:
+        assert torch.equal(moe[name], engram[name]), name
+    expert_stacks = [n for n in moe if n in engram and moe[n].shape != engram[n].shape]
+    assert expert_stacks and all(".ffn." in n for n in expert_stacks)
+    for name in expert_stacks:  # router rows and expert slices 0..5 are the first six of eight
+        k = engram[name].shape[0]
+        assert torch.equal(moe[name][:k], engram[name]), name
+    torch.manual_seed(seed + 1)
+    other = dict(EngramLM(moe_config).named_parameters())
+    assert not torch.equal(other["layers.0.attn.wq.weight"], moe["layers.0.attn.wq.weight"])
+
