@@ -51,6 +51,17 @@ def fake_ablation(seeds=2):
     return out
 
 
+def fake_init(seeds=range(3), effects=None):
+    """The init sweep: a pure-MoE twin and three table inits, a per-seed offset common to every point."""
+    effects = effects or {1.0: -0.03, 0.02: -0.05, 0.0: -0.04}
+    out = [fake_run("init", "pure-moe", s, 4.30 + 0.02 * s, variant="pure-moe", table_init_std=None)
+           for s in seeds]
+    for std, d in effects.items():
+        out += [fake_run("init", f"table_std={std:g}", s, 4.30 + 0.02 * s + d + 0.001 * (s % 2), variant=f"table_std={std:g}",
+                         table_init_std=std) for s in seeds]
+    return out
+
+
 def is_png(path):
     data = path.read_bytes()
     return len(data) > 1000 and data[:8] == PNG_MAGIC

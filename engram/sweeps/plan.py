@@ -6,7 +6,9 @@ the outer loop, so every grid point has a first seed before any gets a second.
 
 - allocation: one iso-parameter, iso-FLOP model per rho (``allocation.allocation_grid``);
 - memory: the rho = 1 backbone without memory, with Engram and with OverEncoding tables of growing size;
-- ablation: switches of the Engram module and single-module layers at the table budget of ``ablation_rho``.
+- ablation: switches of the Engram module and single-module layers at the table budget of ``ablation_rho``;
+- init: the Engram tables' initial standard deviation (``INIT_STDS``) at the table budget of
+  ``ablation_rho``, beside its pure-MoE twin (rho = 1), all seed-paired (issue 17's study).
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ class PlannedRun:
     seed: int
     run: RunConfig
     info: dict = field(default_factory=dict)  # grid coordinates: rho / method, table_params / variant, group
+    path: str | None = None  # its directory under the root; None: BUDGET/SWEEP/POINT/seedK (the demo sets its own)
 
     def directory(self, root: Path) -> Path:
+        if self.path is not None:
+            return Path(root) / self.path
         return Path(root) / self.budget / self.sweep / self.point / f"seed{self.seed}"
 
 
@@ -125,12 +130,36 @@ def plan_ablation(budget: Budget, seeds: range) -> list[PlannedRun]:
     return runs
 
 
+# table_init_std values of the init sweep: DeepSeek's N(0, 1) (the reference), a small N(0, 0.02) (the
+# scale of every other weight here) and zero (what OverEncoding needed, docs/RESULTS.md §2)
+INIT_STDS = (1.0, 0.02, 0.0)
+INIT_TWIN = "pure-moe"
+
+
+def init_label(std: float) -> str:
+    return f"table_std={std:g}"
+
+
+def plan_init(budget: Budget, seeds: range) -> list[PlannedRun]:
+    base = budget.base_run()
+    point = allocate(base.model, budget.engram_template(), budget.ablation_rho)
+    models = [(INIT_TWIN, {"variant": INIT_TWIN, "table_init_std": None, "rho": 1.0, "table_params": 0},
+               base.model)]
+    for std in INIT_STDS:
+        model = dataclasses.replace(point.config,
+                                    engram=dataclasses.replace(point.config.engram, table_init_std=std))
+        models.append((init_label(std), {"variant": init_label(std), "table_init_std": std, "rho": point.rho,
+                                         "table_params": _table_params(model)}, model))
+    return [PlannedRun("init", budget.name, label, seed, _seeded(base, model, seed), dict(info))
+            for seed in seeds for label, info, model in models]
+
+
 PLANS: dict[str, Callable[[Budget, range], list[PlannedRun]]] = {
-    "allocation": plan_allocation, "memory": plan_memory, "ablation": plan_ablation}
+    "allocation": plan_allocation, "memory": plan_memory, "ablation": plan_ablation, "init": plan_init}
 
 
 def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None,
-         first_seed: int = 0) -> list[PlannedRun]:
+         first_seed: int = 0, points: list[str] | None = None) -> list[PlannedRun]:
     """The runs of ``sweep`` for ``budget``: seeds ``first_seed`` .. ``first_seed + seeds - 1`` (``seeds``
     defaults to the budget's; a later ``first_seed`` gives fresh seeds to confirm a choice made on the
     first ones); ``overrides`` are ``key=value`` settings applied to every run's data/train config (e.g.
@@ -144,6 +173,12 @@ def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str]
     if not isinstance(first_seed, int) or first_seed < 0:
         raise ValueError(f"--first-seed must be an int >= 0, got {first_seed!r}")
     runs = PLANS[sweep](b, range(first_seed, first_seed + n))
+    if points:  # only these grid points (e.g. confirm a choice and its reference on fresh seeds)
+        known = list(dict.fromkeys(r.point for r in runs))
+        unknown = [p for p in points if p not in known]
+        if unknown:
+            raise ValueError(f"unknown point(s) {unknown} of the {sweep} sweep; its points: {known}")
+        runs = [r for r in runs if r.point in points]
     if overrides:
         bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("model.")]
         if bad:
@@ -153,18 +188,18 @@ def plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str]
 
 
 def describe_plan(sweep: str, budget: str, seeds: int | None = None, overrides: list[str] | None = None,
-                  first_seed: int = 0) -> str:
+                  first_seed: int = 0, points: list[str] | None = None) -> str:
     """What ``--dry-run`` prints: the solver's table (allocation) or each grid point's sizes, and the
     number of runs."""
-    runs = plan(sweep, budget, seeds, overrides, first_seed)
-    if sweep == "allocation":
+    runs = plan(sweep, budget, seeds, overrides, first_seed, points)
+    if sweep == "allocation" and not points:
         b = get_budget(budget)
         base = b.base_run().model
         lines = [format_grid(allocation_grid(base, b.engram_template(), b.rhos), count_parameters(base))]
     else:
         lines = [f"{'point':<28} {'table params':>13} {'P_tot':>12} {'P_act':>11}"]
         for r in runs:
-            if r.seed == 0:
+            if r.seed == runs[0].seed:
                 c = count_parameters(r.run.model)
                 lines.append(f"{r.point:<28} {r.info['table_params']:>13,} {c.total:>12,} {c.active:>11,}")
     tc = runs[0].run.train

@@ -149,4 +149,44 @@ def plot_ablation(results, path) -> Path:
     return save_figure(fig, path)
 
 
-PLOTS = {"allocation": plot_allocation, "memory": plot_memory, "ablation": plot_ablation}
+def plot_init(results, path) -> Path:
+    """Left: every run's validation loss, one line per seed across the points (seeds pair up). Right:
+    each init's per-seed difference to the pure-MoE twin (negative: Engram ahead)."""
+    plt = pyplot()
+    runs = runs_of(results, "init")
+    points = sorted(by_point(runs).items(), key=lambda kv: (kv[1][0].get("table_init_std") is not None,
+                                                             -(kv[1][0].get("table_init_std") or 0.0)))
+    if not points:
+        raise ValueError("no init runs")
+    names = [p for p, _ in points]
+    seeds = sorted({r["seed"] for r in runs})
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(seeds), 1)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for colour, seed in zip(colours, seeds):
+        xs = [i for i, (_, pr) in enumerate(points) if seed in by_seed(pr)]
+        left.plot(xs, [by_seed(points[i][1])[seed] for i in xs], "o-", color=colour, alpha=0.8, label=f"seed {seed}")
+    left.set_xticks(range(len(names)), names)
+    left.set_ylabel("validation loss (nats/token)")
+    left.set_title("Validation loss per run (one line per seed)", fontsize=10)
+    left.legend(fontsize=8, ncol=2)
+    try:
+        deltas = [d for d in delta_vs_reference(runs, "init") if d["table_init_std"] is not None]
+    except ValueError:
+        deltas = []
+    for x, d in enumerate(deltas):
+        for colour, seed in zip(colours, seeds):
+            if seed in d["paired_diffs"]:
+                right.scatter([x], [d["paired_diffs"][seed]], color=colour, s=18, zorder=3)
+        if d["paired_n"]:
+            right.errorbar([x], [d["paired_mean"]], yerr=[d["paired_std"] or 0.0], fmt="_", ms=30, capsize=4,
+                           color="black", zorder=2)
+    right.axhline(0, color="grey", lw=1)
+    right.set_xticks(range(len(deltas)), [d["point"] for d in deltas])
+    right.set_ylabel("val loss minus the pure-MoE twin (nats)")
+    right.set_title("Seed-paired difference to the pure-MoE twin\n(dots: seeds; bar: mean ± std; below 0: Engram "
+                    "ahead)", fontsize=10)
+    fig.suptitle(f"Engram table initialisation, budget {runs[0].get('budget')!s}", fontsize=11)
+    return save_figure(fig, path)
+
+
+PLOTS = {"allocation": plot_allocation, "memory": plot_memory, "ablation": plot_ablation, "init": plot_init}

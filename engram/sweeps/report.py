@@ -50,7 +50,8 @@ def _fit_lines(fits: dict) -> list[str]:
 def markdown_tables(results) -> str:
     x_cols = {"allocation": [("rho", lambda r: f"{r['rho']:.2f}")],
               "memory": [("method", lambda r: r["method"]), ("table params", lambda r: _size(r["table_params"]))],
-              "ablation": [("group", lambda r: r["group"])]}
+              "ablation": [("group", lambda r: r["group"])],
+              "init": [("table init std", lambda r: "-" if r["table_init_std"] is None else f"{r['table_init_std']:g}")]}
     summary, out = summarise(results), []
     for (sweep, budget), runs in by_sweep(results).items():
         cols = x_cols.get(sweep, [])
@@ -72,7 +73,31 @@ def markdown_tables(results) -> str:
             out.append("| " + " | ".join(cells) + " |")
         fits = sweep_fits(sweep, runs)
         out += ["", *_fit_lines(fits), ""] if fits else [""]
+        if sweep == "init":
+            out += init_comparison(runs)
     return "\n".join(out)
+
+
+def init_comparison(runs: list[dict]) -> list[str]:
+    """The init sweep's second table: every init against the reference N(0, 1), seed by seed, so a
+    choice made on some seeds can be checked on the others."""
+    ref_std = max((r["table_init_std"] for r in runs if r.get("table_init_std") is not None), default=None)
+    if ref_std is None:
+        return []
+    reference = (f"table_std={ref_std:g}", lambda r: r.get("table_init_std") == ref_std)
+    rows = [d for d in delta_vs_reference(runs, "init", reference) if d["table_init_std"] is not None]
+    if not rows:
+        return []
+    seeds = sorted({s for d in rows for s in d["paired_diffs"]})
+    head = ["point", *(f"seed {s}" for s in seeds), "paired Δ", "paired std", "wins"]
+    out = [f"Against the reference init ({reference[0]}), per seed (negative = better than the reference):", "",
+           "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for d in rows:
+        diffs = d["paired_diffs"]
+        wins = f"{sum(v < 0 for v in diffs.values())}/{len(diffs)}"
+        out.append("| " + " | ".join([d["point"], *(_f(diffs.get(s), "+.4f") for s in seeds),
+                                      _f(d["paired_mean"], "+.4f"), _f(d["paired_std"]), wins]) + " |")
+    return out + [""]
 
 
 def _jsonable(x):

@@ -170,7 +170,7 @@ def _log(message: str) -> None:
 
 def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Path = "runs/sweeps",
               workers: int = 1, threads: int | None = None, overrides: list[str] | None = None,
-              progress: bool = True, first_seed: int = 0) -> list[dict]:
+              progress: bool = True, first_seed: int = 0, points: list[str] | None = None) -> list[dict]:
     """Run (or finish) a sweep, seeds ``first_seed`` onwards; returns the results of every finished run of
     the plan.
 
@@ -180,7 +180,7 @@ def run_sweep(sweep: str, budget: str, seeds: int | None = None, root: str | Pat
     from engram.data import prepare_data
 
     root = Path(root)
-    runs = plan(sweep, budget, seeds, overrides, first_seed)
+    runs = plan(sweep, budget, seeds, overrides, first_seed, points)
     prepare_data(runs[0].run.data)  # once, before the workers start (they would wait on its lock anyway)
     if threads is None and workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -222,15 +222,67 @@ def work_through(runs: list[PlannedRun], root: Path, progress: bool = True) -> l
     return failures
 
 
-def _worker(runs: list[PlannedRun], root: Path, threads: int) -> None:
+def _follow_parent(parent: int, every: float = 1.0) -> None:
+    """In a worker: when the process that started it is gone (killed, even with SIGKILL), stop the way
+    ``run_workers`` stops a worker (SIGTERM: the run in training saves its step, then the worker exits),
+    instead of training on as an orphan that holds its run's lock."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="engram-sweep-parent-watch", daemon=True).start()
+
+
+def _worker(runs: list[PlannedRun], root: Path, threads: int, parent: int | None = None) -> None:
     """One worker process of ``run_workers``: the runs of the plan not done yet, with its own threads."""
+    import signal
+
     import torch
 
+    if parent is not None:
+        _follow_parent(parent)
+    # SIGTERM outside a training step (between runs, while preparing one) stops the worker at once;
+    # inside one, the trainer's own handler saves the step first
+    signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
     try:
         work_through([r for r in runs if result_of(r, root) is None], root, progress=False)
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal; the parent reports it once
         sys.exit(130)
+
+
+def steps_done(planned: PlannedRun, root: Path) -> int:
+    """How far a run has trained: its last logged step (all of them once it is done; 0 before it starts)."""
+    if (planned.directory(root) / "result.json").exists():
+        return planned.run.train.max_steps
+    try:
+        with open(planned.directory(root) / "train" / "metrics.jsonl", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(tail):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            continue
+    return 0
+
+
+def _show_progress(bar, runs: list[PlannedRun], root: Path) -> None:
+    bar.n = sum(steps_done(r, root) for r in runs)
+    bar.set_postfix_str(f"{sum((r.directory(root) / 'result.json').exists() for r in runs)}/{len(runs)} runs",
+                        refresh=False)
+    bar.refresh()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def run_workers(runs: list[PlannedRun], root: Path, workers: int, threads: int, progress: bool = True,
@@ -242,35 +294,46 @@ def run_workers(runs: list[PlannedRun], root: Path, workers: int, threads: int, 
     The workers are started with ``spawn``: each imports engram afresh, then calls ``work_through`` on the
     same plan (a forked child of a process that has run torch can hang in its thread pool, and cannot use
     CUDA at all). The locks decide which worker trains which run."""
+    import signal
+    import threading
+
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(runs, root, threads), name=f"engram-sweep-worker-{i}")
+    procs = [context.Process(target=_worker, args=(runs, root, threads, os.getpid()), name=f"engram-sweep-worker-{i}")
              for i in range(workers)]
     for p in procs:
         p.start()
+    # SIGTERM (kill, a scheduler's time limit) stops the workers the way Ctrl-C does, so none trains on
+    # as an orphan (a SIGKILL cannot be caught: the workers notice their parent is gone, _follow_parent)
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() else None
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(runs), desc=desc, unit="run", dynamic_ncols=True)
+        bar = tqdm(total=sum(r.run.train.max_steps for r in runs), desc=desc, unit="step", dynamic_ncols=True)
     try:
         while alive := [p for p in procs if p.is_alive()]:
             wait([p.sentinel for p in alive], timeout=5)  # returns early when a worker exits
             if bar is not None:
-                bar.n = sum(result_of(r, root) is not None for r in runs)
-                bar.refresh()
+                _show_progress(bar, runs, root)
     except KeyboardInterrupt:
-        # a terminal's Ctrl-C reached the workers too: a moment to release their locks, then stop the rest
-        deadline = time.time() + 5
+        # a terminal's Ctrl-C reached the workers too; a SIGTERM did not: pass it on, give them a moment
+        # to save their step and release their locks, then stop the rest
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.time() + 60
         for p in procs:
             p.join(max(0.0, deadline - time.time()))
         for p in procs:
             if p.is_alive():
-                p.terminate()
+                p.kill()
             p.join()
         raise
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         if bar is not None:
-            bar.n = sum(result_of(r, root) is not None for r in runs)
+            _show_progress(bar, runs, root)
             bar.close()
     failed = [f"worker {i} exited with {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
     for r in runs:  # the workers logged these as they happened; collected here for the final summary

@@ -3,7 +3,8 @@
 Numbers only: ``plots`` draws them and ``report`` writes them out as tables and JSON.
 Input is one dict per training run, as the sweep runner writes it to ``result.json`` (``load_results``):
 ``sweep``, ``budget``, ``point`` (a label unique within the sweep), ``seed``, ``val_loss``, ``params``, and
-per sweep ``rho`` (allocation), ``method`` + ``table_params`` (memory), ``variant`` + ``group`` (ablation).
+per sweep ``rho`` (allocation), ``method`` + ``table_params`` (memory), ``variant`` + ``group`` (ablation),
+``variant`` + ``table_init_std`` (init; None for the pure-MoE twin).
 
 What each statistic means
 - ``summarise``: per (sweep, budget, point) the number of seeds and the mean, std (ddof=1; 0 for a single
@@ -17,7 +18,7 @@ What each statistic means
   fitted on individual runs. The slope is the change in loss per *doubling* of the table (divide by ln 2
   for per e-fold), with its OLS standard error.
 - ``delta_vs_reference``: each point's mean minus the reference's (pure MoE rho=1, the "none" backbone
-  without memory, the "full" ablation variant). The paper's iso-parameter gain is ~0.01 nats (SPEC §6),
+  without memory, the "full" ablation variant, the pure-MoE twin of the init sweep). The paper's iso-parameter gain is ~0.01 nats (SPEC §6),
   about the seed-to-seed spread of a small run. Runs with the same seed share data order and init, so much
   of that spread is common to both arms and cancels in the per-seed difference: ``paired_mean`` /
   ``paired_std`` over the shared seeds are the numbers to read. ``combined_std`` = sqrt(std^2 + std_ref^2)
@@ -37,7 +38,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-SWEEPS = ("allocation", "memory", "ablation")
+SWEEPS = ("allocation", "memory", "ablation", "init")
 _ORDER = {s: i for i, s in enumerate(SWEEPS)}  # report order; unknown sweeps go last
 PAPER_OPTIMUM = (0.75, 0.80)  # SPEC §4: the U-shape bottoms out at rho ~ 75-80%
 REQUIRED = ("sweep", "point", "seed", "val_loss")
@@ -169,6 +170,8 @@ def _x_fields(run: dict) -> dict:
         return {"method": run.get("method", "none"), "table_params": int(run.get("table_params", 0))}
     if sweep == "ablation":
         return {"variant": run.get("variant", run["point"]), "group": run.get("group", "component")}
+    if sweep == "init":
+        return {"variant": run.get("variant", run["point"]), "table_init_std": run.get("table_init_std")}
     return {}
 
 
@@ -185,6 +188,9 @@ def _sort_key(row: dict) -> tuple:
         inner = (row["method"] != "none", row["method"], row["table_params"])
     elif sweep == "ablation":
         inner = (row["variant"] != "full", row["group"] != "component", row["group"], natural_key(row["variant"]))
+    elif sweep == "init":  # the pure-MoE twin, then the tables' init std from large to small
+        std = row.get("table_init_std")
+        inner = (std is not None, -(std or 0.0))
     else:
         inner = (natural_key(str(row["point"])),)
     return (_ORDER.get(sweep, len(SWEEPS)), sweep, str(row["budget"]), inner)
@@ -230,11 +236,14 @@ def summarise(results) -> list[dict]:
 
 REFERENCE = {"allocation": ("rho=1 (pure MoE)", lambda r: math.isclose(float(r["rho"]), 1.0)),
              "memory": ("method 'none'", lambda r: r.get("method") == "none"),
-             "ablation": ("variant 'full'", lambda r: r.get("variant", r["point"]) == "full")}
+             "ablation": ("variant 'full'", lambda r: r.get("variant", r["point"]) == "full"),
+             "init": ("the pure-MoE twin", lambda r: r.get("table_init_std") is None)}
 
 
-def delta_vs_reference(results, sweep: str) -> list[dict]:
-    name, is_ref = REFERENCE[sweep]
+def delta_vs_reference(results, sweep: str, reference: tuple | None = None) -> list[dict]:
+    """Each point against the sweep's reference (``REFERENCE``), or against ``reference`` = (name,
+    predicate on a run); rows carry ``paired_diffs``, the per-seed differences, keyed by seed."""
+    name, is_ref = REFERENCE[sweep] if reference is None else reference
     parts = {budget: runs for (s, budget), runs in by_sweep(results).items() if s == sweep}
     if not parts:
         raise ValueError(f"no {sweep} results")
@@ -253,6 +262,7 @@ def delta_vs_reference(results, sweep: str) -> list[dict]:
                          "delta": float(loss.mean() - ref_loss.mean()),
                          "combined_std": math.hypot(sample_std(loss), sample_std(ref_loss)),
                          "paired_n": len(shared), "paired_seeds": shared,
+                         "paired_diffs": {int(s): float(d) for s, d in zip(shared, diffs)},
                          "paired_mean": float(diffs.mean()) if shared else None,
                          "paired_std": sample_std(diffs) if shared else None})
     return sorted(rows, key=_sort_key)

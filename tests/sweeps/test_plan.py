@@ -1,5 +1,7 @@
 """Sweep plans (engram.sweeps.plan): the grids, every variant trains a step, --dry-run."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def test_plans_cover_their_grids():
         plan("allocation", "tiny", seeds=0)
 
 
-@pytest.mark.parametrize("sweep", ["memory", "ablation"])
+@pytest.mark.parametrize("sweep", ["memory", "ablation", "init"])
 def test_every_variant_builds_and_trains_a_step(budget_file, sweep):
     for planned in plan(sweep, budget_file, seeds=1):
         model_config = planned.run.model
@@ -77,3 +79,31 @@ def test_first_seed_gives_fresh_seeds_with_the_same_grid():
     import pytest
     with pytest.raises(ValueError, match="--first-seed must be an int >= 0"):
         plan("ablation", "tiny", seeds=1, first_seed=-1)
+
+
+def test_init_sweep_pairs_the_twin_and_three_table_inits():
+    """issue 17's study: the pure-MoE twin and the rho = 0.8 Engram model with N(0, 1), N(0, 0.02)
+    and zero tables; the Engram models differ in the table init only, at equal P_tot and P_act."""
+    runs = plan("init", "tiny", seeds=2)
+    assert [r.point for r in runs[:4]] == ["pure-moe", "table_std=1", "table_std=0.02", "table_std=0"]
+    assert len(runs) == 8 and [r.seed for r in runs] == [0] * 4 + [1] * 4
+    twin, *engrams = runs[:4]
+    assert twin.run.model.engram is None and twin.info["table_init_std"] is None
+    assert [r.run.model.engram.table_init_std for r in engrams] == [1.0, 0.02, 0.0]
+    base = dataclasses.replace(engrams[0].run.model.engram, table_init_std=0.0)
+    assert all(dataclasses.replace(r.run.model.engram, table_init_std=0.0) == base for r in engrams)
+    counts = [count_parameters(r.run.model) for r in runs[:4]]
+    assert len({c.active for c in counts}) == 1
+    assert max(c.total for c in counts) - min(c.total for c in counts) < 0.001 * counts[0].total
+    assert engrams[0].info["rho"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_points_select_part_of_the_grid(capsys):
+    """--points: confirm a choice and its reference on fresh seeds without rerunning the whole grid."""
+    runs = plan("init", "tiny", seeds=3, first_seed=3, points=["pure-moe", "table_std=0"])
+    assert [(r.point, r.seed) for r in runs] == [(p, s) for s in (3, 4, 5) for p in ("pure-moe", "table_std=0")]
+    with pytest.raises(ValueError, match=r"unknown point\(s\) \['x'\].*its points: \['pure-moe'"):
+        plan("init", "tiny", points=["x"])
+    assert cli(["sweep", "init", "--dry-run", "--first-seed", "3", "--points", "table_std=1"]) == 0
+    out = capsys.readouterr().out
+    assert "table_std=1 " in out and "table_std=0.02" not in out and "3 runs" in out

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from research_support import fake_ablation, fake_allocation, fake_memory, is_png
+from research_support import fake_ablation, fake_allocation, fake_init, fake_memory, is_png
 
 from engram.sweeps.plots import plot_allocation
 from engram.sweeps.report import markdown_tables, write_report
@@ -25,6 +25,25 @@ def test_write_report_produces_files(tmp_path):
     tables = paths["tables"].read_text()
     assert tables == markdown_tables(results)
     assert tables.count("| ---") >= 3 and "no-gate" in tables and "0.0500" in tables
+
+
+def test_init_sweep_report_pairs_every_init_with_the_twin_and_the_reference(tmp_path):
+    """The init sweep (issue 17): deltas against the pure-MoE twin, a per-seed table against N(0, 1)
+    (so a choice made on seeds 0-2 can be read off on 3-5), and the plot."""
+    results = fake_init(seeds=range(6))
+    paths = write_report(results, tmp_path)
+    assert is_png(paths["init"])
+    deltas = {d["point"]: d for d in json.loads(paths["summary"].read_text())["deltas"]["init"]}
+    assert set(deltas) == {"table_std=1", "table_std=0.02", "table_std=0"}
+    assert deltas["table_std=0.02"]["paired_mean"] == pytest.approx(-0.05, abs=0.001)
+    assert deltas["table_std=0.02"]["paired_n"] == 6
+    tables = paths["tables"].read_text()
+    rows = [line for line in tables.splitlines() if line.startswith("| table_std=")]
+    assert [r.split(" | ")[0] for r in rows[:3]] == ["| table_std=1", "| table_std=0.02", "| table_std=0"]
+    per_seed = next(r for r in rows[3:] if r.startswith("| table_std=0.02 "))
+    cells = [c.strip() for c in per_seed.strip("|").split("|")]
+    assert cells[1:7] == ["-0.0200"] * 6 and cells[-1] == "6/6"  # -0.05 against -0.03, every seed
+    assert "seed 5" in tables and "Against the reference init (table_std=1)" in tables
 
 
 def test_write_report_separates_budgets(tmp_path):

@@ -126,3 +126,47 @@ def test_runs_that_fail_in_workers_are_reported(budget_file, tmp_path, capfd):
         assert "CUDA is not available" in json.loads(failed.read_text())["error"]
     err = capfd.readouterr().err
     assert "2 run(s) failed" in err and "rho=0.500 seed 0: ValueError" in err
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_workers_stop_with_their_parent_and_save_their_run(budget_file, tmp_path, how):
+    """Killing `engram sweep --workers N` (SIGTERM, or SIGKILL that cannot be caught) stops its workers:
+    none trains on as an orphan holding its lock, and the run it was training saved a checkpoint."""
+    import signal
+    import time
+
+    script = (f"from engram.sweeps import runner\n"
+              f"runner.run_sweep('allocation', {budget_file!r}, seeds=1, root={str(tmp_path)!r}, workers=2, threads=1,"
+              f" overrides=['train.max_steps=100000', 'train.save_every=100000', 'train.eval_every=100000'],"
+              f" progress=False)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    locks = []
+    deadline = time.time() + 120
+    while time.time() < deadline and len(locks) < 2:
+        time.sleep(0.5)
+        locks = list(tmp_path.rglob(".lock"))
+    assert len(locks) == 2, "the workers never claimed their runs"
+    pids = [int(lock.read_text().split()[1]) for lock in locks]
+    while time.time() < deadline and len(list(tmp_path.rglob("metrics.jsonl"))) < 2:
+        time.sleep(0.5)  # until both train (a step logged)
+    parent.send_signal(getattr(signal, how))
+    parent.wait(timeout=120)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(runner._pid_alive(pid) for pid in pids):
+        time.sleep(0.5)
+    assert not any(runner._pid_alive(pid) for pid in pids), "a worker outlived its parent"
+    assert not list(tmp_path.rglob(".lock"))
+    assert len(list(tmp_path.rglob("checkpoints/step_*"))) == 2  # each run saved the step it stopped at
+
+
+def test_steps_done_reads_a_runs_last_logged_step(budget_file, tmp_path):
+    """The workers' progress bar counts steps: 0 before a run starts, its last logged step while it
+    trains (a torn last line skipped), max_steps once done."""
+    planned = plan("allocation", budget_file, seeds=1)[0]
+    assert runner.steps_done(planned, tmp_path) == 0
+    metrics = planned.directory(tmp_path) / "train" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 2}\n{"kind": "tr')
+    assert runner.steps_done(planned, tmp_path) == 2
+    (planned.directory(tmp_path) / "result.json").write_text("{}")
+    assert runner.steps_done(planned, tmp_path) == planned.run.train.max_steps
