@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from engram.config import MoEConfig
 from engram.model.layers import SwiGLU, swiglu_params
-from engram.model.tables import derive_seed, seeded
+from engram.model.init import derive_seed, normal_units_
 
 
 class RoutedExperts(nn.Module):
@@ -88,9 +88,9 @@ class MoE(nn.Module):
         """Initialise every parameter; ``expert_bias`` is state, not a weight, and is left alone.
 
         Expert e's slices and router row are drawn from their own stream (``derive_seed(seed,
-        "expert.e")``), the shared experts from another: an MoE with fewer experts starts with the first
-        experts of a larger one under the same seed (issue 17's seed pairing). ``seed`` None: drawn
-        from torch's generator.
+        "expert.e")``), the shared experts by hidden unit (``init.normal_units_``): an MoE with fewer
+        experts starts with the first experts of a larger one under the same seed (issue 17's seed
+        pairing). ``seed`` None: drawn from torch's generator.
 
         ``out_std`` (default ``std``) lets the model shrink the matrices that write to the residual
         stream, as it does for the dense FFN's w2.
@@ -106,15 +106,17 @@ class MoE(nn.Module):
         out_std = std if out_std is None else out_std
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        for e in range(self.experts.w1.shape[0]):  # expert e (its router row too) has its own stream
-            with seeded(derive_seed(seed, f"expert.{e}")):
-                for w, s in ((self.router.weight, std), (self.experts.w1, std), (self.experts.w3, std),
-                             (self.experts.w2, out_std)):
-                    nn.init.normal_(w[e], mean=0.0, std=s)
+        if self.router.weight.device.type == "meta":
+            return
+        generator = torch.Generator()
+        w1, w3, w2, router = self.experts.w1, self.experts.w3, self.experts.w2, self.router.weight
+        for e in range(w1.shape[0]):  # expert e and its router row: one stream of their own
+            generator.manual_seed(derive_seed(seed, f"expert.{e}"))
+            for w, s in ((router[e], std), (w1[e], std), (w3[e], std), (w2[e], out_std)):
+                w.copy_(torch.randn(w.shape, generator=generator).mul_(s))
         if self.shared is not None:
-            with seeded(derive_seed(seed, "shared")):
-                for w, s in ((self.shared.w1.weight, std), (self.shared.w3.weight, std), (self.shared.w2.weight, out_std)):
-                    nn.init.normal_(w, mean=0.0, std=s)
+            normal_units_([self.shared.w1.weight, self.shared.w3.weight], [self.shared.w2.weight], std, out_std,
+                          derive_seed(seed, "shared"))
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, D) -> combine weights (N, k) fp32, chosen experts (N, k) int64."""

@@ -17,7 +17,6 @@ would hold there, without ever materialising the rest.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 import torch
@@ -33,22 +32,6 @@ def row_block_seed(seed: int, block: int) -> int:
     """The generator seed of rows [block * INIT_BLOCK_ROWS, (block + 1) * INIT_BLOCK_ROWS) of a table."""
     digest = hashlib.sha256(f"engram.table-init:{seed}:{block}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def derive_seed(seed: int, name: str) -> int:
-    """A weight's own seed from the model's seed and the weight's (module) name."""
-    digest = hashlib.sha256(f"engram.table:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Draw from torch's CPU generator seeded with ``seed`` inside the block, and leave the caller's
-    stream as it was: a weight drawn here depends on its seed alone, not on what was drawn before.
-    (Weights are initialised on the host; ``parallelize`` moves them to the device afterwards.)"""
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        yield
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ from engram.model.hyper import make_residual
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE
 from engram.model.overencoding import OverEncoding, input_layer_id
-from engram.model.tables import HashedTable, derive_seed, seeded
+from engram.model.init import derive_seed, normal_, normal_units_, seeded
+from engram.model.tables import HashedTable
 from engram.tokenizer import CompressedTokenizer
 
 IGNORE_INDEX = -100
@@ -133,10 +134,11 @@ class EngramLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, tables: bool = True) -> None:
         """Initialise every parameter and buffer, once, from one seed drawn from torch's generator
-        (``torch.manual_seed``). Each module's weights come from their own stream, ``derive_seed(seed,
-        module name)``, and each routed expert from its own (``MoE.init_weights``): two models that share
-        a parameter (same name and shape) start it equal under the same seed, whatever else either holds,
-        so an MoE and its Engram twin are seed-paired (issue 17):
+        (``torch.manual_seed``). Each weight comes from its own stream, ``derive_seed(seed, name)``
+        (``engram.model.init``), a routed expert and a SwiGLU hidden unit from theirs: two models that
+        share a parameter (same name and shape) start it equal under the same seed, whatever else either
+        holds, so an MoE and its Engram twin are seed-paired (issue 17). Engram, hyper-connection and
+        OverEncoding modules draw their own weights inside their module's stream.
 
         | parameter                         | init                                   |
         |-----------------------------------|----------------------------------------|
@@ -161,27 +163,22 @@ class EngramLM(nn.Module):
                 module.reset_buffers()
         seed = int(torch.randint(0, 2**62, ()).item())  # the one draw from torch's generator
 
-        def own(name: str):  # the stream of the weights under module ``name``
+        def own(name: str):  # the stream of a module that initialises itself (nn.init inside)
             return seeded(derive_seed(seed, name))
 
         out_std = std / math.sqrt(2 * self.config.backbone.n_layers)
-        with own("tok_embeddings"):
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-        with own("output"):
-            nn.init.normal_(self.output.weight, std=std)
+        normal_(self.tok_embeddings.weight, 1.0, derive_seed(seed, "tok_embeddings.weight"))
+        normal_(self.output.weight, std, derive_seed(seed, "output.weight"))
         nn.init.ones_(self.norm.weight)
         for i, blk in enumerate(self.layers):
             for norm in (blk.attn_norm, blk.ffn_norm):
                 nn.init.ones_(norm.weight)
-            with own(f"layers.{i}.attn"):
-                for lin in (blk.attn.wq, blk.attn.wk, blk.attn.wv):
-                    nn.init.normal_(lin.weight, std=std)
-                nn.init.normal_(blk.attn.wo.weight, std=out_std)
-            if isinstance(blk.ffn, SwiGLU):
-                with own(f"layers.{i}.ffn"):
-                    nn.init.normal_(blk.ffn.w1.weight, std=std)
-                    nn.init.normal_(blk.ffn.w3.weight, std=std)
-                    nn.init.normal_(blk.ffn.w2.weight, std=out_std)
+            for part in ("wq", "wk", "wv", "wo"):
+                normal_(getattr(blk.attn, part).weight, out_std if part == "wo" else std,
+                        derive_seed(seed, f"layers.{i}.attn.{part}.weight"))
+            if isinstance(blk.ffn, SwiGLU):  # by hidden unit: a narrower FFN starts as the first units
+                normal_units_([blk.ffn.w1.weight, blk.ffn.w3.weight], [blk.ffn.w2.weight], std, out_std,
+                              derive_seed(seed, f"layers.{i}.ffn"))
             else:
                 blk.ffn.init_weights(std, out_std, seed=derive_seed(seed, f"layers.{i}.ffn"))
             for part, res in (("attn_res", blk.attn_res), ("ffn_res", blk.ffn_res)):

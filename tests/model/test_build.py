@@ -168,11 +168,15 @@ def test_table_init_std_is_a_recorded_option_and_the_reference_is_unchanged():
 
 
 def _twins():
-    """An MoE and its Engram twin of different sizes: 8 vs 6 routed experts, Engram at block 1."""
+    """An MoE and its Engram twin as the allocation solver makes them: 8 vs 6 routed experts, Engram at
+    block 1, and a narrower dense FFN in block 0 (172 vs 150 hidden units)."""
     moe = get_preset("tiny-moe")
+    moe = dataclasses.replace(moe, backbone=dataclasses.replace(
+        moe.backbone, moe=dataclasses.replace(moe.backbone.moe, first_dense_layers=1)))
     engram = get_preset("tiny-engram")
     engram = dataclasses.replace(engram, backbone=dataclasses.replace(
-        engram.backbone, moe=dataclasses.replace(engram.backbone.moe, n_routed_experts=6)))
+        engram.backbone, ffn_hidden=150,
+        moe=dataclasses.replace(engram.backbone.moe, n_routed_experts=6, first_dense_layers=1)))
     return moe, engram
 
 
@@ -190,12 +194,29 @@ def test_a_seed_gives_twins_the_same_initial_weight_for_every_shared_parameter(s
     assert len(shared) > 20 and any(n.startswith("layers.3.") for n in shared)
     for name in shared:
         assert torch.equal(moe[name], engram[name]), name
-    expert_stacks = [n for n in moe if n in engram and moe[n].shape != engram[n].shape]
-    assert expert_stacks and all(".ffn." in n for n in expert_stacks)
-    for name in expert_stacks:  # router rows and expert slices 0..5 are the first six of eight
-        k = engram[name].shape[0]
-        assert torch.equal(moe[name][:k], engram[name]), name
+    resized = [n for n in moe if n in engram and moe[n].shape != engram[n].shape]
+    assert resized and all(".ffn." in n for n in resized)
+    for name in resized:  # router rows and experts 0..5 are the first six of eight; FFN units the first 150
+        if name.endswith("ffn.w2.weight"):
+            assert torch.equal(moe[name][:, :150], engram[name]), name
+        else:
+            k = engram[name].shape[0]
+            assert torch.equal(moe[name][:k], engram[name]), name
+    assert "layers.0.ffn.w1.weight" in resized
     torch.manual_seed(seed + 1)
     other = dict(EngramLM(moe_config).named_parameters())
     assert not torch.equal(other["layers.0.attn.wq.weight"], moe["layers.0.attn.wq.weight"])
 
+
+
+def test_a_weight_does_not_depend_on_the_shapes_drawn_before_it():
+    """Fewer KV heads change wk and wv, not wq or wo: each weight has its own stream."""
+    config = get_preset("tiny-moe")
+    fewer = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, n_kv_heads=1))
+    torch.manual_seed(2)
+    a = dict(EngramLM(config).named_parameters())
+    torch.manual_seed(2)
+    b = dict(EngramLM(fewer).named_parameters())
+    assert a["layers.1.attn.wk.weight"].shape != b["layers.1.attn.wk.weight"].shape
+    for name in ("layers.1.attn.wq.weight", "layers.1.attn.wo.weight", "layers.2.attn.wq.weight"):
+        assert torch.equal(a[name], b[name]), name
