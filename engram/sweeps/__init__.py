@@ -2,7 +2,7 @@
 
     budgets     named budgets: the pure-MoE run (rho = 1), the Engram template, the grids
     allocation  the rho solver: iso-parameter, iso-FLOP models that trade routed experts for table rows
-    plan        PlannedRun and the three plans (allocation, memory, ablation)
+    plan        PlannedRun and the plans (allocation, memory, ablation, init)
     runner      run directories, locks, resumable execution, worker processes
     stats       summaries, fits, bootstrap interval, seed-paired deltas, reading result.json files
     plots       the PNGs drawn from those statistics

@@ -21,7 +21,7 @@ from engram.config import BackboneConfig, DataConfig, EngramConfig, ModelConfig,
 
 @dataclass(frozen=True)
 class Budget:
-    """A budget: the rho = 1 run, the Engram template and the grids of the three sweeps.
+    """A budget: the rho = 1 run, the Engram template and the grids of the sweeps.
 
     memory_rows: rows per head for the memory sweep (a log grid), added to the fixed rho = 1 backbone.
     ablation_rho: the allocation point whose Engram table budget the ablations keep fixed.

@@ -50,7 +50,7 @@ def _table_params(model: ModelConfig) -> int:
     return count.engram_tables + count.overencoding_tables
 
 
-# -- the three plans ----------------------------------------------------------------------------------
+# -- the plans ----------------------------------------------------------------------------------------
 def plan_allocation(budget: Budget, seeds: range) -> list[PlannedRun]:
     base = budget.base_run()
     points = allocation_grid(base.model, budget.engram_template(), budget.rhos)

@@ -79,8 +79,8 @@ def markdown_tables(results) -> str:
 
 
 def init_comparison(runs: list[dict]) -> list[str]:
-    """The init sweep's second table: every init against the reference N(0, 1), seed by seed, so a
-    choice made on some seeds can be checked on the others."""
+    """The init sweep's second table: every init against the reference (the largest std present: N(0, 1),
+    DeepSeek's), seed by seed, so a choice made on some seeds can be checked on the others."""
     ref_std = max((r["table_init_std"] for r in runs if r.get("table_init_std") is not None), default=None)
     if ref_std is None:
         return []

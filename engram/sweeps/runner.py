@@ -1,16 +1,18 @@
-"""Sweep runner: ``engram sweep allocation|memory|ablation --budget NAME [--seeds K] [--workers N]``.
+"""Sweep runner: ``engram sweep allocation|memory|ablation|init --budget NAME [--seeds K] [--workers N]``
+(and ``make demo``, whose runs are a small plan of their own).
 
 It executes a plan (``plan.plan``: a list of ``PlannedRun``, a grid point and a seed with its full
 ``RunConfig``). Each run lives in ``<root>/<budget>/<sweep>/<point>/seed<k>/`` and writes there::
 
-    plan.json      the run's config and grid coordinates; a later plan that differs is refused
+    plan.json      the run's config, grid coordinates and initialisation scheme; a later plan that differs
+                   (or a new scheme: the same seed would draw other weights) is refused
     train/         the training run (checkpoints, metrics.jsonl): an interrupted run resumes
     result.json    written last and atomically: its presence means the run is done and is skipped
                    (a run identical to one another sweep of the budget finished reuses that result)
     failed.json    the error of a run that raised; the next invocation retries it
     .lock          held while a process trains the run (host and pid inside)
 
-Runs are claimed through the lock file (``O_CREAT | O_EXCL``), so any number of processes can work
+Runs are claimed through the lock file (written whole, then ``os.link``ed into place, which fails if it exists), so any number of processes can work
 through one sweep: the workers ``run_workers`` spawns for ``--workers N`` (``multiprocessing``, each
 calling ``work_through`` on the same plan), or sweeps started by hand in other shells. Each skips runs
 that are done or claimed; a lock left by a dead process on this host is taken over.
@@ -29,6 +31,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from engram.config import RunConfig
+from engram.model.init import INIT_SCHEME
 from engram.fileio import atomic_write_json
 from engram.sweeps.plan import PlannedRun, plan
 
@@ -46,27 +49,40 @@ def _pid_alive(pid: int) -> bool:
 def try_lock(path: Path) -> bool:
     """Claim ``path`` (create it exclusively); take over a lock whose process on this host is gone."""
     me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    # written whole to a private file, then linked into place (link fails if the lock exists): a lock is
+    # never seen empty, even when the process is stopped between creating and writing it
+    staging = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}")
+    staging.write_text(me)
+    try:
+        for _ in range(2):
             try:
-                host, pid = path.read_text().split()
-            except (OSError, ValueError):
-                return False  # being written right now, or unreadable: leave it
-            if host != socket.gethostname() or _pid_alive(int(pid)):
-                return False
-            path.unlink(missing_ok=True)  # stale: its process died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return True
-    return False
+                os.link(staging, path)
+            except FileExistsError:
+                try:
+                    host, pid = path.read_text().split()
+                except (OSError, ValueError):
+                    return False  # unreadable: leave it
+                if host != socket.gethostname() or _pid_alive(int(pid)):
+                    return False
+                path.unlink(missing_ok=True)  # stale: its process died
+                continue
+            return True
+        return False
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def _plan_record(planned: PlannedRun) -> dict:
     return {"sweep": planned.sweep, "budget": planned.budget, "point": planned.point, "seed": planned.seed,
-            "info": planned.info, "run": planned.run.to_dict()}
+            "info": planned.info, "run": planned.run.to_dict(), "init_scheme": INIT_SCHEME}
+
+
+def _scheme(plan_path: Path):
+    """The initialisation scheme a stored plan was trained under (None: before schemes were recorded)."""
+    try:
+        return json.loads(plan_path.read_text()).get("init_scheme")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _stored_run(plan_path: Path) -> dict | None:
@@ -84,6 +100,10 @@ def check_plan(planned: PlannedRun, directory: Path) -> None:
     if path.exists() and _stored_run(path) != planned.run.to_dict():
         raise ValueError(f"{directory} holds a run of a different config (the budget or the overrides "
                          f"changed); use another --out or remove the directory")
+    if path.exists() and _scheme(path) != INIT_SCHEME:
+        raise ValueError(f"{directory} holds a run trained under another initialisation scheme "
+                         f"({_scheme(path) or 'before 2'}, now {INIT_SCHEME}: the same seed draws other weights, "
+                         f"so its result does not pair with new runs); use another --out or remove the directory")
 
 
 def result_of(planned: PlannedRun, root: Path) -> dict | None:
@@ -114,7 +134,7 @@ def find_twin(planned: PlannedRun, root: Path) -> dict | None:
         result_path = plan_path.with_name("result.json")
         if plan_path.parent == planned.directory(root) or not result_path.exists():
             continue
-        if _stored_run(plan_path) == mine:
+        if _stored_run(plan_path) == mine and _scheme(plan_path) == INIT_SCHEME:
             twin = json.loads(result_path.read_text())
             return _record(planned, {k: twin[k] for k in RESULT_KEYS if k in twin} | {"reused_from": str(plan_path.parent)})
     return None
@@ -217,6 +237,8 @@ def work_through(runs: list[PlannedRun], root: Path, progress: bool = True) -> l
         if record is None:
             _log(f"{planned.point} seed {planned.seed}: claimed by another process, skipped")
             continue
+        if time.time() - start < 1 and "reused_from" not in record:
+            continue  # finished by another worker meanwhile: it logged it
         _log(f"[{i + 1}/{len(runs)}] {planned.point} seed {planned.seed}: val_loss {record['val_loss']:.4f} "
              f"({time.time() - start:.0f} s)")
     return failures
@@ -232,7 +254,9 @@ def _follow_parent(parent: int, every: float = 1.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
+        while True:  # again and again: one signal may land where it is not acted on (between runs' checks)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5 * every)
 
     threading.Thread(target=watch, name="engram-sweep-parent-watch", daemon=True).start()
 
@@ -309,7 +333,8 @@ def run_workers(runs: list[PlannedRun], root: Path, workers: int, threads: int, 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(r.run.train.max_steps for r in runs), desc=desc, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=sum(r.run.train.max_steps for r in runs), initial=sum(steps_done(r, root) for r in runs),
+                   desc=desc, unit="step", dynamic_ncols=True)
     try:
         while alive := [p for p in procs if p.is_alive()]:
             wait([p.sentinel for p in alive], timeout=5)  # returns early when a worker exits

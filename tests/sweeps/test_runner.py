@@ -170,3 +170,27 @@ def test_steps_done_reads_a_runs_last_logged_step(budget_file, tmp_path):
     assert runner.steps_done(planned, tmp_path) == 2
     (planned.directory(tmp_path) / "result.json").write_text("{}")
     assert runner.steps_done(planned, tmp_path) == planned.run.train.max_steps
+
+
+def test_a_run_of_another_init_scheme_is_refused_and_never_reused(budget_file, tmp_path):
+    """Results trained before the initialisation scheme changed do not pair with new runs: a run
+    directory holding one is refused with what to do, and another sweep never reuses it as a twin."""
+    planned = next(r for r in plan("allocation", budget_file, seeds=1) if r.point == "rho=0.500")
+    directory = planned.directory(tmp_path)
+    directory.mkdir(parents=True)
+    record = runner._plan_record(planned)
+    del record["init_scheme"]  # what sweeps wrote before schemes were recorded
+    (directory / "plan.json").write_text(json.dumps(record))
+    (directory / "result.json").write_text(json.dumps({"sweep": "allocation", "point": "rho=0.500", "seed": 0,
+                                                       "val_loss": 1.0}))
+    with pytest.raises(ValueError, match="another initialisation scheme.*use another --out"):
+        runner.result_of(planned, tmp_path)
+    full = next(r for r in plan("ablation", budget_file, seeds=1) if r.point == "full")
+    assert runner.find_twin(full, tmp_path) is None
+
+
+def test_a_lock_is_never_seen_empty_and_the_staging_file_is_removed(tmp_path):
+    lock = tmp_path / ".lock"
+    assert runner.try_lock(lock) and lock.read_text().split()[1] == str(os.getpid())
+    assert not runner.try_lock(lock)  # held by a live process (this one)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
