@@ -4,13 +4,13 @@ and training settings). ``engram presets`` lists them with their parameter count
 A model preset describes a model you can build on its own, so its derived fields (the vocabulary and
 the pad id) hold values. A run trains on data, which decides them: a run made from a model preset
 leaves them unset (``ModelConfig.without_data``), while the demo presets set them to what their data
-gives (a byte-level BPE of 8,192 ids whose pad id is 0), so a run with other data says so instead of
+gives (a byte-level BPE of 4,096 ids whose pad id is 0), so a run with other data says so instead of
 silently changing the model.
 """
 
 from __future__ import annotations
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
+from engram.config import BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
 
 
 # -- model presets: unit-test sized (seconds on a CPU) ---------------------------------------------
@@ -45,31 +45,41 @@ def get_preset(name: str) -> ModelConfig:
 
 
 # -- run presets: a model plus its data and training settings -------------------------------------
-def _demo_backbone(n_routed_experts: int) -> BackboneConfig:
+# The demo pair is the `tiny` sweep budget's pure MoE (rho = 1) and its rho = 0.8 allocation point
+# (engram.sweeps.budgets; a test pins the equality of models and data), trained for 2/3 of the sweeps'
+# steps: what `make demo` trains on three paired seeds in about 12 minutes with two single-thread
+# workers on 2 CPU cores.
+def _demo_backbone(n_routed_experts: int, ffn_hidden: int) -> BackboneConfig:
     return BackboneConfig(
-        vocab_size=8192, n_layers=6, d_model=192, n_heads=6, ffn_hidden=512, max_seq_len=512, hc_mult=1,
-        moe=MoEConfig(n_routed_experts=n_routed_experts, n_shared_experts=1, top_k=2, expert_hidden=128,
+        vocab_size=4096, n_layers=4, d_model=128, n_heads=4, ffn_hidden=ffn_hidden, max_seq_len=256, hc_mult=1,
+        moe=MoEConfig(n_routed_experts=n_routed_experts, n_shared_experts=1, top_k=2, expert_hidden=64,
                       first_dense_layers=1),
     )
 
 
 def _demo_train(out: str) -> TrainConfig:
-    # 400 steps x 2,048 tokens = 819k tokens: ~7 minutes per model on 2 CPU cores.
-    return TrainConfig(max_steps=400, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=40, eval_every=50,
-                       eval_batches=8, log_every=10, save_every=100, out_dir=out)
+    # 200 steps x 2,048 tokens = 410k tokens per run (the sweeps train 300): about 3.5 minutes on one core,
+    # so six runs fit in ~12 minutes on two; eval_batches=40 covers the whole validation split
+    return TrainConfig(max_steps=200, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=40,
+                       eval_batches=40, log_every=10, save_every=50, out_dir=out)
 
 
 def _demo_moe() -> RunConfig:
-    return RunConfig(model=ModelConfig(backbone=_demo_backbone(16)), train=_demo_train("runs/demo/demo-moe"))
+    """1 shared + 22 routed experts (top-2) in blocks 1-3, a dense FFN in block 0: 2.16M parameters
+    (0.69M active) besides the 4,096-id embedding and head."""
+    return RunConfig(model=ModelConfig(backbone=_demo_backbone(22, 512)), data=DataConfig(vocab_size=4096),
+                     train=_demo_train("runs/demo-moe"))
 
 
 def _demo_engram() -> RunConfig:
-    """demo-moe's iso-parameter twin: 3 of 16 routed experts per MoE block (1.11M parameters, 21% of the
-    sparse budget) move into Engram tables at block 1; memory width 48 keeps P_act within 1%."""
-    engram = EngramConfig(engram_vocab_size=[22613, 22613], max_ngram_size=3, n_embed_per_ngram=24,
-                          n_head_per_ngram=3, layer_ids=[1], pad_id=0)
-    return RunConfig(model=ModelConfig(backbone=_demo_backbone(13), engram=engram),
-                     train=_demo_train("runs/demo/demo-engram"))
+    """demo-moe's iso-parameter twin: 4 of 22 routed experts per MoE block move into Engram tables at
+    block 1 (rho = 0.8: 2 x 4 heads of 4,567 rows, width 8, over 2- and 3-grams, with the short conv).
+    Engram's dense weights come out of block 0's FFN (hidden 471), so P_act is equal, exactly, and P_tot
+    within 0.01%."""
+    engram = EngramConfig(engram_vocab_size=[4567, 4567], max_ngram_size=3, n_embed_per_ngram=32,
+                          n_head_per_ngram=4, layer_ids=[1], pad_id=0, kernel_size=4)
+    return RunConfig(model=ModelConfig(backbone=_demo_backbone(18, 471), engram=engram),
+                     data=DataConfig(vocab_size=4096), train=_demo_train("runs/demo-engram"))
 
 
 RUN_PRESETS = {

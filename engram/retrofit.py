@@ -55,9 +55,11 @@ FORMAT = "engram.adapter/1"
 
 def default_adapter_engram() -> EngramConfig:
     """Tables of 2 x 4 heads x ~40k rows x 32 floats (10M parameters) before block 1: small enough for
-    any base model, large enough to hold the common 2- and 3-grams of a 50k vocabulary."""
+    any base model, large enough to hold the common 2- and 3-grams of a 50k vocabulary. Rows start at
+    N(0, 1), DeepSeek's init, which is what docs/RETROFIT.md measured (issue 17's init study is about
+    training from scratch; it was not repeated for adapters)."""
     return EngramConfig(engram_vocab_size=[40_000, 40_000], max_ngram_size=3, n_embed_per_ngram=128,
-                        n_head_per_ngram=4, pad_id=None, layer_ids=[1], kernel_size=4)
+                        n_head_per_ngram=4, pad_id=None, layer_ids=[1], kernel_size=4, table_init_std=1.0)
 
 
 @dataclass

@@ -110,7 +110,7 @@ def windows_of(ckpt, shards, batch_size: int, seq_len: int, batches: int) -> lis
 
 def short_labels(paths: list[str]) -> list[str]:
     """The paths without the leading and trailing components they all share, as plot labels:
-    runs/demo/demo-engram, runs/demo/demo-moe -> demo-engram, demo-moe."""
+    runs/demo/seed0/demo-engram/train, runs/demo/seed0/demo-moe/train -> demo-engram, demo-moe."""
     parts = [Path(p).parts for p in paths]
     if len(set(parts)) < len(parts):
         return [str(p) for p in paths]

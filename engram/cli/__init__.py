@@ -2,19 +2,20 @@
 
     engram train --preset demo-engram [--set train.max_steps=100 ...] [--out DIR] [--no-resume]
     torchrun --nproc_per_node=2 -m engram.cli train --preset demo-engram   (tables sharded over 2 ranks)
-    engram eval --ckpt runs/demo/demo-engram
-    engram sample --ckpt runs/demo/demo-engram --prompt "import os"
+    engram eval --ckpt runs/demo/seed0/demo-engram/train
+    engram sample --ckpt runs/demo/seed0/demo-engram/train --prompt "import os"
     engram data prepare [--preset NAME] [--set data.vocab_size=4096]
-    engram demo [--quick]
-    engram export-tables --ckpt runs/demo/demo-engram --out tables/
-    engram generate --ckpt runs/demo/demo-engram --prompt "import os" --tier disk --tables tables/
+    engram demo [--quick] [--seeds 3] [--workers 2]
+    engram export-tables --ckpt runs/demo/seed0/demo-engram/train --out tables/
+    engram generate --ckpt runs/demo/seed0/demo-engram/train --prompt "import os" --tier disk --tables tables/
     engram sweep allocation --budget tiny --seeds 3 --workers 2
+    engram sweep init --budget tiny --first-seed 3 --points pure-moe table_std=1
     engram sweep report --budget tiny
-    engram inspect gates --ckpt runs/demo/demo-engram --text "import os.path" --out docs/results/analysis
-    engram inspect knockout --ckpt runs/demo/demo-engram [--max-probes 500]
-    engram inspect logit-lens --ckpt runs/demo/demo-engram --ckpt runs/demo/demo-moe --out DIR
-    engram inspect cka --base runs/demo/demo-moe --engram runs/demo/demo-engram --out DIR
-    engram inspect tables --ckpt runs/demo/demo-engram --out DIR
+    engram inspect gates --ckpt runs/demo/seed0/demo-engram/train --text "import os.path" --out docs/results/analysis
+    engram inspect knockout --ckpt runs/demo/seed0/demo-engram/train [--max-probes 500]
+    engram inspect logit-lens --ckpt runs/demo/seed0/demo-engram/train --ckpt runs/demo/seed0/demo-moe/train --out DIR
+    engram inspect cka --base runs/demo/seed0/demo-moe/train --engram runs/demo/seed0/demo-engram/train --out DIR
+    engram inspect tables --ckpt runs/demo/seed0/demo-engram/train --out DIR
     engram presets
 
 Each subcommand is a ``Command`` (``flags``): a function that declares its own flags and one that runs

@@ -170,8 +170,26 @@ def _describe(changes) -> str:
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
 
 
-def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> None:
-    """Refuse a checkpoint of another model, naming the fields; report other changed fields."""
+INIT_ONLY_FIELDS = ("table_init_std",)
+
+
+def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
+    """Refuse a checkpoint of another model, naming the fields; report other changed fields. Returns the
+    run to continue: a model field that only decides the initial weights (``INIT_ONLY_FIELDS``) cannot
+    change a run that has started, so it keeps the checkpoint's value (and says so)."""
+    kept = []
+    for section in ("engram", "overencoding"):
+        old, new = getattr(ckpt.run_config.model, section), getattr(run.model, section)
+        if old is None or new is None:
+            continue
+        for name in INIT_ONLY_FIELDS:
+            if hasattr(old, name) and getattr(old, name) != getattr(new, name):
+                kept.append(f"model.{section}.{name}={getattr(old, name)!r} (asked {getattr(new, name)!r})")
+                new = dataclasses.replace(new, **{name: getattr(old, name)})
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, **{section: new}))
+    if kept and rt.is_main():
+        print(f"[engram] resuming: keeping the checkpoint's {', '.join(kept)}; it only decides the initial "
+              "weights, which this run already has", file=sys.stderr)
     now = dataclasses.replace(run, data=run.data.resolved())
     stored = dataclasses.replace(ckpt.run_config, data=ckpt.data_config)
     changes = config_changes(stored, now)
@@ -184,6 +202,7 @@ def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> None:
         print(f"[engram] resuming {ckpt.path.name} with changed settings (allowed; the run is no longer one "
               f"uninterrupted run of a single config; data is tokenized with the checkpoint's tokenizer): "
               f"{_describe(changes)}", file=sys.stderr)
+    return run
 
 
 def check_splits(data, seq_len: int) -> None:
@@ -285,7 +304,7 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     run = dataclasses.replace(run, model=run.model.with_data(data.vocab_size, data.pad_id))
     check_splits(data, tc.seq_len)
     if ckpt is not None:
-        _check_resume(ckpt, run, run_dir)
+        run = _check_resume(ckpt, run, run_dir)
     if rt.is_main():
         _apply_run_dir(run_dir, resume, resume_from)
     rt.barrier()

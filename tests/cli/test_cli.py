@@ -53,7 +53,7 @@ def test_data_prepare(flags, capsys):
 def test_presets_lists_counts(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
-    assert "demo-engram" in out and "tiny-moe" in out and "7,464,384" in out
+    assert "demo-engram" in out and "tiny-moe" in out and "2,164,096" in out
 
 
 @pytest.mark.parametrize("argv,message", [

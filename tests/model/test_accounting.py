@@ -117,16 +117,32 @@ def test_engram_share_of_sparse():
 
 
 def test_demo_presets_are_iso_parameter():
-    """demo-engram vs demo-moe: same backbone, P_act within 1%, P_tot within 2%, Engram 20-25% of sparse."""
+    """demo-engram vs demo-moe: P_act equal, P_tot within 0.1%, Engram 20% of the sparse budget; the
+    backbones differ only in the routed experts and block 0's FFN width (which pays for Engram's dense
+    weights)."""
     from engram.presets import get_run_preset
 
     moe_cfg, eng_cfg = get_run_preset("demo-moe").model, get_run_preset("demo-engram").model
     moe, eng = count_parameters(moe_cfg), count_parameters(eng_cfg)
-    assert abs(eng.active / moe.active - 1) <= 0.01
-    assert abs(eng.total / moe.total - 1) <= 0.02
-    assert 0.20 <= eng.engram_tables / eng.sparse <= 0.25
-    same = lambda c: {k: v for k, v in c.backbone.to_dict().items() if k != "moe"}  # noqa: E731
+    assert eng.active == moe.active and eng.flops_per_token == moe.flops_per_token
+    assert abs(eng.total / moe.total - 1) <= 0.001
+    assert 0.19 <= eng.engram_tables / eng.sparse <= 0.21
+    same = lambda c: {k: v for k, v in c.backbone.to_dict().items() if k not in ("moe", "ffn_hidden")}  # noqa: E731
     assert same(moe_cfg) == same(eng_cfg)
     assert eng_cfg.backbone.moe.n_routed_experts < moe_cfg.backbone.moe.n_routed_experts
     assert {k: v for k, v in eng_cfg.backbone.moe.to_dict().items() if k != "n_routed_experts"} == \
         {k: v for k, v in moe_cfg.backbone.moe.to_dict().items() if k != "n_routed_experts"}
+
+
+def test_the_demo_pair_is_the_tiny_budgets_pure_moe_and_its_rho_08_point():
+    """So `make demo` and the `tiny` sweeps (docs/RESULTS.md) speak of the same models and data."""
+    from engram.presets import get_run_preset
+    from engram.sweeps.plan import plan
+
+    twin, reference = plan("init", "tiny", seeds=1)[:2]
+    moe, eng = get_run_preset("demo-moe"), get_run_preset("demo-engram")
+    assert moe.model == twin.run.model and moe.data == twin.run.data
+    assert eng.model == reference.run.model and eng.data == reference.run.data
+    for field in ("batch_size", "seq_len", "lr", "table_lr_mult"):
+        assert getattr(moe.train, field) == getattr(eng.train, field) == getattr(twin.run.train, field), field
+    assert moe.train.max_steps == eng.train.max_steps <= twin.run.train.max_steps
