@@ -139,7 +139,8 @@ def test_the_demo_pair_is_the_tiny_budgets_pure_moe_and_its_rho_08_point():
     from engram.presets import get_run_preset
     from engram.sweeps.plan import plan
 
-    twin, reference = plan("init", "tiny", seeds=1)[:2]
+    twin, *engrams = plan("init", "tiny", seeds=1)
+    reference = next(r for r in engrams if r.info["table_init_std"] == get_run_preset("demo-engram").model.engram.table_init_std)
     moe, eng = get_run_preset("demo-moe"), get_run_preset("demo-engram")
     assert moe.model == twin.run.model and moe.data == twin.run.data
     assert eng.model == reference.run.model and eng.data == reference.run.data
