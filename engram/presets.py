@@ -46,8 +46,8 @@ def get_preset(name: str) -> ModelConfig:
 
 # -- run presets: a model plus its data and training settings -------------------------------------
 # The demo pair is the `tiny` sweep budget's pure MoE (rho = 1) and its rho = 0.8 allocation point
-# (engram.sweeps.budgets; a test pins the equality of models and data), trained for 2/3 of the sweeps'
-# steps: what `make demo` trains on three paired seeds in about 12 minutes with two single-thread
+# (engram.sweeps.budgets; a test pins the equality of models, data and training but for the evaluation
+# schedule): what `make demo` trains on three paired seeds in about 12 minutes with two single-thread
 # workers on 2 CPU cores.
 def _demo_backbone(n_routed_experts: int, ffn_hidden: int) -> BackboneConfig:
     return BackboneConfig(
@@ -58,10 +58,10 @@ def _demo_backbone(n_routed_experts: int, ffn_hidden: int) -> BackboneConfig:
 
 
 def _demo_train(out: str) -> TrainConfig:
-    # 200 steps x 2,048 tokens = 410k tokens per run (the sweeps train 300): about 3.5 minutes on one core,
-    # so six runs fit in ~12 minutes on two; eval_batches=40 covers the whole validation split
-    return TrainConfig(max_steps=200, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=20, eval_every=40,
-                       eval_batches=40, log_every=10, save_every=50, out_dir=out)
+    # the sweeps' 300 steps x 2,048 tokens = 614k tokens per run: about 4 minutes on one core, so six runs
+    # take ~12 minutes on two; eval_batches=40 covers the whole validation split (evaluated 5 times)
+    return TrainConfig(max_steps=300, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=30, eval_every=60,
+                       eval_batches=40, log_every=10, save_every=100, out_dir=out)
 
 
 def _demo_moe() -> RunConfig:

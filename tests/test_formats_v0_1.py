@@ -96,10 +96,13 @@ def test_sweep_plan_and_budget_files_still_match():
     planned = next(r for r in sw.plan("allocation", "tiny", 1) if r.point == EXPECTED["plan_point"])
     assert RunConfig.from_dict(stored["run"]) == planned.run
     directory = FIXTURES  # holds plan.json: check_plan refuses a directory whose plan differs
-    sw.check_plan(planned, directory)
     other = next(r for r in sw.plan("allocation", "tiny", 1) if r.point != EXPECTED["plan_point"])
     with pytest.raises(ValueError, match="different config"):
         sw.check_plan(other, directory)
+    # the same config, but 0.1 drew its initial weights otherwise (issue 17): the run is refused, saying
+    # what to do, rather than mixed with runs whose seeds pair differently
+    with pytest.raises(ValueError, match="another initialisation scheme.*use another --out or remove the directory"):
+        sw.check_plan(planned, directory)
 
     budget = get_budget(str(FIXTURES / "budget.json"))
     tiny = get_budget("tiny")
