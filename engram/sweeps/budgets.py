@@ -4,8 +4,8 @@ Within a budget P_tot, P_act, data and hyper-parameters are fixed (SPEC §4); th
 weights between routed experts and Engram rows (allocation), grow the tables of a fixed backbone
 (memory) or switch parts of the module off at a fixed table budget (ablation).
 
-``tiny`` is sized for a 2-core CPU: one run is ~600k tokens and takes about 3 minutes on one core, so
-the allocation sweep (7 rho values x 3 seeds) finishes in about an hour with two workers. ``small``
+``tiny`` is sized for a 2-core CPU: one run is ~600k tokens and takes about 4 minutes on one core, so
+the allocation sweep (7 rho values x 3 seeds) finishes in about 45 minutes with two workers. ``small``
 and ``medium`` are defined for GPUs (bf16 autocast, longer runs); they have not been run on a CPU.
 """
 
