@@ -95,17 +95,10 @@ def verdict(paired: dict) -> str:
 def eval_history(run_dir: Path) -> list[dict]:
     """Every evaluation of a run, from its metrics log (which keeps the whole history across resumes;
     a result's ``evals`` hold only those since the last one)."""
-    import json
+    from engram.train import read_metrics
 
-    evals = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line
-        if record.get("kind") == "eval":
-            evals.append({"step": record["step"], "tokens": record["tokens"], "val_loss": record["val_loss"]})
-    return evals
+    return [{"step": r["step"], "tokens": r["tokens"], "val_loss": r["val_loss"]}
+            for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
 
 
 def _run_summary(record: dict, train_dir: Path) -> dict:
@@ -119,12 +112,12 @@ def summarise(plan: list[PlannedRun], records: dict[tuple[str, int], dict], sett
     """results.json from the finished runs (``records`` keyed by (preset, seed)) under ``out``."""
     seeds = sorted({p.seed for p in plan})
     dirs = {(p.point, p.seed): p.directory(out) / "train" for p in plan}
-    out: dict = {"seeds": seeds, "settings": settings}
+    results: dict = {"seeds": seeds, "settings": settings}
     for name in PRESETS:
         runs = {seed: _run_summary(records[name, seed], dirs[name, seed]) for seed in seeds}
         params = records[name, seeds[0]]["params"]
         losses = [r["val_loss"] for r in runs.values()]
-        out[name] = {
+        results[name] = {
             "total_params": params["total"], "active_params": params["active"],
             "engram_params": params["engram_tables"], "flops_per_token": params.get("flops_per_token"),
             "tokens": runs[seeds[0]]["tokens"], "val_loss": statistics.fmean(losses),
@@ -132,13 +125,13 @@ def summarise(plan: list[PlannedRun], records: dict[tuple[str, int], dict], sett
             "val_bpb": statistics.fmean(r["val_bpb"] for r in runs.values()),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs.values()),
             "per_seed": {str(seed): r for seed, r in runs.items()}}
-    out["per_seed"] = [{"seed": seed, "demo-moe": records["demo-moe", seed]["val_loss"],
-                        "demo-engram": records["demo-engram", seed]["val_loss"],
-                        "difference": records["demo-engram", seed]["val_loss"] - records["demo-moe", seed]["val_loss"]}
-                       for seed in seeds]
-    out["paired"] = paired_stats(out["per_seed"])
-    out["verdict"] = verdict(out["paired"])
-    return out
+    results["per_seed"] = [{"seed": seed, "demo-moe": records["demo-moe", seed]["val_loss"],
+                            "demo-engram": records["demo-engram", seed]["val_loss"],
+                            "difference": records["demo-engram", seed]["val_loss"] - records["demo-moe", seed]["val_loss"]}
+                           for seed in seeds]
+    results["paired"] = paired_stats(results["per_seed"])
+    results["verdict"] = verdict(results["paired"])
+    return results
 
 
 def format_table(results: dict) -> str:
@@ -225,14 +218,14 @@ def run_demo(out_dir: str | Path | None = None, overrides: list[str] | None = No
     overrides = (QUICK if quick else []) + list(overrides or [])
     plan = demo_plan(list(range(first_seed, first_seed + seeds)), overrides)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
     prepare_data(plan[0].run.data)  # once, before the workers start; cached for later demos
     pending = [p for p in plan if result_of(p, out) is None]
     print(f"[engram.demo] {len(plan)} runs ({len(PRESETS)} models x {seeds} seeds), {len(plan) - len(pending)} "
           f"already done; {min(workers, len(pending)) or 0} worker(s)", flush=True)
     failures: list[str] = []
     if len(pending) > 1 and workers > 1:
-        failures = run_workers(plan, out, workers, threads=max(1, (os.cpu_count() or 1) // workers),
-                               progress=progress, desc="demo")
+        failures = run_workers(plan, out, workers, threads=threads, progress=progress, desc="demo")
     elif pending:
         failures = work_through(pending, out, progress)
     records = {(p.point, p.seed): result_of(p, out) for p in plan}
@@ -240,8 +233,7 @@ def run_demo(out_dir: str | Path | None = None, overrides: list[str] | None = No
     if missing:
         raise RuntimeError(f"demo runs did not finish: {', '.join(missing)}"
                            + (f" ({'; '.join(failures)})" if failures else "") + "; run it again to resume them")
-    settings = {"overrides": overrides, "workers": workers, "threads_per_worker": max(1, (os.cpu_count() or 1) // workers),
-                "torch": torch.__version__}
+    settings = {"overrides": overrides, "workers": workers, "threads_per_worker": threads, "torch": torch.__version__}
     results = summarise(plan, records, settings, out)
     results["samples"] = {}
     for name in PRESETS:  # one greedy completion per model, from the first seed's run

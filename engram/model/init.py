@@ -23,7 +23,8 @@ INIT_SCHEME = 2
 
 
 def derive_seed(seed: int, name: str) -> int:
-    """A weight's own seed from the model's seed and the weight's (module) name."""
+    """A weight's own seed from the model's seed and the weight's (module) name. (The "engram.table"
+    prefix is from when only tables were seeded by name: kept, so a seed still fills the same tables.)"""
     digest = hashlib.sha256(f"engram.table:{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engram.config import MoEConfig
-from engram.model.layers import SwiGLU, swiglu_params
 from engram.model.init import derive_seed, normal_units_
+from engram.model.layers import SwiGLU, swiglu_params
 
 
 class RoutedExperts(nn.Module):

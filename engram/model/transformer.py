@@ -23,10 +23,10 @@ from engram.model.attention import Attention
 from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
 from engram.model.hyper import make_residual
+from engram.model.init import derive_seed, normal_, normal_units_, seeded
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE
 from engram.model.overencoding import OverEncoding, input_layer_id
-from engram.model.init import derive_seed, normal_, normal_units_, seeded
 from engram.model.tables import HashedTable
 from engram.tokenizer import CompressedTokenizer
 

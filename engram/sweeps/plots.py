@@ -14,8 +14,8 @@ import numpy as np
 
 from engram.plotting import pyplot, save_figure
 from engram.sweeps.stats import (PAPER_OPTIMUM, REFERENCE, LogLinearFit, allocation_groups, bootstrap_minimiser,
-                                 by_point, by_seed, delta_spread, delta_vs_reference, fit_quadratic, natural_key,
-                                 runs_of, sample_std, sweep_fits)
+                                 by_point, by_seed, delta_spread, delta_vs_reference, fit_quadratic, init_order,
+                                 natural_key, runs_of, sample_std, sweep_fits)
 
 
 def plot_allocation(results, path, n_boot: int = 2000, seed: int = 0) -> Path:
@@ -154,8 +154,7 @@ def plot_init(results, path) -> Path:
     each init's per-seed difference to the pure-MoE twin (negative: Engram ahead)."""
     plt = pyplot()
     runs = runs_of(results, "init")
-    points = sorted(by_point(runs).items(), key=lambda kv: (kv[1][0].get("table_init_std") is not None,
-                                                             -(kv[1][0].get("table_init_std") or 0.0)))
+    points = sorted(by_point(runs).items(), key=lambda kv: init_order(kv[1][0].get("table_init_std")))
     if not points:
         raise ValueError("no init runs")
     names = [p for p, _ in points]

@@ -12,8 +12,8 @@ It executes a plan (``plan.plan``: a list of ``PlannedRun``, a grid point and a 
     failed.json    the error of a run that raised; the next invocation retries it
     .lock          held while a process trains the run (host and pid inside)
 
-Runs are claimed through the lock file (written whole, then ``os.link``ed into place, which fails if it exists), so any number of processes can work
-through one sweep: the workers ``run_workers`` spawns for ``--workers N`` (``multiprocessing``, each
+Runs are claimed through the lock file (written whole, then linked into place: ``os.link`` fails if it
+exists), so any number of processes can work through one sweep: the workers ``run_workers`` spawns for ``--workers N`` (``multiprocessing``, each
 calling ``work_through`` on the same plan), or sweeps started by hand in other shells. Each skips runs
 that are done or claimed; a lock left by a dead process on this host is taken over.
 """
@@ -23,16 +23,18 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import wait
 from pathlib import Path
 
 from engram.config import RunConfig
-from engram.model.init import INIT_SCHEME
 from engram.fileio import atomic_write_json
+from engram.model.init import INIT_SCHEME
 from engram.sweeps.plan import PlannedRun, plan
 
 
@@ -229,6 +231,8 @@ def work_through(runs: list[PlannedRun], root: Path, progress: bool = True) -> l
     for i, planned in enumerate(runs):
         start = time.time()
         try:
+            if result_of(planned, root) is not None:
+                continue  # finished by another process since the list was made: it logged it
             record = execute(planned, root, progress=progress)
         except Exception as exc:  # keep going: one diverged point must not lose the rest of the sweep
             failures.append(f"{planned.point} seed {planned.seed}: {type(exc).__name__}: {exc}")
@@ -237,8 +241,6 @@ def work_through(runs: list[PlannedRun], root: Path, progress: bool = True) -> l
         if record is None:
             _log(f"{planned.point} seed {planned.seed}: claimed by another process, skipped")
             continue
-        if time.time() - start < 1 and "reused_from" not in record:
-            continue  # finished by another worker meanwhile: it logged it
         _log(f"[{i + 1}/{len(runs)}] {planned.point} seed {planned.seed}: val_loss {record['val_loss']:.4f} "
              f"({time.time() - start:.0f} s)")
     return failures
@@ -248,8 +250,6 @@ def _follow_parent(parent: int, every: float = 1.0) -> None:
     """In a worker: when the process that started it is gone (killed, even with SIGKILL), stop the way
     ``run_workers`` stops a worker (SIGTERM: the run in training saves its step, then the worker exits),
     instead of training on as an orphan that holds its run's lock."""
-    import signal
-    import threading
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -263,8 +263,6 @@ def _follow_parent(parent: int, every: float = 1.0) -> None:
 
 def _worker(runs: list[PlannedRun], root: Path, threads: int, parent: int | None = None) -> None:
     """One worker process of ``run_workers``: the runs of the plan not done yet, with its own threads."""
-    import signal
-
     import torch
 
     if parent is not None:
@@ -281,21 +279,15 @@ def _worker(runs: list[PlannedRun], root: Path, threads: int, parent: int | None
 
 def steps_done(planned: PlannedRun, root: Path) -> int:
     """How far a run has trained: its last logged step (all of them once it is done; 0 before it starts)."""
+    from engram.train import read_metrics
+
     if (planned.directory(root) / "result.json").exists():
         return planned.run.train.max_steps
     try:
-        with open(planned.directory(root) / "train" / "metrics.jsonl", "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            tail = f.read().decode("utf-8", "replace").splitlines()
+        records = read_metrics(planned.directory(root) / "train" / "metrics.jsonl", tail_bytes=4096)
     except OSError:
         return 0
-    for line in reversed(tail):
-        try:
-            return int(json.loads(line).get("step", 0))
-        except (ValueError, AttributeError):
-            continue
-    return 0
+    return int(records[-1].get("step", 0)) if records else 0
 
 
 def _show_progress(bar, runs: list[PlannedRun], root: Path) -> None:
@@ -318,9 +310,6 @@ def run_workers(runs: list[PlannedRun], root: Path, workers: int, threads: int, 
     The workers are started with ``spawn``: each imports engram afresh, then calls ``work_through`` on the
     same plan (a forked child of a process that has run torch can hang in its thread pool, and cannot use
     CUDA at all). The locks decide which worker trains which run."""
-    import signal
-    import threading
-
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_worker, args=(runs, root, threads, os.getpid()), name=f"engram-sweep-worker-{i}")
              for i in range(workers)]

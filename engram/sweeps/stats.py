@@ -188,12 +188,16 @@ def _sort_key(row: dict) -> tuple:
         inner = (row["method"] != "none", row["method"], row["table_params"])
     elif sweep == "ablation":
         inner = (row["variant"] != "full", row["group"] != "component", row["group"], natural_key(row["variant"]))
-    elif sweep == "init":  # the pure-MoE twin, then the tables' init std from large to small
-        std = row.get("table_init_std")
-        inner = (std is not None, -(std or 0.0))
+    elif sweep == "init":
+        inner = init_order(row.get("table_init_std"))
     else:
         inner = (natural_key(str(row["point"])),)
     return (_ORDER.get(sweep, len(SWEEPS)), sweep, str(row["budget"]), inner)
+
+
+def init_order(table_init_std: float | None) -> tuple:
+    """The init sweep's order: the pure-MoE twin (no std), then the tables' init std from large to small."""
+    return (table_init_std is not None, -(table_init_std or 0.0))
 
 
 def sample_std(x) -> float:

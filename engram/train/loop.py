@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -146,6 +147,26 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path, tail_bytes: int | None = None) -> list[dict]:
+    """The records of a metrics log, oldest first. A line that does not parse (a write cut by a crash,
+    or the cut first line of a tail) is skipped. ``tail_bytes``: read only the file's last bytes, for
+    the latest records of a long log."""
+    with open(path, "rb") as f:
+        if tail_bytes is not None:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
