@@ -137,6 +137,10 @@ class TableConfig(_Serialisable):
 TABLE_INIT_REFERENCE = 1.0
 TABLE_INIT_STD = 0.02
 
+# The official demo module's numerics (SPEC §2): biased W_K and W_V, nn.RMSNorm's default eps (None: the
+# fp32 machine epsilon) on the gate's norms and eps 1e-5 on the conv's.
+DEMO_MODULE = {"proj_bias": True, "gate_norm_eps": None, "conv_norm_eps": 1e-5}
+
 
 @dataclass
 class EngramConfig(TableConfig):
@@ -157,6 +161,12 @@ class EngramConfig(TableConfig):
         (``TABLE_INIT_STD``): issue 17's study (docs/RESULTS.md §4) found it 0.057 nats better than
         DeepSeek's N(0, 1) on average, on 6 of 6 seeds (chosen on 0-2, confirmed on 3-5). The reference init stays available by name,
         ``TABLE_INIT_REFERENCE`` = 1.0 (``--set model.engram.table_init_std=1``); 0 starts every row at zero.
+
+    The official demo's numerics (``DEMO_MODULE``; ``Engram.from_demo_state_dict`` switches them on):
+    proj_bias: W_K and W_V carry biases (the demo's ``nn.Linear`` layers); ours have none by default.
+    gate_norm_eps: eps of the query and key RMSNorms; conv_norm_eps: eps of the conv's RMSNorms. Each is
+        "backbone" (the backbone's ``norm_eps``, the default), a float > 0, or None: the machine epsilon
+        of the compute dtype, which is what ``nn.RMSNorm(eps=None)`` uses (the demo's gate norms).
     """
 
     layer_ids: list[int] = field(default_factory=lambda: [1, 15])
@@ -165,6 +175,9 @@ class EngramConfig(TableConfig):
     short_conv: bool = True
     branch_keys: bool = True
     table_init_std: float = TABLE_INIT_STD
+    proj_bias: bool = False
+    gate_norm_eps: float | str | None = "backbone"
+    conv_norm_eps: float | str | None = "backbone"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,12 +192,22 @@ class EngramConfig(TableConfig):
                  f"must not repeat a block, got {self.layer_ids}")
         _pos_int(c, "kernel_size", self.kernel_size)
         _require(self.gate in GATES, c, "gate", f"must be one of {GATES}, got {self.gate!r}")
-        for name in ("short_conv", "branch_keys"):
+        for name in ("short_conv", "branch_keys", "proj_bias"):
             value = getattr(self, name)
             _require(isinstance(value, bool), c, name, f"must be true or false, got {value!r}")
         _require(isinstance(self.table_init_std, (int, float)) and not isinstance(self.table_init_std, bool)
                  and 0 <= self.table_init_std < float("inf"), c, "table_init_std",
                  f"must be a finite number >= 0, got {self.table_init_std!r}")
+        for name in ("gate_norm_eps", "conv_norm_eps"):
+            value = getattr(self, name)
+            _require(value is None or value == "backbone" or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")),
+                c, name, f'must be "backbone", null (the dtype\'s machine epsilon) or a number > 0, got {value!r}')
+
+    def norm_eps(self, which: str, backbone_eps: float) -> float | None:
+        """The eps of the ``which`` ("gate" or "conv") RMSNorms: None means the dtype's machine epsilon."""
+        value = self.gate_norm_eps if which == "gate" else self.conv_norm_eps
+        return backbone_eps if value == "backbone" else value
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):

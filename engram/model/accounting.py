@@ -52,13 +52,14 @@ class ParameterCount:
 def engram_dense_params(config: ModelConfig) -> int:
     """Per Engram layer: shared W_V; unless gate="none", W_K and the key norm (per branch, or one shared
     with branch_keys=False) and the per-branch query norm; with short_conv, the per-branch conv norm
-    and depthwise conv taps."""
+    and depthwise conv taps; with proj_bias, a bias on W_V and on each W_K."""
     e, D = config.engram, config.backbone.d_model
     G, M = config.branches, e.memory_dim
-    params = M * D
+    bias = D if e.proj_bias else 0
+    params = M * D + bias
     if e.gate != "none":
         keys = G if e.branch_keys else 1
-        params += keys * M * D + keys * D + G * D
+        params += keys * (M * D + bias) + keys * D + G * D
     if e.short_conv:
         params += G * D + G * D * e.kernel_size
     return params

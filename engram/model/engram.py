@@ -11,15 +11,17 @@ touches numpy or the host in ``forward`` (PITFALLS 11). It returns Y only; the b
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+import warnings
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import EngramConfig
-from engram.hashing import TableGeometry
+from engram.config import DEMO_MODULE, EngramConfig
+from engram.hashing import TableGeometry, table_geometry
 from engram.model.cache import LayerCache
 from engram.model.tables import MultiHeadEmbedding
 
@@ -27,22 +29,25 @@ GATE_SQRT_FLOOR = 1e-6  # sqrt'(s) explodes at 0 (PITFALLS 10)
 
 
 class BranchLinear(nn.Module):
-    """One bias-free matrix per branch, stored as a (G, out, in) tensor: (B, T, in) -> (B, T, G, out)."""
+    """One matrix per branch, stored as a (G, out, in) tensor: (B, T, in) -> (B, T, G, out); with
+    ``bias`` a (G, out) bias too (the official demo's W_K)."""
 
-    def __init__(self, branches: int, in_dim: int, out_dim: int):
+    def __init__(self, branches: int, in_dim: int, out_dim: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(branches, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(branches, out_dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("btm,gdm->btgd", x, self.weight)
+        y = torch.einsum("btm,gdm->btgd", x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class SharedLinear(BranchLinear):
     """One bias-free matrix read by all G branches, stored as (1, out, in): (B, T, in) -> (B, T, G, out),
     G broadcast views of one product. The "no branch-specific fusion" ablation's W_K (SPEC §5)."""
 
-    def __init__(self, branches: int, in_dim: int, out_dim: int):
-        super().__init__(1, in_dim, out_dim)
+    def __init__(self, branches: int, in_dim: int, out_dim: int, bias: bool = False):
+        super().__init__(1, in_dim, out_dim, bias)
         self.branches = branches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,9 +56,10 @@ class SharedLinear(BranchLinear):
 
 class BranchRMSNorm(nn.Module):
     """RMSNorm with its own weight per branch: (B, T, G, D) -> (B, T, G, D), optionally kept in fp32.
-    With ``branches=1`` the one (1, D) weight broadcasts over every branch (a shared norm)."""
+    With ``branches=1`` the one (1, D) weight broadcasts over every branch (a shared norm). ``eps``
+    None is fp32's machine epsilon, as ``nn.RMSNorm(eps=None)`` (the official demo's gate norms)."""
 
-    def __init__(self, branches: int, dim: int, eps: float):
+    def __init__(self, branches: int, dim: int, eps: float | None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(branches, dim))
@@ -73,6 +79,9 @@ class Engram(nn.Module):
     gate="none" builds no key_proj, norm_query or norm_key; short_conv=False builds no norm_conv or
     conv_weight; branch_keys=False builds key_proj as a ``SharedLinear`` and norm_key with one weight.
     The default module keeps its parameter names and order (checkpoint keys, optimizer state order).
+    ``proj_bias`` adds ``key_proj.bias`` and ``value_proj.bias``; the config's ``gate_norm_eps`` and
+    ``conv_norm_eps`` override ``norm_eps`` (the backbone's) for those norms: the official demo's
+    module is built by ``from_demo_state_dict`` (and written back by ``to_demo_state_dict``).
 
     Built on the meta device (inside ``EngramLM``) it allocates and initialises nothing; otherwise it
     initialises itself once (``init_weights``).
@@ -95,11 +104,13 @@ class Engram(nn.Module):
         self.branches = G
         self.embedding = MultiHeadEmbedding(geometry, config.head_dim, sparse=sparse_table)
         # W_K^g, one per branch (branch-specific fusion), or one shared by all branches
-        self.key_proj = (BranchLinear if config.branch_keys else SharedLinear)(G, M, dim) if gated else None
-        self.value_proj = nn.Linear(M, dim, bias=False)  # W_V, shared by all branches
-        self.norm_query = BranchRMSNorm(G, dim, norm_eps) if gated else None
-        self.norm_key = BranchRMSNorm(keys, dim, norm_eps) if gated else None
-        self.norm_conv = BranchRMSNorm(G, dim, norm_eps) if config.short_conv else None
+        linear = BranchLinear if config.branch_keys else SharedLinear
+        self.key_proj = linear(G, M, dim, config.proj_bias) if gated else None
+        self.value_proj = nn.Linear(M, dim, bias=config.proj_bias)  # W_V, shared by all branches
+        gate_eps, conv_eps = config.norm_eps("gate", norm_eps), config.norm_eps("conv", norm_eps)
+        self.norm_query = BranchRMSNorm(G, dim, gate_eps) if gated else None
+        self.norm_key = BranchRMSNorm(keys, dim, gate_eps) if gated else None
+        self.norm_conv = BranchRMSNorm(G, dim, conv_eps) if config.short_conv else None
         self.conv_weight = nn.Parameter(torch.empty(G, dim, config.kernel_size)) if config.short_conv else None
         if self.value_proj.weight.device.type != "meta":
             self.init_weights()
@@ -116,6 +127,8 @@ class Engram(nn.Module):
         |                      | (drawn from torch's generator when None; ``normal_rows_``) |
         | key_proj.weight      | N(0, std)                                                  |
         | value_proj.weight    | N(0, std)                                                  |
+        | key_proj.bias,       | zeros (``proj_bias`` only)                                 |
+        |   value_proj.bias    |                                                            |
         | norm_*.weight        | ones                                                       |
         | conv_weight          | zeros: the conv branch starts as identity (SPEC §2 step 8) |
 
@@ -130,6 +143,9 @@ class Engram(nn.Module):
         nn.init.normal_(self.value_proj.weight, std=std)
         if self.key_proj is not None:
             nn.init.normal_(self.key_proj.weight, std=std)
+        for bias in (self.value_proj.bias, None if self.key_proj is None else self.key_proj.bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
         for norm in (self.norm_query, self.norm_key, self.norm_conv):
             if norm is not None:
                 nn.init.ones_(norm.weight)
@@ -204,3 +220,106 @@ class Engram(nn.Module):
         value = alpha.to(e.dtype) * self.value_proj(e)[:, :, None, :]  # (B, T, 1, D) -> (B, T, G, D)
         # 5. short conv on the normalised value, residual inside the module
         return self.conv_residual(value, doc_ids, cache)  # (B, T, G, D)
+
+    # -- the official demo's weights (engram_demo_v1.py's module; SPEC §2 "The demo's exact module") --
+
+    @classmethod
+    def from_demo_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: EngramConfig, dim: int, *,
+                             layer_id: int | None = None, sparse_table: bool = False) -> "Engram":
+        """The official demo's Engram module, from its ``state_dict``: our module with the demo's biases
+        and norm eps switched on (``DEMO_MODULE``), whose output equals the demo module's.
+
+        ``config``: our ``EngramConfig`` for that model (its table sizes, orders, heads, kernel, seed and
+        every Engram layer, since the primes are searched over all of them); ``layer_id`` picks the layer
+        (needed when the config has more than one); ``dim``: D. G is read from the state dict. Every key,
+        shape and the offsets are checked against our hash layout before anything is copied; a missing,
+        unexpected or mis-shaped entry raises ``ValueError`` naming it.
+        """
+        if config.gate != "signed_sqrt" or not config.short_conv or not config.branch_keys:
+            raise ValueError("the demo module has the signed-sqrt gate, the short conv and one W_K per branch; "
+                             f"got gate={config.gate!r}, short_conv={config.short_conv}, "
+                             f"branch_keys={config.branch_keys}")
+        if layer_id is None:
+            if len(config.layer_ids) != 1:
+                raise ValueError(f"the config has Engram layers {config.layer_ids}: say which one with layer_id=")
+            layer_id = config.layer_ids[0]
+        if layer_id not in config.layer_ids:
+            raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layers {config.layer_ids}")
+        config = dataclasses.replace(config, **DEMO_MODULE)
+        geometry = table_geometry(config, config.layer_ids)[layer_id]
+        branches = sum(1 for key in state_dict if key.startswith("key_projs.") and key.endswith(".weight"))
+        if branches < 1:
+            raise ValueError("not a demo Engram state dict: no key_projs.{g}.weight entries")
+        expected = _demo_shapes(config, dim, branches, geometry)
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"demo state dict (G={branches}): missing keys {missing}, unexpected keys {unexpected}")
+        for key, shape in expected.items():
+            if tuple(state_dict[key].shape) != shape:
+                raise ValueError(f"demo state dict: {key} has shape {tuple(state_dict[key].shape)}, "
+                                 f"expected {shape} (layer {layer_id}, D={dim}, G={branches})")
+        offsets = [int(x) for x in state_dict["multi_head_embedding.offsets"].tolist()]
+        if offsets != list(geometry.offsets):
+            raise ValueError(f"demo state dict: multi_head_embedding.offsets {_clip(offsets)} differ from our hash "
+                             f"layout's {_clip(list(geometry.offsets))} for layer {layer_id}: another table "
+                             "size, seed or set of Engram layers")
+        with torch.device("meta"):
+            module = cls(config, dim, geometry, branches=branches, sparse_table=sparse_table)
+        module.to_empty(device=state_dict["multi_head_embedding.embedding.weight"].device)
+        module.embedding.reset_buffers()
+        with torch.no_grad():
+            for ours, tensor in module._demo_views().items():
+                tensor.copy_(state_dict[ours].reshape(tensor.shape))
+        return module
+
+    def to_demo_state_dict(self) -> dict[str, torch.Tensor]:
+        """This module's weights under the demo module's key names and shapes (``from_demo_state_dict``'s
+        inverse). A module without biases writes zero biases; one built with other norm eps warns, since
+        the demo module would compute with its own."""
+        c = self.config
+        if c.gate != "signed_sqrt" or not c.short_conv or not c.branch_keys:
+            raise ValueError("only the demo's module shape (signed-sqrt gate, short conv, W_K per branch) has a "
+                             "demo state dict")
+        if (c.gate_norm_eps, c.conv_norm_eps) != (DEMO_MODULE["gate_norm_eps"], DEMO_MODULE["conv_norm_eps"]):
+            warnings.warn("this Engram's norm eps differ from the demo's (None on the gate norms, 1e-5 on the "
+                          "conv norms): the demo module will compute slightly different outputs", stacklevel=2)
+        out = {key: tensor.detach().clone() for key, tensor in self._demo_views().items()}
+        out["multi_head_embedding.offsets"] = self.embedding.offsets.detach().clone()
+        return {key: out[key].reshape(shape) if key in out else
+                torch.zeros(shape, dtype=self.value_proj.weight.dtype, device=self.value_proj.weight.device)
+                for key, shape in _demo_shapes(c, self.dim, self.branches, self.embedding.geometry).items()}
+
+    def _demo_views(self) -> dict[str, torch.Tensor]:
+        """Demo key -> our tensor (or a view of it) holding the same numbers; biases only when present."""
+        G = self.branches
+        views = {"multi_head_embedding.embedding.weight": self.embedding.weight,
+                 "value_proj.weight": self.value_proj.weight,
+                 "short_conv.conv.weight": self.conv_weight}  # (G, D, K) is the demo's (G*D, 1, K), channel g*D+d
+        if self.value_proj.bias is not None:
+            views["value_proj.bias"] = self.value_proj.bias
+        for g in range(G):
+            views[f"key_projs.{g}.weight"] = self.key_proj.weight[g]
+            if self.key_proj.bias is not None:
+                views[f"key_projs.{g}.bias"] = self.key_proj.bias[g]
+            views[f"norm1.{g}.weight"] = self.norm_key.weight[g]  # the demo's norm1 normalises the key
+            views[f"norm2.{g}.weight"] = self.norm_query.weight[g]  # and norm2 the hidden state
+            views[f"short_conv.norms.{g}.weight"] = self.norm_conv.weight[g]
+        return views
+
+
+def _demo_shapes(config: EngramConfig, dim: int, branches: int, geometry: TableGeometry) -> dict[str, tuple]:
+    """Every key of the demo module's state dict and its shape."""
+    M, K = config.memory_dim, config.kernel_size
+    shapes = {"multi_head_embedding.embedding.weight": (geometry.num_rows, config.head_dim),
+              "multi_head_embedding.offsets": (geometry.n_heads,),
+              "value_proj.weight": (dim, M), "value_proj.bias": (dim,),
+              "short_conv.conv.weight": (branches * dim, 1, K)}
+    for g in range(branches):
+        shapes |= {f"key_projs.{g}.weight": (dim, M), f"key_projs.{g}.bias": (dim,),
+                   f"norm1.{g}.weight": (dim,), f"norm2.{g}.weight": (dim,), f"short_conv.norms.{g}.weight": (dim,)}
+    return shapes
+
+
+def _clip(values: list, limit: int = 6) -> str:
+    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"

@@ -24,7 +24,10 @@ _TINY = get_preset("tiny-engram")  # G = 2
 for _name, _switches in {"no-gate": {"gate": "none"}, "no-conv": {"short_conv": False},
                          "shared-keys": {"branch_keys": False}, "no-compression": {"compress": False},
                          "shared-keys-no-conv": {"branch_keys": False, "short_conv": False},
-                         "no-gate-shared-keys": {"gate": "none", "branch_keys": False}}.items():
+                         "no-gate-shared-keys": {"gate": "none", "branch_keys": False},
+                         "demo-biases": {"proj_bias": True, "gate_norm_eps": None, "conv_norm_eps": 1e-5},
+                         "no-gate-biases": {"gate": "none", "proj_bias": True},
+                         "shared-keys-biases": {"branch_keys": False, "proj_bias": True}}.items():
     CONFIGS[f"G2-{_name}"] = ModelConfig(backbone=_TINY.backbone, engram=dataclasses.replace(_TINY.engram, **_switches))
     CONFIGS[f"G1-4gram-{_name}"] = ModelConfig(backbone=_G1.backbone, engram=dataclasses.replace(_G1.engram, **_switches))
 _OE = OverEncodingConfig(engram_vocab_size=[101, 103, 107], max_ngram_size=4, n_head_per_ngram=3,
@@ -68,7 +71,7 @@ def test_counts_match_the_built_model(name):
 
 
 @pytest.mark.parametrize("name", ["g1-gqa-4gram-two-layers", "G1-4gram-overencoding", "G1-4gram-no-gate-shared-keys",
-                                  "G1-4gram-shared-keys-no-conv"])
+                                  "G1-4gram-shared-keys-no-conv", "G1-4gram-demo-biases"])
 def test_active_parameters_are_what_one_token_touches(name):
     """One token's backward touches exactly P_act dense/expert weights plus H rows per hashed table."""
     config = CONFIGS[name]
