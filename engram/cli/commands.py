@@ -140,7 +140,8 @@ def generate_flags(p) -> None:
     sample_flags(p)
     p.add_argument("--tier", default="device", choices=["device", "host", "disk"],
                    help="where the tables live (default device); disk needs --tables")
-    p.add_argument("--tables", default=None, help="tables directory from `engram export-tables` (disk tier)")
+    p.add_argument("--tables", default=None, help="tables directory from `engram export-tables` (disk tier; the "
+                   "host tier reads it into RAM, e.g. int8 or fp8_e4m3 tables)")
     p.add_argument("--cache-rows", type=nonnegative_int, default=0,
                    help="rows per layer cached in RAM in front of the host/disk tier (default 0 = no cache)")
     p.add_argument("--policy", default="lru", choices=["lru", "lfu"], help="cache eviction policy (default lru)")
@@ -155,8 +156,8 @@ def generate(args) -> int:
     from engram.train import load_checkpoint
 
     ckpt = load_checkpoint(args.ckpt, device=device(args))
-    if args.tables is not None and args.tier != "disk":
-        raise ValueError(f"--tables is read by the disk tier only, not --tier {args.tier}")
+    if args.tables is not None and args.tier == "device":
+        raise ValueError("--tables is read by the host and disk tiers, not --tier device")
     with apply_storage(ckpt.model, args.tier, args.tables, args.cache_rows, args.policy, verify=args.verify,
                        checkpoint=ckpt.identity) as handle:
         _stream_completion(ckpt.model, ckpt.tokenizer, args)
@@ -165,23 +166,27 @@ def generate(args) -> int:
     return 0
 
 
+# engram.storage.formats.FORMATS, spelled out so that building the parser imports no torch (a test compares)
+TABLE_FORMATS = ["bfloat16", "float16", "float32", "fp8_e4m3", "int8"]
+
+
 def export_tables_flags(p) -> None:
     add_ckpt(p)
     p.add_argument("--out", required=True, type=directory,
                    help="tables directory to write (manifest.json is written last)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="stored row dtype (default float32; only float32 reproduces the checkpoint exactly)")
+    p.add_argument("--dtype", default="float32", choices=TABLE_FORMATS,
+                   help="stored row format (default float32, the only exact one): float16, bfloat16, int8 (a "
+                        "scale per row), fp8_e4m3 (a power-of-two scale per 32 values, DeepSeek-V4.1's); "
+                        "bounds in docs/DEEPSEEK.md")
 
 
 def export_tables(args) -> int:
-    import torch
-
     from engram.storage import export_tables
     from engram.train import load_checkpoint
 
     ckpt = load_checkpoint(args.ckpt)
     source = {"path": str(ckpt.path.resolve()), "step": ckpt.step, "identity": ckpt.identity}
-    manifest = export_tables(ckpt.model, args.out, dtype=getattr(torch, args.dtype), source=source)
+    manifest = export_tables(ckpt.model, args.out, dtype=args.dtype, source=source)
     print(json.dumps({"checkpoint": str(ckpt.path), "manifest": str(manifest),
                       "layers": json.loads(manifest.read_text())["layers"]}, indent=2))
     return 0

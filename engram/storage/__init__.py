@@ -4,8 +4,10 @@ background right after hashing. Applied as a transform on a built model (``apply
 from engram.storage.apply import OffloadedEmbedding, StorageHandle, apply_storage
 from engram.storage.cache import RowCache
 from engram.storage.export import TableEntry, TableError, TableManifest, export_tables, open_tables
+from engram.storage.formats import FORMATS, RowFormat, row_format
 from engram.storage.prefetch import Prefetcher
 from engram.storage.stores import DiskStore, HostStore
 
-__all__ = ["DiskStore", "HostStore", "OffloadedEmbedding", "Prefetcher", "RowCache", "StorageHandle",
-           "TableEntry", "TableError", "TableManifest", "apply_storage", "export_tables", "open_tables"]
+__all__ = ["FORMATS", "DiskStore", "HostStore", "OffloadedEmbedding", "Prefetcher", "RowCache", "RowFormat",
+           "StorageHandle", "TableEntry", "TableError", "TableManifest", "apply_storage", "export_tables",
+           "open_tables", "row_format"]

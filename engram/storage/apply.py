@@ -150,8 +150,10 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     ``EngramForCausalLM``) to ``tier`` in place; returns the handle to close.
 
     device: tables stay parameters (the reference). host: each table becomes a ``HostStore`` and the
-    parameter is freed. disk: rows come from ``tables_dir`` (``export_tables`` of this model, checked
-    against ``model.hasher``), the parameter is freed. ``cache_rows`` > 0 puts a ``RowCache`` of that
+    parameter is freed; with ``tables_dir`` the host store reads the exported files into RAM (in their
+    stored format, e.g. int8 or fp8_e4m3), otherwise it keeps the model's rows. disk: rows come from
+    ``tables_dir`` (``export_tables`` of this model, checked against ``model.hasher``), the parameter is
+    freed. Quantised rows are decoded on gather and cast to the table's dtype. ``cache_rows`` > 0 puts a ``RowCache`` of that
     many rows per layer (``policy`` lru or lfu) in front of host or disk. ``verify`` and ``checkpoint``
     (the loaded checkpoint's identity) are ``open_tables``'s checks of the disk tier's files.
     """
@@ -159,8 +161,8 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
         model = model.model  # a wrapper such as engram.hf's EngramForCausalLM: its EngramLM
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
-    if tier != "disk" and tables_dir is not None:
-        raise ValueError(f"tables_dir is only used by the disk tier, not {tier!r}")
+    if tier == "device" and tables_dir is not None:
+        raise ValueError("tables_dir is read by the host and disk tiers, not the device tier")
     if cache_rows < 0:
         raise ValueError(f"cache_rows must be >= 0, got {cache_rows}")
     if tier == "device":
@@ -175,7 +177,7 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     layers = model.engram_layers
     if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
         raise ValueError("the model's tables are already offloaded; apply_storage once per model")
-    manifest = open_tables(tables_dir, model.hasher, verify, checkpoint) if tier == "disk" else None
+    manifest = open_tables(tables_dir, model.hasher, verify, checkpoint) if tables_dir is not None else None
     if manifest is not None:  # check every layer before changing any
         for lid, layer in layers.items():
             entry, shape = manifest.layers.get(lid), tuple(layer.embedding.weight.shape)
@@ -187,7 +189,12 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     for lid, layer in layers.items():
         old = layer.embedding
         weight = old.weight
-        store = HostStore(weight) if tier == "host" else DiskStore.from_entry(manifest.layers[lid])
+        if manifest is None:
+            store = HostStore(weight)
+        elif tier == "host":
+            store = HostStore.from_entry(manifest.layers[lid])
+        else:
+            store = DiskStore.from_entry(manifest.layers[lid])
         if cache_rows:
             store = RowCache(store, cache_rows, policy)
         layer.embedding = OffloadedEmbedding(store, old.offsets, weight.device, weight.dtype, prefetcher)

@@ -79,7 +79,12 @@ class RowCache:
         self.capacity = int(min(capacity_rows, store.num_rows))
         C = self.capacity
         self.batch = int(C * evict_fraction)  # rows an eviction pass frees at least; also the fold threshold
-        self.slots = np.zeros((C, store.dim), dtype=np.float32)  # (C, d_h), preallocated once
+        # rows are kept as the store holds them (an int8 or fp8 table caches 4x the rows of fp32 in the same
+        # RAM) and decoded on the way out: (C, d_h) codes and (C, S) scales, preallocated once
+        self.format = store.format
+        S = self.format.scales_per_row(store.dim)
+        self.slots = torch.zeros(C, store.dim, dtype=self.format.code_dtype)
+        self.slot_scales = torch.zeros(C, S, dtype=self.format.scale_dtype) if self.format.quantised else None
         self.slot_row = np.full(C, -1, dtype=np.int64)  # (C,) row held by each slot, -1 = free
         self.last_used = np.zeros(C, dtype=np.int64)  # (C,) tick of the last call that used the slot
         self.count = np.zeros(C, dtype=np.int64)  # (C,) uses since insertion (LFU)
@@ -103,9 +108,10 @@ class RowCache:
 
     @property
     def ram_bytes(self) -> int:
-        own = sum(a.nbytes for a in (self.slots, self.slot_row, self.last_used, self.count, self.free,
+        own = sum(a.nbytes for a in (self.slot_row, self.last_used, self.count, self.free,
                                      self.main_keys, self.main_slots, self.recent_keys, self.recent_slots))
-        return own + self.store.ram_bytes
+        rows = sum(t.numel() * t.element_size() for t in (self.slots, self.slot_scales) if t is not None)
+        return own + rows + self.store.ram_bytes
 
     @property
     def hit_rate(self) -> float:
@@ -131,6 +137,10 @@ class RowCache:
         return hit, slot
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) unique -> (n, d_h) fp32
+        return self.format.decode(*self.gather_encoded(rows))
+
+    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n,) unique -> codes (n, d_h), scales (n, S) or None, as the store holds them."""
         rows = rows.to(torch.long).numpy()
         if not np.all(rows[1:] > rows[:-1]) and len(np.unique(rows)) != len(rows):  # ascending is unique
             raise ValueError("RowCache.gather needs unique rows; a repeated row would be cached twice")
@@ -140,30 +150,40 @@ class RowCache:
         self.last_used[hit_slots] = self.tick
         self.count[hit_slots] += 1  # rows are unique, so no slot repeats
         self.hits += len(hit_slots)
+        scales = self.slot_scales
         if len(hit_slots) == len(rows):
-            return torch.from_numpy(self.slots[hit_slots])
+            at = torch.from_numpy(hit_slots)
+            return self.slots[at], None if scales is None else scales[at]
 
-        out = np.empty((len(rows), self.dim), dtype=np.float32)  # (n, d_h)
-        out[hit] = self.slots[hit_slots]
-        miss = ~hit
-        miss_rows = rows[miss]  # (n - h,)
-        fetched = self.store.gather(torch.from_numpy(miss_rows)).numpy()  # (n - h, d_h): one slow-tier call
-        out[miss] = fetched
+        out = torch.empty(len(rows), self.dim, dtype=self.slots.dtype)  # (n, d_h)
+        out_scales = None if scales is None else torch.empty(len(rows), scales.shape[1], dtype=scales.dtype)
+        hit_t, miss_t = torch.from_numpy(hit), torch.from_numpy(~hit)
+        out[hit_t] = self.slots[torch.from_numpy(hit_slots)]
+        miss_rows = rows[~hit]  # (n - h,)
+        fetched, fetched_scales = self.store.gather_encoded(torch.from_numpy(miss_rows))  # one slow-tier call
+        out[miss_t] = fetched
+        if out_scales is not None:
+            out_scales[hit_t] = scales[torch.from_numpy(hit_slots)]
+            out_scales[miss_t] = fetched_scales
         self.misses += len(miss_rows)
         k = min(len(miss_rows), self.capacity - len(hit_slots))  # slots not protected by this call
         if k > 0:
-            self._insert(miss_rows[:k], fetched[:k], hit_slots)
-        return torch.from_numpy(out)
+            self._insert(miss_rows[:k], fetched[:k], None if fetched_scales is None else fetched_scales[:k], hit_slots)
+        return out, out_scales
 
-    def _insert(self, rows: np.ndarray, values: np.ndarray, protected: np.ndarray) -> None:
-        """Put k new rows (k,) / (k, d_h) into free slots, first evicting if too few are free; never
-        evicts a ``protected`` slot."""
+    def _insert(self, rows: np.ndarray, codes: torch.Tensor, scales: torch.Tensor | None,
+                protected: np.ndarray) -> None:
+        """Put k new rows (k,) / (k, d_h) codes / (k, S) scales into free slots, first evicting if too few
+        are free; never evicts a ``protected`` slot."""
         k = len(rows)
         if len(self.free) < k:
             self._evict(k - len(self.free), protected)
         use, self.free = self.free[:k], self.free[k:]
         self.slot_row[use] = rows
-        self.slots[use] = values
+        at = torch.from_numpy(use)
+        self.slots[at] = codes
+        if scales is not None:
+            self.slot_scales[at] = scales
         self.last_used[use] = self.tick
         self.count[use] = 1
         self.recent_keys, self.recent_slots = _merge(self.recent_keys, self.recent_slots, rows, use)

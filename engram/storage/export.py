@@ -2,9 +2,13 @@
 
 Layout of a tables directory::
 
-    layer_{id}.bin   rows x d_h values, C order, little-endian, dtype from the manifest
-    manifest.json    written LAST: format, the hasher layout, per layer {file, rows, dim, dtype, bytes, sha256},
-                     and ``source``: the checkpoint the rows came from ({path, step, identity}), when known
+    layer_{id}.bin          rows x d_h codes, C order, little-endian, in the manifest's ``dtype``
+                            (a format of ``engram.storage.formats``: float32, float16, bfloat16, int8, fp8_e4m3)
+    layer_{id}.scales.bin   quantised formats only: rows x S scales (int8: one fp32 per row; fp8_e4m3: one
+                            ue8m0 byte per ``block`` values)
+    manifest.json           written LAST: format, the hasher layout, per layer {file, rows, dim, dtype, bytes,
+                            sha256[, scales: {file, block, bytes, sha256}]}, and ``source``: the checkpoint
+                            the rows came from ({path, step, identity}), when known
 
 A directory without ``manifest.json`` is an unfinished export. Every file is written atomically
 (``engram.fileio``), and an old manifest is removed before any table is rewritten, so a crash never
@@ -28,16 +32,22 @@ import numpy as np
 import torch
 
 from engram.fileio import CHUNK_BYTES, atomic_write, check_file, read_manifest, write_manifest
+from engram.storage.formats import FORMATS, RowFormat, row_format, to_numpy
 
 FORMAT = "engram.tables/1"
 MANIFEST = "manifest.json"
 
-# bfloat16 has no numpy dtype: its bytes travel as little-endian uint16 and are reinterpreted on read
-DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"), "bfloat16": (torch.bfloat16, "<u2")}
-
 
 class TableError(ValueError):
     """A tables directory that cannot be used as is (missing, truncated, corrupt or for another layout)."""
+
+
+@dataclass(frozen=True)
+class ScalesEntry:
+    path: Path
+    block: int  # values per scale (fp8_e4m3); 0 for one scale per row
+    bytes: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -46,9 +56,14 @@ class TableEntry:
     path: Path
     rows: int
     dim: int
-    dtype: str  # key of DTYPES
+    dtype: str  # key of engram.storage.formats.FORMATS
     bytes: int
     sha256: str
+    scales: ScalesEntry | None = None  # quantised formats only
+
+    @property
+    def format(self) -> RowFormat:
+        return row_format(self.dtype, None if self.scales is None else self.scales.block or None)
 
 
 @dataclass(frozen=True)
@@ -57,13 +72,6 @@ class TableManifest:
     layout: dict
     layers: dict[int, TableEntry]
     source: dict | None = None  # the checkpoint exported from: {path, step, identity}; None before 0.2
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, (torch_dtype, _) in DTYPES.items():
-        if torch_dtype == dtype:
-            return name
-    raise ValueError(f"tables can be exported as {sorted(DTYPES)}, not {dtype}")
 
 
 def _check_finite(weight: torch.Tensor, what: str) -> None:
@@ -76,41 +84,57 @@ def _check_finite(weight: torch.Tensor, what: str) -> None:
                              "export it")
 
 
-def _write_table(weight: torch.Tensor, path: Path, dtype: torch.dtype) -> tuple[int, str]:
-    """Stream ``weight`` (rows, d_h) to ``path`` in slices, atomically; returns (bytes, sha256)."""
-    torch_dtype, np_dtype = DTYPES[_dtype_name(dtype)]
+def _write_table(weight: torch.Tensor, path: Path, fmt: RowFormat) -> tuple[tuple[int, str], tuple[int, str] | None]:
+    """Stream ``weight`` (rows, d_h) to ``path`` (codes) and, for a quantised format, its scales to the
+    ``.scales.bin`` beside it, encoding slice by slice in one pass, each file atomically; returns
+    (bytes, sha256) of the codes and of the scales (None for a float format)."""
     rows, dim = weight.shape
-    step = max(1, CHUNK_BYTES // max(1, dim * np.dtype(np_dtype).itemsize))
-    digest, total = hashlib.sha256(), 0
+    step = max(1, CHUNK_BYTES // max(1, 4 * dim))
+    digests = [hashlib.sha256(), hashlib.sha256()]
+    totals = [0, 0]
 
-    def write(f) -> None:
-        nonlocal total
+    def write(codes_file, scales_file=None) -> None:
         for start in range(0, rows, step):
-            chunk = weight[start: start + step].detach().to("cpu", torch_dtype).contiguous()  # (n, d_h)
-            if not bool(torch.isfinite(chunk).all()):  # finite in fp32 but not in a narrower dtype
-                _check_finite(chunk, f"{path.name} as {torch_dtype} (offset {start})")
-            if torch_dtype == torch.bfloat16:
-                chunk = chunk.view(torch.int16)  # same bytes; numpy has no bfloat16
-            arr = chunk.numpy()
-            data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()  # little-endian on any host
-            digest.update(data)
-            f.write(data)
-            total += len(data)
+            codes, scales = fmt.encode(weight[start: start + step].detach().to("cpu", torch.float32))
+            finite = torch.isfinite(fmt.decode(codes, scales)).all(dim=1)  # (n,)
+            if not bool(finite.all()):  # finite in fp32 but not in a narrower format (fp16 overflow)
+                raise TableError(f"row {start + int((~finite).nonzero()[0])} of {path.name}'s table is not finite "
+                                 f"as {fmt.name}; refusing to export it (choose a wider format)")
+            for i, (f, part, np_dtype) in enumerate(((codes_file, codes, fmt.numpy_dtype),
+                                                     (scales_file, scales, fmt.scale_numpy_dtype))):
+                if f is None:
+                    continue
+                data = to_numpy(part, np_dtype).tobytes()
+                digests[i].update(data)
+                f.write(data)
+                totals[i] += len(data)
 
+    if fmt.quantised:
+        atomic_write(_scales_path(path), lambda scales_file: atomic_write(
+            path, lambda codes_file: write(codes_file, scales_file), fsync=True), fsync=True)
+        return (totals[0], digests[0].hexdigest()), (totals[1], digests[1].hexdigest())
     atomic_write(path, write, fsync=True)
-    return total, digest.hexdigest()
+    return (totals[0], digests[0].hexdigest()), None
+
+
+def _scales_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".scales.bin")
 
 
 @torch.no_grad()
-def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                   source: dict | None = None) -> Path:
     """Write every Engram layer's table of ``model`` to ``directory``; returns the manifest path.
+
+    ``dtype``: the stored format, a name of ``engram.storage.formats.FORMATS`` (float32, float16, bfloat16,
+    int8, fp8_e4m3) or a float torch dtype. Only float32 reproduces the model exactly; the others' bounds
+    are in ``engram.storage.formats``.
 
     ``source``: the checkpoint the model was loaded from, ``{"path", "step", "identity"}``
     (``Checkpoint.identity``), recorded so that ``open_tables`` can refuse these rows for another one."""
     if model.hasher is None or not model.engram_layers:
         raise TableError("the model has no Engram layers: nothing to export")
-    name = _dtype_name(dtype)
+    fmt = row_format(dtype)
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if manifest_path.is_file():
@@ -134,34 +158,65 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype = torc
             raise TableError(f"layer {layer_id}'s table is not a parameter (already offloaded?); export "
                              "from the model before apply_storage")
         file = f"layer_{layer_id}.bin"
-        nbytes, sha = _write_table(weight, directory / file, dtype)
+        if not fmt.quantised:
+            _scales_path(directory / file).unlink(missing_ok=True)  # left by an earlier quantised export
+        (nbytes, sha), scales = _write_table(weight, directory / file, fmt)
         layers[str(layer_id)] = {"file": file, "rows": int(weight.shape[0]), "dim": int(weight.shape[1]),
-                                 "dtype": name, "bytes": nbytes, "sha256": sha}
+                                 "dtype": fmt.name, "bytes": nbytes, "sha256": sha}
+        if scales is not None:
+            layers[str(layer_id)]["scales"] = {"file": _scales_path(directory / file).name, "block": fmt.block,
+                                               "bytes": scales[0], "sha256": scales[1]}
     extra = {"source": dict(source)} if source is not None else {}
     return write_manifest(manifest_path, FORMAT, layout=model.hasher.layout(), layers=layers, **extra)
 
 
-def _scan(path: Path, entry: TableEntry) -> None:
-    """Read the file once: its sha256 must match and every value must be finite."""
-    np_dtype = np.dtype(DTYPES[entry.dtype][1])
-    row_bytes = entry.dim * np_dtype.itemsize
+def _scan(path: Path, numpy_dtype: str, width: int, sha256: str, finite, what: str) -> None:
+    """Read one file once: its sha256 must match and ``finite(values (n, width))`` hold on every row."""
+    np_dtype = np.dtype(numpy_dtype)
+    row_bytes = width * np_dtype.itemsize
     rows_per_block = max(1, CHUNK_BYTES // max(1, row_bytes))
     digest, row = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while block := f.read(rows_per_block * row_bytes):
             digest.update(block)
-            values = np.frombuffer(block, dtype=np_dtype).reshape(-1, entry.dim)  # (n, d_h)
-            if entry.dtype == "bfloat16":  # non-finite iff every exponent bit is set
-                finite = (values & 0x7F80) != 0x7F80
-            else:
-                finite = np.isfinite(values)
-            bad = np.flatnonzero(~finite.all(axis=1))
+            values = np.frombuffer(block, dtype=np_dtype).reshape(-1, width)  # (n, width)
+            bad = np.flatnonzero(~finite(values))
             if bad.size:
-                raise TableError(f"{path}: row {row + int(bad[0])} (of layer {entry.layer_id}) is not finite (NaN or "
-                                 "inf); export the tables again from an intact checkpoint")
+                raise TableError(f"{path}: row {row + int(bad[0])} (of {what}) is not finite (NaN or inf); export the "
+                                 "tables again from an intact checkpoint")
             row += len(values)
-    if digest.hexdigest() != entry.sha256:
+    if digest.hexdigest() != sha256:
         raise TableError(f"{path}: sha256 mismatch with the manifest; {path.name} is corrupted or replaced")
+
+
+def _entry(directory: Path, manifest_path: Path, key: str, info: dict) -> TableEntry:
+    """One layer's manifest entry, its sizes checked against its format (files not read yet)."""
+    if info.get("dtype") not in FORMATS:
+        raise TableError(f"{manifest_path}: layer {key} has unknown dtype {info.get('dtype')!r} (known: "
+                         f"{sorted(FORMATS)}); it was written by a newer engram, upgrade to read it")
+    fmt = FORMATS[info["dtype"]]
+    scales_info = info.get("scales")
+    if fmt.quantised != (scales_info is not None):
+        raise TableError(f"{manifest_path}: layer {key} is {fmt.name} but "
+                         f"{'has no scales entry' if fmt.quantised else 'has a scales entry'}; the manifest is damaged")
+    expected = info["rows"] * info["dim"] * fmt.code_bytes
+    if expected != info["bytes"]:
+        raise TableError(f"{manifest_path}: layer {key} claims {info['bytes']} bytes but "
+                         f"{info['rows']}x{info['dim']} {info['dtype']} is {expected}")
+    scales = None
+    if scales_info is not None:
+        block = scales_info.get("block")
+        if fmt.scale == "block" and (not isinstance(block, int) or block < 1):
+            raise TableError(f"{manifest_path}: layer {key}'s scales have block {block!r}; must be an int >= 1")
+        fmt = row_format(fmt.name, block if fmt.scale == "block" else None)
+        scale_bytes = info["rows"] * fmt.scales_per_row(info["dim"]) * np.dtype(fmt.scale_numpy_dtype).itemsize
+        if scale_bytes != scales_info.get("bytes"):
+            raise TableError(f"{manifest_path}: layer {key}'s scales claim {scales_info.get('bytes')} bytes, "
+                             f"{fmt.name} with block {block} needs {scale_bytes}")
+        scales = ScalesEntry(directory / scales_info["file"], block if fmt.scale == "block" else 0, scale_bytes,
+                             scales_info["sha256"])
+    return TableEntry(int(key), directory / info["file"], info["rows"], info["dim"], info["dtype"], expected,
+                      info["sha256"], scales)
 
 
 def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size",
@@ -194,16 +249,15 @@ def open_tables(directory: str | os.PathLike, hasher=None, verify: str = "size",
                              "`engram export-tables`")
     layers = {}
     for key, info in manifest["layers"].items():
-        path = directory / info["file"]
-        if info["dtype"] not in DTYPES:
-            raise TableError(f"{manifest_path}: layer {key} has unknown dtype {info['dtype']!r}")
-        expected = info["rows"] * info["dim"] * np.dtype(DTYPES[info["dtype"]][1]).itemsize
-        if expected != info["bytes"]:
-            raise TableError(f"{manifest_path}: layer {key} claims {info['bytes']} bytes but "
-                             f"{info['rows']}x{info['dim']} {info['dtype']} is {expected}")
-        check_file(path, expected, None, TableError)
-        entry = TableEntry(int(key), path, info["rows"], info["dim"], info["dtype"], expected, info["sha256"])
+        entry = _entry(directory, manifest_path, key, info)
+        fmt, what = entry.format, f"layer {key}"
+        check_file(entry.path, entry.bytes, None, TableError)
+        if entry.scales is not None:
+            check_file(entry.scales.path, entry.scales.bytes, None, TableError)
         if verify == "sha256":
-            _scan(path, entry)
+            _scan(entry.path, fmt.numpy_dtype, entry.dim, entry.sha256, fmt.codes_finite, what)
+            if entry.scales is not None:
+                _scan(entry.scales.path, fmt.scale_numpy_dtype, fmt.scales_per_row(entry.dim), entry.scales.sha256,
+                      fmt.scales_finite, f"{what}'s scales")
         layers[int(key)] = entry
     return TableManifest(directory, manifest["layout"], layers, manifest.get("source"))

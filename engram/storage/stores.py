@@ -1,14 +1,17 @@
 """Row stores: where one layer's Engram table lives. Each answers one question, ``gather``.
 
-Legend: n requested rows, d_h row width.
+Legend: n requested rows, d_h row width, S scales per row.
 
 Contract shared by every store (and by ``RowCache``, which wraps one):
-  ``gather(rows)``: rows (n,) int64 on the CPU, unique -> (n, d_h) float32 on the CPU, row i = table[rows[i]].
-  ``num_rows``, ``dim``: the table's shape; ``nbytes``: the table's size in its stored dtype;
-  ``ram_bytes``: what this store itself keeps in host RAM (the page cache of a disk table is the
-  kernel's, not counted).
-Rows come back as float32 whatever the stored dtype, so tiers are exact against each other and the
-embedding casts once to the model's dtype.
+  ``gather(rows)``: rows (n,) int64 on the CPU, unique -> (n, d_h) float32 on the CPU, row i = table[rows[i]],
+  decoded from the stored format (``engram.storage.formats``);
+  ``gather_encoded(rows)``: the same rows as stored, codes (n, d_h) and scales (n, S) or None, which
+  ``format.decode`` turns into ``gather``'s rows (the row cache keeps rows encoded);
+  ``num_rows``, ``dim``, ``format``: the table's shape and stored format; ``nbytes``: the table's size as
+  stored (codes and scales); ``ram_bytes``: what this store itself keeps in host RAM (the page cache of a
+  disk table is the kernel's, not counted).
+Rows come back as float32 whatever the stored format, so tiers are exact against each other (at equal
+format) and the embedding casts once to the model's dtype.
 """
 
 from __future__ import annotations
@@ -16,17 +19,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engram.storage.export import DTYPES, TableEntry
+from engram.storage.export import TableEntry
+from engram.storage.formats import RowFormat, from_numpy, row_format
 
 
 class HostStore:
     """The table in host RAM, pinned when CUDA is present (PITFALLS 13: pageable memory turns
-    ``non_blocking`` copies synchronous). On a CPU model the tensor is shared, not copied."""
+    ``non_blocking`` copies synchronous). Built from a model's table (``HostStore(weight)``: on a CPU model
+    the fp32 tensor is shared, not copied; ``format`` encodes it first, e.g. "int8") or from an exported
+    table's files (``from_entry``: its codes and scales read into RAM)."""
 
-    def __init__(self, table: torch.Tensor, pin: bool | None = None):
+    def __init__(self, table: torch.Tensor, pin: bool | None = None, format: str | RowFormat | None = None,
+                 scales: torch.Tensor | None = None):
         pin = torch.cuda.is_available() if pin is None else pin
+        format = table.dtype if format is None else format  # a float table is kept in its own dtype
+        self.format = format if isinstance(format, RowFormat) else row_format(format)
         table = table.detach().to("cpu").contiguous()  # (num_rows, d_h)
-        self.table = table.pin_memory() if pin else table
+        if scales is None and (self.format.quantised or table.dtype != self.format.code_dtype):
+            table, scales = self.format.encode(table)  # the model's fp32 rows, stored in this format
+        self.table = table.pin_memory() if pin else table  # codes (num_rows, d_h)
+        self.scales = None if scales is None else (scales.pin_memory() if pin else scales)  # (num_rows, S)
+
+    @classmethod
+    def from_entry(cls, entry: TableEntry, pin: bool | None = None) -> "HostStore":
+        """An exported layer's files (as ``open_tables`` checked them) read into RAM."""
+        disk = DiskStore.from_entry(entry)
+        codes = from_numpy(np.array(disk.array), disk.format.code_dtype)  # a copy in RAM
+        scales = None if disk.scales is None else from_numpy(np.array(disk.scales), disk.format.scale_dtype)
+        return cls(codes, pin, disk.format, scales)
 
     @property
     def num_rows(self) -> int:
@@ -38,30 +58,41 @@ class HostStore:
 
     @property
     def nbytes(self) -> int:
-        return self.table.numel() * self.table.element_size()
+        scales = 0 if self.scales is None else self.scales.numel() * self.scales.element_size()
+        return self.table.numel() * self.table.element_size() + scales
 
     @property
     def ram_bytes(self) -> int:
         return self.nbytes
 
+    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        codes = self.table.index_select(0, rows)  # (n, d_h)
+        return codes, None if self.scales is None else self.scales.index_select(0, rows)  # (n, S)
+
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
-        return self.table.index_select(0, rows).float()
+        return self.format.decode(*self.gather_encoded(rows))
 
 
 class DiskStore:
-    """A read-only ``np.memmap`` of one exported layer file: the table may be larger than RAM; only
-    the pages of requested rows are read (and kept in the kernel's page cache)."""
+    """A read-only ``np.memmap`` of one exported layer file (and of its scales, for a quantised format):
+    the table may be larger than RAM; only the pages of requested rows are read (and kept in the kernel's
+    page cache)."""
 
-    def __init__(self, path, num_rows: int, dim: int, dtype: str = "float32"):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown table dtype {dtype!r}; known: {sorted(DTYPES)}")
+    def __init__(self, path, num_rows: int, dim: int, dtype: str | RowFormat = "float32", scales_path=None):
+        self.format = dtype if isinstance(dtype, RowFormat) else row_format(dtype)
+        if self.format.quantised and scales_path is None:
+            raise ValueError(f"a {self.format.name} table needs its scales file")
         self.path = path
-        self.dtype = dtype
-        self.array = np.memmap(path, dtype=np.dtype(DTYPES[dtype][1]), mode="r", shape=(num_rows, dim))
+        self.dtype = self.format.name
+        self.array = np.memmap(path, dtype=np.dtype(self.format.numpy_dtype), mode="r", shape=(num_rows, dim))
+        self.scales = None if scales_path is None else np.memmap(
+            scales_path, dtype=np.dtype(self.format.scale_numpy_dtype), mode="r",
+            shape=(num_rows, self.format.scales_per_row(dim)))
 
     @classmethod
     def from_entry(cls, entry: TableEntry) -> "DiskStore":
-        return cls(entry.path, entry.rows, entry.dim, entry.dtype)
+        return cls(entry.path, entry.rows, entry.dim, entry.format,
+                   None if entry.scales is None else entry.scales.path)
 
     @property
     def num_rows(self) -> int:
@@ -73,20 +104,22 @@ class DiskStore:
 
     @property
     def nbytes(self) -> int:
-        return self.array.nbytes
+        return self.array.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
     @property
     def ram_bytes(self) -> int:
         return 0
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
+    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
-        if np.all(idx[1:] > idx[:-1]):  # already ascending (OffloadedEmbedding and RowCache ask so)
-            out = self.array[idx]  # (n, d_h) fancy indexing copies just these rows out of the map
-        else:
-            order = np.argsort(idx, kind="stable")  # ascending offsets: sequential-ish reads, readahead helps
-            out = np.empty((len(idx), self.dim), dtype=self.array.dtype)
-            out[order] = self.array[idx[order]]  # back to the caller's order
-        if self.dtype == "bfloat16":
-            return torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).float()
-        return torch.from_numpy(out).float()
+        if not np.all(idx[1:] > idx[:-1]):  # ascending offsets: sequential-ish reads, readahead helps
+            order = np.argsort(idx, kind="stable")
+            codes, scales = self.gather_encoded(torch.from_numpy(idx[order]))
+            back = torch.from_numpy(np.argsort(order, kind="stable"))  # back to the caller's order
+            return codes[back], None if scales is None else scales[back]
+        # (OffloadedEmbedding and RowCache ask in ascending order) fancy indexing copies just these rows
+        codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h)
+        return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
+        return self.format.decode(*self.gather_encoded(rows))
