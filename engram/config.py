@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GATES = ("signed_sqrt", "sigmoid", "none")
+VARIANTS = ("paper", "v4.1")
 DERIVED = "derived"  # dataclass field metadata key: what in the data decides the field
 
 
@@ -167,6 +168,14 @@ class EngramConfig(TableConfig):
     gate_norm_eps: eps of the query and key RMSNorms; conv_norm_eps: eps of the conv's RMSNorms. Each is
         "backbone" (the backbone's ``norm_eps``, the default), a float > 0, or None: the machine epsilon
         of the compute dtype, which is what ``nn.RMSNorm(eps=None)`` uses (the demo's gate norms).
+
+    variant: "paper" (the paper's and demo's module, ``Engram``) or "v4.1" (DeepSeek-V4.1's production
+        module, ``EngramV41``: no conv, so ``short_conv`` must be false; one fused W_K/W_V, merged norm
+        gains, returns x + alpha*v; SPEC §2b and docs/DEEPSEEK.md). The preset ``tiny-engram-v41`` has
+        V4.1's orders 2..4 with 8 heads each.
+    barrier_ids: raw token ids (V4.1 only; e.g. image tokens) that no n-gram crosses: a barrier hashes as
+        all pad, a lookback that reaches one (or the sequence start) is pad and so is every older one
+        ("sticky"), and the module's gate is closed at barrier positions.
     """
 
     layer_ids: list[int] = field(default_factory=lambda: [1, 15])
@@ -178,6 +187,8 @@ class EngramConfig(TableConfig):
     proj_bias: bool = False
     gate_norm_eps: float | str | None = "backbone"
     conv_norm_eps: float | str | None = "backbone"
+    variant: str = "paper"
+    barrier_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -203,6 +214,20 @@ class EngramConfig(TableConfig):
             _require(value is None or value == "backbone" or (
                 isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")),
                 c, name, f'must be "backbone", null (the dtype\'s machine epsilon) or a number > 0, got {value!r}')
+        _require(self.variant in VARIANTS, c, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
+        _require(isinstance(self.barrier_ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in self.barrier_ids),
+                 c, "barrier_ids", f"must be a list of raw token ids >= 0, got {self.barrier_ids!r}")
+        self.barrier_ids = list(self.barrier_ids)
+        _require(len(set(self.barrier_ids)) == len(self.barrier_ids), c, "barrier_ids",
+                 f"must not repeat an id, got {self.barrier_ids}")
+        if self.variant == "v4.1":
+            for name, want in (("short_conv", False), ("gate", "signed_sqrt"), ("branch_keys", True),
+                               ("proj_bias", False)):
+                _require(getattr(self, name) == want, c, name,
+                         f"the v4.1 variant has {name}={want!r} (SPEC §2b), got {getattr(self, name)!r}")
+        else:
+            _require(not self.barrier_ids, c, "barrier_ids",
+                     "barrier tokens belong to the v4.1 variant (set variant='v4.1')")
 
     def norm_eps(self, which: str, backbone_eps: float) -> float | None:
         """The eps of the ``which`` ("gate" or "conv") RMSNorms: None means the dtype's machine epsilon."""

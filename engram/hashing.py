@@ -25,6 +25,7 @@ from engram.tokenizer import CompressedTokenizer
 INT64_MAX = 2**63 - 1
 LAYER_SEED_STRIDE = 10007  # seed of layer l is seed + 10007*l (reference constant)
 LAYOUT_FORMAT = "engram.hash_layout/1"
+DEAD = -1  # a barrier token in a decode history (compressed ids are >= 0)
 
 
 # -- build-time pieces (pure functions) -------------------------------------------------------------
@@ -231,6 +232,12 @@ class NgramHasher(nn.Module):
         self.compressed_vocab_size = compressed_tokenizer.vocab_size
         self.compressed_pad_id = int(compressed_tokenizer.lookup[config.pad_id])
 
+        # V4.1's barrier ("dead") tokens: no n-gram crosses one (SPEC §2b); raw ids, checked like inputs
+        self.barrier_ids = list(getattr(config, "barrier_ids", None) or [])
+        if any(i >= compressed_tokenizer.raw_vocab_size for i in self.barrier_ids):
+            raise ValueError(f"{type(config).__name__}.barrier_ids {self.barrier_ids} reach outside the tokenizer's "
+                             f"{compressed_tokenizer.raw_vocab_size} ids")
+
         self.multipliers = {
             lid: torch.from_numpy(layer_multipliers(config.seed, lid, config.max_ngram_size, self.compressed_vocab_size))
             for lid in self.layer_ids
@@ -243,6 +250,7 @@ class NgramHasher(nn.Module):
                              persistent=False)
         self.register_buffer("multiplier_table", torch.empty(L, N, dtype=torch.int64), persistent=False)
         self.register_buffer("modulus_table", torch.empty(L, H, dtype=torch.int64), persistent=False)
+        self.register_buffer("barrier_table", torch.empty(len(self.barrier_ids), dtype=torch.int64), persistent=False)
         self.reset_buffers()
 
     @torch.no_grad()
@@ -250,6 +258,7 @@ class NgramHasher(nn.Module):
         """Write the buffers from the layout held on the host (a no-op on the meta device)."""
         L, H = len(self.layer_ids), self.config.n_heads
         self.lookup.copy_(self.tokenizer.lookup)
+        self.barrier_table.copy_(torch.tensor(self.barrier_ids, dtype=torch.int64))
         if L:
             self.multiplier_table.copy_(torch.stack([self.multipliers[lid] for lid in self.layer_ids]))
             self.modulus_table.copy_(torch.tensor([self.geometry[lid].sizes for lid in self.layer_ids],
@@ -273,6 +282,18 @@ class NgramHasher(nn.Module):
             ids = torch.where(ids < 0, self.config.pad_id, ids)
         return self.lookup.index_select(0, ids.reshape(-1)).view(ids.shape)  # faster than lookup[ids]
 
+    def barriers(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) raw ids -> (B, T) bool, True at barrier tokens; None when there are none configured."""
+        return torch.isin(input_ids, self.barrier_table) if self.barrier_ids else None
+
+    def _cut_at_barriers(self, compressed: torch.Tensor, dead: torch.Tensor,
+                         starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A barrier starts a new segment and its own id reads as pad: a lookback that reaches it reads pad,
+        and every older one crosses the segment start, so it is pad too, as at a document start (segment
+        ids never decrease). -> compressed (B, T), segments (B, T)."""
+        cut = dead if starts is None else dead | starts.to(torch.bool)
+        return compressed.masked_fill(dead, self.compressed_pad_id), cut.to(torch.int64).cumsum(dim=1)
+
     def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """input_ids (B, T) raw; boundary (B, T) bool, True where a new document starts."""
         if input_ids.dim() != 2:
@@ -281,6 +302,9 @@ class NgramHasher(nn.Module):
             return {}
         compressed = self.compress(input_ids)  # (B, T)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
+        dead = self.barriers(input_ids)
+        if dead is not None:
+            compressed, doc_ids = self._cut_at_barriers(compressed, dead, boundary)
         mixes = ngram_mixes(compressed, self.multiplier_table, self.compressed_pad_id, doc_ids)  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}
@@ -294,11 +318,16 @@ class NgramHasher(nn.Module):
         """
         n = history.shape[1]
         compressed = self.compress(input_ids)
+        dead_new = self.barriers(input_ids)
+        if dead_new is not None:  # a barrier stays in the history as DEAD, so the next call stops there too
+            compressed = compressed.masked_fill(dead_new, DEAD)
         full = torch.cat([history, compressed], dim=1)  # (B, N-1+T)
-        doc_ids = None
-        if boundary is not None:
-            doc_ids = F.pad(boundary.to(torch.int64), (n, 0)).cumsum(dim=1)  # history: the previous document
-        mixes = ngram_mixes(full, self.multiplier_table, self.compressed_pad_id, doc_ids)[..., n:]  # (L, N-1, B, T)
+        starts = None if boundary is None else F.pad(boundary.to(torch.bool), (n, 0))  # history: the previous doc
+        doc_ids = None if starts is None else starts.to(torch.int64).cumsum(dim=1)
+        values = full
+        if dead_new is not None:
+            values, doc_ids = self._cut_at_barriers(full, full == DEAD, starts)
+        mixes = ngram_mixes(values, self.multiplier_table, self.compressed_pad_id, doc_ids)[..., n:]  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)
         new_history = full[:, -n:]
         if doc_ids is not None:
@@ -324,7 +353,7 @@ class NgramHasher(nn.Module):
             "multipliers": {str(lid): self.multipliers[lid].tolist() for lid in self.layer_ids},
             "primes": {str(lid): self.primes[lid] for lid in self.layer_ids},
             "offsets": {str(lid): list(self.geometry[lid].offsets) for lid in self.layer_ids},
-        }
+        } | ({"barrier_ids": list(self.barrier_ids)} if self.barrier_ids else {})  # absent: layouts before V4.1
 
     def check_layout(self, stored: dict[str, Any]) -> None:
         """Raise ValueError listing every field where ``stored`` disagrees with this hasher."""

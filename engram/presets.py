@@ -30,10 +30,23 @@ def _tiny_engram() -> ModelConfig:
     )
 
 
+def _tiny_engram_v41() -> ModelConfig:
+    """DeepSeek-V4.1's Engram variant (SPEC §2b) on the tiny backbone: orders 2..4 with 8 heads each, no
+    conv, at the second and last blocks (V4.1 places it at its 2nd and 15th blocks). No barrier ids:
+    the tiny vocabulary has no image tokens (set ``model.engram.barrier_ids`` to use them)."""
+    return ModelConfig(
+        backbone=_tiny_backbone(moe=True),
+        engram=EngramConfig(engram_vocab_size=[1009, 1009, 1009], max_ngram_size=4, n_embed_per_ngram=64,
+                            n_head_per_ngram=8, layer_ids=[1, 3], pad_id=2, variant="v4.1", short_conv=False,
+                            gate_norm_eps=1e-20),  # V4.1's rms_norm_eps
+    )
+
+
 PRESETS = {
     "tiny-dense": lambda: ModelConfig(backbone=_tiny_backbone(moe=False)),
     "tiny-moe": lambda: ModelConfig(backbone=_tiny_backbone(moe=True)),
     "tiny-engram": _tiny_engram,
+    "tiny-engram-v41": _tiny_engram_v41,
 }
 
 

@@ -78,6 +78,9 @@ class EngramAdapterConfig(_Serialisable):
             self.engram = EngramConfig.from_dict(self.engram)
         if not isinstance(self.engram, EngramConfig):
             raise ValueError(f"EngramAdapterConfig.engram: must be an EngramConfig, got {type(self.engram).__name__}")
+        if self.engram.variant != "paper":  # the hooks add Y; the V4.1 module returns x + Y
+            raise ValueError(f"EngramAdapterConfig.engram.variant: the adapter builds the paper's module, got "
+                             f"{self.engram.variant!r}")
         if not isinstance(self.freeze_base, bool):
             raise ValueError(f"EngramAdapterConfig.freeze_base: must be true or false, got {self.freeze_base!r}")
 

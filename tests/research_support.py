@@ -76,7 +76,7 @@ def tiny_model(name="tiny-engram", **engram) -> EngramLM:
     model = EngramLM(config).eval()
     with torch.no_grad():  # make the conv non-trivial so Y is not just the gated value
         for layer in model.engram_layers.values():
-            if layer.conv_weight is not None:
+            if getattr(layer, "conv_weight", None) is not None:
                 layer.conv_weight.normal_(std=0.3)
     return model
 

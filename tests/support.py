@@ -24,7 +24,7 @@ def assert_causal(model, vocab_size: int, T: int = 40, t: int = 23) -> None:
     model.eval()
     with torch.no_grad():
         for layer in model.engram_layers.values():
-            if layer.conv_weight is not None:
+            if getattr(layer, "conv_weight", None) is not None:
                 layer.conv_weight.normal_()
     ids = torch.randint(0, vocab_size, (2, T))
     changed = ids.clone()

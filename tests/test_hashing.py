@@ -235,7 +235,7 @@ def test_layout_round_trip_and_mismatch(tmp_path):
 def test_buffers_follow_the_module_but_are_not_weights():
     hasher = _small_hasher()
     assert hasher.state_dict() == {}
-    assert {name for name, _ in hasher.named_buffers()} == {"lookup", "multiplier_table", "modulus_table"}
+    assert {name for name, _ in hasher.named_buffers()} == {"lookup", "multiplier_table", "modulus_table", "barrier_table"}
 
 
 def test_no_engram_layers_hash_to_nothing():

@@ -27,8 +27,12 @@ def knockout(model) -> Iterator[None]:
     The module still runs (its output is replaced by zeros), so a storage tier's prefetch stays
     matched; the hooks are removed on exit, whatever happens inside.
     """
-    handles = [layer.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
-               for layer in model.engram_layers.values()]
+    def zero(mod, args, kwargs, out):  # V4.1's module returns x + Y: knocked out it returns x
+        if not mod.adds_residual:
+            return torch.zeros_like(out)
+        return args[0] if args else kwargs["hidden"]
+
+    handles = [layer.register_forward_hook(zero, with_kwargs=True) for layer in model.engram_layers.values()]
     try:
         yield
     finally:

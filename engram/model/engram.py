@@ -87,6 +87,8 @@ class Engram(nn.Module):
     initialises itself once (``init_weights``).
     """
 
+    adds_residual = False  # forward returns Y; the block adds it (DeepSeek-V4.1's EngramV41 returns x + Y)
+
     def __init__(self, config: EngramConfig, dim: int, geometry: TableGeometry | Sequence[int],
                  norm_eps: float = 1e-6, *, branches: int = 1, sparse_table: bool = False):
         super().__init__()

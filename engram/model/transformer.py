@@ -22,6 +22,7 @@ from engram.hashing import NgramHasher, TableGeometry, check_token_ids, document
 from engram.model.attention import Attention
 from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
+from engram.model.engram_v41 import EngramV41
 from engram.model.hyper import make_residual
 from engram.model.init import derive_seed, normal_, normal_units_, seeded
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -47,9 +48,10 @@ class Block(nn.Module):
         bb = config.backbone
         self.layer_id = layer_id
         self.engram = None
-        if geometry is not None:
-            self.engram = Engram(config.engram, bb.d_model, geometry, bb.norm_eps, branches=bb.hc_mult,
-                                 sparse_table=sparse_tables)
+        if geometry is not None:  # the variant is a class chosen here (SPEC §2 vs §2b)
+            variant = EngramV41 if config.engram.variant == "v4.1" else Engram
+            self.engram = variant(config.engram, bb.d_model, geometry, bb.norm_eps, branches=bb.hc_mult,
+                                  sparse_table=sparse_tables)
         self.attn_norm = RMSNorm(bb.d_model, bb.norm_eps)
         self.attn = Attention(bb)
         self.attn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)
@@ -60,10 +62,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 hash_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        """x (B, T, G, D) -> (B, T, G, D). ``cache``: this block's decode state, when decoding."""
+                cache: LayerCache | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, G, D) -> (B, T, G, D). ``cache``: this block's decode state, when decoding.
+        ``token_mask`` (B, T): False at barrier tokens (V4.1 models with ``barrier_ids`` only)."""
         if self.engram is not None:
-            x = x + self.engram(x, hash_ids, doc_ids, cache)  # the module returns its contribution only
+            extra = {} if token_mask is None else {"token_mask": token_mask}
+            y = self.engram(x, hash_ids, doc_ids, cache, **extra)
+            x = y if self.engram.adds_residual else x + y  # V4.1's module adds x itself: never twice
         x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin, cache))
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
 
@@ -123,7 +128,7 @@ class EngramLM(nn.Module):
             self.init_weights()
 
     @property
-    def engram_layers(self) -> dict[int, Engram]:
+    def engram_layers(self) -> dict[int, Engram | EngramV41]:
         return {blk.layer_id: blk.engram for blk in self.layers if blk.engram is not None}
 
     def named_tables(self) -> dict[str, HashedTable]:
@@ -249,8 +254,11 @@ class EngramLM(nn.Module):
         if self.overencoding is not None:
             x = self.overencoding(x, hash_ids[self.overencoding.layer_id])  # (B, T, D)
         x = x[:, :, None, :].expand(-1, -1, self.config.backbone.hc_mult, -1).contiguous()  # (B, T, G, D)
+        dead = None if self.hasher is None else self.hasher.barriers(input_ids)  # (B, T) or None
+        token_mask = None if dead is None else ~dead
         for i, blk in enumerate(self.layers):
-            x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i])
+            x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
+                    token_mask)
         if cache is not None:
             cache.end(T)
         logits = self.output(self.norm(x.mean(dim=2)))  # (B, T, G, D) -> (B, T, D) -> (B, T, V)

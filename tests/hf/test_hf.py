@@ -25,11 +25,13 @@ def data(corpus_dir, cache_dir, tmp_path_factory):
     return prepare_data(tiny_run(corpus_dir, cache_dir, tmp_path_factory.mktemp("hf")).data)
 
 
-def build(data, preset="tiny-engram", hc_mult=None, overencoding=False, seed=0) -> EngramLM:
+def build(data, preset="tiny-engram", hc_mult=None, overencoding=False, seed=0, engram=None) -> EngramLM:
     """A model with every parameter drawn away from its initial value (conv taps and gates included)."""
     from engram.presets import get_preset
 
     config = get_preset(preset).without_data()
+    if engram:
+        config = dataclasses.replace(config, engram=dataclasses.replace(config.engram, **engram))
     if hc_mult is not None:
         config = dataclasses.replace(config, backbone=dataclasses.replace(config.backbone, hc_mult=hc_mult))
     if overencoding:
@@ -48,6 +50,8 @@ def build(data, preset="tiny-engram", hc_mult=None, overencoding=False, seed=0) 
 
 
 VARIANTS = {"engram": {}, "engram-g1": {"hc_mult": 1}, "moe": {"preset": "tiny-moe"},
+            "engram-v41": {"preset": "tiny-engram-v41"},
+            "engram-v41-barriers": {"preset": "tiny-engram-v41", "engram": {"barrier_ids": list(range(3, 120))}},
             "dense-g1": {"preset": "tiny-dense", "hc_mult": 1}, "overencoding": {"preset": "tiny-moe", "overencoding": True}}
 
 
@@ -216,3 +220,25 @@ def test_export_hf_refuses_a_file_as_out(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert main(["export-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
     assert "argument --out" in capsys.readouterr().err
+
+
+def test_v41_generation_with_barriers_equals_one_forward_per_step(data, tmp_path):
+    """DeepSeek-V4.1's variant with barrier tokens in the prompts: generate() (cached, beams too) equals
+    recomputing each step, and every step's logits equal one full forward over the row alone."""
+    prompt_ids = ids_of(data, PROMPTS)
+    barriers = sorted({prompt_ids[0][2], prompt_ids[1][3], prompt_ids[1][6]})  # tokens the prompts hold
+    H.to_hf(build(data, preset="tiny-engram-v41", engram={"barrier_ids": barriers}, seed=5),
+            data.tokenizer).save_pretrained(tmp_path)
+    model, tok = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert model.model.config.engram.barrier_ids == barriers
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for row in range(len(PROMPTS)):
+        real = batch["attention_mask"][row].bool()
+        full = out.sequences[row][torch.cat([real, torch.ones(8, dtype=torch.bool)])]
+        logits = model(full[None]).logits[0]
+        P = int(real.sum())
+        for step, step_logits in enumerate(out.logits):
+            torch.testing.assert_close(step_logits[row], logits[P - 1 + step], atol=1e-5, rtol=0)
+    beams = dict(num_beams=3, do_sample=False, num_return_sequences=2, max_new_tokens=6)
+    assert torch.equal(model.generate(**batch, **beams), model.generate(**batch, use_cache=False, **beams))

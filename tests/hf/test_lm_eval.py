@@ -64,7 +64,7 @@ def model(tokenizer):
     model = EngramLM(config, CompressedTokenizer.from_pretrained(tokenizer)).eval()
     with torch.no_grad():
         for layer in model.engram_layers.values():
-            if layer.conv_weight is not None:
+            if getattr(layer, "conv_weight", None) is not None:
                 layer.conv_weight.normal_()
     return model
 

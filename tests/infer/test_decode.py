@@ -34,6 +34,8 @@ CASES = {
                                        layer_ids=[0, 2]),
     "engram-no-conv-shared-keys": variant("tiny-engram", short_conv=False, branch_keys=False),
     "engram-no-gate-raw-ids": variant("tiny-engram", gate="none", compress=False),
+    "engram-v41": variant("tiny-engram-v41"),
+    "engram-v41-G1-barriers": variant("tiny-engram-v41", 1, barrier_ids=list(range(3, 60))),  # ~1 token in 9
     "overencoding-4gram": variant("tiny-moe", overencoding=OVERENCODING),
     "overencoding-and-engram": variant("tiny-engram", overencoding=dataclasses.replace(
         OVERENCODING, engram_vocab_size=[1009], max_ngram_size=2)),
@@ -45,7 +47,7 @@ def build(config: ModelConfig) -> EngramLM:
     model = EngramLM(config).eval()
     with torch.no_grad():  # trained-looking conv and MoE bias, so the decode state really matters
         for layer in model.engram_layers.values():
-            if layer.conv_weight is not None:
+            if getattr(layer, "conv_weight", None) is not None:
                 layer.conv_weight.normal_()
         for moe in model.moe_layers():
             moe.expert_bias.normal_(std=0.1)
@@ -84,7 +86,7 @@ def test_decode_equals_full_forward(name, chunk):
     assert worst <= 1e-5, worst
 
 
-@pytest.mark.parametrize("name", ["engram-G2", "moe"])
+@pytest.mark.parametrize("name", ["engram-G2", "moe", "engram-v41-G1-barriers"])
 def test_greedy_generation_matches_recomputing_the_prefix(name):
     model = build(CASES[name])
     prompts = [[5, 17, 99, 4], [300], [8, 9, 10, 11, 12, 13, 14, 15]]

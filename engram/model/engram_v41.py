@@ -1,0 +1,122 @@
+"""DeepSeek-V4.1's production Engram module (SPEC §2b), chosen at build time by
+``EngramConfig.variant = "v4.1"``; the paper's module is ``engram.model.engram.Engram``.
+
+Legend: B batch, T time, G hyper-connection branches, D model width, H hash heads, d_h row width,
+M = d_mem = H*d_h memory width.
+
+What differs from the paper's module (facts from the public serving ports of V4.1, which copy DeepSeek's
+reference; our own code):
+- no short conv, so the decode state is the n-gram history alone;
+- one fused bias-free projection ``wkv``: M -> D*(G+1), the G keys first (branch-major), then the one
+  value shared by every branch;
+- the query is the residual branch itself; the query and key RMSNorm gains are one product, stored as
+  one (G, D) ``norm_weight``: score = sum(h * w * k) * rstd(h) * rstd(k) / sqrt(D), in fp32;
+- alpha = sigmoid(signed_sqrt(score)) with |score| floored at 1e-6 (as the paper's kernels);
+- a token mask (False at barrier tokens) closes the gate, so such a position passes through unchanged;
+- **it returns x + alpha * v**, the updated stream, not a contribution (``adds_residual``): the block
+  replaces its stream with the output and never adds x again (PITFALLS 9).
+Barrier ("dead") tokens and their sticky lookbacks are the hasher's (``NgramHasher``, ``barrier_ids``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from engram.config import EngramConfig
+from engram.hashing import TableGeometry
+from engram.model.cache import LayerCache
+from engram.model.engram import GATE_SQRT_FLOOR
+from engram.model.tables import MultiHeadEmbedding
+
+
+class EngramV41(nn.Module):
+    """The V4.1 Engram at one block: ``forward(x, hash_ids, doc_ids, cache, token_mask)`` -> x + alpha*v.
+
+    Takes the same build arguments as ``Engram``; ``config.variant`` must be "v4.1" (its validation
+    refuses a conv, biases, other gates and shared keys for this variant)."""
+
+    adds_residual = True  # forward returns the updated stream (the paper's module returns Y)
+
+    def __init__(self, config: EngramConfig, dim: int, geometry: TableGeometry | Sequence[int],
+                 norm_eps: float = 1e-6, *, branches: int = 1, sparse_table: bool = False):
+        super().__init__()
+        if config.variant != "v4.1":
+            raise ValueError(f"EngramV41 needs EngramConfig.variant='v4.1', got {config.variant!r}")
+        if not isinstance(geometry, TableGeometry):
+            geometry = TableGeometry(tuple(int(x) for x in geometry))
+        if geometry.n_heads != config.n_heads:
+            raise ValueError(f"need one table size per hash head ({config.n_heads}), got {geometry.n_heads}")
+        if not isinstance(branches, int) or branches < 1:
+            raise ValueError(f"EngramV41.branches: must be an int >= 1, got {branches!r}")
+        self.config = config
+        self.dim = dim
+        self.branches = branches
+        self.eps = config.norm_eps("gate", norm_eps)
+        self.embedding = MultiHeadEmbedding(geometry, config.head_dim, sparse=sparse_table)
+        self.wkv = nn.Linear(config.memory_dim, dim * (branches + 1), bias=False)  # G keys, then the value
+        self.norm_weight = nn.Parameter(torch.empty(branches, dim))  # q gain * k gain, per branch
+        if self.wkv.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, table_std: float | None = None, table_seed: int | None = None,
+                     tables: bool = True) -> None:
+        """| parameter        | init                                                          |
+        |------------------|---------------------------------------------------------------|
+        | embedding.weight | N(0, table_std) in seeded row blocks, as ``Engram``'s          |
+        | wkv.weight       | N(0, std)                                                     |
+        | norm_weight      | ones                                                          |
+        """
+        if table_seed is None:
+            table_seed = int(torch.randint(0, 2**62, ()).item())
+        if table_std is None:
+            table_std = self.config.table_init_std
+        if tables and hasattr(self.embedding, "init_weights"):
+            self.embedding.init_weights(table_std, table_seed)
+        nn.init.normal_(self.wkv.weight, std=std)
+        nn.init.ones_(self.norm_weight)
+
+    def _rstd(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) fp32 -> (..., 1)
+        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
+        return torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+    def _gate(self, hidden: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, G, D), key (B, T, G, D) -> alpha (B, T, G, 1) fp32."""
+        h, k = hidden.float(), key.float()
+        score = (h * self.norm_weight.float() * k).sum(dim=-1, keepdim=True)  # (B, T, G, 1)
+        score = score * self._rstd(h) * self._rstd(k) / math.sqrt(self.dim)
+        return torch.sigmoid(score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt())
+
+    def _keys_value(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e (B, T, M) -> keys (B, T, G, D), value (B, T, D)."""
+        B, T = e.shape[:2]
+        G, D = self.branches, self.dim
+        kv = self.wkv(e)  # (B, T, (G+1) D)
+        return kv[..., : G * D].view(B, T, G, D), kv[..., G * D:]
+
+    def gate(self, hidden: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """alpha (B, T, G, 1) fp32 from hidden (B, T, G, D) and the memory e (B, T, M), without the token
+        mask (``engram inspect gates`` reads it)."""
+        return self._gate(hidden, self._keys_value(e)[0])
+
+    def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                cache: LayerCache | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, G, D), hash_ids (B, T, H), token_mask (B, T) bool -> x + alpha*v (B, T, G, D).
+
+        ``doc_ids`` and ``cache`` are accepted for the block's one calling convention: document starts
+        and decode history act through the hash ids alone (no conv)."""
+        B, T = hash_ids.shape[:2]
+        # 1. gather: one row per head, concatenated into e_t
+        e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)
+        # 2. keys and the shared value from one fused projection
+        key, value = self._keys_value(e)  # (B, T, G, D), (B, T, D)
+        # 3. gate per branch, closed where the token mask is False (barrier tokens pass through)
+        alpha = self._gate(hidden, key)  # (B, T, G, 1) fp32
+        if token_mask is not None:
+            alpha = alpha * token_mask[:, :, None, None].to(alpha.dtype)
+        # 4. the residual is added here: the output is the new stream
+        return (hidden.float() + alpha * value[:, :, None, :].float()).to(hidden.dtype)  # (B, T, G, D)
