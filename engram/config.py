@@ -166,8 +166,9 @@ class EngramConfig(TableConfig):
     The official demo's numerics (``DEMO_MODULE``; ``Engram.from_demo_state_dict`` switches them on):
     proj_bias: W_K and W_V carry biases (the demo's ``nn.Linear`` layers); ours have none by default.
     gate_norm_eps: eps of the query and key RMSNorms; conv_norm_eps: eps of the conv's RMSNorms. Each is
-        "backbone" (the backbone's ``norm_eps``, the default), a float > 0, or None: the machine epsilon
-        of the compute dtype, which is what ``nn.RMSNorm(eps=None)`` uses (the demo's gate norms).
+        "backbone" (the backbone's ``norm_eps``, the default), a float > 0, or None: fp32's machine
+        epsilon, which is what ``nn.RMSNorm(eps=None)`` uses on the demo's fp32 weights (our norms
+        always compute in fp32).
 
     variant: "paper" (the paper's and demo's module, ``Engram``) or "v4.1" (DeepSeek-V4.1's production
         module, ``EngramV41``: no conv, so ``short_conv`` must be false; one fused W_K/W_V, merged norm
@@ -217,7 +218,7 @@ class EngramConfig(TableConfig):
         _require(self.variant in VARIANTS, c, "variant", f"must be one of {VARIANTS}, got {self.variant!r}")
         _require(isinstance(self.barrier_ids, (list, tuple)) and all(_is_int(i) and i >= 0 for i in self.barrier_ids),
                  c, "barrier_ids", f"must be a list of raw token ids >= 0, got {self.barrier_ids!r}")
-        self.barrier_ids = list(self.barrier_ids)
+        self.barrier_ids = sorted(self.barrier_ids)  # a set: one order, so layouts compare equal
         _require(len(set(self.barrier_ids)) == len(self.barrier_ids), c, "barrier_ids",
                  f"must not repeat an id, got {self.barrier_ids}")
         if self.variant == "v4.1":

@@ -294,17 +294,25 @@ class NgramHasher(nn.Module):
         cut = dead if starts is None else dead | starts.to(torch.bool)
         return compressed.masked_fill(dead, self.compressed_pad_id), cut.to(torch.int64).cumsum(dim=1)
 
+    def segments(self, input_ids: torch.Tensor,
+                 boundary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What every lookback reads: (B, T) raw ids -> compressed ids (B, T) (barriers as pad) and segment
+        ids (B, T) (document starts and barriers; None when neither exists). ``shift_back`` of these
+        with the pad id is exactly what the hash of each order mixes (``engram inspect tables`` reads it)."""
+        compressed = self.compress(input_ids)  # (B, T)
+        doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
+        dead = self.barriers(input_ids)
+        if dead is not None:
+            compressed, doc_ids = self._cut_at_barriers(compressed, dead, boundary)
+        return compressed, doc_ids
+
     def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """input_ids (B, T) raw; boundary (B, T) bool, True where a new document starts."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if not self.layer_ids:
             return {}
-        compressed = self.compress(input_ids)  # (B, T)
-        doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
-        dead = self.barriers(input_ids)
-        if dead is not None:
-            compressed, doc_ids = self._cut_at_barriers(compressed, dead, boundary)
+        compressed, doc_ids = self.segments(input_ids, boundary)  # (B, T), (B, T) or None
         mixes = ngram_mixes(compressed, self.multiplier_table, self.compressed_pad_id, doc_ids)  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}

@@ -56,7 +56,11 @@ def capture_gates(model) -> Iterator[dict[int, list[torch.Tensor]]]:
             B, T = hash_ids.shape[:2]
             with torch.no_grad():
                 e = mod.embedding(hash_ids).reshape(B, T, -1)  # (B, T, M)
-                gates[lid].append(mod.gate(hidden, e)[..., 0].float().cpu())  # (B, T, G)
+                alpha = mod.gate(hidden, e)[..., 0].float()  # (B, T, G)
+                mask = kwargs.get("token_mask")  # V4.1: the gate applied at a barrier is 0
+                if mask is not None:
+                    alpha = alpha * mask[..., None].float()
+                gates[lid].append(alpha.cpu())
         return fn
 
     handles = [layer.register_forward_hook(hook(lid), with_kwargs=True) for lid, layer in model.engram_layers.items()]

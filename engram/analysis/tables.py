@@ -27,7 +27,7 @@ import torch
 
 from engram.analysis.hooks import knockout, windows_of
 from engram.fileio import atomic_write_json
-from engram.hashing import document_ids, shift_back
+from engram.hashing import shift_back
 from engram.plotting import pyplot, save_figure
 
 
@@ -74,10 +74,9 @@ def expected_random_collision(m: int, p: int) -> float:
 
 
 def ngram_tuples(hasher, input_ids: torch.Tensor, boundary: torch.Tensor | None) -> torch.Tensor:
-    """(B, T) raw ids -> (B, T, N) compressed ids [x'_t, x'_{t-1}, ...], pad before a document start:
-    exactly what the hash of order n reads in its first n columns."""
-    compressed = hasher.compress(input_ids)
-    doc = document_ids(boundary, input_ids.shape, input_ids.device)
+    """(B, T) raw ids -> (B, T, N) compressed ids [x'_t, x'_{t-1}, ...], pad before a document start (and,
+    for V4.1, at and across barriers): exactly what the hash of order n reads in its first n columns."""
+    compressed, doc = hasher.segments(input_ids, boundary)
     return torch.stack([shift_back(compressed, k, hasher.compressed_pad_id, doc)
                         for k in range(hasher.config.max_ngram_size)], dim=-1)
 

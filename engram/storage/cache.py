@@ -79,8 +79,8 @@ class RowCache:
         self.capacity = int(min(capacity_rows, store.num_rows))
         C = self.capacity
         self.batch = int(C * evict_fraction)  # rows an eviction pass frees at least; also the fold threshold
-        # rows are kept as the store holds them (an int8 or fp8 table caches 4x the rows of fp32 in the same
-        # RAM) and decoded on the way out: (C, d_h) codes and (C, S) scales, preallocated once
+        # rows are kept as the store holds them (an fp8 row of 8 values takes 9 bytes, not 32) and decoded on
+        # the way out: (C, d_h) codes and (C, S) scales, preallocated once
         self.format = store.format
         S = self.format.scales_per_row(store.dim)
         self.slots = torch.zeros(C, store.dim, dtype=self.format.code_dtype)

@@ -205,16 +205,23 @@ def _entry(directory: Path, manifest_path: Path, key: str, info: dict) -> TableE
                          f"{info['rows']}x{info['dim']} {info['dtype']} is {expected}")
     scales = None
     if scales_info is not None:
+        if not isinstance(scales_info, dict) or any(not isinstance(scales_info.get(k), t) for k, t in
+                                                     (("file", str), ("sha256", str), ("bytes", int))):
+            raise TableError(f"{manifest_path}: layer {key}'s scales entry must hold file, bytes and sha256; the "
+                             "manifest is damaged")
         block = scales_info.get("block")
-        if fmt.scale == "block" and (not isinstance(block, int) or block < 1):
-            raise TableError(f"{manifest_path}: layer {key}'s scales have block {block!r}; must be an int >= 1")
-        fmt = row_format(fmt.name, block if fmt.scale == "block" else None)
+        if fmt.scale == "block" and block != fmt.block:  # the exporter writes one block size per format
+            raise TableError(f"{manifest_path}: layer {key}'s scales have block {block!r}, but {fmt.name} tables are "
+                             f"written with block {fmt.block}; the manifest is damaged or from another writer")
         scale_bytes = info["rows"] * fmt.scales_per_row(info["dim"]) * np.dtype(fmt.scale_numpy_dtype).itemsize
         if scale_bytes != scales_info.get("bytes"):
             raise TableError(f"{manifest_path}: layer {key}'s scales claim {scales_info.get('bytes')} bytes, "
                              f"{fmt.name} with block {block} needs {scale_bytes}")
         scales = ScalesEntry(directory / scales_info["file"], block if fmt.scale == "block" else 0, scale_bytes,
                              scales_info["sha256"])
+    for name in (info["file"], None if scales is None else scales_info["file"]):
+        if name is not None and Path(name).name != name:  # a file of this directory, never a path out of it
+            raise TableError(f"{manifest_path}: layer {key} names the file {name!r}; files must be plain names")
     return TableEntry(int(key), directory / info["file"], info["rows"], info["dim"], info["dtype"], expected,
                       info["sha256"], scales)
 

@@ -89,7 +89,8 @@ class RowFormat:
         amax = blocks.abs().amax(dim=-1)  # (n, S)
         mantissa, exponent = torch.frexp(amax / FP8_MAX)  # amax/448 = m * 2^k, m in [0.5, 1)
         exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # ceil(log2): an exact power of two stays
-        exponent = torch.where(amax > 0, exponent, torch.full_like(exponent, -_E8M0_BIAS))
+        # amax / 448 underflows to 0 below ~2^-141 (and is 0 for a zero block): the smallest scale then
+        exponent = torch.where(amax / FP8_MAX > 0, exponent, torch.full_like(exponent, -_E8M0_BIAS))
         exponent = exponent.clamp(-_E8M0_BIAS, _E8M0_BIAS)
         exponent = exponent + (amax / torch.ldexp(torch.ones_like(amax), exponent) > FP8_MAX).to(exponent.dtype)
         scale = torch.ldexp(torch.ones_like(amax), exponent)  # (n, S), powers of two: dividing is exact

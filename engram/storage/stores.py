@@ -32,7 +32,8 @@ class HostStore:
     def __init__(self, table: torch.Tensor, pin: bool | None = None, format: str | RowFormat | None = None,
                  scales: torch.Tensor | None = None):
         pin = torch.cuda.is_available() if pin is None else pin
-        format = table.dtype if format is None else format  # a float table is kept in its own dtype
+        if format is None:  # a float table is kept in its own dtype (others, e.g. float64, as float32)
+            format = table.dtype if table.dtype in (torch.float32, torch.float16, torch.bfloat16) else "float32"
         self.format = format if isinstance(format, RowFormat) else row_format(format)
         table = table.detach().to("cpu").contiguous()  # (num_rows, d_h)
         if scales is None and (self.format.quantised or table.dtype != self.format.code_dtype):
@@ -112,14 +113,13 @@ class DiskStore:
 
     def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
-        if not np.all(idx[1:] > idx[:-1]):  # ascending offsets: sequential-ish reads, readahead helps
-            order = np.argsort(idx, kind="stable")
-            codes, scales = self.gather_encoded(torch.from_numpy(idx[order]))
-            back = torch.from_numpy(np.argsort(order, kind="stable"))  # back to the caller's order
-            return codes[back], None if scales is None else scales[back]
-        # (OffloadedEmbedding and RowCache ask in ascending order) fancy indexing copies just these rows
-        codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h)
-        return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
+        if np.all(idx[1:] > idx[:-1]):  # OffloadedEmbedding and RowCache ask in ascending order
+            codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
+            return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
+        order = np.argsort(idx, kind="stable")  # read in ascending offsets: sequential-ish, readahead helps
+        back = torch.from_numpy(np.argsort(order, kind="stable"))  # then back to the caller's order
+        codes = from_numpy(self.array[idx[order]], self.format.code_dtype)[back]
+        return codes, None if self.scales is None else from_numpy(self.scales[idx[order]], self.format.scale_dtype)[back]
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.format.decode(*self.gather_encoded(rows))

@@ -173,9 +173,25 @@ def test_barrier_positions_close_the_gate_in_the_model():
     assert (seen["y"][0, ~barrier] != seen["x"][0, ~barrier]).any(dim=-1).all()
 
 
+def test_gate_maps_and_table_statistics_see_the_barriers():
+    from engram.analysis.hooks import capture_gates
+    from engram.analysis.tables import ngram_tuples
+
+    model = v41_model(barrier_ids=[7])
+    ids = torch.tensor([[5, 6, 7, 9, 10]])
+    with torch.no_grad(), capture_gates(model) as gates:
+        model(ids)
+    assert (gates[1][0][0, 2] == 0).all() and (gates[1][0][0, [0, 1, 3, 4]] > 0).all()
+    pad = model.hasher.compressed_pad_id
+    tuples = ngram_tuples(model.hasher, ids, None)[0]  # (T, N): what each position's hash reads
+    assert (tuples[2] == pad).all() and (tuples[3, 1:] == pad).all() and (tuples[4, 2:] == pad).all()
+    assert tuples[1, 1] == model.hasher.compress(torch.tensor([[5]]))[0, 0]
+
+
 def test_the_layout_records_barriers_and_old_layouts_still_match():
-    with_barriers, without = hasher_with([3, 4]), hasher_with([])
+    with_barriers, without = hasher_with([4, 3]), hasher_with([])
     assert with_barriers.layout()["barrier_ids"] == [3, 4] and "barrier_ids" not in without.layout()
+    hasher_with([3, 4]).check_layout(with_barriers.layout())  # a set of ids: their order does not matter
     with pytest.raises(ValueError, match="barrier_ids"):
         without.check_layout(with_barriers.layout())
     with pytest.raises(ValueError, match="reach outside"):

@@ -57,10 +57,26 @@ def test_decoded_rows_stay_within_the_documented_bound(name, n, d, data):
 
 
 def test_fp8_scales_are_the_smallest_powers_of_two_that_fit():
-    x = torch.tensor([[448.0] + [0.0] * 31 + [449.0] + [0.0] * 31 + [1.0] * 32])
+    x = torch.tensor([[448.0] + [0.0] * 31 + [449.0] + [0.0] * 31 + [1.0] * 32 + [1e-45] * 32 + [0.0] * 32])
     _, scales = FORMATS["fp8_e4m3"].encode(x)
-    assert (scales.int() - 127).tolist() == [[0, 1, -8]]  # 448 fits at 2^0; 449 needs 2^1; 1 fits at 2^-8
+    # 448 fits at 2^0; 449 needs 2^1; 1 fits at 2^-8; a block of 1e-45 (amax / 448 underflows) and a zero
+    # block take the smallest scale, 2^-127
+    assert (scales.int() - 127).tolist() == [[0, 1, -8, -127, -127]]
     assert FORMATS["fp8_e4m3"].row_bytes(256) == 256 + 8 and FORMATS["int8"].row_bytes(256) == 260
+
+
+def test_stores_serve_repeated_and_unordered_rows(quantised):
+    entry = open_tables(quantised["fp8_e4m3"]).layers[1]
+    rows = torch.tensor([9, 2, 9, 0, 2])
+    disk, host = DiskStore.from_entry(entry), HostStore.from_entry(entry)
+    assert torch.equal(disk.gather(rows), host.gather(rows))
+    assert torch.equal(disk.gather(rows)[0], disk.gather(torch.tensor([9]))[0])
+
+
+def test_a_float64_table_is_kept_as_float32_on_the_host():
+    table = torch.randn(10, 4, dtype=torch.float64)
+    store = HostStore(table)
+    assert store.format.name == "float32" and torch.equal(store.gather(torch.tensor([3])), table[3:4].float())
 
 
 def test_cli_lists_every_format():
@@ -171,8 +187,12 @@ def test_broken_quantised_tables_are_refused(quantised, tmp_path):
 @pytest.mark.parametrize("edit, match", [
     (lambda e: e.pop("scales"), "has no scales entry"),
     (lambda e: e.__setitem__("dtype", "float32"), "claims .* bytes|has a scales entry"),
-    (lambda e: e["scales"].__setitem__("block", 4), "scales claim .* bytes"),
+    (lambda e: e["scales"].__setitem__("block", 4), "block 4, but fp8_e4m3 tables are written with block 32"),
     (lambda e: e["scales"].__setitem__("block", 0), "block 0"),
+    (lambda e: e["scales"].__setitem__("bytes", 3), "scales claim 3 bytes"),
+    (lambda e: e["scales"].pop("sha256"), "must hold file, bytes and sha256"),
+    (lambda e: e.__setitem__("scales", "layer_1.scales.bin"), "must hold file, bytes and sha256"),
+    (lambda e: e["scales"].__setitem__("file", "../layer_1.scales.bin"), "plain names"),
     (lambda e: e.__setitem__("dtype", "int4"), "unknown dtype 'int4'"),
 ])
 def test_mismatched_quantised_manifests_are_refused(quantised, tmp_path, edit, match):
