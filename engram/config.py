@@ -292,6 +292,38 @@ class MoEConfig(_Serialisable):
 
 
 @dataclass
+class YarnConfig(_Serialisable):
+    """YaRN RoPE scaling (Peng et al. 2023) as DeepSeek-V2/V3 apply it, which the Engram paper follows for
+    its context extension (§5: s = 10, alpha = 1, beta = 32, attention factor 0.707).
+
+    factor: s, the extension (new context / ``original_max_seq_len``).
+    original_max_seq_len: L, the context the model was pre-trained at.
+    beta_fast, beta_slow: beta and alpha of the ramp, in rotations over L: RoPE dimensions that turn more
+        than beta_fast times keep their frequency, those under beta_slow are divided by s, and the ones
+        between are blended linearly (over whole dimensions: DeepSeek floors the fast end, ceils the slow).
+    mscale: the "attention factor": q.k logits are multiplied by (0.1 * mscale * ln s + 1)^2 (YaRN's
+        1/t; DeepSeek-V2's configs give mscale = 0.707). With s = 1 this is 1 and YaRN is plain RoPE.
+    """
+
+    factor: float = 10.0
+    original_max_seq_len: int = 256
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.707
+
+    def __post_init__(self) -> None:
+        c = "YarnConfig"
+        for name in ("factor", "beta_fast", "beta_slow", "mscale"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"),
+                     c, name, f"must be a number > 0, got {value!r}")
+        _require(self.factor >= 1, c, "factor", f"must be >= 1 (an extension), got {self.factor}")
+        _require(self.beta_fast > self.beta_slow, c, "beta_fast",
+                 f"must be above beta_slow={self.beta_slow}, got {self.beta_fast}")
+        _pos_int(c, "original_max_seq_len", self.original_max_seq_len)
+
+
+@dataclass
 class BackboneConfig(_Serialisable):
     """The decoder-only transformer that hosts Engram.
 
@@ -300,6 +332,10 @@ class BackboneConfig(_Serialisable):
         and write all G branches.
     ffn_hidden: width of the dense SwiGLU FFN (every block when ``moe`` is None, else the first
         ``moe.first_dense_layers`` blocks).
+    rope_scaling: None (plain RoPE) or a ``YarnConfig`` (context extension).
+    document_mask: attention in a packed batch stays inside each document (causal and block-diagonal by
+        the batch's ``boundary``), as the n-grams and the conv do. Configs written before it existed load
+        with False, the attention their checkpoints were trained with.
     """
 
     vocab_size: int | None = derived(512, "the tokenizer's size")
@@ -314,9 +350,23 @@ class BackboneConfig(_Serialisable):
     hc_mult: int = 1
     hc_sinkhorn_iters: int = 20
     moe: MoEConfig | None = None
+    rope_scaling: YarnConfig | None = None
+    document_mask: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        if isinstance(data, dict) and "document_mask" not in data:  # written before issue 19
+            data = data | {"document_mask": False}
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         c = "BackboneConfig"
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = YarnConfig.from_dict(self.rope_scaling)
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, YarnConfig), c, "rope_scaling",
+                 f"must be a YarnConfig or None, got {type(self.rope_scaling).__name__}")
+        _require(isinstance(self.document_mask, bool), c, "document_mask",
+                 f"must be true or false, got {self.document_mask!r}")
         if self.vocab_size is not None:
             _pos_int(c, "vocab_size", self.vocab_size, minimum=2)
         _pos_int(c, "n_layers", self.n_layers)
@@ -459,6 +509,9 @@ class DataConfig(_Serialisable):
         anything else is a Hugging Face tokenizer directory or tokenizer.json path.
     val_fraction: share of documents in the validation split, chosen by a stable hash of the path.
     cache_dir: prepared corpora, tokenizers and shards, keyed by everything that changes them.
+    retrieval_docs: this many synthetic retrieval documents (``engram.data.retrieval``: the long-context
+        tasks' formats, with filler lines from the training split) join the corpus, so that a small model
+        can learn retrieval at all (issue 19); they split like any document, by name.
     """
 
     source: str = "stdlib"
@@ -468,9 +521,11 @@ class DataConfig(_Serialisable):
     include_tests: bool = False
     text_field: str = "text"
     cache_dir: str = "runs/cache"
+    retrieval_docs: int = 0
 
     def __post_init__(self) -> None:
         c = "DataConfig"
+        _pos_int(c, "retrieval_docs", self.retrieval_docs, minimum=0)
         _require(isinstance(self.source, str) and self.source != "", c, "source",
                  f"must be 'stdlib', a path, or 'hf:NAME', got {self.source!r}")
         _require(isinstance(self.tokenizer, str) and self.tokenizer != "", c, "tokenizer",
@@ -513,6 +568,11 @@ class TrainConfig(_Serialisable):
     Learning rate: linear warmup for ``warmup_steps``, then constant, multiplied by ``decay_factor`` at
     each fraction of ``max_steps`` in ``decay_at`` (step decay). Engram tables use Adam (sparse, lazy)
     at ``table_lr_mult`` x the base rate with no weight decay (SPEC §3).
+
+    init_from: a checkpoint (or run directory) whose weights a new run starts from, with a new optimizer
+        and schedule from step 0 (context extension: a longer ``seq_len`` and ``model.backbone.max_seq_len``
+        with ``rope_scaling``). Its model must be this run's except for the context fields
+        (``INIT_FROM_MAY_CHANGE``). Ignored once the run has checkpoints of its own (it then resumes).
     """
 
     max_steps: int = 200
@@ -535,6 +595,7 @@ class TrainConfig(_Serialisable):
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/train"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -556,6 +617,8 @@ class TrainConfig(_Serialisable):
             f"must be a list of fractions in (0, 1), got {self.decay_at!r}")
         self.decay_at = sorted(self.decay_at)
         _pos_int(c, "seed", self.seed, minimum=0)
+        _require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from), c, "init_from",
+                 f"must be a checkpoint or run directory, got {self.init_from!r}")
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), c, "device",
                  f"must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {self.device!r}")
 
@@ -587,6 +650,7 @@ class RunConfig(_Serialisable):
 
 _NESTED: dict[tuple[str, str], type] = {
     ("BackboneConfig", "moe"): MoEConfig,
+    ("BackboneConfig", "rope_scaling"): YarnConfig,
     ("ModelConfig", "backbone"): BackboneConfig,
     ("ModelConfig", "engram"): EngramConfig,
     ("ModelConfig", "overencoding"): OverEncodingConfig,

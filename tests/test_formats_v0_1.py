@@ -94,17 +94,28 @@ def test_sweep_plan_and_budget_files_still_match():
 
     stored = json.loads((FIXTURES / "plan.json").read_text())
     planned = next(r for r in sw.plan("allocation", "tiny", 1) if r.point == EXPECTED["plan_point"])
-    assert RunConfig.from_dict(stored["run"]) == planned.run
+    # 0.1's model attended across packed documents: its config loads with that (document_mask False),
+    # and is otherwise today's plan for the point
+    old = RunConfig.from_dict(stored["run"])
+    assert old.model.backbone.document_mask is False
+    assert dataclasses.replace(old, model=dataclasses.replace(old.model, backbone=dataclasses.replace(
+        old.model.backbone, document_mask=True))) == planned.run
     directory = FIXTURES  # holds plan.json: check_plan refuses a directory whose plan differs
     other = next(r for r in sw.plan("allocation", "tiny", 1) if r.point != EXPECTED["plan_point"])
-    with pytest.raises(ValueError, match="different config"):
-        sw.check_plan(other, directory)
+    for run in (other, planned):  # the planned point too: its model changed (document-masked attention)
+        with pytest.raises(ValueError, match="different config.*use another --out or remove the directory"):
+            sw.check_plan(run, directory)
     # the same config, but 0.1 drew its initial weights otherwise (issue 17): the run is refused, saying
     # what to do, rather than mixed with runs whose seeds pair differently
+    unmasked = dataclasses.replace(planned, run=old)
     with pytest.raises(ValueError, match="another initialisation scheme.*use another --out or remove the directory"):
-        sw.check_plan(planned, directory)
+        sw.check_plan(unmasked, directory)
 
     budget = get_budget(str(FIXTURES / "budget.json"))
     tiny = get_budget("tiny")
-    assert budget.base_run() == tiny.base_run() and budget.engram_template() == tiny.engram_template()
+    base = budget.base_run()
+    assert base.model.backbone.document_mask is False  # a 0.1 budget keeps the attention it was written for
+    base = dataclasses.replace(base, model=dataclasses.replace(base.model, backbone=dataclasses.replace(
+        base.model.backbone, document_mask=True)))
+    assert base == tiny.base_run() and budget.engram_template() == tiny.engram_template()
     assert (budget.rhos, budget.memory_rows, budget.seeds) == (tiny.rhos, tiny.memory_rows, tiny.seeds)

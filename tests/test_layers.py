@@ -13,7 +13,8 @@ import ast
 from pathlib import Path
 
 ENGRAM = Path(__file__).resolve().parents[1] / "engram"
-RESEARCH = ("engram.sweeps", "engram.analysis", "engram.demo", "engram.bench", "engram.plotting", "engram.cli")
+RESEARCH = ("engram.sweeps", "engram.analysis", "engram.longctx", "engram.demo", "engram.bench", "engram.plotting",
+            "engram.cli")
 
 
 def module_name(path: Path) -> str:

@@ -32,6 +32,11 @@ def train_flags(p) -> None:
     resume.add_argument("--resume-from", type=nonnegative_int, default=None, metavar="STEP",
                         help="continue from checkpoint STEP instead of the latest (e.g. when the latest is damaged); "
                              "later checkpoints are moved to OUT/archive/")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a new run from this checkpoint's (or run directory's) weights with a new optimizer "
+                        "and schedule, e.g. a context extension (--set model.backbone.max_seq_len=1024 --set "
+                        "train.seq_len=1024 --set 'model.backbone.rope_scaling={\"factor\": 4, "
+                        "\"original_max_seq_len\": 256}'); the same as --set train.init_from=CKPT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="torch.distributed backend when launched by torchrun (default: nccl with CUDA, else gloo); "
@@ -39,10 +44,16 @@ def train_flags(p) -> None:
 
 
 def train(args) -> int:
+    import dataclasses
+
     from engram.distributed import runtime
     from engram.train import train
 
     run = _run_config(args)
+    if args.init_from is not None:
+        if not Path(args.init_from).exists():
+            raise FileNotFoundError(f"--init-from {args.init_from} does not exist")
+        run = dataclasses.replace(run, train=dataclasses.replace(run.train, init_from=str(args.init_from)))
     # under torchrun: join the process group; the trainer then shards the tables and runs DDP
     runtime.init_from_env(args.backend)
     try:
@@ -57,7 +68,14 @@ def train(args) -> int:
     return 0
 
 
+LONG_CONTEXT_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
+
+
 def eval_flags(p) -> None:
+    p.add_argument("what", nargs="?", default="loss", choices=["loss", "long-context"],
+                   help="loss (default): validation loss and bits per byte; long-context: RULER-style tasks "
+                        "(needles, variable tracking, word extraction) at --lengths, and the loss of long "
+                        "held-out documents")
     add_ckpt(p)
     p.add_argument("--batches", type=positive_int, default=None,
                    help="evaluation batches (default: the run's eval_batches)")
@@ -67,6 +85,19 @@ def eval_flags(p) -> None:
     p.add_argument("--data", default=None, metavar="SRC",
                    help="evaluate on every document of SRC (a file, a directory or hf:NAME) instead of the run's "
                         "validation split, tokenized with the checkpoint's tokenizer")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=None, metavar="L",
+                   help="long-context: context lengths in tokens (default: the model's context, and its half "
+                        "and quarter)")
+    p.add_argument("--tasks", nargs="+", default=None, choices=LONG_CONTEXT_TASKS + ["all"],
+                   help="long-context: tasks to run (default all)")
+    p.add_argument("--samples", type=positive_int, default=20, help="long-context: samples per task and length "
+                                                                    "(default 20)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="long-context: seed of the samples (default 0)")
+    p.add_argument("--ppl-docs", type=positive_int, default=16,
+                   help="long-context: held-out documents per length for the long-document loss (default 16)")
+    p.add_argument("--out", default=None, type=directory,
+                   help="long-context: write long_context.json, .md and .png here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device(p)
 
 
@@ -74,6 +105,11 @@ def evaluate(args) -> int:
     from engram.train import evaluate, load_checkpoint
 
     where = device(args)
+    long_only = [f for f, v in (("--lengths", args.lengths), ("--tasks", args.tasks), ("--out", args.out)) if v]
+    if args.what == "long-context":
+        return _evaluate_long_context(args, where)
+    if long_only:
+        raise ValueError(f"{', '.join(long_only)} belong to `engram eval long-context`")
     ckpt = load_checkpoint(args.ckpt, device=where)
     tc = ckpt.run_config.train
     seq_len = args.seq_len or tc.seq_len
@@ -121,6 +157,25 @@ def _stream_completion(model, tokenizer, args) -> None:
     generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
     sys.stdout.write("\n")
+
+
+def _evaluate_long_context(args, where) -> int:
+    from engram.longctx import evaluate_long_context
+    from engram.train import open_checkpoint
+
+    if args.data is not None or args.batches is not None or args.seq_len is not None:
+        raise ValueError("--data, --batches and --seq-len belong to `engram eval` (loss), not long-context")
+    lengths = args.lengths
+    if lengths is None:
+        context = open_checkpoint(args.ckpt, check_hashes=False).run_config.model.backbone.max_seq_len
+        lengths = [context // 4, context // 2, context]
+    tasks = LONG_CONTEXT_TASKS if args.tasks is None or "all" in args.tasks else args.tasks
+    result = evaluate_long_context(args.ckpt, sorted(set(lengths)), tasks, args.samples, args.seed, args.out,
+                                   str(where), args.batch_size or 8, args.ppl_docs, progress=not args.no_progress)
+    from engram.longctx.evaluate import markdown
+
+    print(markdown(result))
+    return 0
 
 
 def sample_flags(p) -> None:

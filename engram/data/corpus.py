@@ -213,12 +213,20 @@ def split_documents(docs: Iterable[Document], val_fraction: float) -> dict[str, 
 
 
 def source_documents(config: "DataConfig") -> list[Document]:
-    """All documents of ``config.source`` ("stdlib", "hf:NAME[:CONFIG]" or a local path)."""
+    """All documents of ``config.source`` ("stdlib", "hf:NAME[:CONFIG]" or a local path), plus
+    ``config.retrieval_docs`` synthetic retrieval documents."""
     if config.source == "stdlib":
-        return stdlib_documents(config.include_tests)
-    if config.source.startswith("hf:"):
-        return hf_documents(config.source, config.text_field)
-    return text_documents(config.source, config.text_field)
+        docs = stdlib_documents(config.include_tests)
+    elif config.source.startswith("hf:"):
+        docs = hf_documents(config.source, config.text_field)
+    else:
+        docs = text_documents(config.source, config.text_field)
+    if config.retrieval_docs:
+        from engram.data.retrieval import retrieval_documents
+
+        filler = [d.text for d in docs if split_of(d.name, config.val_fraction) == "train"]  # no held-out text
+        docs = docs + [Document(name, text) for name, text in retrieval_documents(filler, config.retrieval_docs)]
+    return docs
 
 
 def load_documents(config: "DataConfig") -> dict[str, list[Document]]:

@@ -88,7 +88,7 @@ def cache_key(config: DataConfig) -> str:
         "val_fraction": config.val_fraction,
         "include_tests": config.include_tests,
         "text_field": config.text_field,
-    })[:16]
+    } | ({"retrieval_docs": config.retrieval_docs} if config.retrieval_docs else {}))[:16]  # old keys unchanged
 
 
 @dataclass

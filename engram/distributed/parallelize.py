@@ -122,6 +122,15 @@ class Parallel:
         return save_checkpoint(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
                                keep_last)
 
+    def load_weights(self, checkpoint) -> None:
+        """Only the weights of ``checkpoint`` (this rank's rows of sharded tables), no optimizer state:
+        a new run that starts from another's weights (``train.init_from``)."""
+        checkpoint.load_into(self.model)
+        if self.tables_sharded:
+            from engram.distributed.checkpoint import load_shards, sharded_tables
+
+            load_shards(checkpoint.tables(list(self.model.named_tables())), sharded_tables(self.model))
+
     def restore(self, checkpoint, optimizers) -> dict:
         """Load ``checkpoint`` (``engram.train.checkpoint.Checkpoint``, written by any number of ranks):
         weights (this rank's rows of sharded tables) and optimizer state; returns the optimizer state

@@ -1,9 +1,11 @@
-"""Small building blocks: RMSNorm, rotary position embedding, SwiGLU feed-forward.
+"""Small building blocks: RMSNorm, rotary position embedding (with YaRN scaling), SwiGLU feed-forward.
 
 Legend: B batch, T time, D model width, h attention heads, d head width, F FFN hidden width.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +24,42 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables for RoPE (rotate-half convention), extended on demand."""
+def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies (d/2,) under YaRN ``scaling`` (a ``YarnConfig``), and the factor m that
+    cos and sin are multiplied by, so that q.k logits scale by m^2 = YaRN's 1/t.
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    Dimension i turns L * f_i / (2 pi) times over the pre-training context L. Counted in dimensions, the
+    correction range is c(r) = d * ln(L / (2 pi r)) / (2 ln theta) for r = beta_fast (floored) and
+    r = beta_slow (ceiled); a linear ramp over i from the first to the second blends f_i (kept) into
+    f_i / s (interpolated). m = 0.1 * mscale * ln(s) + 1 (DeepSeek-V2/V3's form of YaRN)."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if scaling is None:
+        return inv_freq, 1.0
+    L, s = scaling.original_max_seq_len, scaling.factor
+
+    def dims_for(rotations: float) -> float:
+        return d * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dims_for(scaling.beta_fast)), 0)
+    high = min(math.ceil(dims_for(scaling.beta_slow)), d - 1)
+    if low == high:
+        high += 0.001  # a one-dimension ramp would divide by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0 keep .. 1 scale
+    inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
+    return inv_freq, 0.1 * scaling.mscale * math.log(s) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for RoPE (rotate-half convention), extended on demand; with ``scaling``
+    (a ``YarnConfig``) the frequencies and the attention factor are YaRN's (``yarn_frequencies``)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling=None):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling
+        self.attention_factor = 1.0
         self.max_seq_len = max_seq_len
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.reset_buffers()
@@ -36,17 +67,17 @@ class RotaryEmbedding(nn.Module):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Recompute the frequencies and the tables (after ``to_empty``, which leaves buffers unset)."""
-        d = self.head_dim
-        device = self.inv_freq.device
-        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        inv_freq, self.attention_factor = yarn_frequencies(self.head_dim, self.theta, self.scaling)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
         self._build(self.max_seq_len)
 
     def _build(self, length: int) -> None:
         t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(t, self.inv_freq)  # (T, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, d)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        m = self.attention_factor  # q and k both rotate, so logits scale by m^2 (1.0 without YaRN)
+        self.register_buffer("cos", emb.cos() * m if m != 1.0 else emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin() * m if m != 1.0 else emb.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) or (B, T) int64 -> cos, sin of shape positions.shape + (d,)."""

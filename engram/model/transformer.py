@@ -19,7 +19,7 @@ from torch import nn
 
 from engram.config import ModelConfig
 from engram.hashing import NgramHasher, TableGeometry, check_token_ids, document_ids
-from engram.model.attention import Attention
+from engram.model.attention import Attention, document_mask
 from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
 from engram.model.engram_v41 import EngramV41
@@ -62,14 +62,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 hash_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-                cache: LayerCache | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, token_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, G, D) -> (B, T, G, D). ``cache``: this block's decode state, when decoding.
-        ``token_mask`` (B, T): False at barrier tokens (V4.1 models with ``barrier_ids`` only)."""
+        ``token_mask`` (B, T): False at barrier tokens (V4.1 models with ``barrier_ids`` only).
+        ``attn_mask`` (B, 1, T, T): the packed batch's document mask, or None (causal)."""
         if self.engram is not None:
             extra = {} if token_mask is None else {"token_mask": token_mask}
             y = self.engram(x, hash_ids, doc_ids, cache, **extra)
             x = y if self.engram.adds_residual else x + y  # V4.1's module adds x itself: never twice
-        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin, cache))
+        x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin, cache, attn_mask))
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
 
 
@@ -118,7 +120,7 @@ class EngramLM(nn.Module):
                 self.overencoding = OverEncoding(config.overencoding, bb.d_model, self.compressed_tokenizer,
                                                  input_layer_id(config), sparse_table=sparse_tables)
             self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
-            self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta)
+            self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta, bb.rope_scaling)
             geometry = self.hasher.geometry if self.hasher is not None else {}
             self.layers = nn.ModuleList(Block(config, i, geometry.get(i), sparse_tables) for i in range(bb.n_layers))
             self.norm = RMSNorm(bb.d_model, bb.norm_eps)
@@ -256,9 +258,12 @@ class EngramLM(nn.Module):
         x = x[:, :, None, :].expand(-1, -1, self.config.backbone.hc_mult, -1).contiguous()  # (B, T, G, D)
         dead = None if self.hasher is None else self.hasher.barriers(input_ids)  # (B, T) or None
         token_mask = None if dead is None else ~dead
+        # packed documents do not attend to each other (built once, shared by every block)
+        attn_mask = document_mask(doc_ids) if doc_ids is not None and cache is None and \
+            self.config.backbone.document_mask else None  # (B, 1, T, T)
         for i, blk in enumerate(self.layers):
             x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
-                    token_mask)
+                    token_mask, attn_mask)
         if cache is not None:
             cache.end(T)
         logits = self.output(self.norm(x.mean(dim=2)))  # (B, T, G, D) -> (B, T, D) -> (B, T, V)

@@ -226,6 +226,23 @@ def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
     return run
 
 
+# model fields a run started with --init-from may change: the context (YaRN extension), the attention's
+# document mask, and what only decided the source run's initial weights
+INIT_FROM_MAY_CHANGE = ("model.backbone.max_seq_len", "model.backbone.rope_scaling", "model.backbone.document_mask",
+                        "model.engram.table_init_std", "model.overencoding.table_init_std")
+
+
+def _check_init_from(init, run: RunConfig) -> None:
+    """Refuse ``init`` (a checkpoint) whose model is another architecture than ``run``'s, naming the fields."""
+    stored, now = _flatten({"model": init.run_config.model.to_dict()}), _flatten({"model": run.model.to_dict()})
+    changed = [(k, stored.get(k), now.get(k)) for k in sorted(set(stored) | set(now))
+               if stored.get(k) != now.get(k) and not k.startswith(INIT_FROM_MAY_CHANGE)]
+    if changed:
+        raise ValueError(f"train.init_from={run.train.init_from!r} ({init.path}) holds another architecture "
+                         f"({_describe(changed)}); only {', '.join(f.split('.', 1)[1] for f in INIT_FROM_MAY_CHANGE)} "
+                         "may differ")
+
+
 def check_splits(data, seq_len: int) -> None:
     """Both splits must hold at least one window of ``seq_len`` tokens, before any step is spent."""
     for name, shards in (("training", data.train), ("validation", data.val)):
@@ -317,15 +334,19 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     if ckpt is not None and ckpt.step > tc.max_steps:
         raise ValueError(f"train.max_steps={tc.max_steps} is below the step of {ckpt.path} ({ckpt.step}): nothing "
                          "to train; raise train.max_steps, or --resume-from an earlier step")
+    # a new run that starts from another run's weights (context extension); a started run just resumes
+    init = open_checkpoint(tc.init_from) if ckpt is None and tc.init_from is not None else None
     if rt.is_main():  # rank 0 builds the tokenizer and token caches; the others then read them
-        data = _prepare(run.data, ckpt)
+        data = _prepare(run.data, ckpt or init)
     rt.barrier()
     if not rt.is_main():
-        data = _prepare(run.data, ckpt)
+        data = _prepare(run.data, ckpt or init)
     run = dataclasses.replace(run, model=run.model.with_data(data.vocab_size, data.pad_id))
     check_splits(data, tc.seq_len)
     if ckpt is not None:
         run = _check_resume(ckpt, run, run_dir)
+    if init is not None:
+        _check_init_from(init, run)
     if rt.is_main():
         _apply_run_dir(run_dir, resume, resume_from)
     rt.barrier()
@@ -333,7 +354,12 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     torch.manual_seed(tc.seed)
     with torch.device("meta"):
         model = EngramLM(run.model, data.compressed, sparse_tables=True)
-    parallel = parallelize(model, device, init_tables=ckpt is None)
+    parallel = parallelize(model, device, init_tables=ckpt is None and init is None)
+    if init is not None:
+        parallel.load_weights(init)
+        if rt.is_main():
+            print(f"[engram] starting from the weights of {init.path} (step {init.step}) with a new optimizer and "
+                  "schedule", file=sys.stderr)
     model.train()
     optimizers = Optimizers(model, tc, reduce_table_sq=parallel.table_squares_reduce)
     state = TrainState(run=run, run_dir=run_dir, device=device, data=data, model=model, parallel=parallel,

@@ -1,0 +1,7 @@
+"""Long-context evaluation (issue 19): RULER-style tasks answered by the exact decoder, and the loss of
+long held-out documents (``engram eval long-context``). The task generators are
+``engram.data.retrieval`` (the library: data preparation writes synthetic retrieval documents with them)."""
+
+from engram.longctx.evaluate import evaluate_long_context, fit, long_document_loss, run_tasks
+
+__all__ = ["evaluate_long_context", "fit", "long_document_loss", "run_tasks"]

@@ -1,0 +1,73 @@
+"""train.init_from (engram train --init-from, issue 19): a new run starts from another run's weights with
+a new optimizer and schedule; a checkpoint of another architecture is refused."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from support import tiny_run
+from engram.config import YarnConfig
+from engram.train import load_checkpoint, open_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def source(corpus_dir, cache_dir, tmp_path_factory):
+    run = tiny_run(corpus_dir, cache_dir, tmp_path_factory.mktemp("source") / "run", max_steps=6, save_every=6,
+                   eval_every=6)
+    return run, train(run, progress=False).checkpoint
+
+
+def extended(run, source_ckpt, out, **train_changes):
+    bb = dataclasses.replace(run.model.backbone, max_seq_len=64,
+                             rope_scaling=YarnConfig(factor=2.0, original_max_seq_len=run.model.backbone.max_seq_len))
+    model = dataclasses.replace(run.model, backbone=bb)
+    settings = dict(init_from=str(source_ckpt), seq_len=64, max_steps=3, save_every=3, eval_every=3,
+                    out_dir=str(out)) | train_changes
+    return dataclasses.replace(run, model=model, train=dataclasses.replace(run.train, **settings))
+
+
+def test_weights_kept_optimizer_and_schedule_new(source, tmp_path):
+    from engram.train.loop import setup
+
+    run, ckpt = source
+    state = setup(extended(run, ckpt, tmp_path / "ext"), tmp_path / "ext")
+    before = load_checkpoint(ckpt).model.state_dict()
+    now = state.model.state_dict()
+    assert now.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(now[name], value), name  # every weight and table row, nothing re-initialised
+    assert state.step == 0 and state.last_checkpoint is None  # a new schedule, from step 0
+    assert all(not s for s in state.optimizers.state_dict()["dense"]["state"].values()) if isinstance(
+        state.optimizers.state_dict().get("dense"), dict) else True
+    assert not any(len(v) for v in _moments(state.optimizers))  # no Adam moments carried over
+    assert state.run.train.init_from == str(ckpt) and state.run.model.backbone.rope_scaling.factor == 2.0
+
+
+def _moments(optimizers):
+    for opt in vars(optimizers).values():
+        if isinstance(opt, torch.optim.Optimizer):
+            yield from (state for state in opt.state.values())
+
+
+def test_the_extended_run_trains_and_resumes(source, tmp_path):
+    run, ckpt = source
+    new = extended(run, ckpt, tmp_path / "ext")
+    first = train(dataclasses.replace(new, train=dataclasses.replace(new.train, max_steps=2, save_every=2)),
+                  progress=False)
+    assert first.steps == 2
+    resumed = train(new, progress=False)  # continues its own checkpoint; init_from is not applied again
+    assert resumed.steps == 3 and open_checkpoint(resumed.checkpoint).step == 3
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: dataclasses.replace(m, backbone=dataclasses.replace(m.backbone, d_model=32, n_heads=2)), "d_model"),
+    (lambda m: dataclasses.replace(m, engram=dataclasses.replace(m.engram, layer_ids=[0])), "layer_ids"),
+    (lambda m: dataclasses.replace(m, engram=None), "engram"),
+])
+def test_another_architecture_is_refused(source, tmp_path, change, field):
+    run, ckpt = source
+    new = extended(run, ckpt, tmp_path / "bad")
+    with pytest.raises(ValueError, match=f"another architecture .*{field}"):
+        train(dataclasses.replace(new, model=change(new.model)), progress=False)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
