@@ -573,6 +573,8 @@ class TrainConfig(_Serialisable):
         and schedule from step 0 (context extension: a longer ``seq_len`` and ``model.backbone.max_seq_len``
         with ``rope_scaling``). Its model must be this run's except for the context fields
         (``INIT_FROM_MAY_CHANGE``). Ignored once the run has checkpoints of its own (it then resumes).
+    keep_checkpoints: the newest checkpoints kept in the run directory (0 keeps every one, e.g. to
+        extend or compare an earlier step).
     """
 
     max_steps: int = 200
@@ -596,6 +598,7 @@ class TrainConfig(_Serialisable):
     device: str = "auto"
     out_dir: str = "runs/train"
     init_from: str | None = None
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -617,6 +620,7 @@ class TrainConfig(_Serialisable):
             f"must be a list of fractions in (0, 1), got {self.decay_at!r}")
         self.decay_at = sorted(self.decay_at)
         _pos_int(c, "seed", self.seed, minimum=0)
+        _pos_int(c, "keep_checkpoints", self.keep_checkpoints, minimum=0)
         _require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from), c, "init_from",
                  f"must be a checkpoint or run directory, got {self.init_from!r}")
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), c, "device",

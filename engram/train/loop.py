@@ -470,7 +470,7 @@ def _train_locked(run: RunConfig, run_dir: Path, resume: bool, progress: bool, o
         nonlocal saved_step
         trainer_state = {"tokens": done * tc.tokens_per_step, "last": metrics, "paths_relative_to": "run_dir"}
         state.last_checkpoint = par.save_checkpoint(state.run_dir, done, state.optimizers.state_dict(), stored_run,
-                                                    state.data.tokenizer, trainer_state)
+                                                    state.data.tokenizer, trainer_state, tc.keep_checkpoints)
         saved_step = done
 
     bar = None
