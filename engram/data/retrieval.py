@@ -160,11 +160,18 @@ def score(sample: Sample, generated: str) -> tuple[bool, float]:
     return got == want, sum(p in named for p in parts) / len(parts)
 
 
-def filler_lines(texts: list[str], rng: random.Random, n: int) -> list[str]:
-    """``n`` non-empty lines of ``texts`` from a random start, in order (cycling), as haystack filler."""
+def text_lines(texts: list[str]) -> list[str]:
+    """The non-empty lines of ``texts``, in order: what filler is cut from."""
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError("no text to cut haystacks from")
+    return lines
+
+
+def filler_lines(texts: list[str], rng: random.Random, n: int, lines: list[str] | None = None) -> list[str]:
+    """``n`` non-empty lines of ``texts`` (or of ``lines``, their ``text_lines`` computed once) from a
+    random start, in order (cycling), as haystack filler."""
+    lines = text_lines(texts) if lines is None else lines
     start = rng.randrange(len(lines))
     return [lines[(start + i) % len(lines)] for i in range(n)]
 
@@ -175,11 +182,12 @@ def retrieval_documents(texts: list[str], count: int, seed: int = 0, tasks: tupl
     ``lines`` (a range) filler lines from ``texts`` (the training corpus) or as many list words. Their
     seeds are negative, so they never equal an evaluation sample (seeds >= 0)."""
     rng = random.Random(f"retrieval-documents:{seed}")
+    all_lines = text_lines(texts)
     out = []
     for i in range(count):
         task = tasks[i % len(tasks)]
         size = rng.randint(*lines)
-        sample = make_sample(task, -1 - (seed * 1_000_003 + i), filler_lines(texts, rng, size),
+        sample = make_sample(task, -1 - (seed * 1_000_003 + i), filler_lines(texts, rng, size, all_lines),
                              size * 4 if task in ("cwe", "fwe") else size)
         out.append((f"retrieval/{seed}/{i:06d}-{task}", sample.document))
     return out

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from engram.fileio import atomic_write_json, atomic_write_text
-from engram.data.retrieval import TASKS, Sample, filler_lines, make_sample, score
+from engram.data.retrieval import TASKS, Sample, filler_lines, make_sample, score, text_lines
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, max new tokens) -> continuations
 
@@ -33,13 +33,13 @@ def held_out_texts(data_config) -> list[str]:
 
 
 def fit(task: str, seed: int, texts: list[str], length: int, encode: Callable[[str], list[int]],
-        bos: int | None) -> tuple[Sample, list[int]]:
+        bos: int | None, lines: list[str] | None = None) -> tuple[Sample, list[int]]:
     """The sample of ``task``/``seed`` with the largest haystack such that [bos] + prompt + answer + "." is
     at most ``length`` tokens; returns it and its prompt ids. The keys and needle positions do not
     depend on the size, so the search only grows the haystack."""
     rng = random.Random(f"haystack:{task}:{seed}")
     word_task = task in ("cwe", "fwe")
-    filler = [] if word_task else filler_lines(texts, rng, length)  # a line is >= 1 token: enough lines
+    filler = [] if word_task else filler_lines(texts, rng, length, lines)  # a line is >= 1 token: enough
 
     def tokens(size: int) -> tuple[Sample, list[int], int]:
         sample = make_sample(task, seed, filler, size)
@@ -69,9 +69,10 @@ def run_tasks(generate: GenerateFn, encode: Callable[[str], list[int]], decode: 
 
     results: dict = {"accuracy": {t: {} for t in tasks}, "examples": []}
     jobs = [(t, L) for L in lengths for t in tasks]
+    lines = text_lines(texts)
     bar = tqdm(total=len(jobs) * samples, desc="long-context", unit="sample", disable=not progress)
     for task, L in jobs:
-        built = [fit(task, seed * 100_000 + i, texts, L, encode, bos) for i in range(samples)]
+        built = [fit(task, seed * 100_000 + i, texts, L, encode, bos, lines) for i in range(samples)]
         exact, partial = [], []
         for start in range(0, len(built), batch_size):
             chunk = built[start: start + batch_size]
