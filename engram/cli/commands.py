@@ -87,7 +87,7 @@ def eval_flags(p) -> None:
                         "validation split, tokenized with the checkpoint's tokenizer")
     p.add_argument("--lengths", type=positive_int, nargs="+", default=None, metavar="L",
                    help="long-context: context lengths in tokens (default: the model's context, and its half "
-                        "and quarter)")
+                        "and quarter when they are at least 128)")
     p.add_argument("--tasks", nargs="+", default=None, choices=LONG_CONTEXT_TASKS + ["all"],
                    help="long-context: tasks to run (default all)")
     p.add_argument("--samples", type=positive_int, default=20, help="long-context: samples per task and length "
@@ -105,7 +105,9 @@ def evaluate(args) -> int:
     from engram.train import evaluate, load_checkpoint
 
     where = device(args)
-    long_only = [f for f, v in (("--lengths", args.lengths), ("--tasks", args.tasks), ("--out", args.out)) if v]
+    long_only = [f for f, v in (("--lengths", args.lengths), ("--tasks", args.tasks), ("--out", args.out),
+                                ("--samples", args.samples != 20), ("--seed", args.seed != 0),
+                                ("--ppl-docs", args.ppl_docs != 16), ("--no-progress", args.no_progress)) if v]
     if args.what == "long-context":
         return _evaluate_long_context(args, where)
     if long_only:
@@ -168,7 +170,7 @@ def _evaluate_long_context(args, where) -> int:
     lengths = args.lengths
     if lengths is None:
         context = open_checkpoint(args.ckpt, check_hashes=False).run_config.model.backbone.max_seq_len
-        lengths = [context // 4, context // 2, context]
+        lengths = [L for L in (context // 4, context // 2) if L >= 128] + [context]  # tasks need ~100 tokens
     tasks = LONG_CONTEXT_TASKS if args.tasks is None or "all" in args.tasks else args.tasks
     result = evaluate_long_context(args.ckpt, sorted(set(lengths)), tasks, args.samples, args.seed, args.out,
                                    str(where), args.batch_size or 8, args.ppl_docs, progress=not args.no_progress)

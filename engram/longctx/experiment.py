@@ -37,7 +37,7 @@ PRESETS = ("demo-moe", "demo-engram")
 
 @dataclasses.dataclass
 class Settings:
-    retrieval_docs: int = 3000
+    retrieval_docs: int = 6000
     pretrain_steps: int = 600
     save_every: int = 100
     factor: int = 4
@@ -78,12 +78,13 @@ def extend_run(pre: PlannedRun, checkpoint: Path, label: str, s: Settings) -> Pl
 def eval_history(train_dir: Path) -> list[tuple[int, float, Path]]:
     """(step, val loss, checkpoint) of every kept checkpoint of a run, ascending."""
     from engram.train import read_metrics
+    from engram.train.checkpoint import step_of
 
     losses = {r["step"]: r["val_loss"] for r in read_metrics(train_dir / "metrics.jsonl") if r.get("kind") == "eval"}
     out = []
     for ckpt in sorted((train_dir / "checkpoints").glob("step_*")):
-        step = int(ckpt.name.split("_")[1])
-        if step in losses:
+        step = step_of(ckpt)
+        if step is not None and step in losses:
             out.append((step, losses[step], ckpt))
     return out
 

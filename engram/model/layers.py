@@ -34,7 +34,7 @@ def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor
     f_i / s (interpolated). m = 0.1 * mscale * ln(s) + 1 (DeepSeek-V2/V3's form of YaRN)."""
     d = head_dim
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    if scaling is None:
+    if scaling is None or scaling.factor == 1:  # no extension: exactly plain RoPE (the blend is not, in fp32)
         return inv_freq, 1.0
     L, s = scaling.original_max_seq_len, scaling.factor
 

@@ -259,8 +259,9 @@ class EngramLM(nn.Module):
         dead = None if self.hasher is None else self.hasher.barriers(input_ids)  # (B, T) or None
         token_mask = None if dead is None else ~dead
         # packed documents do not attend to each other (built once, shared by every block)
+        # (one host sync: windows that hold a single document keep the fast causal kernel)
         attn_mask = document_mask(doc_ids) if doc_ids is not None and cache is None and \
-            self.config.backbone.document_mask else None  # (B, 1, T, T)
+            self.config.backbone.document_mask and bool(boundary[:, 1:].any()) else None  # (B, 1, T, T)
         for i, blk in enumerate(self.layers):
             x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
                     token_mask, attn_mask)

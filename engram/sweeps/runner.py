@@ -99,9 +99,14 @@ def _stored_run(plan_path: Path) -> dict | None:
 def check_plan(planned: PlannedRun, directory: Path) -> None:
     """Refuse a directory that holds a run of a different plan (a changed budget or override)."""
     path = directory / "plan.json"
-    if path.exists() and _stored_run(path) != planned.run.to_dict():
-        raise ValueError(f"{directory} holds a run of a different config (the budget or the overrides "
-                         f"changed); use another --out or remove the directory")
+    stored = _stored_run(path) if path.exists() else None
+    if stored is not None and stored != planned.run.to_dict():
+        why = "the budget or the overrides changed"
+        if (stored.get("model", {}).get("backbone", {}).get("document_mask", False) is False
+                and planned.run.model.backbone.document_mask):
+            why = "it was trained before document-masked attention, which the plan now uses"
+        raise ValueError(f"{directory} holds a run of a different config ({why}); use another --out or remove the "
+                         "directory")
     if path.exists() and _scheme(path) != INIT_SCHEME:
         raise ValueError(f"{directory} holds a run trained under another initialisation scheme "
                          f"({_scheme(path) or 'before 2'}, now {INIT_SCHEME}: the same seed draws other weights, "

@@ -216,9 +216,13 @@ def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
     changes = config_changes(stored, now)
     model = [c for c in changes if c[0].startswith("model.")]
     if model:
+        hint = ""
+        if any(k == "model.backbone.document_mask" and old is False for k, old, _ in model):
+            hint = ("; it was trained before document-masked attention: --set model.backbone.document_mask=false "
+                    "continues it as it was trained")
         raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) of a different model ({_describe(model)}); "
                          "use another --out, or --no-resume to start afresh (the old history is moved to "
-                         f"{run_dir / rundir.ARCHIVE})")
+                         f"{run_dir / rundir.ARCHIVE}){hint}")
     if changes and rt.is_main():
         print(f"[engram] resuming {ckpt.path.name} with changed settings (allowed; the run is no longer one "
               f"uninterrupted run of a single config; data is tokenized with the checkpoint's tokenizer): "
@@ -232,8 +236,22 @@ INIT_FROM_MAY_CHANGE = ("model.backbone.max_seq_len", "model.backbone.rope_scali
                         "model.engram.table_init_std", "model.overencoding.table_init_std")
 
 
-def _check_init_from(init, run: RunConfig) -> None:
-    """Refuse ``init`` (a checkpoint) whose model is another architecture than ``run``'s, naming the fields."""
+def _check_init_from(init, run: RunConfig, run_dir: Path, resume: bool) -> None:
+    """Refuse ``init`` (a checkpoint) whose model is another architecture than ``run``'s, naming the fields;
+    a YaRN extension whose original length is not the source's context; a source inside the run
+    directory that ``--no-resume`` is about to archive."""
+    if not resume and Path(init.path).resolve().is_relative_to(Path(run_dir).resolve()):
+        raise ValueError(f"train.init_from={run.train.init_from!r} lies inside {run_dir}, whose history --no-resume "
+                         "moves to the archive first; copy the checkpoint elsewhere or use another --out")
+    source_context = init.run_config.model.backbone.max_seq_len
+    scaling, context = run.model.backbone.rope_scaling, run.model.backbone.max_seq_len
+    if scaling is not None and scaling.original_max_seq_len != source_context:
+        raise ValueError(f"model.backbone.rope_scaling.original_max_seq_len={scaling.original_max_seq_len} but "
+                         f"{init.path} was trained with a context of {source_context} tokens; set it to "
+                         f"{source_context}")
+    if context < source_context:
+        raise ValueError(f"model.backbone.max_seq_len={context} is below the context of {init.path} "
+                         f"({source_context}); an extension keeps or grows it")
     stored, now = _flatten({"model": init.run_config.model.to_dict()}), _flatten({"model": run.model.to_dict()})
     changed = [(k, stored.get(k), now.get(k)) for k in sorted(set(stored) | set(now))
                if stored.get(k) != now.get(k) and not k.startswith(INIT_FROM_MAY_CHANGE)]
@@ -346,7 +364,7 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     if ckpt is not None:
         run = _check_resume(ckpt, run, run_dir)
     if init is not None:
-        _check_init_from(init, run)
+        _check_init_from(init, run, run_dir, resume)
     if rt.is_main():
         _apply_run_dir(run_dir, resume, resume_from)
     rt.barrier()

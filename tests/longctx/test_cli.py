@@ -37,3 +37,5 @@ def test_refusals(run_dir, capsys):
     assert main(["eval", "--ckpt", str(run_dir), "--lengths", "64"]) != 0
     assert "belong to `engram eval long-context`" in capsys.readouterr().err
     assert main(["eval", "long-context", "--ckpt", str(run_dir), "--tasks", "niah_huge"]) == 2
+    assert main(["eval", "--ckpt", str(run_dir), "--samples", "5"]) != 0
+    assert "--samples belong to" in capsys.readouterr().err

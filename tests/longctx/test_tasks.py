@@ -126,11 +126,18 @@ def test_training_documents_use_the_formats_and_never_an_evaluation_seed():
         query, answer = re.match(r"^(.*? (?:is|are))( .*)\.$", last).groups()
         assert oracle(body + "\n" + query, task) == answer
     assert retrieval_documents(TEXTS, 14, seed=0) == docs and retrieval_documents(TEXTS, 14, seed=1) != docs
+    # an evaluation sample (seeds >= 0) never appears among them, whatever its haystack
+    texts = {text for _, text in docs}
+    for task in TASKS:
+        for seed in range(50):
+            sample = make_sample(task, seed, filler_lines(TEXTS, random.Random(seed), 40), 8)
+            assert not any(sample.query + sample.answer in text and all(n in text for n in sample.needles)
+                           for text in texts if sample.needles) or task in ("cwe", "fwe")
 
 
 def test_retrieval_documents_join_the_corpus_and_its_cache_key(corpus_dir, cache_dir):
     from engram.config import DataConfig
-    from engram.data.corpus import load_documents, split_of
+    from engram.data.corpus import load_documents
     from engram.data.prepare import cache_key
     from engram.longctx.evaluate import held_out_texts
 
@@ -147,4 +154,3 @@ def test_retrieval_documents_join_the_corpus_and_its_cache_key(corpus_dir, cache
                        if line.strip() and not any(line in t for t in (d.text for d in docs["train"]
                                                                          if not d.name.startswith("retrieval/"))))
     assert set(held_out_texts(mixed)) == real_val  # haystacks: real held-out documents only
-    assert all(split_of(d.name, 0.2) in ("train", "val") for d in synthetic)

@@ -64,10 +64,11 @@ def test_without_the_mask_documents_see_each_other_and_old_configs_keep_that():
 
 
 # -- YaRN ----------------------------------------------------------------------------------------------
-def test_scale_one_is_exactly_plain_rope():
-    plain = RotaryEmbedding(16, 64, 10000.0)
-    yarn = RotaryEmbedding(16, 64, 10000.0, YarnConfig(factor=1.0, original_max_seq_len=64))
-    positions = torch.arange(64)
+@pytest.mark.parametrize("d, L", [(16, 64), (64, 256), (128, 1024), (32, 4096)])
+def test_scale_one_is_exactly_plain_rope(d, L):
+    plain = RotaryEmbedding(d, 512, 10000.0)
+    yarn = RotaryEmbedding(d, 512, 10000.0, YarnConfig(factor=1.0, original_max_seq_len=L))
+    positions = torch.arange(512)
     for a, b in zip(plain(positions), yarn(positions)):
         assert torch.equal(a, b)
     m1, m2 = model_of("tiny-engram"), model_of("tiny-engram", rope_scaling=YarnConfig(factor=1.0))

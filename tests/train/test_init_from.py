@@ -19,7 +19,7 @@ def source(corpus_dir, cache_dir, tmp_path_factory):
 
 
 def extended(run, source_ckpt, out, **train_changes):
-    bb = dataclasses.replace(run.model.backbone, max_seq_len=64,
+    bb = dataclasses.replace(run.model.backbone, max_seq_len=2 * run.model.backbone.max_seq_len,
                              rope_scaling=YarnConfig(factor=2.0, original_max_seq_len=run.model.backbone.max_seq_len))
     model = dataclasses.replace(run.model, backbone=bb)
     settings = dict(init_from=str(source_ckpt), seq_len=64, max_steps=3, save_every=3, eval_every=3,
@@ -38,16 +38,16 @@ def test_weights_kept_optimizer_and_schedule_new(source, tmp_path):
     for name, value in before.items():
         assert torch.equal(now[name], value), name  # every weight and table row, nothing re-initialised
     assert state.step == 0 and state.last_checkpoint is None  # a new schedule, from step 0
-    assert all(not s for s in state.optimizers.state_dict()["dense"]["state"].values()) if isinstance(
-        state.optimizers.state_dict().get("dense"), dict) else True
-    assert not any(len(v) for v in _moments(state.optimizers))  # no Adam moments carried over
+    moments = list(_moments(state.optimizers))
+    assert not any(len(v) for v in moments)  # no Adam moments carried over
     assert state.run.train.init_from == str(ckpt) and state.run.model.backbone.rope_scaling.factor == 2.0
 
 
 def _moments(optimizers):
-    for opt in vars(optimizers).values():
-        if isinstance(opt, torch.optim.Optimizer):
-            yield from (state for state in opt.state.values())
+    found = [opt for opt in vars(optimizers).values() if isinstance(opt, torch.optim.Optimizer)]
+    assert found  # the dense and the table optimizer
+    for opt in found:
+        yield from (state for state in opt.state.values())
 
 
 def test_the_extended_run_trains_and_resumes(source, tmp_path):
@@ -71,3 +71,28 @@ def test_another_architecture_is_refused(source, tmp_path, change, field):
     with pytest.raises(ValueError, match=f"another architecture .*{field}"):
         train(dataclasses.replace(new, model=change(new.model)), progress=False)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_extension_settings_that_do_not_fit_the_source_are_refused(source, tmp_path):
+    run, ckpt = source
+    new = extended(run, ckpt, tmp_path / "a")
+    bb = new.model.backbone
+    wrong = dataclasses.replace(bb, rope_scaling=YarnConfig(factor=2.0, original_max_seq_len=128))
+    with pytest.raises(ValueError, match="original_max_seq_len=128 but .* context of 256 tokens"):
+        train(dataclasses.replace(new, model=dataclasses.replace(new.model, backbone=wrong)), progress=False)
+    shorter = dataclasses.replace(bb, max_seq_len=128, rope_scaling=None)
+    short_run = dataclasses.replace(new, model=dataclasses.replace(new.model, backbone=shorter))
+    with pytest.raises(ValueError, match="below the context"):
+        train(short_run, progress=False)
+
+
+def test_init_from_inside_the_run_directory_with_no_resume_is_refused(source, tmp_path):
+    import shutil
+
+    run, ckpt = source
+    out = tmp_path / "self"
+    shutil.copytree(ckpt.parent.parent, out)  # the source run's directory, checkpoints included
+    inside = out / "checkpoints" / ckpt.name
+    with pytest.raises(ValueError, match="lies inside .* --no-resume moves to the archive"):
+        train(extended(run, inside, out), progress=False, resume=False)
+    assert inside.exists()  # nothing was archived
