@@ -7,8 +7,8 @@
    checkpoint kept, per seed.
 2. **Extend** each with YaRN (scale ``factor``, from ``seq_len`` to ``factor`` x ``seq_len``) for ``extend_steps``
    steps at the longer length (``train --init-from``): at equal FLOPs, each model's final checkpoint; at
-   equal pre-training loss, the better model's earliest kept checkpoint whose validation loss is at most
-   the other's final one (the paper's second comparison), extended the same way.
+   equal pre-training loss, the better model's kept checkpoint whose validation loss is closest to the
+   other's final one (the paper's second comparison), extended the same way.
 3. **Evaluate** every extended model with ``engram eval long-context`` at 1x, 2x and 4x the pre-training
    length (same samples for every model), and the pre-trained ones at 1x.
 
@@ -90,12 +90,13 @@ def eval_history(train_dir: Path) -> list[tuple[int, float, Path]]:
 
 
 def equal_loss_start(histories: dict[str, list]) -> tuple[str, int, Path, float] | None:
-    """The better model's earliest checkpoint whose validation loss is at most the other's final one:
-    (preset, step, checkpoint, its loss); None when that is its final checkpoint (no earlier match)."""
+    """The better model's kept checkpoint whose validation loss is closest to the other's final one:
+    (preset, step, checkpoint, its loss). None when that is its final checkpoint (then equal loss is
+    equal FLOPs, up to the checkpoints' spacing). The loss gap that remains is reported beside it."""
     finals = {name: h[-1][1] for name, h in histories.items()}
     better = min(finals, key=finals.get)
     other = next(n for n in finals if n != better)
-    step, loss, ckpt = next((st, lo, ck) for st, lo, ck in histories[better] if lo <= finals[other])
+    step, loss, ckpt = min(histories[better], key=lambda h: abs(h[1] - finals[other]))
     if step == histories[better][-1][0]:
         return None
     return better, step, ckpt, loss

@@ -23,10 +23,12 @@ def test_extension_is_yarn_at_factor_times_the_length_with_the_same_tokens_per_s
     assert ext.run.model.engram == pre.run.model.engram and ext.path.endswith("demo-engram/extend-equal-flops")
 
 
-def test_equal_loss_takes_the_better_models_first_checkpoint_at_the_others_final_loss():
+def test_equal_loss_takes_the_better_models_checkpoint_closest_to_the_others_final_loss():
     p = Path("x")
     histories = {"demo-moe": [(100, 5.0, p), (200, 4.6, p), (300, 4.4, p)],
-                 "demo-engram": [(100, 4.9, p), (200, 4.4, p), (300, 4.3, p)]}
-    assert equal_loss_start(histories) == ("demo-engram", 200, p, 4.4)
+                 "demo-engram": [(100, 4.9, p), (200, 4.42, p), (300, 4.3, p)]}
+    assert equal_loss_start(histories) == ("demo-engram", 200, p, 4.42)
     histories["demo-engram"] = [(100, 4.9, p), (200, 4.5, p), (300, 4.39, p)]
-    assert equal_loss_start(histories) is None  # only the final checkpoint matches: equal loss = equal FLOPs
+    assert equal_loss_start(histories) is None  # the final checkpoint is closest: equal loss = equal FLOPs
+    histories["demo-moe"] = [(100, 5.0, p), (200, 4.45, p), (300, 4.2, p)]  # the MoE model is the better one
+    assert equal_loss_start(histories)[:2] == ("demo-moe", 200)
