@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from engram.config import DataConfig
 from engram.data.bpe import load_tokenizer, special_ids, tokenizer_sha256, train_bpe
 from engram.data.corpus import TEXT_SUFFIXES, load_documents, source_documents
+from engram.data.retrieval import RETRIEVAL_FORMAT
 from engram.data.shards import TokenShards, write_split
 from engram.fileio import FileLock, atomic_write_json
 from engram.tokenizer import CompressedTokenizer
@@ -88,7 +89,8 @@ def cache_key(config: DataConfig) -> str:
         "val_fraction": config.val_fraction,
         "include_tests": config.include_tests,
         "text_field": config.text_field,
-    } | ({"retrieval_docs": config.retrieval_docs} if config.retrieval_docs else {}))[:16]  # old keys unchanged
+    } | ({"retrieval_docs": config.retrieval_docs, "retrieval_format": RETRIEVAL_FORMAT}
+         if config.retrieval_docs else {}))[:16]  # keys without retrieval documents are unchanged
 
 
 @dataclass

@@ -21,6 +21,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+RETRIEVAL_FORMAT = 1  # bump when a template or the generator changes: prepared corpora with them then miss
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 N_NEEDLES = 4  # distractors / values / chain length of the multi-needle tasks
