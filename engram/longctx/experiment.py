@@ -172,7 +172,7 @@ def plot_summary(summary: dict, path: Path) -> None:
     plt = pyplot()
     stage = summary["scores"].get("extend-equal-flops", {})
     lengths = [str(L) for L in summary["lengths"]]
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(3 * len(TASKS), 3), sharey=True)
+    fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(3 * (len(TASKS) + 1), 3))
     for ax, task in zip(axes, TASKS):
         for name, style in zip(PRESETS, ("s--", "o-")):
             cells = stage.get(name, {}).get(task, {})
@@ -180,6 +180,10 @@ def plot_summary(summary: dict, path: Path) -> None:
         ax.set(title=task, xlabel="tokens", ylim=(-2, 102))
     axes[0].set_ylabel("exact match (%), mean over seeds")
     axes[0].legend(fontsize=7)
+    for name, style in zip(PRESETS, ("s--", "o-")):  # the held-out documents' loss, per seed and mean
+        cells = stage.get(name, {}).get("long_doc_loss", {})
+        axes[-1].plot(lengths, [cells.get(L, {}).get("mean") for L in lengths], style, label=name)
+    axes[-1].set(title="long-document loss", xlabel="tokens", ylabel="nats (same documents per length)")
     save_figure(fig, path)
 
 
