@@ -28,6 +28,31 @@ from engram.model.tables import MultiHeadEmbedding
 GATE_SQRT_FLOOR = 1e-6  # sqrt'(s) explodes at 0 (PITFALLS 10)
 
 
+def table_geometry_for(config: EngramConfig, geometry: TableGeometry | Sequence[int], branches: int,
+                       who: str) -> TableGeometry:
+    """The layer's table geometry (a list of H prime row counts is accepted too), checked against the
+    config's heads, and G checked: shared by both Engram variants."""
+    if not isinstance(geometry, TableGeometry):
+        geometry = TableGeometry(tuple(int(x) for x in geometry))
+    if geometry.n_heads != config.n_heads:
+        raise ValueError(f"need one table size per hash head ({config.n_heads}), got {geometry.n_heads}")
+    if not isinstance(branches, int) or branches < 1:
+        raise ValueError(f"{who}.branches: must be an int >= 1, got {branches!r}")
+    return geometry
+
+
+@torch.no_grad()
+def init_table(embedding, config: EngramConfig, table_std: float | None, table_seed: int | None,
+               tables: bool) -> None:
+    """Table rows N(0, table_std) (default ``config.table_init_std``) in row blocks seeded by
+    ``table_seed`` (drawn from torch's generator when None); nothing with ``tables=False`` or for a
+    placement that holds no trainable rows."""
+    if table_seed is None:
+        table_seed = int(torch.randint(0, 2**62, ()).item())
+    if tables and hasattr(embedding, "init_weights"):
+        embedding.init_weights(config.table_init_std if table_std is None else table_std, table_seed)
+
+
 class BranchLinear(nn.Module):
     """One matrix per branch, stored as a (G, out, in) tensor: (B, T, in) -> (B, T, G, out); with
     ``bias`` a (G, out) bias too (the official demo's W_K)."""
@@ -92,12 +117,7 @@ class Engram(nn.Module):
     def __init__(self, config: EngramConfig, dim: int, geometry: TableGeometry | Sequence[int],
                  norm_eps: float = 1e-6, *, branches: int = 1, sparse_table: bool = False):
         super().__init__()
-        if not isinstance(geometry, TableGeometry):
-            geometry = TableGeometry(tuple(int(x) for x in geometry))
-        if geometry.n_heads != config.n_heads:
-            raise ValueError(f"need one table size per hash head ({config.n_heads}), got {geometry.n_heads}")
-        if not isinstance(branches, int) or branches < 1:
-            raise ValueError(f"Engram.branches: must be an int >= 1, got {branches!r}")
+        geometry = table_geometry_for(config, geometry, branches, "Engram")
         G, M = branches, config.memory_dim
         gated = config.gate != "none"
         keys = G if config.branch_keys else 1
@@ -136,12 +156,7 @@ class Engram(nn.Module):
 
         ``tables=False`` leaves the table rows as they are (a checkpoint or a benchmark fills them).
         """
-        if table_seed is None:
-            table_seed = int(torch.randint(0, 2**62, ()).item())
-        if table_std is None:
-            table_std = self.config.table_init_std
-        if tables and hasattr(self.embedding, "init_weights"):
-            self.embedding.init_weights(table_std, table_seed)
+        init_table(self.embedding, self.config, table_std, table_seed, tables)
         nn.init.normal_(self.value_proj.weight, std=std)
         if self.key_proj is not None:
             nn.init.normal_(self.key_proj.weight, std=std)

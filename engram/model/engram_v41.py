@@ -29,7 +29,7 @@ from torch import nn
 from engram.config import EngramConfig
 from engram.hashing import TableGeometry
 from engram.model.cache import LayerCache
-from engram.model.engram import GATE_SQRT_FLOOR
+from engram.model.engram import GATE_SQRT_FLOOR, init_table, table_geometry_for
 from engram.model.tables import MultiHeadEmbedding
 
 
@@ -46,12 +46,7 @@ class EngramV41(nn.Module):
         super().__init__()
         if config.variant != "v4.1":
             raise ValueError(f"EngramV41 needs EngramConfig.variant='v4.1', got {config.variant!r}")
-        if not isinstance(geometry, TableGeometry):
-            geometry = TableGeometry(tuple(int(x) for x in geometry))
-        if geometry.n_heads != config.n_heads:
-            raise ValueError(f"need one table size per hash head ({config.n_heads}), got {geometry.n_heads}")
-        if not isinstance(branches, int) or branches < 1:
-            raise ValueError(f"EngramV41.branches: must be an int >= 1, got {branches!r}")
+        geometry = table_geometry_for(config, geometry, branches, "EngramV41")
         self.config = config
         self.dim = dim
         self.branches = branches
@@ -71,12 +66,7 @@ class EngramV41(nn.Module):
         | wkv.weight       | N(0, std)                                                     |
         | norm_weight      | ones                                                          |
         """
-        if table_seed is None:
-            table_seed = int(torch.randint(0, 2**62, ()).item())
-        if table_std is None:
-            table_std = self.config.table_init_std
-        if tables and hasattr(self.embedding, "init_weights"):
-            self.embedding.init_weights(table_std, table_seed)
+        init_table(self.embedding, self.config, table_std, table_seed, tables)
         nn.init.normal_(self.wkv.weight, std=std)
         nn.init.ones_(self.norm_weight)
 
