@@ -68,6 +68,7 @@ def train(args) -> int:
     return 0
 
 
+# engram.data.retrieval.TASKS, spelled out so that building the parser imports no torch (a test compares)
 LONG_CONTEXT_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"]
 
 
@@ -163,6 +164,7 @@ def _stream_completion(model, tokenizer, args) -> None:
 
 def _evaluate_long_context(args, where) -> int:
     from engram.longctx import evaluate_long_context
+    from engram.longctx.evaluate import markdown
     from engram.train import open_checkpoint
 
     if args.data is not None or args.batches is not None or args.seq_len is not None:
@@ -174,8 +176,6 @@ def _evaluate_long_context(args, where) -> int:
     tasks = LONG_CONTEXT_TASKS if args.tasks is None or "all" in args.tasks else args.tasks
     result = evaluate_long_context(args.ckpt, sorted(set(lengths)), tasks, args.samples, args.seed, args.out,
                                    str(where), args.batch_size or 8, args.ppl_docs, progress=not args.no_progress)
-    from engram.longctx.evaluate import markdown
-
     print(markdown(result))
     return 0
 

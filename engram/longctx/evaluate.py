@@ -11,7 +11,6 @@ questions.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from engram.fileio import atomic_write_json, atomic_write_text
 from engram.data.retrieval import TASKS, Sample, filler_lines, make_sample, score, text_lines
+from engram.fileio import atomic_write_json, atomic_write_text
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, max new tokens) -> continuations
 
@@ -77,12 +76,12 @@ def run_tasks(generate: GenerateFn, encode: Callable[[str], list[int]], decode: 
         for start in range(0, len(built), batch_size):
             chunk = built[start: start + batch_size]
             outs = _continuations(generate, chunk, encode, L)
-            for (sample, ids), out in zip(chunk, outs):
+            for k, ((sample, ids), out) in enumerate(zip(chunk, outs)):
                 text = decode(out)
                 ok, share = score(sample, text)
                 exact.append(ok)
                 partial.append(share)
-                if len(results["examples"]) < 2 * len(jobs) and start == 0 and sample is chunk[0][0]:
+                if start == 0 and k == 0:  # each (task, length)'s first sample, to read what the model wrote
                     results["examples"].append({"task": task, "length": L, "prompt_tokens": len(ids),
                                                 "query": sample.query, "answer": sample.answer.strip(),
                                                 "generated": text})
@@ -107,11 +106,13 @@ def _continuations(generate: GenerateFn, chunk: list[tuple[Sample, list[int]]], 
     return outs
 
 
-@torch.no_grad()
 def long_document_loss(model, encode: Callable[[str], list[int]], bos: int | None, texts: list[str],
                        lengths: list[int], max_docs: int = 16) -> dict:
     """Mean next-token loss over the first L tokens of held-out documents at least L tokens long, per L
-    (documents alone, one per row): {L: {loss, ppl, docs}}; lengths no document reaches get docs 0."""
+    (documents alone, one per row, through the trainer's ``mean_loss``): {L: {loss, ppl, docs}}; lengths
+    no document reaches get docs 0."""
+    from engram.train.loop import mean_loss
+
     device = next(model.parameters()).device
     encoded = [([bos] if bos is not None else []) + encode(t) for t in texts]
     encoded.sort(key=len, reverse=True)
@@ -121,13 +122,7 @@ def long_document_loss(model, encode: Callable[[str], list[int]], bos: int | Non
         if not docs:
             out[str(L)] = {"loss": None, "ppl": None, "docs": 0}
             continue
-        total, count = 0.0, 0
-        for ids in docs:
-            x = torch.tensor([ids], device=device)
-            loss = model(x, labels=x).loss  # mean over the L-1 predictions
-            total += float(loss) * (L - 1)
-            count += L - 1
-        mean = total / count
+        mean, _ = mean_loss(model, ((torch.tensor([ids]), None) for ids in docs), device)
         out[str(L)] = {"loss": mean, "ppl": math.exp(mean), "docs": len(docs)}
     return out
 
@@ -219,6 +214,3 @@ def evaluate_long_context(ckpt_path: str, lengths: list[int], tasks: list[str], 
         plot(result, out / "long_context.png")
     return result
 
-
-def load_result(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

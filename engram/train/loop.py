@@ -252,9 +252,8 @@ def _check_init_from(init, run: RunConfig, run_dir: Path, resume: bool) -> None:
     if context < source_context:
         raise ValueError(f"model.backbone.max_seq_len={context} is below the context of {init.path} "
                          f"({source_context}); an extension keeps or grows it")
-    stored, now = _flatten({"model": init.run_config.model.to_dict()}), _flatten({"model": run.model.to_dict()})
-    changed = [(k, stored.get(k), now.get(k)) for k in sorted(set(stored) | set(now))
-               if stored.get(k) != now.get(k) and not k.startswith(INIT_FROM_MAY_CHANGE)]
+    changed = [c for c in config_changes(init.run_config, run)
+               if c[0].startswith("model.") and not c[0].startswith(INIT_FROM_MAY_CHANGE)]
     if changed:
         raise ValueError(f"train.init_from={run.train.init_from!r} ({init.path}) holds another architecture "
                          f"({_describe(changed)}); only {', '.join(f.split('.', 1)[1] for f in INIT_FROM_MAY_CHANGE)} "

@@ -31,6 +31,13 @@ def test_long_context_eval_writes_json_markdown_and_plot(run_dir, tmp_path, caps
     assert all(e["prompt_tokens"] <= e["length"] for e in result["examples"])
 
 
+def test_the_cli_lists_every_task():
+    from engram.cli.commands import LONG_CONTEXT_TASKS
+    from engram.data.retrieval import TASKS
+
+    assert LONG_CONTEXT_TASKS == list(TASKS)
+
+
 def test_refusals(run_dir, capsys):
     assert main(["eval", "long-context", "--ckpt", str(run_dir), "--lengths", "1024", "--no-progress"]) != 0
     assert "exceed the model's context of 256 tokens" in capsys.readouterr().err
