@@ -324,6 +324,36 @@ class YarnConfig(_Serialisable):
 
 
 @dataclass
+class MLAConfig(_Serialisable):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from one low-rank latent
+    c = RMSNorm(W_kv_a x) of ``kv_lora_rank`` features per token, plus one RoPE key of ``qk_rope_head_dim``
+    shared by every head (the "decoupled" RoPE key). A decode cache holds only c and that key per token.
+
+    Weights (bias-free): queries ``wq`` D -> h*(nope+rope), or with ``q_lora_rank`` > 0 a low-rank pair
+    ``wq_a`` D -> r_q, ``q_norm`` (r_q), ``wq_b`` r_q -> h*(nope+rope); ``wkv_a`` D -> r_kv + rope, ``kv_norm``
+    (r_kv), ``wkv_b`` r_kv -> h*(nope + v); ``wo`` h*v -> D. Scores are scaled by 1/sqrt(nope + rope).
+    """
+
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+
+    def __post_init__(self) -> None:
+        c = "MLAConfig"
+        _pos_int(c, "q_lora_rank", self.q_lora_rank, minimum=0)
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _pos_int(c, name, getattr(self, name))
+        _require(self.qk_rope_head_dim % 2 == 0, c, "qk_rope_head_dim",
+                 f"must be even for RoPE, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
 class BackboneConfig(_Serialisable):
     """The decoder-only transformer that hosts Engram.
 
@@ -333,6 +363,8 @@ class BackboneConfig(_Serialisable):
     ffn_hidden: width of the dense SwiGLU FFN (every block when ``moe`` is None, else the first
         ``moe.first_dense_layers`` blocks).
     rope_scaling: None (plain RoPE) or a ``YarnConfig`` (context extension).
+    mla: None (multi-head attention with ``n_kv_heads`` grouped key/value heads of width d_model/n_heads)
+        or an ``MLAConfig`` (multi-head latent attention, the paper's; ``n_kv_heads`` is then unused).
     document_mask: attention in a packed batch stays inside each document (causal and block-diagonal by
         the batch's ``boundary``), as the n-grams and the conv do. Configs written before it existed load
         with False, the attention their checkpoints were trained with.
@@ -352,6 +384,7 @@ class BackboneConfig(_Serialisable):
     moe: MoEConfig | None = None
     rope_scaling: YarnConfig | None = None
     document_mask: bool = True
+    mla: MLAConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -389,6 +422,10 @@ class BackboneConfig(_Serialisable):
                  f"must be > 0, got {self.norm_eps!r}")
         _pos_int(c, "hc_mult", self.hc_mult)
         _pos_int(c, "hc_sinkhorn_iters", self.hc_sinkhorn_iters)
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig.from_dict(self.mla)
+        _require(self.mla is None or isinstance(self.mla, MLAConfig), c, "mla",
+                 f"must be an MLAConfig or None, got {type(self.mla).__name__}")
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
         _require(self.moe is None or isinstance(self.moe, MoEConfig), c, "moe",
@@ -397,6 +434,11 @@ class BackboneConfig(_Serialisable):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The width RoPE rotates: the head width, or MLA's decoupled RoPE key."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
 
 
 @dataclass
@@ -655,6 +697,7 @@ class RunConfig(_Serialisable):
 _NESTED: dict[tuple[str, str], type] = {
     ("BackboneConfig", "moe"): MoEConfig,
     ("BackboneConfig", "rope_scaling"): YarnConfig,
+    ("BackboneConfig", "mla"): MLAConfig,
     ("ModelConfig", "backbone"): BackboneConfig,
     ("ModelConfig", "engram"): EngramConfig,
     ("ModelConfig", "overencoding"): OverEncodingConfig,

@@ -35,6 +35,52 @@ def assert_causal(model, vocab_size: int, T: int = 40, t: int = 23) -> None:
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
 
+def roughen_decode_state(model) -> None:
+    """Trained-looking conv taps, MoE expert bias and OverEncoding rows (they start at zero or one), and
+    sharper attention (at init q.k is near 0 and attention near uniform, so a wrong cached key would
+    hardly move a logit): a decoder that dropped or misplaced any of its state gives other logits."""
+    with torch.no_grad():
+        for blk in model.layers:
+            for name in ("wq", "wk", "wq_b", "wkv_a"):  # the query and key projections (GQA or MLA)
+                if hasattr(blk.attn, name):
+                    getattr(blk.attn, name).weight.mul_(10)
+        for layer in model.engram_layers.values():
+            if getattr(layer, "conv_weight", None) is not None:
+                layer.conv_weight.normal_()
+        for moe in model.moe_layers():
+            moe.expert_bias.normal_(std=0.1)
+        if model.overencoding is not None:
+            model.overencoding.embedding.weight.normal_()
+
+
+def decode_error(model, chunk: int, lengths=(7, 1, 13), new: int = 12, vocab_size: int = 512, pad_id: int = 2,
+                 seed: int = 1) -> float:
+    """Left-padded prompts of ``lengths`` (one shorter than the n-gram and conv lookbacks) through
+    ``model.new_cache``: one prefill, then ``new`` tokens ``chunk`` at a time. Returns the worst absolute
+    logit difference against one full forward of each whole sequence alone."""
+    from engram.infer import left_pad
+
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sequences = [torch.randint(3, vocab_size, (n + new,), generator=gen).tolist() for n in lengths]
+    ids, starts = left_pad([s[:n] for s, n in zip(sequences, lengths)], pad_id=pad_id)
+    cache = model.new_cache(starts, ids.shape[1] + new)
+    with torch.no_grad():
+        prefill = model(ids, cache=cache).logits  # (B, T0, V)
+        steps = []
+        for s in range(0, new, chunk):
+            block = torch.tensor([seq[n + s: n + min(s + chunk, new)] for seq, n in zip(sequences, lengths)])
+            steps.append(model(block, cache=cache).logits)
+        decoded = torch.cat(steps, dim=1)  # (B, new, V)
+        worst = 0.0
+        for b, (seq, n) in enumerate(zip(sequences, lengths)):
+            ref = model(torch.tensor([seq])).logits[0]  # (T, V)
+            worst = max(worst, (prefill[b, ids.shape[1] - n:] - ref[:n]).abs().max().item())
+            # decoded[:, s] is the prediction after feeding token n+s, i.e. the full forward's position n+s
+            worst = max(worst, (decoded[b] - ref[n: n + new]).abs().max().item())
+    return worst
+
+
 def train_step(model, vocab_size: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
     """Forward + backward + one step of the project's optimizers; returns the parameters before it."""
     from engram.train.optim import Optimizers

@@ -5,6 +5,8 @@ P_act: parameters used by one token: everything in P_tot except the routed exper
     visit and the hashed tables, Engram's and OverEncoding's (a token reads H rows out of millions; the
     paper counts tables as sparse). OverEncoding's per-order projections are active.
 P_sparse = P_tot - P_act: the budget split by the allocation ratio rho between routed experts and Engram.
+The paper's Table 1 counts otherwise: P_tot with the embedding and the head, P_act with the head but not
+the embedding (``paper_total``, ``paper_active``; what ``engram presets`` prints for the paper presets).
 
 ``tests/model/test_accounting.py`` pins every count to ``numel`` of a built model, so the
 allocation sweeps can trust these numbers without instantiating huge tables.
@@ -16,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from engram.config import ModelConfig
 from engram.hashing import table_geometry
-from engram.model.attention import attention_params
+from engram.model.attention import attention_params, attention_score_width
 from engram.model.hyper import hyper_params
 from engram.model.layers import swiglu_params
 from engram.model.moe import moe_params
@@ -40,12 +42,23 @@ class ParameterCount:
         return self.total + self.embedding + self.head
 
     @property
+    def paper_total(self) -> int:
+        """P_tot as the paper's Table 1 counts it: every parameter, the embedding and the head included."""
+        return self.with_embeddings
+
+    @property
+    def paper_active(self) -> int:
+        """P_act as Table 1 counts it: the head included, the token embedding (a lookup) not."""
+        return self.active + self.head
+
+    @property
     def engram_share_of_sparse(self) -> float:
         """1 - rho: share of P_sparse held by Engram tables."""
         return self.engram_tables / self.sparse if self.sparse else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"with_embeddings": self.with_embeddings,
+        return asdict(self) | {"with_embeddings": self.with_embeddings, "paper_total": self.paper_total,
+                               "paper_active": self.paper_active,
                                "engram_share_of_sparse": self.engram_share_of_sparse}
 
 
@@ -99,7 +112,7 @@ def forward_flops_per_token(config: ModelConfig, active_matmul_params: int, seq_
     usual; a training step costs about 3x the forward.
     """
     bb = config.backbone
-    attn = 2 * 2 * bb.n_layers * bb.n_heads * bb.head_dim * (seq_len + 1) // 2
+    attn = 2 * bb.n_layers * bb.n_heads * attention_score_width(bb) * (seq_len + 1) // 2
     return 2 * active_matmul_params + attn
 
 

@@ -2,10 +2,13 @@
 typed object ``EngramLM.forward(..., cache=)`` reads and writes, one ``LayerCache`` per block.
 
 Legend: B sequences, T new tokens this call, L tokens cached so far, k key/value heads, d head width,
-G branches, D model width, N max n-gram order, K conv taps, P = (K-1)*N conv lookback.
+G branches, D model width, N max n-gram order, K conv taps, P = (K-1)*N conv lookback; for MLA
+(``BackboneConfig.mla``) c its latent width (kv_lora_rank), r its RoPE key width (qk_rope_head_dim).
 
 Per sequence the model must remember what training-time full forwards see:
-  - attention: keys and values of every earlier position (B, k, L, d) per block;
+  - attention: keys and values of every earlier position (B, k, L, d) per block; for MLA the
+    ``keys`` buffer holds the normalised latent (B, 1, L, c) and ``values`` the rotated RoPE key
+    (B, 1, L, r) instead, c + r numbers per token (``MLA.forward`` expands them to keys and values);
   - hashing: the last N-1 *compressed* ids (PITFALLS 5: hashing only the new token would pad the
     history and give other n-grams than training did), for the Engram hasher and, with its own N,
     for the OverEncoding hasher;
@@ -23,16 +26,19 @@ import torch
 
 
 class LayerCache:
-    """One block's slice of the state: its KV buffers and, for an Engram block, its conv history."""
+    """One block's slice of the state: its KV buffers and, for an Engram block, its conv history. The
+    buffers are what the block's attention stores: keys and values (B, k, max_len, d) for ``Attention``,
+    the latent (B, 1, max_len, c) and the rotated RoPE key (B, 1, max_len, r) for ``MLA``."""
 
     def __init__(self, parent: "InferenceCache", keys: torch.Tensor, values: torch.Tensor,
                  conv_history: torch.Tensor | None):
         self.parent = parent
-        self.keys, self.values = keys, values  # (B, k, max_len, d)
+        self.keys, self.values = keys, values  # (B, k, max_len, d); MLA: (B, 1, max_len, c), (B, 1, max_len, r)
         self.conv_history = conv_history  # (B, P, G, D), or None without an Engram conv
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's (B, k, T, d) keys/values; return all keys/values so far (B, k, L+T, d)."""
+        """Store this call's (B, k, T, d) keys/values; return all keys/values so far (B, k, L+T, d)
+        (MLA: latents and RoPE keys, their widths c and r for d)."""
         start, T = self.parent.length, k.shape[2]
         self.keys[:, :, start: start + T] = k
         self.values[:, :, start: start + T] = v
@@ -64,15 +70,18 @@ class InferenceCache:
         self.growable = growable
         self.length = 0
         self.mask: torch.Tensor | None = None  # (B, 1, T, L+T) for the current call
-        shape = (B, bb.n_kv_heads, max_len, bb.head_dim)
+        if bb.mla is None:
+            key_shape = value_shape = (B, bb.n_kv_heads, max_len, bb.head_dim)
+        else:  # MLA caches its latent and its one RoPE key shared by every head
+            key_shape, value_shape = (B, 1, max_len, bb.mla.kv_lora_rank), (B, 1, max_len, bb.mla.qk_rope_head_dim)
         self.layers: list[LayerCache] = []
         for blk in model.layers:
             conv = None
             if blk.engram is not None and blk.engram.config.short_conv:
                 e = blk.engram.config
                 conv = torch.zeros(B, (e.kernel_size - 1) * e.dilation, bb.hc_mult, bb.d_model, device=device, dtype=dtype)
-            self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
-                                          torch.zeros(shape, device=device, dtype=dtype), conv))
+            self.layers.append(LayerCache(self, torch.zeros(key_shape, device=device, dtype=dtype),
+                                          torch.zeros(value_shape, device=device, dtype=dtype), conv))
         # (B, N-1) compressed ids per hasher, pads until the first call
         self.ngram_history: torch.Tensor | None = _pad_history(model.hasher, B, device)  # Engram layers
         self.input_ngram_history: torch.Tensor | None = None  # OverEncoding

@@ -19,7 +19,7 @@ from torch import nn
 
 from engram.config import ModelConfig
 from engram.hashing import NgramHasher, TableGeometry, check_token_ids, document_ids
-from engram.model.attention import Attention, document_mask
+from engram.model.attention import MLA, Attention, document_mask
 from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
 from engram.model.engram_v41 import EngramV41
@@ -41,7 +41,8 @@ class LMOutput:
 
 
 class Block(nn.Module):
-    """[Engram ->] attention -> FFN or MoE. The FFN variant is chosen here, at build time."""
+    """[Engram ->] attention -> FFN or MoE. The attention (GQA or MLA) and FFN variants are chosen here,
+    at build time."""
 
     def __init__(self, config: ModelConfig, layer_id: int, geometry: TableGeometry | None, sparse_tables: bool = False):
         super().__init__()
@@ -53,7 +54,7 @@ class Block(nn.Module):
             self.engram = variant(config.engram, bb.d_model, geometry, bb.norm_eps, branches=bb.hc_mult,
                                   sparse_table=sparse_tables)
         self.attn_norm = RMSNorm(bb.d_model, bb.norm_eps)
-        self.attn = Attention(bb)
+        self.attn = MLA(bb) if bb.mla is not None else Attention(bb)
         self.attn_res = make_residual(bb.d_model, bb.hc_mult, bb.hc_sinkhorn_iters, bb.norm_eps)
         self.ffn_norm = RMSNorm(bb.d_model, bb.norm_eps)
         use_moe = bb.moe is not None and layer_id >= bb.moe.first_dense_layers
@@ -120,7 +121,7 @@ class EngramLM(nn.Module):
                 self.overencoding = OverEncoding(config.overencoding, bb.d_model, self.compressed_tokenizer,
                                                  input_layer_id(config), sparse_table=sparse_tables)
             self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
-            self.rope = RotaryEmbedding(bb.head_dim, bb.max_seq_len, bb.rope_theta, bb.rope_scaling)
+            self.rope = RotaryEmbedding(bb.rope_dim, bb.max_seq_len, bb.rope_theta, bb.rope_scaling)
             geometry = self.hasher.geometry if self.hasher is not None else {}
             self.layers = nn.ModuleList(Block(config, i, geometry.get(i), sparse_tables) for i in range(bb.n_layers))
             self.norm = RMSNorm(bb.d_model, bb.norm_eps)
@@ -150,10 +151,12 @@ class EngramLM(nn.Module):
         | parameter                         | init                                   |
         |-----------------------------------|----------------------------------------|
         | tok_embeddings.weight             | N(0, 1)                                |
-        | attention wq/wk/wv, FFN w1/w3     | N(0, std)                              |
+        | attention wq/wk/wv (MLA: wq or    | N(0, std)                              |
+        | wq_a/wq_b, wkv_a, wkv_b), FFN     |                                        |
+        | w1/w3                             |                                        |
         | attention wo, FFN/expert w2       | N(0, std / sqrt(2 * n_layers))         |
         | output.weight                     | N(0, std)                              |
-        | norms                             | ones                                   |
+        | norms (MLA's q_norm, kv_norm too) | ones                                   |
         | MoE, hyper-connections, Engram,   | their own ``init_weights``             |
         | OverEncoding                      |                                        |
         | hashed table rows                 | per table, from                        |
@@ -164,41 +167,63 @@ class EngramLM(nn.Module):
         | MoE expert bias and load)         | and load counts zero                   |
 
         ``tables=False`` leaves the rows of the hashed tables as they are (a checkpoint fills them).
+        The work is ``draw_init_seed``, ``init_top`` and ``init_block`` for each block: a placement that
+        materialises one block at a time (FSDP2, ``engram.distributed.fsdp``) calls them itself and gets
+        the same values.
         """
         for module in self.modules():  # derived buffers: hashers, RoPE, table offsets, MoE state
             if module is not self and hasattr(module, "reset_buffers"):
                 module.reset_buffers()
-        seed = int(torch.randint(0, 2**62, ()).item())  # the one draw from torch's generator
+        seed = self.draw_init_seed()
+        self.init_top(seed, std, tables)
+        for i in range(len(self.layers)):
+            self.init_block(i, seed, std, tables)
+
+    @staticmethod
+    def draw_init_seed() -> int:
+        """The one draw from torch's generator that every weight's stream derives from."""
+        return int(torch.randint(0, 2**62, ()).item())
+
+    @torch.no_grad()
+    def init_top(self, seed: int, std: float = 0.02, tables: bool = True) -> None:
+        """``init_weights`` outside the blocks: embedding, head, final norm, OverEncoding."""
+        normal_(self.tok_embeddings.weight, 1.0, derive_seed(seed, "tok_embeddings.weight"))
+        normal_(self.output.weight, std, derive_seed(seed, "output.weight"))
+        nn.init.ones_(self.norm.weight)
+        if self.overencoding is not None:
+            with seeded(derive_seed(seed, "overencoding")):
+                self.overencoding.init_weights(tables=tables)
+
+    @torch.no_grad()
+    def init_block(self, i: int, seed: int, std: float = 0.02, tables: bool = True) -> None:
+        """``init_weights`` of block ``i``: each weight from its own stream, so blocks can come in any order."""
 
         def own(name: str):  # the stream of a module that initialises itself (nn.init inside)
             return seeded(derive_seed(seed, name))
 
         out_std = std / math.sqrt(2 * self.config.backbone.n_layers)
-        normal_(self.tok_embeddings.weight, 1.0, derive_seed(seed, "tok_embeddings.weight"))
-        normal_(self.output.weight, std, derive_seed(seed, "output.weight"))
-        nn.init.ones_(self.norm.weight)
-        for i, blk in enumerate(self.layers):
-            for norm in (blk.attn_norm, blk.ffn_norm):
-                nn.init.ones_(norm.weight)
-            for part in ("wq", "wk", "wv", "wo"):
-                normal_(getattr(blk.attn, part).weight, out_std if part == "wo" else std,
-                        derive_seed(seed, f"layers.{i}.attn.{part}.weight"))
-            if isinstance(blk.ffn, SwiGLU):  # by hidden unit: a narrower FFN starts as the first units
-                normal_units_([blk.ffn.w1.weight, blk.ffn.w3.weight], [blk.ffn.w2.weight], std, out_std,
-                              derive_seed(seed, f"layers.{i}.ffn"))
+        blk = self.layers[i]
+        for norm in (blk.attn_norm, blk.ffn_norm):
+            nn.init.ones_(norm.weight)
+        for part, sub in blk.attn.named_children():  # wq, wk, wv, wo; or MLA's matrices and norms
+            if isinstance(sub, RMSNorm):
+                nn.init.ones_(sub.weight)
             else:
-                blk.ffn.init_weights(std, out_std, seed=derive_seed(seed, f"layers.{i}.ffn"))
-            for part, res in (("attn_res", blk.attn_res), ("ffn_res", blk.ffn_res)):
-                if hasattr(res, "init_weights"):
-                    with own(f"layers.{i}.{part}"):
-                        res.init_weights()
-            if blk.engram is not None:
-                with own(f"layers.{i}.engram"):
-                    blk.engram.init_weights(std, table_seed=derive_seed(seed, f"layers.{i}.engram.embedding"),
-                                            tables=tables)
-        if self.overencoding is not None:
-            with own("overencoding"):
-                self.overencoding.init_weights(tables=tables)
+                normal_(sub.weight, out_std if part == "wo" else std,
+                        derive_seed(seed, f"layers.{i}.attn.{part}.weight"))
+        if isinstance(blk.ffn, SwiGLU):  # by hidden unit: a narrower FFN starts as the first units
+            normal_units_([blk.ffn.w1.weight, blk.ffn.w3.weight], [blk.ffn.w2.weight], std, out_std,
+                          derive_seed(seed, f"layers.{i}.ffn"))
+        else:
+            blk.ffn.init_weights(std, out_std, seed=derive_seed(seed, f"layers.{i}.ffn"))
+        for part, res in (("attn_res", blk.attn_res), ("ffn_res", blk.ffn_res)):
+            if hasattr(res, "init_weights"):
+                with own(f"layers.{i}.{part}"):
+                    res.init_weights()
+        if blk.engram is not None:
+            with own(f"layers.{i}.engram"):
+                blk.engram.init_weights(std, table_seed=derive_seed(seed, f"layers.{i}.engram.embedding"),
+                                        tables=tables)
 
     def hash(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Hash ids for every Engram layer, computed once per batch (empty for a baseline), plus the

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
+from engram.config import BackboneConfig, EngramConfig, MLAConfig, ModelConfig, MoEConfig, OverEncodingConfig
 from engram.model.accounting import count_parameters, format_count
 from engram.model.transformer import EngramLM
 from engram.presets import get_preset
@@ -36,6 +36,10 @@ _OE = OverEncodingConfig(engram_vocab_size=[101, 103, 107], max_ngram_size=4, n_
 CONFIGS["G1-4gram-overencoding"] = ModelConfig(backbone=_G1.backbone, engram=_G1.engram, overencoding=_OE)
 CONFIGS["G2-overencoding-only"] = ModelConfig(backbone=_TINY.backbone, overencoding=dataclasses.replace(
     _OE, engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=64, n_head_per_ngram=4))
+_MLA = MLAConfig(q_lora_rank=0, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
+CONFIGS["mla-dense"] = ModelConfig(backbone=dataclasses.replace(get_preset("tiny-dense").backbone, mla=_MLA))
+CONFIGS["G1-4gram-mla-low-rank-query"] = ModelConfig(
+    backbone=dataclasses.replace(_G1.backbone, mla=dataclasses.replace(_MLA, q_lora_rank=20)), engram=_G1.engram)
 
 
 def _classify(model: EngramLM) -> dict[str, int]:
@@ -72,7 +76,8 @@ def test_counts_match_the_built_model(name):
 
 
 @pytest.mark.parametrize("name", ["g1-gqa-4gram-two-layers", "G1-4gram-overencoding", "G1-4gram-no-gate-shared-keys",
-                                  "G1-4gram-shared-keys-no-conv", "G1-4gram-demo-biases", "tiny-engram-v41"])
+                                  "G1-4gram-shared-keys-no-conv", "G1-4gram-demo-biases", "tiny-engram-v41",
+                                  "G1-4gram-mla-low-rank-query"])
 def test_active_parameters_are_what_one_token_touches(name):
     """One token's backward touches exactly P_act dense/expert weights plus H rows per hashed table."""
     config = CONFIGS[name]
