@@ -21,6 +21,8 @@ from typing import Any
 
 GATES = ("signed_sqrt", "sigmoid", "none")
 VARIANTS = ("paper", "v4.1")
+OPTIMIZERS = ("adamw", "muon")
+PARALLEL = ("ddp", "fsdp")
 DERIVED = "derived"  # dataclass field metadata key: what in the data decides the field
 
 
@@ -617,6 +619,13 @@ class TrainConfig(_Serialisable):
         (``INIT_FROM_MAY_CHANGE``). Ignored once the run has checkpoints of its own (it then resumes).
     keep_checkpoints: the newest checkpoints kept in the run directory (0 keeps every one, e.g. to
         extend or compare an earlier step).
+    optimizer: "adamw" (every dense parameter) or "muon" (``torch.optim.Muon`` for the hidden weight
+        matrices: attention, FFN, experts, routers, Engram's projections; AdamW for vectors, the
+        embedding, the head and anything else that is not a matrix). The tables use sparse Adam either
+        way. Recorded in checkpoints; a run resumes with the optimizer it started with.
+    parallel: how the dense part is placed under torchrun: "ddp" (replicated on every rank) or "fsdp"
+        (``fully_shard``: parameters, gradients and optimizer state sharded over the ranks). The tables
+        are row-sharded either way. Ignored in a single process.
     """
 
     max_steps: int = 200
@@ -641,6 +650,8 @@ class TrainConfig(_Serialisable):
     out_dir: str = "runs/train"
     init_from: str | None = None
     keep_checkpoints: int = 2
+    optimizer: str = "adamw"
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -663,6 +674,8 @@ class TrainConfig(_Serialisable):
         self.decay_at = sorted(self.decay_at)
         _pos_int(c, "seed", self.seed, minimum=0)
         _pos_int(c, "keep_checkpoints", self.keep_checkpoints, minimum=0)
+        _require(self.optimizer in OPTIMIZERS, c, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _require(self.parallel in PARALLEL, c, "parallel", f"must be one of {PARALLEL}, got {self.parallel!r}")
         _require(self.init_from is None or (isinstance(self.init_from, str) and self.init_from), c, "init_from",
                  f"must be a checkpoint or run directory, got {self.init_from!r}")
         _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), c, "device",

@@ -195,8 +195,8 @@ INIT_ONLY_FIELDS = ("table_init_std",)
 
 
 def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
-    """Refuse a checkpoint of another model, naming the fields; report other changed fields. Returns the
-    run to continue: a model field that only decides the initial weights (``INIT_ONLY_FIELDS``) cannot
+    """Refuse a checkpoint of another model or optimizer, naming the fields; report other changed fields.
+    Returns the run to continue: a model field that only decides the initial weights (``INIT_ONLY_FIELDS``) cannot
     change a run that has started, so it keeps the checkpoint's value (and says so)."""
     kept = []
     for section in ("engram", "overencoding"):
@@ -223,6 +223,11 @@ def _check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
         raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) of a different model ({_describe(model)}); "
                          "use another --out, or --no-resume to start afresh (the old history is moved to "
                          f"{run_dir / rundir.ARCHIVE}){hint}")
+    optimizer = [c for c in changes if c[0] == "train.optimizer"]
+    if optimizer:  # the checkpoint's optimizer state is the old optimizer's
+        raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) trained with another optimizer "
+                         f"({_describe(optimizer)}): a run resumes with the optimizer it started with; to switch, "
+                         "start a new run (another --out) with --init-from this checkpoint")
     if changes and rt.is_main():
         print(f"[engram] resuming {ckpt.path.name} with changed settings (allowed; the run is no longer one "
               f"uninterrupted run of a single config; data is tokenized with the checkpoint's tokenizer): "

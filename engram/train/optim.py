@@ -1,9 +1,11 @@
 """Optimizers and the learning-rate schedule.
 
-Dense parameters use AdamW (weight decay on matrices only). Hashed tables with sparse gradients (Engram
-and OverEncoding, built with ``sparse_tables=True``, and their row shards) use Adam restricted to the rows a step looked up
-(``torch.optim.SparseAdam``, lazy moments) at ``table_lr_mult`` x the base rate with no weight decay
-(SPEC §3): a step costs O(rows touched), not O(table) (PITFALLS 12).
+Dense parameters use AdamW (weight decay on matrices only); with ``TrainConfig.optimizer="muon"`` the
+hidden matrices (``muon_parameters``) use Muon instead (``engram.train.muon``) and AdamW keeps the rest.
+Hashed tables with sparse gradients (Engram and OverEncoding, built with ``sparse_tables=True``, and
+their row shards) use Adam restricted to the rows a step looked up (``torch.optim.SparseAdam``, lazy
+moments) at ``table_lr_mult`` x the base rate with no weight decay (SPEC §3): a step costs O(rows
+touched), not O(table) (PITFALLS 12).
 """
 
 from __future__ import annotations
@@ -15,11 +17,38 @@ import torch
 from torch import nn
 
 from engram.config import TrainConfig
+from engram.train.muon import DTensor
+from engram.model.engram import BranchLinear
+from engram.model.moe import RoutedExperts
+from engram.model.overencoding import OrderProjection
+from engram.train.muon import Muon
+
+# The parameters Muon orthogonalises, by the module that owns them: matrices (out, in) and stacks of
+# them (..., out, in), one matrix per routed expert, Engram branch or OverEncoding n-gram order.
+MATRICES = {nn.Linear: ("weight",), RoutedExperts: ("w1", "w2", "w3"), BranchLinear: ("weight",),
+            OrderProjection: ("weight",)}
 
 
 def table_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable rows of every hashed table (offloaded tables hold none)."""
     return [t.weight for t in model.named_tables().values() if getattr(t, "weight", None) is not None]
+
+
+def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every hidden matrix, in ``model.named_parameters()`` order: the ``MATRICES``
+    of each module, i.e. the weights of every ``nn.Linear`` (attention, FFNs, shared experts, routers,
+    Engram's value projection, mHC's dynamic projection ``proj``), the routed experts' stacks and the
+    Engram and OverEncoding projection stacks, except the LM head (``model.output``).
+
+    Everything else is AdamW's under ``optimizer="muon"``: the token embedding and the head (Muon is for
+    hidden layers), norms and biases, mHC's static biases and gating factors, Engram's depthwise conv
+    taps (K per channel, no matrix). The hashed tables are SparseAdam's either way.
+    """
+    head = getattr(model, "output", None)
+    chosen = {id(getattr(m, name)) for m in model.modules() if m is not head
+              for kind, names in MATRICES.items() if isinstance(m, kind)
+              for name in names if getattr(m, name, None) is not None}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -30,7 +59,8 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 class Optimizers:
-    """AdamW for dense parameters plus SparseAdam for hashed tables, stepped and saved together.
+    """AdamW for dense parameters (with ``optimizer="muon"``: Muon for ``muon_parameters``, AdamW for the
+    other dense ones) plus SparseAdam for hashed tables, stepped, clipped and saved together.
 
     Whether a table's gradient is sparse is decided where the model was built or placed
     (``EngramLM(..., sparse_tables=True)``; row shards always are), never here: a model whose tables
@@ -39,12 +69,23 @@ class Optimizers:
 
     ``reduce_table_sq``: how the tables' squared gradient norm is summed over the processes holding
     their rows (``engram.distributed.Parallel.table_squares_reduce``); None in a single process.
+    ``reduce_dense_sq``: the same for dense weights sharded by FSDP2 (DTensor gradients;
+    ``Parallel.dense_squares_reduce``).
+
+    Muon: Nesterov momentum 0.95, 5 Newton-Schulz steps, ``config.weight_decay`` (decoupled) and the
+    base rate scaled by 0.2 sqrt(max(rows, cols)) per matrix, so one learning rate and weight decay serve
+    AdamW and Muon alike (Moonlight's recipe). The state dict of a Muon run says so (``"optimizer":
+    "muon"``, the matrices' state under ``"matrices"``); an AdamW run's keeps the keys it always had
+    (``"dense"``, ``"tables"``), so a state without ``"optimizer"`` is AdamW's. Loading one optimizer's
+    state into the other is refused: a run resumes with the optimizer it started with.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig,
-                 reduce_table_sq: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 reduce_table_sq: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 reduce_dense_sq: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
         self.reduce_table_sq = reduce_table_sq
+        self.reduce_dense_sq = reduce_dense_sq
         rows = {n: t for n, t in model.named_tables().items() if getattr(t, "weight", None) is not None}
         dense_grads = [n for n, t in rows.items() if not t.sparse]
         if dense_grads:
@@ -54,9 +95,16 @@ class Optimizers:
         tables = [t.weight for t in rows.values()]
         table_ids = {id(p) for p in tables}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
-        decay = [p for p in dense if p.dim() >= 2]
-        no_decay = [p for p in dense if p.dim() < 2]
+        matrices = [p for _, p in muon_parameters(model)] if config.optimizer == "muon" else []
+        matrix_ids = {id(p) for p in matrices}
+        adamw = [p for p in dense if id(p) not in matrix_ids]
+        decay = [p for p in adamw if p.dim() >= 2]
+        no_decay = [p for p in adamw if p.dim() < 2]
         betas = (config.beta1, config.beta2)
+        self.matrices = None
+        if matrices:
+            self.matrices = Muon([{"params": matrices, "lr_mult": 1.0}], lr=config.lr,
+                                 weight_decay=config.weight_decay)
         self.dense = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay, "lr_mult": 1.0},
              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}],
@@ -69,7 +117,7 @@ class Optimizers:
 
     @property
     def all(self) -> list[torch.optim.Optimizer]:
-        return [self.dense] + ([self.tables] if self.tables is not None else [])
+        return [opt for opt in (self.matrices, self.dense, self.tables) if opt is not None]
 
     def set_lr(self, lr: float) -> None:
         for opt in self.all:
@@ -93,9 +141,19 @@ class Optimizers:
             squares.append(self.reduce_table_sq(total))
         else:
             squares += table_squares
+        shards = []  # FSDP2: this rank's rows of sharded gradients, summed over ranks below
         for p in self.dense_params:
             if p.grad is not None:
-                squares.append(p.grad.float().square().sum())
+                if isinstance(p.grad, DTensor):
+                    shards.append(p.grad.to_local().float().square().sum())
+                else:
+                    squares.append(p.grad.float().square().sum())
+        if self.reduce_dense_sq is not None and self.dense_params:
+            device = self.dense_params[0].device
+            squares.append(self.reduce_dense_sq(torch.stack(shards).sum() if shards else torch.zeros((), device=device)))
+        elif shards:
+            raise ValueError("Optimizers: the dense gradients are sharded (FSDP2) but no reduce_dense_sq was given to "
+                             "sum their squares over the ranks")
         if not squares:
             return 0.0
         norm = torch.stack(squares).sum().sqrt()
@@ -103,7 +161,7 @@ class Optimizers:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             for p in self.dense_params + self.table_params:
                 if p.grad is not None:
-                    p.grad.mul_(scale)
+                    (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(scale)
         return float(norm)
 
     def step(self) -> None:
@@ -115,12 +173,22 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return {"dense": self.dense.state_dict(),
-                "tables": None if self.tables is None else self.tables.state_dict()}
+        state = {"dense": self.dense.state_dict(),
+                 "tables": None if self.tables is None else self.tables.state_dict()}
+        if self.config.optimizer == "muon":
+            state.update(optimizer="muon", matrices=None if self.matrices is None else self.matrices.state_dict())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        stored = state.get("optimizer", "adamw")
+        if stored != self.config.optimizer:
+            raise ValueError(f"the optimizer state is {stored}'s but this run has train.optimizer="
+                             f"{self.config.optimizer}: a run resumes with the optimizer it started with; set "
+                             f"train.optimizer={stored}, or start a new run from these weights with --init-from")
         if (state.get("tables") is None) != (self.tables is None):
             raise ValueError("optimizer state and model disagree on whether Engram tables are sparse-optimised")
+        if self.matrices is not None:
+            self.matrices.load_state_dict(state["matrices"])
         self.dense.load_state_dict(state["dense"])
         if self.tables is not None:
             self.tables.load_state_dict(state["tables"])
