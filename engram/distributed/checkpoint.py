@@ -196,13 +196,14 @@ def shard_optimizer_state(reader: CheckpointTables, tables: dict, optimizer_stat
 
 
 def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: dict, run_config, tokenizer,
-                 trainer_state: dict, keep_last: int = 2) -> Path:
+                 trainer_state: dict, keep_last: int = 2, model_state: dict | None = None) -> Path:
     """Checkpoint ``step`` of a model trained over a process group; every rank calls this.
 
     With sharded tables each rank writes its shard and hashes it, rank 0 writes the replicated files
     (weights without table rows, optimizer state without table moments) and the manifest covering all
     of them. Without sharded tables rank 0 writes the whole checkpoint alone. ``run_dir`` must be one
-    directory every rank sees (e.g. a shared filesystem)."""
+    directory every rank sees (e.g. a shared filesystem). ``model_state``: rank 0's whole dense weights
+    when the model's own state dict holds shards (FSDP; ``engram.distributed.fsdp.full_model_state``)."""
     from engram.train import checkpoint as ckpt
 
     tables = sharded_tables(model)
@@ -210,7 +211,7 @@ def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: 
         final = None
         if runtime.is_main():
             final = ckpt.save_checkpoint(run_dir, step, model, optimizer_state, run_config, tokenizer,
-                                         trainer_state, keep_last)
+                                         trainer_state, keep_last, model_state=model_state)
         runtime.barrier()  # no rank reads or re-saves the step before rank 0 has renamed it
         return final or ckpt.checkpoints_dir(run_dir) / f"step_{step:07d}"
     group = next(iter(tables.values())).group
@@ -227,7 +228,7 @@ def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: 
     if main:
         try:
             ckpt.write_replicated(tmp, step, model, strip_table_moments(optimizer_state), run_config, tokenizer,
-                                  trainer_state, skip={f"{name}.weight" for name in tables})
+                                  trainer_state, skip={f"{name}.weight" for name in tables}, model_state=model_state)
             fileio.atomic_write_json(tmp / INDEX, table_index(tables, dist.get_world_size(group)), sort_keys=True)
             final = ckpt.publish(tmp, step, keep_last, entries={k: v for entry in gathered for k, v in entry.items()})
         except BaseException:

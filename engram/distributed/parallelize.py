@@ -5,7 +5,9 @@ needs, in one object, so that the train step, the optimizer and the checkpoint c
 ``torch.distributed`` themselves.
 
 Outside a process group of several ranks (a plain ``python -m engram.cli train``) it only materialises
-the model, and every method of ``Parallel`` is the single-process identity.
+the model, and every method of ``Parallel`` is the single-process identity. With ``strategy="fsdp"``
+(``train.parallel``) the dense part is sharded by FSDP2 instead of replicated by DDP
+(``engram.distributed.fsdp``).
 
 The flow the trainer follows (``engram.train.loop.setup``)::
 
@@ -36,9 +38,11 @@ class Parallel:
     """How this process takes part in training. ``net`` is what forward and backward go through (the
     DDP wrapper, or the model itself); ``model`` keeps the weights, the checkpoints and evaluation."""
 
-    def __init__(self, model: nn.Module, device: torch.device, net: nn.Module | None = None):
+    def __init__(self, model: nn.Module, device: torch.device, net: nn.Module | None = None,
+                 strategy: str = "ddp"):
         self.model, self.device = model, device
         self.net = net if net is not None else model
+        self.strategy = strategy  # "ddp" or "fsdp" (meaningful with several ranks)
         self.world, self.rank = rt.world_size(), rt.rank()
         tables = sharded_tables(model)
         self.table_group = next(iter(tables.values())).group if tables else None
@@ -63,7 +67,26 @@ class Parallel:
         """DDP all-reduces the dense gradients once per step: after the last micro-batch only."""
         if last_micro_batch or not self.distributed:
             return contextlib.nullcontext()
+        if self.fsdp:
+            from engram.distributed.fsdp import no_gradient_sync
+
+            return no_gradient_sync(self.model)
         return self.net.no_sync()
+
+    @property
+    def fsdp(self) -> bool:
+        """The dense weights are FSDP2 shards (DTensors), not replicas."""
+        return self.distributed and self.strategy == "fsdp"
+
+    def sum_dense_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        """The squared gradient norm of the sharded dense weights over every rank's shards."""
+        dist.all_reduce(squares)
+        return squares
+
+    @property
+    def dense_squares_reduce(self):
+        """What ``Optimizers(reduce_dense_sq=...)`` needs under FSDP (sharded dense gradients), else None."""
+        return self.sum_dense_squares if self.fsdp else None
 
     def mean(self, value: float) -> float:
         """The mean over ranks of a per-rank scalar (e.g. the loss of each rank's equal share)."""
@@ -114,6 +137,14 @@ class Parallel:
     def save_checkpoint(self, run_dir: str | Path, step: int, optimizer_state: dict, run_config, tokenizer,
                         trainer_state: dict, keep_last: int = 2) -> Path:
         """Write checkpoint ``step``: by this process alone, or by every rank together."""
+        if self.fsdp:  # gathered whole (every rank takes part), written in the one-process layout
+            from engram.distributed.fsdp import full_model_state, gather_full
+
+            skip = {f"{name}.weight" for name in sharded_tables(self.model)}
+            model_state = full_model_state(self.model, skip)
+            optimizer_state = {k: (v if k == "tables" else gather_full(v)) for k, v in optimizer_state.items()}
+            return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
+                                keep_last, model_state=model_state if self.is_main else None)
         if self.distributed:
             return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
                                 keep_last)
@@ -127,7 +158,7 @@ class Parallel:
         a new run that starts from another's weights (``train.init_from``)."""
         checkpoint.load_into(self.model)
         if self.tables_sharded:
-            from engram.distributed.checkpoint import load_shards, sharded_tables
+            from engram.distributed.checkpoint import load_shards
 
             load_shards(checkpoint.tables(list(self.model.named_tables())), sharded_tables(self.model))
 
@@ -137,10 +168,16 @@ class Parallel:
         as loaded (it holds ``torch_rng``)."""
         checkpoint.load_into(self.model)
         if self.tables_sharded:
-            return restore_sharded(checkpoint, self.model, optimizers)
-        from engram.train.checkpoint import restore_training_state
+            state = restore_sharded(checkpoint, self.model, optimizers)
+        else:
+            from engram.train.checkpoint import restore_training_state
 
-        return restore_training_state(checkpoint, self.model, optimizers)
+            state = restore_training_state(checkpoint, self.model, optimizers)
+        if self.fsdp:  # the whole-model moments loaded above become this rank's shards
+            from engram.distributed.fsdp import shard_optimizer_moments
+
+            shard_optimizer_moments(optimizers.all)
+        return state
 
 
 def materialise(model: nn.Module, device: torch.device, init_tables: bool = True) -> nn.Module:
@@ -153,18 +190,30 @@ def materialise(model: nn.Module, device: torch.device, init_tables: bool = True
     return model.to(device)
 
 
-def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True) -> Parallel:
+def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True, strategy: str = "ddp") -> Parallel:
     """Place ``model`` (an ``EngramLM``, built on meta or materialised) for training on ``device``.
 
     Inside a process group of W > 1 ranks: its hashed tables are row-sharded (``shard_tables``; on a meta
     model each rank then allocates only its block), the model is materialised and initialised
     (``init_tables=False`` leaves table rows for a checkpoint) and the dense parameters go under
-    DistributedDataParallel (``wrap_ddp``). Otherwise the model is only materialised and moved.
+    DistributedDataParallel (``strategy="ddp"``, ``wrap_ddp``) or are sharded by FSDP2 (``"fsdp"``,
+    ``engram.distributed.fsdp.shard_dense``: a meta model is materialised one block at a time, each rank
+    keeping its shards). Otherwise the model is only materialised and moved.
     """
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
     if not rt.is_distributed():
-        return Parallel(materialise(model, device, init_tables), device)
+        return Parallel(materialise(model, device, init_tables), device, strategy=strategy)
     rt.check_backend(device)
     if model.named_tables():
         shard_tables(model)
+    if strategy == "fsdp":
+        from engram.distributed.fsdp import shard_dense
+
+        if not any(p.device.type == "meta" for p in model.parameters()):
+            raise ValueError("parallelize(strategy='fsdp') places a model built on meta (with "
+                             "torch.device('meta'): EngramLM(...)), so no rank holds more than its shards")
+        shard_dense(model, device, init_tables)
+        return Parallel(model, device, strategy="fsdp")
     materialise(model, device, init_tables)
     return Parallel(model, device, rt.wrap_ddp(model, device))

@@ -41,14 +41,20 @@ class Traffic:
     row gradients to their owners), not counting what a rank exchanges with itself.
     ``allreduce_bytes``: the payload of the dense gradients' all-reduce buckets (``wrap_ddp``); a ring
     all-reduce sends about 2(W-1)/W times this per rank.
+    ``allgather_bytes``, ``reduce_scatter_bytes``: under FSDP2 (``engram.distributed.fsdp``), the payload
+    of the weights' all-gathers (the gathered units) and of the gradients' reduce-scatters; a ring sends
+    about (W-1)/W times each per rank.
     """
 
     def __init__(self):
         self.lookup_bytes = 0
         self.allreduce_bytes = 0
+        self.allgather_bytes = 0
+        self.reduce_scatter_bytes = 0
 
     def snapshot(self) -> dict:
-        return {"lookup_bytes": self.lookup_bytes, "allreduce_bytes": self.allreduce_bytes}
+        return {"lookup_bytes": self.lookup_bytes, "allreduce_bytes": self.allreduce_bytes,
+                "allgather_bytes": self.allgather_bytes, "reduce_scatter_bytes": self.reduce_scatter_bytes}
 
 
 TRAFFIC = Traffic()

@@ -78,12 +78,16 @@ def _hashers(model: EngramLM) -> dict[str, object]:
 
 
 def write_replicated(tmp: Path, step: int, model: EngramLM, optimizer_state: dict, run_config: RunConfig,
-                     tokenizer, trainer_state: dict, skip: set[str] = frozenset()) -> None:
+                     tokenizer, trainer_state: dict, skip: set[str] = frozenset(),
+                     model_state: dict[str, torch.Tensor] | None = None) -> None:
     """Everything but per-rank table shards into ``tmp``: weights (without the ``skip`` keys), optimizer
-    state plus the torch RNG, the configs, the hash layouts and the tokenizer."""
+    state plus the torch RNG, the configs, the hash layouts and the tokenizer. ``model_state``: the
+    weights to write when ``model``'s own state dict holds shards (FSDP gathers them first)."""
     from safetensors.torch import save
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+    if model_state is None:
+        model_state = model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state.items() if k not in skip}
     fileio.atomic_write_bytes(tmp / "model.safetensors", save(state, metadata={"format": FORMAT, "step": str(step)}))
     fileio.atomic_write(tmp / "optimizer.pt", lambda f: torch.save({**optimizer_state, "torch_rng": torch.get_rng_state()}, f))
     fileio.atomic_write_json(tmp / "run_config.json", run_config.to_dict(), sort_keys=True)
@@ -124,7 +128,8 @@ def publish(tmp: Path, step: int, keep_last: int = 2, entries: dict[str, dict] |
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, optimizer_state: dict,
-                    run_config: RunConfig, tokenizer, trainer_state: dict, keep_last: int = 2) -> Path:
+                    run_config: RunConfig, tokenizer, trainer_state: dict, keep_last: int = 2,
+                    model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` of a single process atomically and point ``latest`` at it; keep the
     newest ``keep_last``. A model with row-sharded tables is saved by all of its ranks together
     (``engram.distributed.checkpoint.save_sharded``)."""
@@ -133,7 +138,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
                               "engram.distributed.checkpoint.save_sharded, which every rank calls")
     tmp = stage(run_dir, step)
     try:
-        write_replicated(tmp, step, model, optimizer_state, run_config, tokenizer, trainer_state)
+        write_replicated(tmp, step, model, optimizer_state, run_config, tokenizer, trainer_state,
+                         model_state=model_state)
         return publish(tmp, step, keep_last)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -345,6 +351,9 @@ class Checkpoint:
         per_rank = set(table_ckpt.sharded_tables(model))
         table_keys = {f"{name}.weight" for name in tables}
         whole = [name for name in tables if name not in per_rank]
+        if _holds_shards(model):  # FSDP: every rank reads its rows of each weight, nothing more
+            self._load_rows_into(model, per_rank, whole)
+            return
         with safe_open(str(self.path / "model.safetensors"), "pt") as f:
             keys = set(f.keys())
             state = {k: f.get_tensor(k) for k in keys if k not in table_keys}
@@ -358,6 +367,36 @@ class Checkpoint:
         if missing or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not fit the stored config: "
                                   f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+    def _load_rows_into(self, model: EngramLM, per_rank: set[str], whole: list[str]) -> None:
+        """``load_into`` for a model whose dense weights are FSDP shards: each rank reads its rows."""
+        from safetensors import safe_open
+
+        from engram.distributed.fsdp import load_full_state
+
+        reader = self.tables(list(model.named_tables())) if self.sharded and whole else None
+        skip = {f"{name}.weight" for name in per_rank}
+        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+
+            def read(name: str, start: int | None, stop: int | None):
+                if reader is not None and name[: -len(".weight")] in whole:
+                    return reader.read(name[: -len(".weight")], "weight", start or 0, stop)
+                if name not in keys:
+                    return None
+                return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
+
+            missing = load_full_state(model, read, skip)
+            unexpected = keys - set(model.state_dict())
+        if missing or unexpected:
+            raise CheckpointError(f"{self.path}/model.safetensors does not fit the stored config: "
+                                  f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def _holds_shards(model: EngramLM) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def open_checkpoint(path: str | os.PathLike, tokenizer=None, check_hashes: bool = True) -> Checkpoint:

@@ -376,14 +376,15 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
     torch.manual_seed(tc.seed)
     with torch.device("meta"):
         model = EngramLM(run.model, data.compressed, sparse_tables=True)
-    parallel = parallelize(model, device, init_tables=ckpt is None and init is None)
+    parallel = parallelize(model, device, init_tables=ckpt is None and init is None, strategy=tc.parallel)
     if init is not None:
         parallel.load_weights(init)
         if rt.is_main():
             print(f"[engram] starting from the weights of {init.path} (step {init.step}) with a new optimizer and "
                   "schedule", file=sys.stderr)
     model.train()
-    optimizers = Optimizers(model, tc, reduce_table_sq=parallel.table_squares_reduce)
+    optimizers = Optimizers(model, tc, reduce_table_sq=parallel.table_squares_reduce,
+                            reduce_dense_sq=parallel.dense_squares_reduce)
     state = TrainState(run=run, run_dir=run_dir, device=device, data=data, model=model, parallel=parallel,
                        optimizers=optimizers, step=0, last_checkpoint=ckpt_path)
     if ckpt is not None:

@@ -1,0 +1,198 @@
+"""FSDP2 placement (``train.parallel = "fsdp"``): the dense and expert weights, their gradients and their
+optimizer state sharded over the ranks with ``torch.distributed.fsdp.fully_shard``; the hashed tables
+row-sharded by the all_to_all lookup as under DDP (``engram.distributed.sharded``).
+
+Legend: W ranks, r this rank, n a parameter's first dimension, c = ceil(n / W) its rows per rank.
+
+Placement, from a model built on meta (nothing allocated) whose tables are already row-sharded:
+
+    for each block:  to_empty on the host (its table block only) -> reset its buffers -> initialise it
+                     (``EngramLM.init_block``, the same per-name streams as one process) -> move to the
+                     device -> fully_shard(block): the full weights are freed, the rank keeps rows
+                     [r c, (r+1) c) of every parameter (torch.chunk's split of dim 0)
+    the rest:        embedding, head, final norm, hashers (``EngramLM.init_top``) -> fully_shard(model)
+
+so a rank never holds more than one block's full weights (plus its own shards), and the values equal
+``EngramLM(config)`` under the same seed. The table parameters are on every ``fully_shard``'s
+``ignored_params``: FSDP never gathers them.
+
+Checkpoints keep the one-process layout: the dense weights and their optimizer state are gathered
+(``DTensor.full_tensor``, every rank in the same order) and rank 0 writes them as ``model.safetensors``
+and ``optimizer.pt``; table rows are written per rank as before. So a checkpoint written under FSDP
+loads in one process, under DDP or under FSDP on any number of ranks, and the other way round. Loading
+reads only this rank's rows of each dense weight (``safetensors`` slices), and its rows of every
+optimizer moment. Rank 0 holds the whole dense state on the host while it writes: a sharded dense
+format (``torch.distributed.checkpoint``) is not implemented.
+
+Traffic: ``TRAFFIC.allgather_bytes`` / ``reduce_scatter_bytes`` count the payload of FSDP's
+collectives (the gathered unit, the gradients reduced), measured by wrapping the two functions FSDP
+calls; a ring sends about (W-1)/W of each per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from engram.distributed.sharded import TRAFFIC, sharded_tables
+
+
+# -- which rows a rank holds ------------------------------------------------------------------------------
+def row_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [start, stop) of a dimension of n that rank ``rank`` of ``world`` holds: torch.chunk's split
+    (ceil(n / W) rows per rank, the last ranks fewer or none), which is FSDP2's Shard(0)."""
+    c = -(-n // world)
+    start = min(rank * c, n)
+    return start, min(start + c, n)
+
+
+def local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's piece of ``full`` for a DTensor sharded like ``like`` (Shard(0) over one mesh dim)."""
+    mesh = like.device_mesh
+    start, stop = row_range(full.shape[0], mesh.size(), mesh.get_local_rank())
+    return full[start:stop]
+
+
+# -- placement --------------------------------------------------------------------------------------------
+def _table_params(model: nn.Module) -> set[nn.Parameter]:
+    return {p for table in sharded_tables(model).values() for p in table.parameters()}
+
+
+def _reset_buffers(module: nn.Module) -> None:
+    for sub in module.modules():
+        if hasattr(sub, "reset_buffers"):
+            sub.reset_buffers()
+
+
+def shard_dense(model: nn.Module, device: torch.device, init_tables: bool = True) -> None:
+    """Materialise a meta-built ``EngramLM`` under FSDP2 block by block (module docstring): each rank
+    allocates its shards, one block's full weights at a time. The values are those of one process that
+    built the model under the same seed (the seed is drawn from torch's generator, as ``init_weights``
+    draws it)."""
+    from torch.distributed.fsdp import fully_shard
+
+    count_fsdp_traffic()
+    seed = model.draw_init_seed()
+    for i, block in enumerate(model.layers):
+        block.to_empty(device="cpu")  # new Parameter objects (meta -> cpu): collect the tables' after this
+        _reset_buffers(block)
+        model.init_block(i, seed, tables=init_tables)
+        block.to(device)
+        fully_shard(block, ignored_params=_table_params(block) or None)
+    for name, child in model.named_children():
+        if name != "layers":
+            child.to_empty(device="cpu")
+            _reset_buffers(child)
+    model.init_top(seed, tables=init_tables)
+    for name, child in model.named_children():
+        if name != "layers":
+            child.to(device)
+    fully_shard(model, ignored_params=_table_params(model) or None)
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+def gather_full(value):
+    """``value`` (a tensor or nested dicts/lists of them) with every DTensor gathered whole onto the host.
+    Collective: every rank calls it on structures of the same shape, in the same order."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if isinstance(value, dict):
+        return {k: gather_full(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(gather_full(v) for v in value)
+    return value
+
+
+def full_model_state(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded weight gathered whole, on the host (every rank calls)."""
+    return {k: gather_full(v.detach()).contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+
+
+@torch.no_grad()
+def load_full_state(model: nn.Module, read, skip: set[str] = frozenset()) -> list[str]:
+    """Fill ``model``'s state from a whole-model source: ``read(name, start, stop)`` returns rows
+    [start, stop) of the stored tensor ``name`` (all of it for None), or None when it is not stored.
+    A sharded weight reads only this rank's rows; ``skip`` names (row-sharded tables) are left alone.
+    Returns the names that were not stored."""
+    missing = []
+    for name, target in model.state_dict().items():
+        if name in skip:
+            continue
+        if isinstance(target, DTensor):
+            mesh = target.device_mesh
+            start, stop = row_range(target.shape[0], mesh.size(), mesh.get_local_rank())
+            rows = read(name, start, stop)
+            if rows is None:
+                missing.append(name)
+                continue
+            target.to_local().copy_(rows)
+        else:
+            value = read(name, None, None)
+            if value is None:
+                missing.append(name)
+                continue
+            target.copy_(value)
+    return missing
+
+
+@torch.no_grad()
+def shard_optimizer_moments(optimizers: list[torch.optim.Optimizer]) -> None:
+    """After ``load_state_dict`` of a whole-model optimizer state: every moment of a sharded parameter
+    (a tensor of the parameter's full shape) becomes this rank's DTensor shard, like the parameter."""
+    for opt in optimizers:
+        for param, state in opt.state.items():
+            if not isinstance(param, DTensor):
+                continue
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+                    local = local_part(value, param).to(param.to_local().device).contiguous()
+                    state[key] = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                                    shape=param.shape, stride=param.stride())
+
+
+# -- gradients ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module):
+    """Micro-batches before the last: FSDP keeps the unsharded gradients and reduce-scatters once."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def local_square_sum(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """Sum of squares of this rank's shards of sharded gradients (all-reduce it for the global norm)."""
+    parts = [g.to_local().float().square().sum() for g in grads]
+    return torch.stack(parts).sum() if parts else None
+
+
+# -- traffic --------------------------------------------------------------------------------------------------
+_COUNTING = False
+
+
+def count_fsdp_traffic() -> None:
+    """Wrap the two collectives FSDP2 calls (``dist.all_gather_single``, ``dist.reduce_scatter_single``)
+    so ``TRAFFIC`` counts their payload. Idempotent; the wrappers only add to counters."""
+    global _COUNTING
+    if _COUNTING:
+        return
+    _COUNTING = True
+    gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+
+    @functools.wraps(gather)
+    def counted_gather(output, input, *args, **kwargs):
+        TRAFFIC.allgather_bytes += output.numel() * output.element_size()
+        return gather(output, input, *args, **kwargs)
+
+    @functools.wraps(scatter)
+    def counted_scatter(output, input, *args, **kwargs):
+        TRAFFIC.reduce_scatter_bytes += input.numel() * input.element_size()
+        return scatter(output, input, *args, **kwargs)
+
+    dist.all_gather_single, dist.reduce_scatter_single = counted_gather, counted_scatter
