@@ -310,14 +310,60 @@ def prepare(args) -> int:
 
 
 def presets(args) -> int:
+    """Every preset's parameter counts, from the configs alone (nothing is built, so the paper-scale ones
+    print instantly); the paper presets beside Table 1's numbers, and the paper's allocation budgets."""
     from engram.model.accounting import count_parameters
-    from engram.presets import PRESETS, RUN_PRESETS, get_preset, get_run_preset
+    from engram.presets import PAPER_PRESETS, PAPER_TABLE_1, PRESETS, RUN_PRESETS, get_preset, get_run_preset
+    from engram.sweeps.budgets import BUDGETS, PAPER_BUDGETS
 
-    print(f"{'preset':<14} {'kind':<6} {'P_tot':>12} {'P_act':>12} {'Engram tables':>14}")
+    print(f"{'preset':<14} {'kind':<6} {'P_tot':>16} {'P_act':>14} {'Engram tables':>16}")
     for name in list(RUN_PRESETS) + list(PRESETS):
         c = count_parameters(get_run_preset(name).model if name in RUN_PRESETS else get_preset(name))
-        print(f"{name:<14} {'run' if name in RUN_PRESETS else 'model':<6} {c.total:>12,} {c.active:>12,} "
-              f"{c.engram_tables:>14,}")
+        print(f"{name:<14} {'run' if name in RUN_PRESETS else 'model':<6} {c.total:>16,} {c.active:>14,} "
+              f"{c.engram_tables:>16,}")
+    print("\npaper scale (Table 1 counts P_tot with the embedding and the head, P_act with the head; "
+          "inferred values: engram.presets)")
+    print(f"{'preset':<14} {'P_tot':>16} {'Table 1':>8} {'P_act':>14} {'Table 1':>8} {'Engram tables':>16} "
+          f"{'Table 1':>8}")
+    for name in PAPER_PRESETS:
+        c, paper = count_parameters(get_preset(name)), PAPER_TABLE_1[name]
+        engram = f"{paper['engram']}B" if paper["engram"] else "-"
+        print(f"{name:<14} {c.paper_total:>16,} {paper['total']:>7}B {c.paper_active:>14,} {paper['active']:>7}B "
+              f"{c.engram_tables:>16,} {engram:>8}")
+    print("\nthe paper's allocation budgets at rho = 1 (SPEC §4 counts: no embedding, no head)")
+    print(f"{'budget':<14} {'P_tot':>16} {'paper':>8} {'P_act':>14} {'paper':>8} {'experts':>8} {'paper':>6}")
+    for name, (_, total, active, experts) in PAPER_BUDGETS.items():
+        base = BUDGETS[name].base_run().model
+        c = count_parameters(base)
+        print(f"{name:<14} {c.total:>16,} {total / 1e9:>7}B {c.active:>14,} {active / 1e6:>7g}M "
+              f"{base.backbone.moe.n_routed_experts:>8} {experts:>6}")
+    return 0
+
+
+def plan_flags(p) -> None:
+    add_preset(p, "engram-27b")
+    p.add_argument("--world-size", type=positive_int, required=True, metavar="W", help="ranks (GPUs) to plan for")
+    p.add_argument("--strategy", choices=["fsdp", "ddp"], default=None,
+                   help="how the dense part is placed (default: the preset's train.parallel)")
+    p.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
+                   help="dense optimizer (default: the preset's train.optimizer)")
+    p.add_argument("--json", action="store_true", help="every rank's numbers as JSON (bytes)")
+
+
+def plan(args) -> int:
+    """Per-rank memory of a preset trained on W ranks, from its config alone (the model is built on meta)."""
+    from engram.distributed.plan import format_plan, memory_plan
+    from engram.presets import PAPER_PRESETS, PRESETS, get_preset
+
+    run = _run_config(args)
+    model = run.model
+    if model.unresolved() and args.preset in {**PRESETS, **PAPER_PRESETS}:  # the preset's values stand for its data
+        base = get_preset(args.preset)
+        tables = base.engram or base.overencoding
+        model = model.with_data(base.backbone.vocab_size, tables.pad_id if tables else 0)
+    result = memory_plan(model, args.world_size, args.strategy or run.train.parallel,
+                         args.optimizer or run.train.optimizer, run.train.tokens_per_step)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result, args.preset))
     return 0
 
 
@@ -423,4 +469,6 @@ COMMANDS = (
                      "plots and tables", sweep_flags, sweep),
     INSPECT,
     Command("presets", "list presets with their parameter counts", run=presets),
+    Command("plan", "per-rank memory (parameters, gradients, optimizer state) of a preset on W ranks, before renting "
+                    "them", plan_flags, plan),
 )

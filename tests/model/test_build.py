@@ -14,7 +14,7 @@ from engram.config import ModelConfig, OverEncodingConfig
 from engram.model import tables as tables_module
 from engram.model.tables import INIT_BLOCK_ROWS, MultiHeadEmbedding, normal_rows_
 from engram.model.transformer import EngramLM
-from engram.presets import PRESETS, RUN_PRESETS, get_preset, get_run_preset
+from engram.presets import PAPER_PRESETS, PRESETS, RUN_PRESETS, get_preset, get_run_preset
 from engram.tokenizer import CompressedTokenizer
 
 
@@ -56,18 +56,19 @@ def test_meta_build_then_init_equals_a_direct_build(name):
 
 
 def test_every_shipped_configuration_builds_on_meta_without_allocating():
-    """The presets and every model of the shipped sweep budgets (up to 8.6B table parameters)."""
+    """The presets (the paper-scale ones too) and every model of the shipped sweep budgets (up to 18.5B
+    table parameters)."""
     from engram.model.accounting import count_parameters
     from engram.sweeps.allocation import allocation_grid, with_rows_per_head
     from engram.sweeps.budgets import BUDGETS
 
-    configs = [get_preset(n) for n in PRESETS] + [get_run_preset(n).model for n in RUN_PRESETS]
+    configs = [get_preset(n) for n in list(PRESETS) + list(PAPER_PRESETS)] + [get_run_preset(n).model for n in RUN_PRESETS]
     for budget in BUDGETS.values():
         base, template = budget.base_run().model, budget.engram_template()
         configs += [p.config for p in allocation_grid(base, template, budget.rhos)]
         configs.append(ModelConfig(backbone=base.backbone, engram=with_rows_per_head(template, max(budget.memory_rows))))
-    largest = max(configs, key=lambda c: count_parameters(c).total)
-    assert count_parameters(largest).engram_tables > 8e9
+    largest = max(configs, key=lambda c: count_parameters(c).engram_tables)
+    assert count_parameters(largest).engram_tables > 18e9
     for config in configs:
         with torch.device("meta"):
             model = EngramLM(config)
