@@ -137,7 +137,7 @@ class PlainResidual(nn.Module):
     def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """x: (B, T, 1, D); fn: (B, T, D) -> (B, T, D). Returns (B, T, 1, D)."""
         h = x.squeeze(2)  # (B, T, D)
-        return (h + fn(h)).unsqueeze(2)  # (B, T, 1, D)
+        return x + fn(h).unsqueeze(2)  # (B, T, 1, D), a new tensor (not a view: FSDP2 hooks block outputs)
 
 
 def make_residual(dim: int, hc_mult: int, sinkhorn_iters: int, eps: float) -> nn.Module:
