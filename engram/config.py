@@ -410,12 +410,19 @@ class BackboneConfig(_Serialisable):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         _pos_int(c, "n_kv_heads", self.n_kv_heads)
-        _require(self.d_model % self.n_heads == 0, c, "d_model",
-                 f"must be divisible by n_heads={self.n_heads}, got {self.d_model}")
-        _require((self.d_model // self.n_heads) % 2 == 0, c, "d_model",
-                 f"head width d_model/n_heads must be even for RoPE, got {self.d_model // self.n_heads}")
-        _require(self.n_heads % self.n_kv_heads == 0, c, "n_kv_heads",
-                 f"must divide n_heads={self.n_heads} (grouped-query attention), got {self.n_kv_heads}")
+        if isinstance(self.mla, dict):
+            self.mla = MLAConfig.from_dict(self.mla)
+        if self.mla is None:  # MLA's head widths are its own (MLAConfig), and it has no grouped heads
+            _require(self.d_model % self.n_heads == 0, c, "d_model",
+                     f"must be divisible by n_heads={self.n_heads}, got {self.d_model}")
+            _require((self.d_model // self.n_heads) % 2 == 0, c, "d_model",
+                     f"head width d_model/n_heads must be even for RoPE, got {self.d_model // self.n_heads}")
+            _require(self.n_heads % self.n_kv_heads == 0, c, "n_kv_heads",
+                     f"must divide n_heads={self.n_heads} (grouped-query attention), got {self.n_kv_heads}")
+        else:
+            _require(self.n_kv_heads == self.n_heads, c, "n_kv_heads",
+                     f"must equal n_heads={self.n_heads} (or be unset) with MLA, whose keys and values come from one "
+                     f"latent per token, got {self.n_kv_heads}")
         _pos_int(c, "ffn_hidden", self.ffn_hidden)
         _pos_int(c, "max_seq_len", self.max_seq_len)
         _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0, c, "rope_theta",
@@ -424,8 +431,6 @@ class BackboneConfig(_Serialisable):
                  f"must be > 0, got {self.norm_eps!r}")
         _pos_int(c, "hc_mult", self.hc_mult)
         _pos_int(c, "hc_sinkhorn_iters", self.hc_sinkhorn_iters)
-        if isinstance(self.mla, dict):
-            self.mla = MLAConfig.from_dict(self.mla)
         _require(self.mla is None or isinstance(self.mla, MLAConfig), c, "mla",
                  f"must be an MLAConfig or None, got {type(self.mla).__name__}")
         if isinstance(self.moe, dict):

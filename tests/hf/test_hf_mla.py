@@ -25,7 +25,7 @@ def models():
     config = get_preset("tiny-engram")
     mla = MLAConfig(q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
     config = dataclasses.replace(config, backbone=dataclasses.replace(
-        config.backbone, mla=mla, rope_scaling=YarnConfig(factor=4.0, original_max_seq_len=8)))
+        config.backbone, mla=mla, n_kv_heads=None, rope_scaling=YarnConfig(factor=4.0, original_max_seq_len=8)))
     torch.manual_seed(0)
     model = EngramLM(config).eval()
     roughen_decode_state(model)

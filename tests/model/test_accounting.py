@@ -37,9 +37,11 @@ CONFIGS["G1-4gram-overencoding"] = ModelConfig(backbone=_G1.backbone, engram=_G1
 CONFIGS["G2-overencoding-only"] = ModelConfig(backbone=_TINY.backbone, overencoding=dataclasses.replace(
     _OE, engram_vocab_size=[101, 103], max_ngram_size=3, n_embed_per_ngram=64, n_head_per_ngram=4))
 _MLA = MLAConfig(q_lora_rank=0, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
-CONFIGS["mla-dense"] = ModelConfig(backbone=dataclasses.replace(get_preset("tiny-dense").backbone, mla=_MLA))
+CONFIGS["mla-dense"] = ModelConfig(backbone=dataclasses.replace(get_preset("tiny-dense").backbone, mla=_MLA,
+                                                                n_kv_heads=None))
 CONFIGS["G1-4gram-mla-low-rank-query"] = ModelConfig(
-    backbone=dataclasses.replace(_G1.backbone, mla=dataclasses.replace(_MLA, q_lora_rank=20)), engram=_G1.engram)
+    backbone=dataclasses.replace(_G1.backbone, mla=dataclasses.replace(_MLA, q_lora_rank=20), n_kv_heads=None),
+    engram=_G1.engram)
 
 
 def _classify(model: EngramLM) -> dict[str, int]:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from support import assert_causal, decode_error, roughen_decode_state
+from support import assert_causal, assert_greedy_matches_recomputing, decode_error, roughen_decode_state
 from engram.config import BackboneConfig, MLAConfig, ModelConfig, YarnConfig
-from engram.infer import generate_batch
 from engram.model.attention import MLA, attention_params
 from engram.model.layers import RotaryEmbedding, yarn_frequencies
 from engram.model.transformer import EngramLM
@@ -24,7 +23,8 @@ YARN = YarnConfig(factor=4.0, original_max_seq_len=8)  # the test sequences run 
 
 def mla_config(name: str, mla: MLAConfig = MLA_Q0, G: int | None = None, yarn: YarnConfig | None = None) -> ModelConfig:
     config = get_preset(name)
-    bb = dataclasses.replace(config.backbone, mla=mla, rope_scaling=yarn, **({} if G is None else {"hc_mult": G}))
+    bb = dataclasses.replace(config.backbone, mla=mla, rope_scaling=yarn, n_kv_heads=None,  # MLA: no grouped heads
+                             **({} if G is None else {"hc_mult": G}))
     return dataclasses.replace(config, backbone=bb)
 
 
@@ -44,6 +44,14 @@ def build(config: ModelConfig) -> EngramLM:
     model = EngramLM(config).eval()
     roughen_decode_state(model)
     return model
+
+
+def test_mla_config_refuses_grouped_heads_and_ignores_the_head_width():
+    with pytest.raises(ValueError, match="n_kv_heads: must equal n_heads=4"):
+        BackboneConfig(d_model=64, n_heads=4, n_kv_heads=2, mla=MLA_Q0)
+    bb = BackboneConfig(vocab_size=100, d_model=60, n_heads=4, ffn_hidden=32, mla=MLA_Q0)  # 60 / 4 = 15: odd
+    assert bb.n_kv_heads == 4 and bb.rope_dim == MLA_Q0.qk_rope_head_dim
+    assert EngramLM(ModelConfig(backbone=bb))(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)
 
 
 @pytest.mark.parametrize("mla, query", [(MLA_Q0, {"wq"}), (MLA_Q, {"wq_a", "q_norm", "wq_b"})])
@@ -121,15 +129,7 @@ def test_the_cache_holds_the_latent_and_the_rope_key():
 
 @pytest.mark.parametrize("name", ["engram-G2-yarn", "moe-G1"])
 def test_greedy_generation_matches_recomputing_the_prefix(name):
-    model = build(CASES[name])
-    prompts = [[5, 17, 99, 4], [300], [8, 9, 10, 11, 12, 13, 14, 15]]
-    cached = generate_batch(model, prompts, 10, temperature=0.0)
-    for prompt, out in zip(prompts, cached):
-        seq = list(prompt)
-        with torch.no_grad():
-            for _ in range(10):
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert out == seq[len(prompt):]
+    assert_greedy_matches_recomputing(build(CASES[name]))
 
 
 def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
