@@ -238,14 +238,17 @@ def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: 
     return final
 
 
-def restore_sharded(checkpoint, model, optimizers) -> dict:
+def restore_sharded(checkpoint, model, optimizers, prepare=None) -> dict:
     """Fill ``model``'s sharded tables with this rank's rows of ``checkpoint`` (a
     ``engram.train.checkpoint.Checkpoint``, written by any number of ranks) and ``optimizers`` with the
     optimizer state cut to this rank's rows; the dense weights come from ``checkpoint.load_into``.
-    Returns the optimizer state as loaded (it holds ``torch_rng``)."""
+    ``prepare(state)``, when given, transforms the state before it is loaded. Returns the optimizer state
+    as loaded (it holds ``torch_rng``)."""
     tables = sharded_tables(model)
     reader = checkpoint.tables(list(model.named_tables()))
     load_shards(reader, tables)
     state = shard_optimizer_state(reader, tables, checkpoint.stored_optimizer_state())
+    if prepare is not None:  # FSDP: the dense moments cut to this rank's shards too
+        state = prepare(state)
     optimizers.load_state_dict(state)
     return state

@@ -16,13 +16,18 @@ so a rank never holds more than one block's full weights (plus its own shards), 
 ``EngramLM(config)`` under the same seed. The table parameters are on every ``fully_shard``'s
 ``ignored_params``: FSDP never gathers them.
 
-Checkpoints keep the one-process layout: the dense weights and their optimizer state are gathered
-(``DTensor.full_tensor``, every rank in the same order) and rank 0 writes them as ``model.safetensors``
-and ``optimizer.pt``; table rows are written per rank as before. So a checkpoint written under FSDP
-loads in one process, under DDP or under FSDP on any number of ranks, and the other way round. Loading
-reads only this rank's rows of each dense weight (``safetensors`` slices), and its rows of every
-optimizer moment. Rank 0 holds the whole dense state on the host while it writes: a sharded dense
-format (``torch.distributed.checkpoint``) is not implemented.
+Checkpoints keep the one-process layout: the dense weights and their optimizer state are gathered one
+tensor at a time (``DTensor.full_tensor``, every rank in the same order; the other ranks drop each at
+once) and rank 0 writes them as ``model.safetensors`` and ``optimizer.pt``; table rows are written per
+rank as before. So a checkpoint written under FSDP loads in one process, under DDP or under FSDP on any
+number of ranks, and the other way round. Loading reads only this rank's rows of each dense weight
+(``safetensors`` slices) and copies only its rows of every optimizer moment out of the memory-mapped
+``optimizer.pt``. Rank 0 holds the whole dense state on the host while it writes: a sharded dense format
+(``torch.distributed.checkpoint``) is not implemented.
+
+Gradient accumulation: every micro-batch reduce-scatters its gradients into the shards. (FSDP2 can skip
+the sync until the last micro-batch, but it then keeps every unit's whole gradient on every rank, as
+large as the dense model.)
 
 Traffic: ``TRAFFIC.allgather_bytes`` / ``reduce_scatter_bytes`` count the payload of FSDP's
 collectives (the gathered unit, the gradients reduced), measured by wrapping the two functions FSDP
@@ -31,7 +36,6 @@ calls; a ring sends about (W-1)/W of each per rank.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -74,16 +78,18 @@ def shard_dense(model: nn.Module, device: torch.device, init_tables: bool = True
     allocates its shards, one block's full weights at a time. The values are those of one process that
     built the model under the same seed (the seed is drawn from torch's generator, as ``init_weights``
     draws it)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     count_fsdp_traffic()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))  # the run's device, not the host's accelerator
     seed = model.draw_init_seed()
     for i, block in enumerate(model.layers):
         block.to_empty(device="cpu")  # new Parameter objects (meta -> cpu): collect the tables' after this
         _reset_buffers(block)
         model.init_block(i, seed, tables=init_tables)
         block.to(device)
-        fully_shard(block, ignored_params=_table_params(block) or None)
+        fully_shard(block, mesh=mesh, ignored_params=_table_params(block) or None)
     for name, child in model.named_children():
         if name != "layers":
             child.to_empty(device="cpu")
@@ -92,25 +98,36 @@ def shard_dense(model: nn.Module, device: torch.device, init_tables: bool = True
     for name, child in model.named_children():
         if name != "layers":
             child.to(device)
-    fully_shard(model, ignored_params=_table_params(model) or None)
+    fully_shard(model, mesh=mesh, ignored_params=_table_params(model) or None)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
-def gather_full(value):
+def gather_full(value, keep: bool = True):
     """``value`` (a tensor or nested dicts/lists of them) with every DTensor gathered whole onto the host.
-    Collective: every rank calls it on structures of the same shape, in the same order."""
+    Collective: every rank calls it on structures of the same shape, in the same order. ``keep=False``
+    (every rank but the writer) drops each gathered tensor at once (None in its place), so a rank holds
+    at most one whole tensor at a time."""
     if isinstance(value, DTensor):
-        return value.full_tensor().cpu()
+        full = value.full_tensor()
+        return full.cpu() if keep else None
     if isinstance(value, dict):
-        return {k: gather_full(v) for k, v in value.items()}
+        return {k: gather_full(v, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(gather_full(v) for v in value)
+        return type(value)(gather_full(v, keep) for v in value)
     return value
 
 
-def full_model_state(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The model's state dict with every sharded weight gathered whole, on the host (every rank calls)."""
-    return {k: gather_full(v.detach()).contiguous().cpu() for k, v in model.state_dict().items() if k not in skip}
+def full_model_state(model: nn.Module, skip: set[str] = frozenset(), keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state dict with every sharded weight gathered whole, on the host (every rank calls;
+    ``keep=False`` on the ranks that do not write, which then return an empty dict)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        if k in skip:
+            continue
+        full = gather_full(v.detach(), keep)
+        if keep:
+            state[k] = full.contiguous().cpu()
+    return state
 
 
 @torch.no_grad()
@@ -141,31 +158,36 @@ def load_full_state(model: nn.Module, read, skip: set[str] = frozenset()) -> lis
 
 
 @torch.no_grad()
-def shard_optimizer_moments(optimizers: list[torch.optim.Optimizer]) -> None:
-    """After ``load_state_dict`` of a whole-model optimizer state: every moment of a sharded parameter
-    (a tensor of the parameter's full shape) becomes this rank's DTensor shard, like the parameter."""
-    for opt in optimizers:
-        for param, state in opt.state.items():
-            if not isinstance(param, DTensor):
-                continue
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == param.shape:
-                    local = local_part(value, param).to(param.to_local().device).contiguous()
-                    state[key] = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                                    shape=param.shape, stride=param.stride())
+def shard_optimizer_state(optimizers, state: dict) -> dict:
+    """A whole-model optimizer state (``Optimizers.state_dict()`` as one process or a gathering save
+    wrote it) with every moment of a sharded parameter cut to this rank's rows, as a DTensor like the
+    parameter: what ``Optimizers.load_state_dict`` takes under FSDP. Only this rank's rows are copied
+    (the stored file is memory-mapped), so no rank materialises the whole moments."""
+    out = dict(state)
+    for key in ("dense", "matrices"):  # the torch optimizers over dense parameters
+        opt, stored = getattr(optimizers, key, None), state.get(key)
+        if opt is None or stored is None:
+            continue
+        params = [p for group in opt.param_groups for p in group["params"]]
+        entries = {}
+        for index, entry in stored["state"].items():
+            param = params[int(index)]
+            if isinstance(param, DTensor):
+                entry = {name: _shard_like(value, param) for name, value in entry.items()}
+            entries[index] = entry
+        out[key] = {**stored, "state": entries}
+    return out
+
+
+def _shard_like(value, param: DTensor):
+    if not isinstance(value, torch.Tensor) or isinstance(value, DTensor) or value.shape != param.shape:
+        return value  # step counters and the like
+    local = local_part(value, param).to(param.to_local().device).clone()
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
 
 
 # -- gradients ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_gradient_sync(model: nn.Module):
-    """Micro-batches before the last: FSDP keeps the unsharded gradients and reduce-scatters once."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
 def local_square_sum(grads: list[torch.Tensor]) -> torch.Tensor | None:
     """Sum of squares of this rank's shards of sharded gradients (all-reduce it for the global norm)."""
     parts = [g.to_local().float().square().sum() for g in grads]

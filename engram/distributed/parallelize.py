@@ -65,12 +65,8 @@ class Parallel:
 
     def no_sync(self, last_micro_batch: bool):
         """DDP all-reduces the dense gradients once per step: after the last micro-batch only."""
-        if last_micro_batch or not self.distributed:
+        if last_micro_batch or not self.distributed or self.fsdp:  # FSDP: every micro-batch (fsdp.py)
             return contextlib.nullcontext()
-        if self.fsdp:
-            from engram.distributed.fsdp import no_gradient_sync
-
-            return no_gradient_sync(self.model)
         return self.net.no_sync()
 
     @property
@@ -141,8 +137,9 @@ class Parallel:
             from engram.distributed.fsdp import full_model_state, gather_full
 
             skip = {f"{name}.weight" for name in sharded_tables(self.model)}
-            model_state = full_model_state(self.model, skip)
-            optimizer_state = {k: (v if k == "tables" else gather_full(v)) for k, v in optimizer_state.items()}
+            model_state = full_model_state(self.model, skip, keep=self.is_main)
+            optimizer_state = {k: (v if k == "tables" else gather_full(v, keep=self.is_main))
+                               for k, v in optimizer_state.items()}
             return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
                                 keep_last, model_state=model_state if self.is_main else None)
         if self.distributed:
@@ -167,17 +164,17 @@ class Parallel:
         weights (this rank's rows of sharded tables) and optimizer state; returns the optimizer state
         as loaded (it holds ``torch_rng``)."""
         checkpoint.load_into(self.model)
+        prepare = None
+        if self.fsdp:  # the stored whole-model moments, cut to this rank's shards before loading
+            from engram.distributed.fsdp import shard_optimizer_state
+
+            def prepare(state):
+                return shard_optimizer_state(optimizers, state)
         if self.tables_sharded:
-            state = restore_sharded(checkpoint, self.model, optimizers)
-        else:
-            from engram.train.checkpoint import restore_training_state
+            return restore_sharded(checkpoint, self.model, optimizers, prepare)
+        from engram.train.checkpoint import restore_training_state
 
-            state = restore_training_state(checkpoint, self.model, optimizers)
-        if self.fsdp:  # the whole-model moments loaded above become this rank's shards
-            from engram.distributed.fsdp import shard_optimizer_moments
-
-            shard_optimizer_moments(optimizers.all)
-        return state
+        return restore_training_state(checkpoint, self.model, optimizers, prepare)
 
 
 def materialise(model: nn.Module, device: torch.device, init_tables: bool = True) -> nn.Module:
@@ -205,14 +202,14 @@ def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True
     if not rt.is_distributed():
         return Parallel(materialise(model, device, init_tables), device, strategy=strategy)
     rt.check_backend(device)
+    if strategy == "fsdp" and not any(p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("parallelize(strategy='fsdp') places a model built on meta (with "
+                         "torch.device('meta'): EngramLM(...)), so no rank holds more than its shards")
     if model.named_tables():
         shard_tables(model)
     if strategy == "fsdp":
         from engram.distributed.fsdp import shard_dense
 
-        if not any(p.device.type == "meta" for p in model.parameters()):
-            raise ValueError("parallelize(strategy='fsdp') places a model built on meta (with "
-                             "torch.device('meta'): EngramLM(...)), so no rank holds more than its shards")
         shard_dense(model, device, init_tables)
         return Parallel(model, device, strategy="fsdp")
     materialise(model, device, init_tables)

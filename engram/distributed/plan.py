@@ -22,9 +22,11 @@ FSDP2 splits dim 0, so a stack of E experts on W > E ranks leaves ranks E.. with
 optimizer state is smaller, their padded parameters are not.
 | dense, DDP           | every parameter, whole      | whole (+ DDP's buckets, as big)   | whole                       |
 
-FSDP also gathers one unit (a block, or the embedding and head) whole for its forward and backward:
-``gathered_unit`` is the largest unit's full weights, what a rank holds on top of its shards at a time
-(FSDP may prefetch the next unit as well). Activations are not planned.
+FSDP also gathers units whole for their forward and backward. ``gathered_unit`` estimates the peak a
+rank holds on top of its shards: the root unit (embedding, head, final norm, which FSDP2 keeps
+gathered from forward to backward) plus three of the largest block (the one computing, the next one
+prefetched, and the computing one's whole gradient before its reduce-scatter). DDP's line is its
+gradient buckets, as large as the gradients. Activations are not planned.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class RankMemory:
     dense_params: int
     dense_grads: int
     dense_optimizer: int
-    gathered_unit: int  # FSDP: the largest unit gathered whole (transient); DDP: its gradient buckets
+    gathered_unit: int  # FSDP: root + 3 x the largest block, gathered (transient estimate); DDP: gradient buckets
 
     @property
     def total(self) -> int:
@@ -124,7 +126,8 @@ def memory_plan(config: ModelConfig, world: int, strategy: str = "fsdp", optimiz
                 d_params += n * rest * BYTES
                 d_opt += moments * n * rest * BYTES
         fsdp = strategy == "fsdp" and world > 1
-        transient = max(units.values()) if fsdp else (d_params if world > 1 else 0)
+        blocks = [b for unit, b in units.items() if unit != "root"]
+        transient = units.get("root", 0) + 3 * max(blocks, default=0) if fsdp else (d_params if world > 1 else 0)
         ranks.append(RankMemory(rank=r, table_params=t_params, table_grads=t_grads, table_optimizer=t_opt,
                                 dense_params=d_params, dense_grads=d_params, dense_optimizer=d_opt,
                                 gathered_unit=transient))
@@ -138,7 +141,7 @@ def format_plan(plan: MemoryPlan, name: str = "") -> str:
     first, last = plan.ranks[0], plan.ranks[-1]
     shown = [first] + ([last] if dataclasses.replace(last, rank=0) != first else [])
     unit, scale = ("GiB", 2**30) if first.total >= 2**30 else ("MiB", 2**20)
-    extra = "largest FSDP unit, gathered (transient)" if plan.strategy == "fsdp" and plan.world > 1 else \
+    extra = "FSDP gathered units (transient, est.)" if plan.strategy == "fsdp" and plan.world > 1 else \
         "DDP gradient buckets" if plan.world > 1 else "(single process)"
     lines = [f"{name + ': ' if name else ''}{plan.world} rank(s), {plan.strategy.upper()}, {plan.optimizer} "
              f"(tables: row-sharded, SparseAdam), fp32, {unit} per rank, activations not included"]

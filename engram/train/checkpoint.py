@@ -309,7 +309,9 @@ class Checkpoint:
     def stored_optimizer_state(self) -> dict:
         """``optimizer.pt`` as written: without table moments when the checkpoint is sharded."""
         if self._optimizer_state is None:
-            self._optimizer_state = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True)
+            # memory-mapped: a rank of many copies only the rows it holds (engram.distributed.fsdp)
+            self._optimizer_state = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True,
+                                               mmap=True)
         return self._optimizer_state
 
     def optimizer_state(self) -> dict:
@@ -446,7 +448,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return ckpt
 
 
-def restore_training_state(ckpt: Checkpoint, model: EngramLM, optimizers) -> dict:
+def restore_training_state(ckpt: Checkpoint, model: EngramLM, optimizers, prepare=None) -> dict:
     """Put ``ckpt``'s optimizer state into ``optimizers`` (the model's weights are already loaded);
     returns it as loaded (it holds ``torch_rng``). A model with sharded tables restores through
     ``engram.distributed.checkpoint.restore_sharded``."""
@@ -454,5 +456,7 @@ def restore_training_state(ckpt: Checkpoint, model: EngramLM, optimizers) -> dic
         raise CheckpointError("the model's tables are sharded over ranks: restore with "
                               "engram.distributed.checkpoint.restore_sharded")
     state = ckpt.optimizer_state()
+    if prepare is not None:  # e.g. FSDP: moments cut to this rank's shards
+        state = prepare(state)
     optimizers.load_state_dict(state)
     return state
