@@ -81,6 +81,21 @@ def decode_error(model, chunk: int, lengths=(7, 1, 13), new: int = 12, vocab_siz
     return worst
 
 
+def assert_greedy_matches_recomputing(model, new: int = 10) -> None:
+    """Cached greedy generation of three prompts of different lengths equals taking the argmax of one
+    full forward of the whole prefix at every step."""
+    from engram.infer import generate_batch
+
+    prompts = [[5, 17, 99, 4], [300], [8, 9, 10, 11, 12, 13, 14, 15]]
+    cached = generate_batch(model, prompts, new, temperature=0.0)
+    for prompt, out in zip(prompts, cached):
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(new):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert out == seq[len(prompt):]
+
+
 def train_step(model, vocab_size: int, lr: float = 1e-2) -> dict[str, torch.Tensor]:
     """Forward + backward + one step of the project's optimizers; returns the parameters before it."""
     from engram.train.optim import Optimizers
@@ -124,6 +139,24 @@ def tiny_run(corpus_dir, cache_dir, out_dir, **train) -> RunConfig:
     return RunConfig(model=get_preset("tiny-engram").without_data(),
                      data=DataConfig(source=str(corpus_dir), vocab_size=300, val_fraction=0.2, cache_dir=str(cache_dir)),
                      train=TrainConfig(**settings))
+
+
+def train_one_process(run: RunConfig, out_dir) -> dict:
+    """``train`` in this process: each step's loss and gradient norm, and the final evaluation."""
+    from engram.train import train
+
+    steps = []
+    result = train(run, out_dir=out_dir, progress=False,
+                   on_step=lambda step, m: steps.append({k: m[k] for k in ("step", "loss", "grad_norm")}))
+    return {"steps": steps, "final_eval": result.final_eval}
+
+
+def train_on_ranks(world: int, worker, run: RunConfig, out_dir, record) -> dict:
+    """``worker(run_dict, out_dir, record)`` on ``world`` spawned ranks; returns the JSON rank 0 wrote."""
+    import json
+
+    spawn_group(world, worker, run.to_dict(), str(out_dir), str(record))
+    return json.loads(record.read_text())
 
 
 def spawn_group(world: int, fn, *args, backend: str = "gloo") -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from support import spawn_group, tiny_run
+from support import spawn_group, tiny_run, train_on_ranks, train_one_process
 from engram.config import RunConfig
 from engram.train import load_checkpoint, train
 
@@ -63,15 +63,11 @@ def _train_worker(run: dict, out_dir: str, record: str) -> None:
 
 
 def _run_ranks(world: int, run, out_dir, record) -> dict:
-    spawn_group(world, _train_worker, run.to_dict(), str(out_dir), str(record))
-    return json.loads(record.read_text())
+    return train_on_ranks(world, _train_worker, run, out_dir, record)
 
 
 def _run_one(run, out_dir) -> dict:
-    steps = []
-    result = train(run, out_dir=out_dir, progress=False,
-                   on_step=lambda step, m: steps.append({k: m[k] for k in ("step", "loss", "grad_norm")}))
-    return {"steps": steps, "final_eval": result.final_eval}
+    return train_one_process(run, out_dir)
 
 
 def _assert_same_steps(got: list[dict], want: list[dict], tol: float = TOL) -> None:

@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from support import assert_greedy_matches_recomputing, decode_error
+
 from engram.config import ModelConfig, OverEncodingConfig
-from engram.infer import generate, generate_batch, left_pad, sample_next
+from engram.infer import generate, left_pad, sample_next
 from engram.model.transformer import EngramLM
 from engram.presets import get_preset
 
@@ -56,46 +58,16 @@ def build(config: ModelConfig) -> EngramLM:
     return model
 
 
-def reference_logits(model, sequence):
-    with torch.no_grad():
-        return model(torch.tensor([sequence])).logits[0]  # (T, V)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_decode_equals_full_forward(name, chunk):
-    model = build(CASES[name])
-    gen = torch.Generator().manual_seed(1)
-    lengths, new = [7, 1, 13], 12  # one prompt shorter than the n-gram and conv lookbacks
-    sequences = [torch.randint(3, 512, (n + new,), generator=gen).tolist() for n in lengths]
-    ids, starts = left_pad([s[:n] for s, n in zip(sequences, lengths)], pad_id=2)
-    cache = model.new_cache(starts, ids.shape[1] + new)
-    with torch.no_grad():
-        prefill = model(ids, cache=cache).logits  # (B, T0, V)
-        steps = []
-        for s in range(0, new, chunk):
-            block = torch.tensor([seq[n + s: n + min(s + chunk, new)] for seq, n in zip(sequences, lengths)])
-            steps.append(model(block, cache=cache).logits)
-    decoded = torch.cat(steps, dim=1)  # (B, new, V)
-    worst = 0.0
-    for b, (seq, n) in enumerate(zip(sequences, lengths)):
-        ref = reference_logits(model, seq)
-        worst = max(worst, (prefill[b, ids.shape[1] - n:] - ref[:n]).abs().max().item())
-        # decoded[:, s] is the prediction after feeding token n+s, i.e. the full forward's position n+s
-        worst = max(worst, (decoded[b] - ref[n: n + new]).abs().max().item())
+    worst = decode_error(build(CASES[name]), chunk)  # left-padded prompts, one shorter than the lookbacks
     assert worst <= 1e-5, worst
 
 
 @pytest.mark.parametrize("name", ["engram-G2", "moe", "engram-v41-G1-barriers"])
 def test_greedy_generation_matches_recomputing_the_prefix(name):
-    model = build(CASES[name])
-    prompts = [[5, 17, 99, 4], [300], [8, 9, 10, 11, 12, 13, 14, 15]]
-    cached = generate_batch(model, prompts, 10, temperature=0.0)
-    for prompt, out in zip(prompts, cached):
-        seq = list(prompt)
-        for _ in range(10):
-            seq.append(int(reference_logits(model, seq)[-1].argmax()))
-        assert out == seq[len(prompt):]
+    assert_greedy_matches_recomputing(build(CASES[name]))
 
 
 def test_stop_ids_and_streaming():
