@@ -344,6 +344,8 @@ class MLAConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         c = "MLAConfig"
+        if self.q_lora_rank is None:  # DeepSeek's configs write null for "no low-rank query"
+            self.q_lora_rank = 0
         _pos_int(c, "q_lora_rank", self.q_lora_rank, minimum=0)
         for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             _pos_int(c, name, getattr(self, name))

@@ -402,7 +402,9 @@ def _announce(state: TrainState, counts: dict) -> None:
           + f"; {tc.tokens_per_step:,} tokens/step, "
           f"{tc.max_steps} steps, device {state.device}" + (f", resuming at step {state.step}" if state.step else "")
           + (f"; {par.world} ranks ({tc.batch_size // par.world} rows each)" if par.distributed else "")
-          + (", tables sharded by rows" if par.tables_sharded else ""),
+          + (", tables sharded by rows" if par.tables_sharded else "")
+          + (", dense weights sharded by FSDP2" if par.fsdp else ", dense weights replicated (DDP)" if par.distributed
+             else "") + (", Muon for the matrices" if tc.optimizer == "muon" else ""),
           file=sys.stderr)
 
 

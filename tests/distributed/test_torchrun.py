@@ -5,14 +5,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from engram.train import load_checkpoint
 
 
-def test_torchrun_trains_with_sharded_tables(corpus_dir, cache_dir, tmp_path):
+@pytest.mark.parametrize("parallel, placement", [("ddp", "dense weights replicated (DDP)"),
+                                                 ("fsdp", "dense weights sharded by FSDP2")])
+def test_torchrun_trains_with_sharded_tables(corpus_dir, cache_dir, tmp_path, parallel, placement):
     out = tmp_path / "run"
     flags = [f"data.source={corpus_dir}", "data.vocab_size=300", "data.val_fraction=0.2", f"data.cache_dir={cache_dir}",
              "train.max_steps=3", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=1",
-             "train.warmup_steps=1"]
+             "train.warmup_steps=1", f"train.parallel={parallel}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "engram.cli", "train", "--preset", "tiny-engram", "--out", str(out), "--no-progress"]
     for flag in flags:
@@ -22,7 +26,7 @@ def test_torchrun_trains_with_sharded_tables(corpus_dir, cache_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])  # printed once, by rank 0
     assert summary["ranks"] == 2 and summary["steps"] == 3 and summary["val_loss"] > 0
-    assert done.stderr.count("tables sharded by rows") == 1
+    assert done.stderr.count("tables sharded by rows") == 1 and placement in done.stderr
     ckpt = load_checkpoint(out)
     assert ckpt.step == 3 and ckpt.sharded
     assert len(list((ckpt.path / "tables").glob("shard-*-of-00002.safetensors"))) == 2

@@ -49,6 +49,9 @@ def build(config: ModelConfig) -> EngramLM:
 def test_mla_config_refuses_grouped_heads_and_ignores_the_head_width():
     with pytest.raises(ValueError, match="n_kv_heads: must equal n_heads=4"):
         BackboneConfig(d_model=64, n_heads=4, n_kv_heads=2, mla=MLA_Q0)
+    assert MLAConfig(q_lora_rank=None) == MLAConfig(q_lora_rank=0)  # DeepSeek's null: no low-rank query
+    with pytest.raises(ValueError, match="qk_rope_head_dim: must be even"):
+        MLAConfig(qk_rope_head_dim=7)
     bb = BackboneConfig(vocab_size=100, d_model=60, n_heads=4, ffn_hidden=32, mla=MLA_Q0)  # 60 / 4 = 15: odd
     assert bb.n_kv_heads == 4 and bb.rope_dim == MLA_Q0.qk_rope_head_dim
     assert EngramLM(ModelConfig(backbone=bb))(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)
