@@ -184,11 +184,12 @@ def test_the_memory_plan_is_what_the_ranks_materialise(tmp_path):
         assert got == {k: getattr(want, k) for k in got}, (rank, got, want)
 
 
-def test_a_model_without_tables_resumes_under_fsdp(corpus_dir, cache_dir, tmp_path):
+def test_a_model_without_tables_resumes_under_fsdp_with_muon(corpus_dir, cache_dir, tmp_path):
     """The MoE baseline: FSDP shards every weight, rank 0 writes the whole checkpoint, the resumed ranks
-    cut the whole moments back to their shards."""
-    def moe(out, max_steps=2):
-        run = tiny_run(corpus_dir, cache_dir, out, **_settings(max_steps=max_steps, eval_every=1, save_every=1))
+    cut the whole moments (AdamW's and Muon's momentum) back to their shards."""
+    def moe(out, max_steps=3):  # step 3's loss follows update 2, which reads step 1's saved momentum
+        run = tiny_run(corpus_dir, cache_dir, out, **_settings(max_steps=max_steps, eval_every=1, save_every=1,
+                                                                optimizer="muon"))
         return dataclasses.replace(run, model=dataclasses.replace(run.model, engram=None))
 
     want = _run_one(moe(tmp_path / "one"), tmp_path / "one")
@@ -196,3 +197,4 @@ def test_a_model_without_tables_resumes_under_fsdp(corpus_dir, cache_dir, tmp_pa
     second = _run_ranks(2, moe(tmp_path / "two"), tmp_path / "two", tmp_path / "b.json")
     assert not first["tables_sharded"] and first["dense_sharded"]
     _assert_same_steps(first["steps"] + second["steps"], want["steps"])
+    assert abs(second["final_eval"]["val_loss"] - want["final_eval"]["val_loss"]) <= TOL
