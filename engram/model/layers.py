@@ -33,7 +33,7 @@ def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor
     r = beta_slow (ceiled); a linear ramp over i from the first to the second blends f_i (kept) into
     f_i / s (interpolated). m = 0.1 * mscale * ln(s) + 1 (DeepSeek-V2/V3's form of YaRN)."""
     d = head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))  # (d/2,) host
     if scaling is None or scaling.factor == 1:  # no extension: exactly plain RoPE (the blend is not, in fp32)
         return inv_freq, 1.0
     L, s = scaling.original_max_seq_len, scaling.factor
@@ -45,7 +45,7 @@ def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor
     high = min(math.ceil(dims_for(scaling.beta_slow)), d - 1)
     if low == high:
         high += 0.001  # a one-dimension ramp would divide by zero
-    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0 keep .. 1 scale
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # 0 keep .. 1 scale
     inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
     return inv_freq, 0.1 * scaling.mscale * math.log(s) + 1.0
 
@@ -72,6 +72,10 @@ class RotaryEmbedding(nn.Module):
         self._build(self.max_seq_len)
 
     def _build(self, length: int) -> None:
+        if self.inv_freq.device.type == "meta":  # nothing to compute (reset_buffers runs again after to_empty)
+            for name in ("cos", "sin"):
+                self.register_buffer(name, torch.empty(length, self.head_dim, device="meta"), persistent=False)
+            return
         t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(t, self.inv_freq)  # (T, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, d)

@@ -120,7 +120,9 @@ class EngramLM(nn.Module):
             if config.overencoding is not None:
                 self.overencoding = OverEncoding(config.overencoding, bb.d_model, self.compressed_tokenizer,
                                                  input_layer_id(config), sparse_table=sparse_tables)
-            self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model)
+            # an empty weight: init_weights fills it; nn.Embedding's own N(0, 1) fill on meta would import
+            # torch._dynamo, a second on a cold process
+            self.tok_embeddings = nn.Embedding(bb.vocab_size, bb.d_model, _weight=torch.empty(bb.vocab_size, bb.d_model))
             self.rope = RotaryEmbedding(bb.rope_dim, bb.max_seq_len, bb.rope_theta, bb.rope_scaling)
             geometry = self.hasher.geometry if self.hasher is not None else {}
             self.layers = nn.ModuleList(Block(config, i, geometry.get(i), sparse_tables) for i in range(bb.n_layers))

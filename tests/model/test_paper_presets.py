@@ -104,3 +104,17 @@ def test_plan_command_sizes_the_paper_model_per_rank(capsys):
     assert rank0["table_params"] == pytest.approx(4 * c.engram_tables / 8, rel=1e-4)
     assert main(["plan", "--preset", "engram-27b", "--world-size", "0"]) == 2
     assert "--world-size" in capsys.readouterr().err
+
+
+def test_a_fresh_process_builds_them_in_well_under_a_second():
+    """No first-use cost either: nothing in the meta build may pull in torch._dynamo (~1 s to import),
+    as nn.Embedding's own N(0, 1) fill and RoPE's tables computed on meta did."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time, torch\nfrom engram.presets import PAPER_PRESETS, get_preset\n"
+            "from engram.model.transformer import EngramLM\nstart = time.perf_counter()\n"
+            "for name in PAPER_PRESETS:\n    with torch.device('meta'):\n        EngramLM(get_preset(name))\n"
+            "print(time.perf_counter() - start, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) < 1.0 and out[1] == "False", out
