@@ -84,23 +84,34 @@ def _paper_engram(rows_per_head: int) -> EngramConfig:
 
 
 def _dense_4b() -> ModelConfig:
-    """Dense-4B (Table 1): a dense SwiGLU FFN of 12,288 (inferred) in all 30 blocks."""
+    """Dense-4B (Table 1): a dense SwiGLU FFN in all 30 blocks.
+
+    Inferred (not published): the FFN width 12,288 (= the MoE's active FFN width, 8 x 1536) and MLA's
+    dimensions (``PAPER_MLA``)."""
     return ModelConfig(backbone=_paper_backbone(None))
 
 
 def _moe_27b() -> ModelConfig:
-    """MoE-27B (Table 1): 2 shared + 72 routed experts of width 1536 (inferred), top-6."""
+    """MoE-27B (Table 1): 2 shared + 72 routed experts, top-6, the first block dense.
+
+    Inferred (not published): the expert width 1536, the first block's FFN width 12,288 and MLA's
+    dimensions (``PAPER_MLA``)."""
     return ModelConfig(backbone=_paper_backbone(72))
 
 
 def _engram_27b() -> ModelConfig:
     """Engram-27B (Table 1): MoE-27B with 55 routed experts (rho = 49/66 = 74.2%) and Engram at blocks 2 and
-    15: 2 orders x 8 heads of ~2,262,400 rows, d_h = 80."""
+    15: 2 orders x 8 heads of ~2,262,400 rows, d_h = 80.
+
+    Inferred (not published): as MoE-27B, plus the conv kernel 4 and the pad id 2 (the official demo's).
+    Its tables come to 5.79B parameters, which Table 1 prints as 5.7B."""
     return ModelConfig(backbone=_paper_backbone(55), engram=_paper_engram(2_262_400))
 
 
 def _engram_40b() -> ModelConfig:
-    """Engram-40B (Table 1): Engram-27B's backbone, 7,239,680 rows per head."""
+    """Engram-40B (Table 1): Engram-27B's backbone, 7,239,680 rows per head (18.53B table parameters).
+
+    Inferred (not published): as Engram-27B."""
     return ModelConfig(backbone=_paper_backbone(55), engram=_paper_engram(7_239_680))
 
 
