@@ -129,10 +129,12 @@ def test_fsdp_with_muon_matches_one_process(corpus_dir, cache_dir, tmp_path):
 
 
 def _plan_worker(config: dict, record: str) -> None:
-    """Build the tiny model under FSDP2 on this rank, take one Muon step and add up what it holds."""
+    """Build the tiny model under FSDP2 on this rank (rank 0 saves the gathered initial dense weights), take
+    one Muon step and add up what it holds."""
     from torch.distributed.tensor import DTensor
 
     from engram.config import ModelConfig, TrainConfig
+    from engram.distributed.fsdp import full_model_state
     from engram.distributed.parallelize import parallelize
     from engram.model.transformer import EngramLM
     from engram.train.optim import Optimizers
@@ -144,6 +146,9 @@ def _plan_worker(config: dict, record: str) -> None:
     par = parallelize(model, torch.device("cpu"), strategy="fsdp")
     opt = Optimizers(model, TrainConfig(optimizer="muon"), par.table_squares_reduce, par.dense_squares_reduce)
     tables = {id(t.weight) for t in model.named_tables().values()}
+    initial = full_model_state(model, {f"{name}.weight" for name in model.named_tables()}, keep=dist.get_rank() == 0)
+    if dist.get_rank() == 0:
+        torch.save(initial, record + ".initial.pt")
     ids = torch.randint(0, model_config.backbone.vocab_size, (2, 16), generator=torch.Generator().manual_seed(dist.get_rank()))
     model(ids, labels=ids).loss.backward()
     held = {"table_params": 0, "dense_params": 0, "dense_grads": 0, "table_optimizer": 0, "dense_optimizer": 0}
@@ -171,12 +176,20 @@ def _plan_worker(config: dict, record: str) -> None:
             json.dump(gathered, f)
 
 
-def test_the_memory_plan_is_what_the_ranks_materialise(tmp_path):
+def test_fsdp_builds_one_process_weights_and_the_memory_plan_is_what_the_ranks_materialise(tmp_path):
     from engram.distributed.plan import memory_plan
+    from engram.model.transformer import EngramLM
     from engram.presets import get_preset
 
     config = get_preset("tiny-engram")
     spawn_group(2, _plan_worker, config.to_dict(), str(tmp_path / "held.json"))
+    # built block by block on 2 ranks, the initial weights are one process's, bit for bit
+    torch.manual_seed(0)
+    whole = EngramLM(config).state_dict()
+    initial = torch.load(str(tmp_path / "held.json") + ".initial.pt")
+    assert initial.keys() == {k for k in whole if not k.endswith("engram.embedding.weight")}
+    for k, v in initial.items():
+        assert torch.equal(v, whole[k]), k
     held = json.loads((tmp_path / "held.json").read_text())
     plan = memory_plan(config, world=2, strategy="fsdp", optimizer="muon")
     for rank, got in enumerate(held):
