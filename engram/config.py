@@ -368,7 +368,8 @@ class BackboneConfig(_Serialisable):
         ``moe.first_dense_layers`` blocks).
     rope_scaling: None (plain RoPE) or a ``YarnConfig`` (context extension).
     mla: None (multi-head attention with ``n_kv_heads`` grouped key/value heads of width d_model/n_heads)
-        or an ``MLAConfig`` (multi-head latent attention, the paper's; ``n_kv_heads`` is then unused).
+        or an ``MLAConfig`` (multi-head latent attention, the paper's; ``n_kv_heads`` must then be unset
+        or ``n_heads``, and the head widths are the ``MLAConfig``'s).
     document_mask: attention in a packed batch stays inside each document (causal and block-diagonal by
         the batch's ``boundary``), as the n-grams and the conv do. Configs written before it existed load
         with False, the attention their checkpoints were trained with.
@@ -414,6 +415,8 @@ class BackboneConfig(_Serialisable):
         _pos_int(c, "n_kv_heads", self.n_kv_heads)
         if isinstance(self.mla, dict):
             self.mla = MLAConfig.from_dict(self.mla)
+        _require(self.mla is None or isinstance(self.mla, MLAConfig), c, "mla",
+                 f"must be an MLAConfig or None, got {type(self.mla).__name__}")
         if self.mla is None:  # MLA's head widths are its own (MLAConfig), and it has no grouped heads
             _require(self.d_model % self.n_heads == 0, c, "d_model",
                      f"must be divisible by n_heads={self.n_heads}, got {self.d_model}")
@@ -433,8 +436,6 @@ class BackboneConfig(_Serialisable):
                  f"must be > 0, got {self.norm_eps!r}")
         _pos_int(c, "hc_mult", self.hc_mult)
         _pos_int(c, "hc_sinkhorn_iters", self.hc_sinkhorn_iters)
-        _require(self.mla is None or isinstance(self.mla, MLAConfig), c, "mla",
-                 f"must be an MLAConfig or None, got {type(self.mla).__name__}")
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict(self.moe)
         _require(self.moe is None or isinstance(self.moe, MoEConfig), c, "moe",

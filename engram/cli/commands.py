@@ -353,11 +353,11 @@ def plan_flags(p) -> None:
 def plan(args) -> int:
     """Per-rank memory of a preset trained on W ranks, from its config alone (the model is built on meta)."""
     from engram.distributed.plan import format_plan, memory_plan
-    from engram.presets import PAPER_PRESETS, PRESETS, get_preset
+    from engram.presets import get_preset
 
     run = _run_config(args)
     model = run.model
-    if model.unresolved() and args.preset in {**PRESETS, **PAPER_PRESETS}:  # the preset's values stand for its data
+    if model.unresolved():  # a model preset's run: the model preset's own values stand for its data
         base = get_preset(args.preset)
         tables = base.engram or base.overencoding
         model = model.with_data(base.backbone.vocab_size, tables.pad_id if tables else 0)

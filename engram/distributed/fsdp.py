@@ -44,6 +44,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from engram.distributed.sharded import TRAFFIC, sharded_tables
+from engram.model.init import reset_derived_buffers
 
 
 # -- which rows a rank holds ------------------------------------------------------------------------------
@@ -55,22 +56,21 @@ def row_range(n: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(start + c, n)
 
 
-def local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
-    """This rank's piece of ``full`` for a DTensor sharded like ``like`` (Shard(0) over one mesh dim)."""
+def local_rows(like: DTensor) -> tuple[int, int]:
+    """The rows [start, stop) of ``like``'s first dimension that this rank holds (Shard(0), one mesh dim)."""
     mesh = like.device_mesh
-    start, stop = row_range(full.shape[0], mesh.size(), mesh.get_local_rank())
+    return row_range(like.shape[0], mesh.size(), mesh.get_local_rank())
+
+
+def local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's piece of ``full``, a whole tensor shaped like the DTensor ``like``."""
+    start, stop = local_rows(like)
     return full[start:stop]
 
 
 # -- placement --------------------------------------------------------------------------------------------
 def _table_params(model: nn.Module) -> set[nn.Parameter]:
     return {p for table in sharded_tables(model).values() for p in table.parameters()}
-
-
-def _reset_buffers(module: nn.Module) -> None:
-    for sub in module.modules():
-        if hasattr(sub, "reset_buffers"):
-            sub.reset_buffers()
 
 
 def shard_dense(model: nn.Module, device: torch.device, init_tables: bool = True) -> None:
@@ -86,14 +86,14 @@ def shard_dense(model: nn.Module, device: torch.device, init_tables: bool = True
     seed = model.draw_init_seed()
     for i, block in enumerate(model.layers):
         block.to_empty(device="cpu")  # new Parameter objects (meta -> cpu): collect the tables' after this
-        _reset_buffers(block)
+        reset_derived_buffers(block)
         model.init_block(i, seed, tables=init_tables)
         block.to(device)
         fully_shard(block, mesh=mesh, ignored_params=_table_params(block) or None)
     for name, child in model.named_children():
         if name != "layers":
             child.to_empty(device="cpu")
-            _reset_buffers(child)
+            reset_derived_buffers(child)
     model.init_top(seed, tables=init_tables)
     for name, child in model.named_children():
         if name != "layers":
@@ -141,9 +141,7 @@ def load_full_state(model: nn.Module, read, skip: set[str] = frozenset()) -> lis
         if name in skip:
             continue
         if isinstance(target, DTensor):
-            mesh = target.device_mesh
-            start, stop = row_range(target.shape[0], mesh.size(), mesh.get_local_rank())
-            rows = read(name, start, stop)
+            rows = read(name, *local_rows(target))
             if rows is None:
                 missing.append(name)
                 continue
@@ -185,13 +183,6 @@ def _shard_like(value, param: DTensor):
     local = local_part(value, param).to(param.to_local().device).clone()
     return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
-
-
-# -- gradients ----------------------------------------------------------------------------------------------
-def local_square_sum(grads: list[torch.Tensor]) -> torch.Tensor | None:
-    """Sum of squares of this rank's shards of sharded gradients (all-reduce it for the global norm)."""
-    parts = [g.to_local().float().square().sum() for g in grads]
-    return torch.stack(parts).sum() if parts else None
 
 
 # -- traffic --------------------------------------------------------------------------------------------------

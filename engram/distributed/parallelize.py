@@ -22,6 +22,7 @@ The flow the trainer follows (``engram.train.loop.setup``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 import engram.distributed.runtime as rt
+from engram.config import PARALLEL
 from engram.distributed.checkpoint import restore_sharded, save_sharded
 from engram.distributed.sharded import TRAFFIC, shard_tables, sharded_tables
 
@@ -141,7 +143,7 @@ class Parallel:
             optimizer_state = {k: (v if k == "tables" else gather_full(v, keep=self.is_main))
                                for k, v in optimizer_state.items()}
             return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
-                                keep_last, model_state=model_state if self.is_main else None)
+                                keep_last, model_state=model_state)
         if self.distributed:
             return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
                                 keep_last)
@@ -168,8 +170,7 @@ class Parallel:
         if self.fsdp:  # the stored whole-model moments, cut to this rank's shards before loading
             from engram.distributed.fsdp import shard_optimizer_state
 
-            def prepare(state):
-                return shard_optimizer_state(optimizers, state)
+            prepare = functools.partial(shard_optimizer_state, optimizers)
         if self.tables_sharded:
             return restore_sharded(checkpoint, self.model, optimizers, prepare)
         from engram.train.checkpoint import restore_training_state
@@ -197,8 +198,8 @@ def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True
     ``engram.distributed.fsdp.shard_dense``: a meta model is materialised one block at a time, each rank
     keeping its shards). Otherwise the model is only materialised and moved.
     """
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    if strategy not in PARALLEL:
+        raise ValueError(f"strategy must be one of {PARALLEL}, got {strategy!r}")
     if not rt.is_distributed():
         return Parallel(materialise(model, device, init_tables), device, strategy=strategy)
     rt.check_backend(device)

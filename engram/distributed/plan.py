@@ -17,10 +17,10 @@ run materialises):
 | dense, FSDP2         | c x (rest of the shape) x b | the same (FSDP's padded           | AdamW 2 moments, Muon 1     |
 |                      | per parameter (FSDP pads    | reduce-scatter outputs)           | momentum, of this rank's    |
 |                      | every rank's shard to c)    |                                   | rows (not padded)           |
+| dense, DDP           | every parameter, whole      | whole (+ DDP's buckets, as big)   | whole                       |
 
 FSDP2 splits dim 0, so a stack of E experts on W > E ranks leaves ranks E.. without experts: their
 optimizer state is smaller, their padded parameters are not.
-| dense, DDP           | every parameter, whole      | whole (+ DDP's buckets, as big)   | whole                       |
 
 FSDP also gathers units whole for their forward and backward. ``gathered_unit`` estimates the peak a
 rank holds on top of its shards: the root unit (embedding, head, final norm, which FSDP2 keeps
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engram.config import ModelConfig
+from engram.config import OPTIMIZERS, PARALLEL, ModelConfig
 from engram.distributed.fsdp import row_range
 
 BYTES = 4  # fp32
@@ -87,10 +87,10 @@ def memory_plan(config: ModelConfig, world: int, strategy: str = "fsdp", optimiz
     from engram.model.transformer import EngramLM
     from engram.train.optim import muon_parameters
 
-    if strategy not in ("fsdp", "ddp"):
-        raise ValueError(f"strategy must be 'fsdp' or 'ddp', got {strategy!r}")
-    if optimizer not in ("adamw", "muon"):
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+    if strategy not in PARALLEL:
+        raise ValueError(f"strategy must be one of {PARALLEL}, got {strategy!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if not isinstance(world, int) or world < 1:
         raise ValueError(f"world size must be a positive integer, got {world!r}")
     with torch.device("meta"):
@@ -105,32 +105,32 @@ def memory_plan(config: ModelConfig, world: int, strategy: str = "fsdp", optimiz
         dense.append((name, p.shape))
         unit = ".".join(name.split(".")[:2]) if name.startswith("layers.") else "root"
         units[unit] = units.get(unit, 0) + p.numel() * BYTES
+    fsdp = strategy == "fsdp" and world > 1
+    blocks = [b for unit, b in units.items() if unit != "root"]
+    gathered = units.get("root", 0) + 3 * max(blocks, default=0)  # FSDP's transient peak (module docstring)
+    t_params = t_grads = 0  # every rank holds one padded block of every table
+    for t in tables.values():
+        rows = -(-t.num_rows // world)
+        t_params += rows * t.dim * BYTES
+        heads = t.offsets.shape[0]  # H rows looked up per token
+        t_grads += min(-(-tokens_per_step * heads // world), rows) * (t.dim * BYTES + INDEX_BYTES)
     ranks = []
     for r in range(world):
-        t_params = t_opt = t_grads = 0
-        for t in tables.values():
-            rows = -(-t.num_rows // world)
-            t_params += rows * t.dim * BYTES
-            t_opt += 2 * rows * t.dim * BYTES
-            heads = t.offsets.shape[0]  # H rows looked up per token
-            t_grads += min(-(-tokens_per_step * heads // world), rows) * (t.dim * BYTES + INDEX_BYTES)
         d_params = d_opt = 0
         for name, shape in dense:
             moments = 1 if name in muon else 2
             n, rest = shape[0] if len(shape) else 1, _rest(shape)
-            if strategy == "fsdp" and world > 1:
+            if fsdp:
                 start, stop = row_range(n, world, r)
                 d_params += -(-n // world) * rest * BYTES
                 d_opt += moments * (stop - start) * rest * BYTES
             else:
                 d_params += n * rest * BYTES
                 d_opt += moments * n * rest * BYTES
-        fsdp = strategy == "fsdp" and world > 1
-        blocks = [b for unit, b in units.items() if unit != "root"]
-        transient = units.get("root", 0) + 3 * max(blocks, default=0) if fsdp else (d_params if world > 1 else 0)
-        ranks.append(RankMemory(rank=r, table_params=t_params, table_grads=t_grads, table_optimizer=t_opt,
+        buckets = d_params if world > 1 else 0  # DDP's: as large as the gradients
+        ranks.append(RankMemory(rank=r, table_params=t_params, table_grads=t_grads, table_optimizer=2 * t_params,
                                 dense_params=d_params, dense_grads=d_params, dense_optimizer=d_opt,
-                                gathered_unit=transient))
+                                gathered_unit=gathered if fsdp else buckets))
     return MemoryPlan(world=world, strategy=strategy, optimizer=optimizer, tokens_per_step=tokens_per_step,
                       ranks=ranks)
 

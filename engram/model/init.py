@@ -22,6 +22,14 @@ import torch
 INIT_SCHEME = 2
 
 
+def reset_derived_buffers(module: torch.nn.Module) -> None:
+    """Recompute every buffer under ``module`` that its config decides (hashers, RoPE, table offsets, MoE
+    state: each module with a ``reset_buffers``), e.g. after ``to_empty``, which leaves buffers unset."""
+    for sub in module.modules():
+        if hasattr(sub, "reset_buffers"):
+            sub.reset_buffers()
+
+
 def derive_seed(seed: int, name: str) -> int:
     """A weight's own seed from the model's seed and the weight's (module) name. (The "engram.table"
     prefix is from when only tables were seeded by name: kept, so a seed still fills the same tables.)"""

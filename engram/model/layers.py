@@ -33,7 +33,8 @@ def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor
     r = beta_slow (ceiled); a linear ramp over i from the first to the second blends f_i (kept) into
     f_i / s (interpolated). m = 0.1 * mscale * ln(s) + 1 (DeepSeek-V2/V3's form of YaRN)."""
     d = head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))  # (d/2,) host
+    # on the host: the same values on every device, and no meta-device kernels (they import torch._dynamo)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))  # (d/2,)
     if scaling is None or scaling.factor == 1:  # no extension: exactly plain RoPE (the blend is not, in fp32)
         return inv_freq, 1.0
     L, s = scaling.original_max_seq_len, scaling.factor
@@ -45,7 +46,8 @@ def yarn_frequencies(head_dim: int, theta: float, scaling) -> tuple[torch.Tensor
     high = min(math.ceil(dims_for(scaling.beta_slow)), d - 1)
     if low == high:
         high += 0.001  # a one-dimension ramp would divide by zero
-    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)  # 0 keep .. 1 scale
+    dims = torch.arange(d // 2, dtype=torch.float32, device="cpu")
+    ramp = ((dims - low) / (high - low)).clamp(0, 1)  # 0 keep .. 1 scale
     inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
     return inv_freq, 0.1 * scaling.mscale * math.log(s) + 1.0
 

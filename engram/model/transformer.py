@@ -24,7 +24,7 @@ from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
 from engram.model.engram_v41 import EngramV41
 from engram.model.hyper import make_residual
-from engram.model.init import derive_seed, normal_, normal_units_, seeded
+from engram.model.init import derive_seed, normal_, normal_units_, reset_derived_buffers, seeded
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE
 from engram.model.overencoding import OverEncoding, input_layer_id
@@ -173,9 +173,7 @@ class EngramLM(nn.Module):
         materialises one block at a time (FSDP2, ``engram.distributed.fsdp``) calls them itself and gets
         the same values.
         """
-        for module in self.modules():  # derived buffers: hashers, RoPE, table offsets, MoE state
-            if module is not self and hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+        reset_derived_buffers(self)
         seed = self.draw_init_seed()
         self.init_top(seed, std, tables)
         for i in range(len(self.layers)):

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engram.config import (BackboneConfig, DataConfig, EngramConfig, MLAConfig, ModelConfig, MoEConfig, RunConfig,
-                           TrainConfig)
+from engram.config import BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
+from engram.model.accounting import count_parameters
+from engram.presets import PAPER_MLA, PAPER_VOCAB
 
 
 @dataclass(frozen=True)
@@ -83,19 +84,15 @@ def _gpu_engram(d_model: int) -> EngramConfig:
 # -- the paper's two sparsity-allocation compute points (SPEC §3; Figure 3) ----------------------------------
 # Given: C = 2e20 FLOPs with P_tot 5.7B, P_act 568M and 106 routed experts at rho = 1, and C = 6e20 with 9.9B,
 # 993M and 99 experts (counted as SPEC §4 does: without the embedding and the head). INFERRED (not
-# published; chosen to reproduce those counts within 0.1% in the paper models' family: MLA with 80-wide
-# heads, mHC with 4 branches, 2 shared experts, top-6, the first block dense, the 129,280-id vocabulary):
-# the depth, the width, the expert width and the first block's FFN width, below. Tokens follow from C:
-# steps = C / (3 x forward FLOPs per token x tokens per step).
+# published; chosen to reproduce those counts within 0.1% in the paper models' family: the paper presets'
+# MLA (80-wide heads), mHC with 4 branches, 2 shared experts, top-6, the first block dense, the 129,280-id
+# vocabulary): the depth, the width, the expert width and the first block's FFN width (``_paper_budget``'s
+# calls below). Tokens follow from C: steps = C / (3 x forward FLOPs per token x tokens per step).
 def _paper_budget_base(flops: float, d_model: int, n_layers: int, experts: int, expert_hidden: int,
                        ffn_hidden: int) -> RunConfig:
-    from engram.model.accounting import count_parameters
-    from engram.presets import PAPER_VOCAB
-
     backbone = BackboneConfig(
-        vocab_size=PAPER_VOCAB, n_layers=n_layers, d_model=d_model, n_heads=d_model // 80, ffn_hidden=ffn_hidden,
-        max_seq_len=4096, hc_mult=4,
-        mla=MLAConfig(q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=80, qk_rope_head_dim=40, v_head_dim=80),
+        vocab_size=PAPER_VOCAB, n_layers=n_layers, d_model=d_model, n_heads=d_model // 80,  # 80-wide heads
+        ffn_hidden=ffn_hidden, max_seq_len=4096, hc_mult=4, mla=PAPER_MLA,
         moe=MoEConfig(n_routed_experts=experts, n_shared_experts=2, top_k=6, expert_hidden=expert_hidden,
                       first_dense_layers=1))
     batch, seq = 256, 4096
@@ -117,7 +114,19 @@ PAPER_BUDGETS = {  # name -> (FLOPs, given P_tot, given P_act, given routed expe
     "paper-2e20": (2e20, 5.7e9, 568e6, 106),
     "paper-6e20": (6e20, 9.9e9, 993e6, 99),
 }
-_PAPER_RHOS = (1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)
+
+
+def _paper_budget(name: str, d_model: int, n_layers: int, expert_hidden: int, ffn_hidden: int,
+                  layer_sweep: tuple[int, ...]) -> Budget:
+    """The budget of one of ``PAPER_BUDGETS``' compute points, with the inferred shape given here."""
+    flops, total, active, experts = PAPER_BUDGETS[name]
+    return Budget(
+        name=name, description=f"the paper's {name.removeprefix('paper-')}-FLOPs point: D={d_model}, {n_layers} blocks, MLA, mHC G=4, "
+                               f"2 shared + {experts} routed experts of {expert_hidden} (top-6); P_tot "
+                               f"{total / 1e9:g}B, P_act {active / 1e6:g}M",
+        base=lambda: _paper_budget_base(flops, d_model, n_layers, experts, expert_hidden, ffn_hidden),
+        engram=lambda: _paper_budget_engram(d_model), rhos=(1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4),
+        memory_rows=(16_384, 65_536, 262_144, 655_360), ablation_rho=0.8, layer_sweep=layer_sweep, seeds=1)
 
 
 BUDGETS: dict[str, Budget] = {
@@ -135,18 +144,10 @@ BUDGETS: dict[str, Budget] = {
         base=lambda: _gpu_base(1024, 16, 16, 38, 512, steps=40_000, batch=128), engram=lambda: _gpu_engram(1024),
         rhos=(1.0, 0.9, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4), memory_rows=(2**16, 2**18, 2**20, 2**22, 2**24),
         ablation_rho=0.8, layer_sweep=(0, 1, 2, 4, 8, 12), seeds=2),
-    "paper-2e20": Budget(
-        name="paper-2e20", description="the paper's 2e20-FLOPs point: D=1280, 20 blocks, MLA, mHC G=4, "
-                                       "2 shared + 106 routed experts of 704 (top-6); P_tot 5.7B, P_act 568M",
-        base=lambda: _paper_budget_base(2e20, 1280, 20, 106, 704, 7040), engram=lambda: _paper_budget_engram(1280),
-        rhos=_PAPER_RHOS, memory_rows=(16_384, 65_536, 262_144, 655_360), ablation_rho=0.8,
-        layer_sweep=(1, 2, 5, 10), seeds=1),
-    "paper-6e20": Budget(
-        name="paper-6e20", description="the paper's 6e20-FLOPs point: D=1920, 14 blocks, MLA, mHC G=4, "
-                                       "2 shared + 99 routed experts of 1280 (top-6); P_tot 9.9B, P_act 993M",
-        base=lambda: _paper_budget_base(6e20, 1920, 14, 99, 1280, 8192), engram=lambda: _paper_budget_engram(1920),
-        rhos=_PAPER_RHOS, memory_rows=(16_384, 65_536, 262_144, 655_360), ablation_rho=0.8,
-        layer_sweep=(1, 2, 4, 7), seeds=1),
+    "paper-2e20": _paper_budget("paper-2e20", d_model=1280, n_layers=20, expert_hidden=704, ffn_hidden=7040,
+                                layer_sweep=(1, 2, 5, 10)),
+    "paper-6e20": _paper_budget("paper-6e20", d_model=1920, n_layers=14, expert_hidden=1280, ffn_hidden=8192,
+                                layer_sweep=(1, 2, 4, 7)),
 }
 
 

@@ -309,7 +309,7 @@ class Checkpoint:
     def stored_optimizer_state(self) -> dict:
         """``optimizer.pt`` as written: without table moments when the checkpoint is sharded."""
         if self._optimizer_state is None:
-            # memory-mapped: a rank of many copies only the rows it holds (engram.distributed.fsdp)
+            # memory-mapped: under FSDP each rank copies out only its rows of the moments, not the file
             self._optimizer_state = torch.load(self.path / "optimizer.pt", map_location="cpu", weights_only=True,
                                                mmap=True)
         return self._optimizer_state
@@ -371,19 +371,20 @@ class Checkpoint:
                                   f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
     def _load_rows_into(self, model: EngramLM, per_rank: set[str], whole: list[str]) -> None:
-        """``load_into`` for a model whose dense weights are FSDP shards: each rank reads its rows."""
+        """``load_into`` for a model whose dense weights are FSDP shards: each rank reads its rows. Its
+        tables are row-sharded (``parallelize`` shards them before FSDP), and ``load_shards`` fills them."""
         from safetensors import safe_open
 
         from engram.distributed.fsdp import load_full_state
 
-        reader = self.tables(list(model.named_tables())) if self.sharded and whole else None
+        if whole:
+            raise CheckpointError(f"the tables {whole} are whole in a model whose dense weights are FSDP shards; "
+                                  "place the model with engram.distributed.parallelize, which row-shards them")
         skip = {f"{name}.weight" for name in per_rank}
         with safe_open(str(self.path / "model.safetensors"), "pt") as f:
             keys = set(f.keys())
 
             def read(name: str, start: int | None, stop: int | None):
-                if reader is not None and name[: -len(".weight")] in whole:
-                    return reader.read(name[: -len(".weight")], "weight", start or 0, stop)
                 if name not in keys:
                     return None
                 return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]

@@ -17,11 +17,10 @@ import torch
 from torch import nn
 
 from engram.config import TrainConfig
-from engram.train.muon import DTensor
 from engram.model.engram import BranchLinear
 from engram.model.moe import RoutedExperts
 from engram.model.overencoding import OrderProjection
-from engram.train.muon import Muon
+from engram.train.muon import DTensor, Muon
 
 # The parameters Muon orthogonalises, by the module that owns them: matrices (out, in) and stacks of
 # them (..., out, in), one matrix per routed expert, Engram branch or OverEncoding n-gram order.
@@ -49,6 +48,12 @@ def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
               for kind, names in MATRICES.items() if isinstance(m, kind)
               for name in names if getattr(m, name, None) is not None}
     return [(n, p) for n, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
+
+
+def _sum_over_ranks(squares: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor],
+                    device: torch.device) -> torch.Tensor:
+    """This rank's squared norms summed, then through ``reduce`` (every rank calls it, holding none or some)."""
+    return reduce(torch.stack(squares).sum() if squares else torch.zeros((), device=device))
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -128,7 +133,8 @@ class Optimizers:
         """Global L2 norm over dense and (coalesced) sparse table gradients; scales both when > max_norm.
 
         The tables' part goes through ``reduce_table_sq`` (with row-sharded tables every rank must call
-        this), so every rank computes the norm one process holding the whole tables would.
+        this), and the part of FSDP-sharded dense gradients through ``reduce_dense_sq``, so every rank
+        computes the norm one process holding every row would.
         """
         squares, table_squares = [], []
         for p in self.table_params:
@@ -136,9 +142,7 @@ class Optimizers:
                 p.grad = p.grad.coalesce()  # duplicate rows from one batch must add before the norm
                 table_squares.append(p.grad._values().float().square().sum())
         if self.reduce_table_sq is not None and self.table_params:
-            device = self.table_params[0].device
-            total = torch.stack(table_squares).sum() if table_squares else torch.zeros((), device=device)
-            squares.append(self.reduce_table_sq(total))
+            squares.append(_sum_over_ranks(table_squares, self.reduce_table_sq, self.table_params[0].device))
         else:
             squares += table_squares
         shards = []  # FSDP2: this rank's rows of sharded gradients, summed over ranks below
@@ -149,8 +153,7 @@ class Optimizers:
                 else:
                     squares.append(p.grad.float().square().sum())
         if self.reduce_dense_sq is not None and self.dense_params:
-            device = self.dense_params[0].device
-            squares.append(self.reduce_dense_sq(torch.stack(shards).sum() if shards else torch.zeros((), device=device)))
+            squares.append(_sum_over_ranks(shards, self.reduce_dense_sq, self.dense_params[0].device))
         elif shards:
             raise ValueError("Optimizers: the dense gradients are sharded (FSDP2) but no reduce_dense_sq was given to "
                              "sum their squares over the ranks")
