@@ -28,6 +28,7 @@ import torch
 from engram.infer import generate_batch
 from engram.storage import FORMATS, apply_storage, export_tables
 from engram.train import evaluate, load_checkpoint
+from engram.train.startup import checkpoint_data
 
 DEFAULT_FORMATS = ["float32", "bfloat16", "int8", "fp8_e4m3"]
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = load_checkpoint(args.ckpt)
     tc = reference.run_config.train
-    val = reference.prepared_data().val
+    val = checkpoint_data(reference).val
     ids = next(iter(val.eval_batches(args.batch, args.prompt, 1)))[0]  # (B, prompt) real held-out text
     prompts = [row.tolist() for row in ids]
     device_loss = evaluate(reference.model, val, tc.batch_size, tc.seq_len, args.batches, torch.device("cpu"))

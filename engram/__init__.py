@@ -7,7 +7,8 @@ The public surface::
     logits = model(input_ids).logits
 """
 
-from engram.config import BackboneConfig, EngramConfig, ModelConfig, MoEConfig, OverEncodingConfig
+from engram.model.config import BackboneConfig, MoEConfig, ModelConfig
+from engram.model.table_config import EngramConfig, OverEncodingConfig
 from engram.hashing import NgramHasher
 from engram.model.accounting import ParameterCount, count_parameters
 from engram.model.engram import Engram

@@ -23,7 +23,7 @@ import os
 import statistics
 from pathlib import Path
 
-from engram.cli.overrides import apply_overrides
+from engram.schema import apply_overrides
 from engram.fileio import atomic_write_json
 from engram.plotting import pyplot, save_figure
 from engram.presets import get_run_preset

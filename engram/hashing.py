@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import TableConfig
 from engram.tokenizer import CompressedTokenizer
+
+if TYPE_CHECKING:  # configs are read by field; the hasher sits below the model package
+    from engram.model.table_config import TableConfig
 
 INT64_MAX = 2**63 - 1
 LAYER_SEED_STRIDE = 10007  # seed of layer l is seed + 10007*l (reference constant)

@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engram.config import EngramConfig, _Serialisable
+from engram.model.table_config import EngramConfig
+from engram.schema import Serialisable
 from engram.fileio import atomic_write_bytes, atomic_write_json
 from engram.hashing import NgramHasher, document_ids
 from engram.model.cache import starts_from_left_padding
@@ -63,7 +64,7 @@ def default_adapter_engram() -> EngramConfig:
 
 
 @dataclass
-class EngramAdapterConfig(_Serialisable):
+class EngramAdapterConfig(Serialisable):
     """engram: the Engram fields (``layer_ids`` are 0-based base-model blocks; default [1], the paper's
     placement rule). ``pad_id`` None takes the tokenizer's pad (else eos, else 0).
     freeze_base: the base model's parameters stop requiring gradients at attach.
@@ -331,9 +332,7 @@ class EngramAdapter(nn.Module):
             else:
                 self._call = _Call(self.hasher(input_ids, boundary), doc_ids, None)
         for lid, layer in self.engram_layers.items():  # storage tiers start fetching rows now
-            start = getattr(layer.embedding, "prefetch", None)
-            if start is not None:
-                start(self._call.hash_ids[lid])
+            layer.embedding.prefetch(self._call.hash_ids[lid])
 
     def _after(self, module, args, kwargs, output):
         self._call = None

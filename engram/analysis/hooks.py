@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 
+from engram.train.startup import checkpoint_data
+
 # -- hooks -----------------------------------------------------------------------------------------
 
 
@@ -100,8 +102,8 @@ def head_logits(model, stream: torch.Tensor) -> torch.Tensor:
 
 def val_windows(ckpt, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``batches`` fixed validation windows (ids (B, T), document starts (B, T)) of the corpus the
-    checkpoint was trained on, tokenized by its own tokenizer (``Checkpoint.prepared_data``)."""
-    return windows_of(ckpt, ckpt.prepared_data().val, batch_size, seq_len, batches)
+    checkpoint was trained on, tokenized by its own tokenizer (``engram.train.startup.checkpoint_data``)."""
+    return windows_of(ckpt, checkpoint_data(ckpt).val, batch_size, seq_len, batches)
 
 
 def windows_of(ckpt, shards, batch_size: int, seq_len: int, batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

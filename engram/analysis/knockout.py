@@ -328,9 +328,10 @@ def inspect_knockout(ckpt_path: str, out_dir=None, max_probes: int | None = None
                      max_val_tokens: int | None = None, seq_len: int = 256, device: str = "cpu") -> dict:
     """Knock-out report of a checkpoint on its own corpus; writes knockout.json to ``out_dir`` if given."""
     from engram.train import load_checkpoint
+    from engram.train.startup import checkpoint_data
 
     ckpt = load_checkpoint(ckpt_path, device=device)
-    data = ckpt.prepared_data()
+    data = checkpoint_data(ckpt)
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step,
               **knockout_report(ckpt.model, vocab_pieces(ckpt.tokenizer), read_split(data.train, max_train_tokens),
                                 read_split(data.val, max_val_tokens), max_probes, seq_len)}

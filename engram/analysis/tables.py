@@ -173,7 +173,7 @@ def table_control(model, kind: str, mean_rows: dict[int, torch.Tensor] | None = 
 def table_control_losses(model, batches, seed: int = 0) -> dict[str, float]:
     """Mean validation loss (nats) as trained, with capacity-1 tables (each head's mean row over these
     tokens), with rows shuffled within each head, and with Engram knocked out."""
-    from engram.train.loop import mean_loss
+    from engram.train.evaluation import mean_loss
 
     model.eval()
     device = next(model.parameters()).device
@@ -234,11 +234,12 @@ def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int 
     """Table statistics of a checkpoint over ``batches`` fixed windows of a split, plus the functional
     controls on the validation windows; writes tables.json and row_usage.png to ``out_dir``."""
     from engram.train import load_checkpoint
+    from engram.train.startup import checkpoint_data
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be train or val, got {split!r}")
     ckpt = load_checkpoint(ckpt_path, device=device)
-    data = ckpt.prepared_data()
+    data = checkpoint_data(ckpt)
     windows = windows_of(ckpt, getattr(data, split), batch_size, seq_len, batches)
     stats = table_statistics(ckpt.model, windows)
     usage = stats.pop("_usage")

@@ -229,7 +229,7 @@ def warm_page_cache(directory: Path) -> None:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from engram.cli.flags import directory, nonnegative_int, positive_float, positive_int
+    from engram.argtypes import directory, nonnegative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--table-gb", type=positive_float, default=2.0, help="total Engram table size in GiB (default 2)")

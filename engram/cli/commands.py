@@ -14,7 +14,7 @@ from engram.cli.inspection import INSPECT
 
 
 def _run_config(args):
-    from engram.cli.overrides import apply_overrides
+    from engram.schema import apply_overrides
     from engram.presets import get_run_preset
 
     return apply_overrides(get_run_preset(args.preset), args.overrides)
@@ -104,6 +104,7 @@ def eval_flags(p) -> None:
 
 def evaluate(args) -> int:
     from engram.train import evaluate, load_checkpoint
+    from engram.train.startup import checkpoint_data, checkpoint_text
 
     where = device(args)
     long_only = [f for f, v in (("--lengths", args.lengths), ("--tasks", args.tasks), ("--out", args.out),
@@ -122,7 +123,7 @@ def evaluate(args) -> int:
     if args.data is not None and not args.data.startswith("hf:") and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
     # the checkpoint's own tokenizer, never one trained again on today's corpus
-    shards = ckpt.text_data(args.data) if args.data is not None else ckpt.prepared_data().val
+    shards = checkpoint_text(ckpt, args.data) if args.data is not None else checkpoint_data(ckpt).val
     result = evaluate(ckpt.model, shards, args.batch_size or tc.batch_size, seq_len,
                       args.batches or tc.eval_batches, where)
     print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step,
@@ -278,8 +279,8 @@ def finetune_flags(p) -> None:
 
 
 def finetune(args) -> int:
-    from engram.cli.overrides import apply_overrides
-    from engram.config import DataConfig
+    from engram.schema import apply_overrides
+    from engram.data.config import DataConfig
     from engram.hf.finetune import FinetuneConfig, finetune as run
 
     config = FinetuneConfig(base=args.base, gguf_file=args.gguf_file, data=DataConfig(source=args.data))

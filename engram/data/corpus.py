@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from engram.config import DataConfig
+    from engram.data.config import DataConfig
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".jsonl")
 _TEST_DIRS = {"test", "tests", "idle_test"}

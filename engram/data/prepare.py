@@ -25,7 +25,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from engram.config import DataConfig
+from engram.data.config import DataConfig
 from engram.data.bpe import load_tokenizer, special_ids, tokenizer_sha256, train_bpe
 from engram.data.corpus import TEXT_SUFFIXES, load_documents, source_documents
 from engram.data.retrieval import RETRIEVAL_FORMAT

@@ -19,8 +19,8 @@ opening only the shards that overlap the range. That one operation is the reshar
 process reads [0, N); rank r of W' ranks reads its own block of the new split.
 
 The collective parts live here and nowhere else: ``save_sharded`` (every rank writes its shard, rank 0
-the replicated files and the manifest; ``engram.train.checkpoint`` supplies those steps) and
-``restore_sharded`` (each rank reads its own rows and moments).
+the replicated files and the manifest, through the file steps it is given: ``CheckpointFiles``, which
+``engram.train.checkpoint`` supplies) and ``restore_sharded`` (each rank reads its own rows and moments).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,37 @@ import torch.distributed as dist
 from engram import fileio
 import engram.distributed.runtime as runtime
 from engram.distributed.sharded import sharded_tables
+
+class CheckpointFiles(Protocol):
+    """What a placement needs to write a checkpoint's files (``engram.train.checkpoint.CHECKPOINT_FILES``)."""
+
+    def checkpoints_dir(self, run_dir) -> Path: ...
+
+    def stage(self, run_dir, step: int, tag: str | None = None) -> Path: ...
+
+    def write_replicated(self, tmp: Path, step: int, model, optimizer_state: dict, run_config, tokenizer,
+                         trainer_state: dict, skip: set[str] = frozenset(), model_state: dict | None = None) -> None: ...
+
+    def publish(self, tmp: Path, step: int, keep_last: int = 2, entries: dict | None = None) -> Path: ...
+
+    def save(self, run_dir, step: int, model, optimizer_state: dict, run_config, tokenizer, trainer_state: dict,
+             keep_last: int = 2, model_state: dict | None = None) -> Path: ...
+
+
+_REGISTERED: CheckpointFiles | None = None
+
+
+def register_checkpoint_files(files: CheckpointFiles) -> None:
+    """Make ``files`` what a placement given none writes with. ``engram.train.checkpoint`` registers its
+    ``CHECKPOINT_FILES`` when it is imported (as it is wherever a ``Checkpoint`` exists), so this package
+    writes checkpoints without importing the trainer."""
+    global _REGISTERED
+    _REGISTERED = files
+
+
+def registered_checkpoint_files() -> CheckpointFiles | None:
+    return _REGISTERED
+
 
 INDEX = "tables/index.json"
 FORMAT = "engram.tables.sharded/1"
@@ -196,41 +228,44 @@ def shard_optimizer_state(reader: CheckpointTables, tables: dict, optimizer_stat
 
 
 def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: dict, run_config, tokenizer,
-                 trainer_state: dict, keep_last: int = 2, model_state: dict | None = None) -> Path:
-    """Checkpoint ``step`` of a model trained over a process group; every rank calls this.
+                 trainer_state: dict, keep_last: int = 2, model_state: dict | None = None,
+                 files: CheckpointFiles | None = None) -> Path:
+    """Checkpoint ``step`` of a model trained over a process group; every rank calls this. ``files``: the
+    checkpoint file steps (default: those ``engram.train.checkpoint`` registered).
 
     With sharded tables each rank writes its shard and hashes it, rank 0 writes the replicated files
     (weights without table rows, optimizer state without table moments) and the manifest covering all
     of them. Without sharded tables rank 0 writes the whole checkpoint alone. ``run_dir`` must be one
     directory every rank sees (e.g. a shared filesystem). ``model_state``: rank 0's whole dense weights
     when the model's own state dict holds shards (FSDP; ``engram.distributed.fsdp.full_model_state``)."""
-    from engram.train import checkpoint as ckpt
-
+    files = files or registered_checkpoint_files()
+    if files is None:
+        raise ValueError("save_sharded needs the checkpoint file steps: files=engram.train.checkpoint.CHECKPOINT_FILES")
     tables = sharded_tables(model)
     if not tables:
         final = None
         if runtime.is_main():
-            final = ckpt.save_checkpoint(run_dir, step, model, optimizer_state, run_config, tokenizer,
+            final = files.save(run_dir, step, model, optimizer_state, run_config, tokenizer,
                                          trainer_state, keep_last, model_state=model_state)
         runtime.barrier()  # no rank reads or re-saves the step before rank 0 has renamed it
-        return final or ckpt.checkpoints_dir(run_dir) / f"step_{step:07d}"
+        return final or files.checkpoints_dir(run_dir) / f"step_{step:07d}"
     group = next(iter(tables.values())).group
     main = dist.get_rank(group) == 0
-    tmp = ckpt.checkpoints_dir(run_dir) / f".tmp_step_{step:07d}_sharded"  # one name every rank agrees on
+    tmp = files.checkpoints_dir(run_dir) / f".tmp_step_{step:07d}_sharded"  # one name every rank agrees on
     if main:
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.stage(run_dir, step, "sharded")
+        tmp = files.stage(run_dir, step, "sharded")
     dist.barrier(group)
     written = write_shard(tmp, tables, optimizer_state.get("tables"))
     gathered: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, {written: fileio.file_entry(tmp / written)}, group=group)  # each rank hashes its own
-    final = ckpt.checkpoints_dir(run_dir) / f"step_{step:07d}"
+    final = files.checkpoints_dir(run_dir) / f"step_{step:07d}"
     if main:
         try:
-            ckpt.write_replicated(tmp, step, model, strip_table_moments(optimizer_state), run_config, tokenizer,
+            files.write_replicated(tmp, step, model, strip_table_moments(optimizer_state), run_config, tokenizer,
                                   trainer_state, skip={f"{name}.weight" for name in tables}, model_state=model_state)
             fileio.atomic_write_json(tmp / INDEX, table_index(tables, dist.get_world_size(group)), sort_keys=True)
-            final = ckpt.publish(tmp, step, keep_last, entries={k: v for entry in gathered for k, v in entry.items()})
+            final = files.publish(tmp, step, keep_last, entries={k: v for entry in gathered for k, v in entry.items()})
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -31,8 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 import engram.distributed.runtime as rt
-from engram.config import PARALLEL
-from engram.distributed.checkpoint import restore_sharded, save_sharded
+from engram.distributed.runtime import PARALLEL
+from engram.distributed.checkpoint import (CheckpointFiles, load_shards, registered_checkpoint_files, restore_sharded,
+                                          save_sharded)
 from engram.distributed.sharded import TRAFFIC, shard_tables, sharded_tables
 
 
@@ -41,8 +42,9 @@ class Parallel:
     DDP wrapper, or the model itself); ``model`` keeps the weights, the checkpoints and evaluation."""
 
     def __init__(self, model: nn.Module, device: torch.device, net: nn.Module | None = None,
-                 strategy: str = "ddp"):
+                 strategy: str = "ddp", files: CheckpointFiles | None = None):
         self.model, self.device = model, device
+        self.files = files  # how checkpoints are written (engram.train.checkpoint.CHECKPOINT_FILES), if saved here
         self.net = net if net is not None else model
         self.strategy = strategy  # "ddp" or "fsdp" (meaningful with several ranks)
         self.world, self.rank = rt.world_size(), rt.rank()
@@ -134,38 +136,46 @@ class Parallel:
 
     def save_checkpoint(self, run_dir: str | Path, step: int, optimizer_state: dict, run_config, tokenizer,
                         trainer_state: dict, keep_last: int = 2) -> Path:
-        """Write checkpoint ``step``: by this process alone, or by every rank together."""
+        """Write checkpoint ``step`` through the checkpoint file steps this placement was given (``files``;
+        else those ``engram.train.checkpoint`` registered): by this process alone, or by every rank together."""
+        files = self.files or registered_checkpoint_files()
+        if files is None:
+            raise ValueError("this placement has no checkpoint files to write with: "
+                             "parallelize(..., files=engram.train.checkpoint.CHECKPOINT_FILES)")
         if self.fsdp:  # gathered whole (every rank takes part), written in the one-process layout
-            from engram.distributed.fsdp import full_model_state, gather_full
+            from engram.distributed.fsdp import full_model_state, gather_full  # DTensor: imported when used
 
             skip = {f"{name}.weight" for name in sharded_tables(self.model)}
             model_state = full_model_state(self.model, skip, keep=self.is_main)
             optimizer_state = {k: (v if k == "tables" else gather_full(v, keep=self.is_main))
                                for k, v in optimizer_state.items()}
             return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
-                                keep_last, model_state=model_state)
+                                keep_last, model_state=model_state, files=files)
         if self.distributed:
             return save_sharded(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
-                                keep_last)
-        from engram.train.checkpoint import save_checkpoint
+                                keep_last, files=files)
+        return files.save(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state, keep_last)
 
-        return save_checkpoint(run_dir, step, self.model, optimizer_state, run_config, tokenizer, trainer_state,
-                               keep_last)
+    def _load_weights(self, checkpoint) -> None:
+        if self.fsdp:  # each rank reads its rows of every dense weight
+            from engram.distributed.fsdp import load_checkpoint_rows
+
+            load_checkpoint_rows(checkpoint, self.model)
+        else:
+            checkpoint.load_into(self.model)
 
     def load_weights(self, checkpoint) -> None:
         """Only the weights of ``checkpoint`` (this rank's rows of sharded tables), no optimizer state:
-        a new run that starts from another's weights (``train.init_from``)."""
-        checkpoint.load_into(self.model)
+        a new run that starts from another's weights (``train.checkpoint.init_from``)."""
+        self._load_weights(checkpoint)
         if self.tables_sharded:
-            from engram.distributed.checkpoint import load_shards
-
             load_shards(checkpoint.tables(list(self.model.named_tables())), sharded_tables(self.model))
 
     def restore(self, checkpoint, optimizers) -> dict:
         """Load ``checkpoint`` (``engram.train.checkpoint.Checkpoint``, written by any number of ranks):
         weights (this rank's rows of sharded tables) and optimizer state; returns the optimizer state
         as loaded (it holds ``torch_rng``)."""
-        checkpoint.load_into(self.model)
+        self._load_weights(checkpoint)
         prepare = None
         if self.fsdp:  # the stored whole-model moments, cut to this rank's shards before loading
             from engram.distributed.fsdp import shard_optimizer_state
@@ -173,9 +183,11 @@ class Parallel:
             prepare = functools.partial(shard_optimizer_state, optimizers)
         if self.tables_sharded:
             return restore_sharded(checkpoint, self.model, optimizers, prepare)
-        from engram.train.checkpoint import restore_training_state
-
-        return restore_training_state(checkpoint, self.model, optimizers, prepare)
+        state = checkpoint.optimizer_state()
+        if prepare is not None:
+            state = prepare(state)
+        optimizers.load_state_dict(state)
+        return state
 
 
 def materialise(model: nn.Module, device: torch.device, init_tables: bool = True) -> nn.Module:
@@ -188,7 +200,8 @@ def materialise(model: nn.Module, device: torch.device, init_tables: bool = True
     return model.to(device)
 
 
-def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True, strategy: str = "ddp") -> Parallel:
+def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True, strategy: str = "ddp",
+                files: CheckpointFiles | None = None) -> Parallel:
     """Place ``model`` (an ``EngramLM``, built on meta or materialised) for training on ``device``.
 
     Inside a process group of W > 1 ranks: its hashed tables are row-sharded (``shard_tables``; on a meta
@@ -196,12 +209,13 @@ def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True
     (``init_tables=False`` leaves table rows for a checkpoint) and the dense parameters go under
     DistributedDataParallel (``strategy="ddp"``, ``wrap_ddp``) or are sharded by FSDP2 (``"fsdp"``,
     ``engram.distributed.fsdp.shard_dense``: a meta model is materialised one block at a time, each rank
-    keeping its shards). Otherwise the model is only materialised and moved.
+    keeping its shards). Otherwise the model is only materialised and moved. ``files``: how the returned
+    placement writes checkpoints (``engram.train.checkpoint.CHECKPOINT_FILES``; needed by ``save_checkpoint``).
     """
     if strategy not in PARALLEL:
         raise ValueError(f"strategy must be one of {PARALLEL}, got {strategy!r}")
     if not rt.is_distributed():
-        return Parallel(materialise(model, device, init_tables), device, strategy=strategy)
+        return Parallel(materialise(model, device, init_tables), device, strategy=strategy, files=files)
     rt.check_backend(device)
     if strategy == "fsdp" and not any(p.device.type == "meta" for p in model.parameters()):
         raise ValueError("parallelize(strategy='fsdp') places a model built on meta (with "
@@ -212,6 +226,6 @@ def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True
         from engram.distributed.fsdp import shard_dense
 
         shard_dense(model, device, init_tables)
-        return Parallel(model, device, strategy="fsdp")
+        return Parallel(model, device, strategy="fsdp", files=files)
     materialise(model, device, init_tables)
-    return Parallel(model, device, rt.wrap_ddp(model, device))
+    return Parallel(model, device, rt.wrap_ddp(model, device), files=files)

@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engram.config import OPTIMIZERS, PARALLEL, ModelConfig
+from engram.model.config import ModelConfig
+from engram.distributed.runtime import PARALLEL
+from engram.model.matrices import OPTIMIZERS, muon_parameters
 from engram.distributed.fsdp import row_range
 
 BYTES = 4  # fp32
@@ -85,7 +87,6 @@ def memory_plan(config: ModelConfig, world: int, strategy: str = "fsdp", optimiz
     and ``optimizer`` ("adamw" or "muon"); ``tokens_per_step`` (global, every micro-batch) sizes the
     tables' sparse gradients. Builds the model on meta only."""
     from engram.model.transformer import EngramLM
-    from engram.train.optim import muon_parameters
 
     if strategy not in PARALLEL:
         raise ValueError(f"strategy must be one of {PARALLEL}, got {strategy!r}")

@@ -25,6 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from engram.distributed.sharded import TRAFFIC, sharded_tables
+from engram.model.moe import moe_layers
+
+PARALLEL = ("ddp", "fsdp")  # how the dense part is placed over ranks: replicated (DDP) or sharded (FSDP2)
 
 
 def is_distributed() -> bool:
@@ -135,7 +138,7 @@ def reduce_moe_load(model) -> None:
     """Sum every MoE layer's token counts over ranks (one all_reduce for all layers)."""
     if not is_distributed():
         return
-    loads = [moe._load for moe in model.moe_layers()]
+    loads = [moe._load for moe in moe_layers(model)]
     if not loads:
         return
     flat = torch.cat(loads)

@@ -31,7 +31,6 @@ from torch import nn
 
 from engram.hashing import TableGeometry
 from engram.model.tables import HashedTable, MultiHeadEmbedding, normal_rows_
-from engram.storage.apply import OffloadedEmbedding
 
 
 class Traffic:
@@ -179,6 +178,10 @@ class ShardedEmbedding(ShardedTable, HashedTable):
     def reset_buffers(self) -> None:
         self.offsets.copy_(torch.tensor(self.geometry.offsets, dtype=torch.int64))
 
+    @property
+    def trainable(self) -> bool:
+        return True
+
     @torch.no_grad()
     def init_weights(self, std: float, seed: int) -> None:
         """This rank's rows of the N(0, std) table ``seed`` gives (zeros for std 0); padding rows zero."""
@@ -214,7 +217,7 @@ def shard_tables(model: nn.Module, group=None) -> dict[str, ShardedEmbedding]:
         raise RuntimeError("shard_tables needs an initialised torch.distributed process group")
     if sharded_tables(model):
         raise ValueError("the model's tables are already sharded; shard_tables once per model")
-    if _tables(model, OffloadedEmbedding):
+    if any(not t.trainable for t in _tables(model, HashedTable).values()):
         raise ValueError("the model's tables were moved to a storage tier; shard a model with device tables")
     tables = _tables(model, MultiHeadEmbedding)
     if not tables:

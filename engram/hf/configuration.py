@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from engram.config import ModelConfig
+from engram.model.config import ModelConfig
 
 
 class EngramHFConfig(PreTrainedConfig):

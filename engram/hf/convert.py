@@ -29,7 +29,7 @@ def to_hf(model: EngramLM, tokenizer=None) -> EngramForCausalLM:
     """``model`` as an ``EngramForCausalLM`` with the same weights, on the same device. ``tokenizer``
     (a ``tokenizers.Tokenizer``), when given, travels with it (``save_pretrained`` writes it) and sets
     the config's pad/bos/eos ids."""
-    if any(not hasattr(layer.embedding, "weight") for layer in model.engram_layers.values()):
+    if any(not layer.embedding.trainable for layer in model.engram_layers.values()):
         raise ValueError("the model's tables are offloaded (apply_storage): convert the device-resident model, "
                          "then apply the storage tier to the converted one")
     config = EngramHFConfig.from_model(model, _special(tokenizer))

@@ -111,7 +111,7 @@ def long_document_loss(model, encode: Callable[[str], list[int]], bos: int | Non
     """Mean next-token loss over the first L tokens of held-out documents at least L tokens long, per L
     (documents alone, one per row, through the trainer's ``mean_loss``): {L: {loss, ppl, docs}}; lengths
     no document reaches get docs 0."""
-    from engram.train.loop import mean_loss
+    from engram.train.evaluation import mean_loss
 
     device = next(model.parameters()).device
     encoded = [([bos] if bos is not None else []) + encode(t) for t in texts]

@@ -25,8 +25,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from engram.cli.overrides import apply_overrides
-from engram.config import YarnConfig
+from engram.schema import apply_overrides
+from engram.model.config import YarnConfig
 from engram.data.retrieval import TASKS
 from engram.fileio import atomic_write_json
 from engram.presets import get_run_preset

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from engram.config import ModelConfig
+from engram.model.config import ModelConfig
 from engram.hashing import table_geometry
 from engram.model.attention import attention_params, attention_score_width
 from engram.model.hyper import hyper_params

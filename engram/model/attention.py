@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import BackboneConfig
+from engram.model.config import BackboneConfig
 from engram.model.cache import LayerCache
 from engram.model.layers import RMSNorm, apply_rotary, yarn_frequencies
 

@@ -11,17 +11,15 @@ touches numpy or the host in ``forward`` (PITFALLS 11). It returns Y only; the b
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import DEMO_MODULE, EngramConfig
-from engram.hashing import TableGeometry, table_geometry
+from engram.model.table_config import EngramConfig
+from engram.hashing import TableGeometry
 from engram.model.cache import LayerCache
 from engram.model.tables import MultiHeadEmbedding
 
@@ -49,7 +47,7 @@ def init_table(embedding, config: EngramConfig, table_std: float | None, table_s
     placement that holds no trainable rows."""
     if table_seed is None:
         table_seed = int(torch.randint(0, 2**62, ()).item())
-    if tables and hasattr(embedding, "init_weights"):
+    if tables and embedding.trainable:
         embedding.init_weights(config.table_init_std if table_std is None else table_std, table_seed)
 
 
@@ -238,105 +236,9 @@ class Engram(nn.Module):
         # 5. short conv on the normalised value, residual inside the module
         return self.conv_residual(value, doc_ids, cache)  # (B, T, G, D)
 
-    # -- the official demo's weights (engram_demo_v1.py's module; SPEC §2 "The demo's exact module") --
-
     @classmethod
-    def from_demo_state_dict(cls, state_dict: Mapping[str, torch.Tensor], config: EngramConfig, dim: int, *,
-                             layer_id: int | None = None, sparse_table: bool = False) -> "Engram":
-        """The official demo's Engram module, from its ``state_dict``: our module with the demo's biases
-        and norm eps switched on (``DEMO_MODULE``), whose output equals the demo module's.
+    def from_demo_state_dict(cls, *args, **kwargs):
+        raise AttributeError("Engram.from_demo_state_dict moved: use engram.compat.deepseek.from_demo_state_dict")
 
-        ``config``: our ``EngramConfig`` for that model (its table sizes, orders, heads, kernel, seed and
-        every Engram layer, since the primes are searched over all of them); ``layer_id`` picks the layer
-        (needed when the config has more than one); ``dim``: D. G is read from the state dict. Every key,
-        shape and the offsets are checked against our hash layout before anything is copied; a missing,
-        unexpected or mis-shaped entry raises ``ValueError`` naming it.
-        """
-        if config.gate != "signed_sqrt" or not config.short_conv or not config.branch_keys:
-            raise ValueError("the demo module has the signed-sqrt gate, the short conv and one W_K per branch; "
-                             f"got gate={config.gate!r}, short_conv={config.short_conv}, "
-                             f"branch_keys={config.branch_keys}")
-        if layer_id is None:
-            if len(config.layer_ids) != 1:
-                raise ValueError(f"the config has Engram layers {config.layer_ids}: say which one with layer_id=")
-            layer_id = config.layer_ids[0]
-        if layer_id not in config.layer_ids:
-            raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layers {config.layer_ids}")
-        config = dataclasses.replace(config, **DEMO_MODULE)
-        geometry = table_geometry(config, config.layer_ids)[layer_id]
-        branches = sum(1 for key in state_dict if key.startswith("key_projs.") and key.endswith(".weight"))
-        if branches < 1:
-            raise ValueError("not a demo Engram state dict: no key_projs.{g}.weight entries")
-        expected = _demo_shapes(config, dim, branches, geometry)
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"demo state dict (G={branches}): missing keys {missing}, unexpected keys {unexpected}")
-        for key, shape in expected.items():
-            if tuple(state_dict[key].shape) != shape:
-                raise ValueError(f"demo state dict: {key} has shape {tuple(state_dict[key].shape)}, "
-                                 f"expected {shape} (layer {layer_id}, D={dim}, G={branches})")
-        offsets = [int(x) for x in state_dict["multi_head_embedding.offsets"].tolist()]
-        if offsets != list(geometry.offsets):
-            raise ValueError(f"demo state dict: multi_head_embedding.offsets {_clip(offsets)} differ from our hash "
-                             f"layout's {_clip(list(geometry.offsets))} for layer {layer_id}: another table "
-                             "size, seed or set of Engram layers")
-        with torch.device("meta"):
-            module = cls(config, dim, geometry, branches=branches, sparse_table=sparse_table)
-        module.to_empty(device=state_dict["multi_head_embedding.embedding.weight"].device)
-        module.embedding.reset_buffers()
-        with torch.no_grad():
-            for ours, tensor in module._demo_views().items():
-                tensor.copy_(state_dict[ours].reshape(tensor.shape))
-        return module
-
-    def to_demo_state_dict(self) -> dict[str, torch.Tensor]:
-        """This module's weights under the demo module's key names and shapes (``from_demo_state_dict``'s
-        inverse). A module without biases writes zero biases; one built with other norm eps warns, since
-        the demo module would compute with its own."""
-        c = self.config
-        if c.gate != "signed_sqrt" or not c.short_conv or not c.branch_keys:
-            raise ValueError("only the demo's module shape (signed-sqrt gate, short conv, W_K per branch) has a "
-                             "demo state dict")
-        if (c.gate_norm_eps, c.conv_norm_eps) != (DEMO_MODULE["gate_norm_eps"], DEMO_MODULE["conv_norm_eps"]):
-            warnings.warn("this Engram's norm eps differ from the demo's (None on the gate norms, 1e-5 on the "
-                          "conv norms): the demo module will compute slightly different outputs", stacklevel=2)
-        out = {key: tensor.detach().clone() for key, tensor in self._demo_views().items()}
-        out["multi_head_embedding.offsets"] = self.embedding.offsets.detach().clone()
-        return {key: out[key].reshape(shape) if key in out else
-                torch.zeros(shape, dtype=self.value_proj.weight.dtype, device=self.value_proj.weight.device)
-                for key, shape in _demo_shapes(c, self.dim, self.branches, self.embedding.geometry).items()}
-
-    def _demo_views(self) -> dict[str, torch.Tensor]:
-        """Demo key -> our tensor (or a view of it) holding the same numbers; biases only when present."""
-        G = self.branches
-        views = {"multi_head_embedding.embedding.weight": self.embedding.weight,
-                 "value_proj.weight": self.value_proj.weight,
-                 "short_conv.conv.weight": self.conv_weight}  # (G, D, K) is the demo's (G*D, 1, K), channel g*D+d
-        if self.value_proj.bias is not None:
-            views["value_proj.bias"] = self.value_proj.bias
-        for g in range(G):
-            views[f"key_projs.{g}.weight"] = self.key_proj.weight[g]
-            if self.key_proj.bias is not None:
-                views[f"key_projs.{g}.bias"] = self.key_proj.bias[g]
-            views[f"norm1.{g}.weight"] = self.norm_key.weight[g]  # the demo's norm1 normalises the key
-            views[f"norm2.{g}.weight"] = self.norm_query.weight[g]  # and norm2 the hidden state
-            views[f"short_conv.norms.{g}.weight"] = self.norm_conv.weight[g]
-        return views
-
-
-def _demo_shapes(config: EngramConfig, dim: int, branches: int, geometry: TableGeometry) -> dict[str, tuple]:
-    """Every key of the demo module's state dict and its shape."""
-    M, K = config.memory_dim, config.kernel_size
-    shapes = {"multi_head_embedding.embedding.weight": (geometry.num_rows, config.head_dim),
-              "multi_head_embedding.offsets": (geometry.n_heads,),
-              "value_proj.weight": (dim, M), "value_proj.bias": (dim,),
-              "short_conv.conv.weight": (branches * dim, 1, K)}
-    for g in range(branches):
-        shapes |= {f"key_projs.{g}.weight": (dim, M), f"key_projs.{g}.bias": (dim,),
-                   f"norm1.{g}.weight": (dim,), f"norm2.{g}.weight": (dim,), f"short_conv.norms.{g}.weight": (dim,)}
-    return shapes
-
-
-def _clip(values: list, limit: int = 6) -> str:
-    return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"
+    def to_demo_state_dict(self):
+        raise AttributeError("Engram.to_demo_state_dict moved: use engram.compat.deepseek.to_demo_state_dict(module)")

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from engram.config import EngramConfig
+from engram.model.table_config import EngramConfig
 from engram.hashing import TableGeometry
 from engram.model.cache import LayerCache
 from engram.model.engram import GATE_SQRT_FLOOR, init_table, table_geometry_for

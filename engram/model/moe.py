@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engram.config import MoEConfig
+from engram.model.config import MoEConfig
 from engram.model.init import derive_seed, normal_units_
 from engram.model.layers import SwiGLU, swiglu_params
 
@@ -162,6 +162,17 @@ class MoE(nn.Module):
         """(E,) share of routed tokens per expert over the last step closed by update_bias (zeros before)."""
         total = self._last_load.sum()
         return self._last_load / total.clamp(min=1.0)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of ``model`` (any module: an ``EngramLM``, a base model with an adapter), in module order."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def update_moe_bias(model: nn.Module) -> None:
+    """Auxiliary-loss-free balancing of every MoE layer of ``model``: call once per optimizer step."""
+    for moe in moe_layers(model):
+        moe.update_bias()
 
 
 def moe_params(dim: int, config: MoEConfig) -> tuple[int, int]:

@@ -30,7 +30,8 @@ import math
 import torch
 from torch import nn
 
-from engram.config import ModelConfig, OverEncodingConfig
+from engram.model.config import ModelConfig
+from engram.model.table_config import OverEncodingConfig
 from engram.hashing import NgramHasher
 from engram.model.tables import MultiHeadEmbedding
 from engram.tokenizer import CompressedTokenizer
@@ -87,7 +88,7 @@ class OverEncoding(nn.Module):
         Rows leave zero on their first lookup (their gradient is P_n^T dL/dx, nonzero).
         ``tables=False`` leaves the table rows as they are (a checkpoint fills them).
         """
-        if tables and hasattr(self.embedding, "init_weights"):
+        if tables and self.embedding.trainable:
             self.embedding.init_weights(0.0, 0)
         if isinstance(self.proj, OrderProjection):
             nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.config.n_embed_per_ngram))

@@ -59,14 +59,32 @@ def normal_rows_(weight: torch.Tensor, first_row: int, std: float, seed: int) ->
 
 
 class HashedTable(nn.Module):
-    """A flat table of H hashed heads: hash ids (B, T, H) -> rows (B, T, H, d_h).
+    """A flat table of H hashed heads: hash ids (B, T, H) -> rows (B, T, H, d_h). What every placement of a
+    table answers, so nothing asks a table what it is (``isinstance``) or probes it (``hasattr``):
 
-    Every implementation has ``offsets`` (H,) (head j's first row), ``num_rows``, ``dim`` and
-    ``sparse``; those holding trainable rows have a ``weight`` and ``init_weights(std, seed)``, and
-    ``reset_buffers()`` rewrites derived buffers after ``to_empty``. (A marker base: the attributes are
-    plain attributes or properties of each implementation.)"""
+    offsets      (H,) buffer, head j's first row
+    num_rows     N, rows of the flat table; dim: d_h, the row width
+    sparse       whether its gradient holds only the looked-up rows (for SparseAdam: PITFALLS 12)
+    trainable    whether it holds rows an optimizer steps (``weight``, filled by ``init_weights(std, seed)``)
+    prefetch     ``prefetch(hash_ids)``: start fetching the rows of the coming forward; nothing to do for a
+                 table whose rows are at hand (the default)
+    reset_buffers()  rewrites derived buffers after ``to_empty``
+    """
 
     sparse: bool = False
+
+    @property
+    def trainable(self) -> bool:
+        return False
+
+    def prefetch(self, hash_ids: torch.Tensor) -> None:
+        """Rows of a device or host-resident table are at hand: nothing to fetch ahead."""
+
+    def reset_buffers(self) -> None:
+        """Rewrite derived buffers (``offsets``) after ``to_empty``; a table without any has none to rewrite."""
+
+    def init_weights(self, std: float, seed: int) -> None:
+        """Fill the trainable rows N(0, std) from ``seed``; a table without trainable rows has none to fill."""
 
 
 class MultiHeadEmbedding(HashedTable):
@@ -88,6 +106,10 @@ class MultiHeadEmbedding(HashedTable):
     @torch.no_grad()
     def reset_buffers(self) -> None:
         self.offsets.copy_(torch.tensor(self.geometry.offsets, dtype=torch.int64))
+
+    @property
+    def trainable(self) -> bool:
+        return True
 
     @property
     def num_rows(self) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import ModelConfig
+from engram.model.config import ModelConfig
 from engram.hashing import NgramHasher, TableGeometry, check_token_ids, document_ids
 from engram.model.attention import MLA, Attention, document_mask
 from engram.model.cache import InferenceCache, LayerCache
@@ -26,7 +26,7 @@ from engram.model.engram_v41 import EngramV41
 from engram.model.hyper import make_residual
 from engram.model.init import derive_seed, normal_, normal_units_, reset_derived_buffers, seeded
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from engram.model.moe import MoE
+from engram.model.moe import MoE, moe_layers, update_moe_bias
 from engram.model.overencoding import OverEncoding, input_layer_id
 from engram.model.tables import HashedTable
 from engram.tokenizer import CompressedTokenizer
@@ -309,14 +309,11 @@ class EngramLM(nn.Module):
         runs: a storage tier (``engram.storage``) that replaced a table starts fetching them here, in
         the background, while the first blocks compute (SPEC §5). Device-resident tables do nothing."""
         for layer_id, layer in self.engram_layers.items():
-            start = getattr(layer.embedding, "prefetch", None)
-            if start is not None:
-                start(hash_ids[layer_id])
+            layer.embedding.prefetch(hash_ids[layer_id])
 
     def moe_layers(self) -> list[MoE]:
-        return [blk.ffn for blk in self.layers if isinstance(blk.ffn, MoE)]
+        return moe_layers(self)
 
     def update_moe_bias(self) -> None:
         """Auxiliary-loss-free balancing: call once per optimizer step."""
-        for moe in self.moe_layers():
-            moe.update_bias()
+        update_moe_bias(self)

@@ -146,17 +146,16 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype | str 
             raise TableError(f"{directory} holds a manifest of format {found!r}, not Engram tables: refusing to "
                              "write tables over it (is it a checkpoint?); choose another directory")
     for layer_id, layer in sorted(model.engram_layers.items()):  # refuse before any file is touched
-        weight = getattr(layer.embedding, "weight", None)
-        if weight is not None:
-            _check_finite(weight, f"layer {layer_id}")
+        if layer.embedding.trainable:
+            _check_finite(layer.embedding.weight, f"layer {layer_id}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # the old manifest must not vouch for half-rewritten files
     layers = {}
     for layer_id, layer in sorted(model.engram_layers.items()):
-        weight = getattr(layer.embedding, "weight", None)
-        if weight is None:
+        if not layer.embedding.trainable:
             raise TableError(f"layer {layer_id}'s table is not a parameter (already offloaded?); export "
                              "from the model before apply_storage")
+        weight = layer.embedding.weight
         file = f"layer_{layer_id}.bin"
         if not fmt.quantised:
             _scales_path(directory / file).unlink(missing_ok=True)  # left by an earlier quantised export

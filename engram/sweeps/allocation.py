@@ -23,7 +23,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-from engram.config import EngramConfig, ModelConfig
+from engram.model.config import ModelConfig
+from engram.model.table_config import EngramConfig
 from engram.model.accounting import (ParameterCount, count_parameters, engram_dense_params,
                                            engram_table_params)
 from engram.model.layers import swiglu_params

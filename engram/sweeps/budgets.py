@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engram.config import BackboneConfig, DataConfig, EngramConfig, ModelConfig, MoEConfig, RunConfig, TrainConfig
+from engram.data.config import DataConfig
+from engram.model.config import BackboneConfig, MoEConfig, ModelConfig
+from engram.model.table_config import EngramConfig
+from engram.train.config import RunConfig, TrainConfig
 from engram.model.accounting import count_parameters
 from engram.presets import PAPER_MLA, PAPER_VOCAB
 

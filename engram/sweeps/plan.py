@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engram.cli.overrides import apply_overrides
-from engram.config import ModelConfig, OverEncodingConfig, RunConfig
+from engram.schema import apply_overrides
+from engram.model.config import ModelConfig
+from engram.model.table_config import OverEncodingConfig
+from engram.train.config import RunConfig
 from engram.model.accounting import count_parameters
 from engram.sweeps.allocation import allocate, allocation_grid, format_grid, with_rows_per_head
 from engram.sweeps.budgets import Budget, get_budget

@@ -32,7 +32,7 @@ import traceback
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from engram.config import RunConfig
+from engram.train.config import RunConfig
 from engram.fileio import atomic_write_json
 from engram.model.init import INIT_SCHEME
 from engram.sweeps.plan import PlannedRun, plan

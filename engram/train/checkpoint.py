@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from engram import fileio
-from engram.config import RunConfig
+from engram.train.config import RunConfig
 from engram.distributed import checkpoint as table_ckpt
 from engram.model.transformer import EngramLM
 from engram.tokenizer import CompressedTokenizer
@@ -144,6 +144,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM, opti
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class CheckpointFiles:
+    """The file steps of a checkpoint, handed to the placement that saves it (``parallelize(...,
+    files=CHECKPOINT_FILES)``), so ``engram.distributed`` writes checkpoints without importing the
+    trainer: ``checkpoints_dir``, ``stage`` -> ``write_replicated`` -> ``publish``, and ``save`` (all of it,
+    one process)."""
+
+    checkpoints_dir = staticmethod(checkpoints_dir)
+    stage = staticmethod(stage)
+    write_replicated = staticmethod(write_replicated)
+    publish = staticmethod(publish)
+    save = staticmethod(save_checkpoint)
+
+
+CHECKPOINT_FILES = CheckpointFiles()
+table_ckpt.register_checkpoint_files(CHECKPOINT_FILES)  # what a placement given no files writes with
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -287,19 +304,24 @@ class Checkpoint:
         return fileio.sha256_file(self.path / MANIFEST)
 
     def prepared_data(self):
-        """The run's corpus tokenized by this checkpoint's own tokenizer (``prepare_with_tokenizer``):
-        the training cache when it was made with it, else tokenized again; never a retrained BPE."""
-        from engram.data import prepare_with_tokenizer
+        """Moved: ``engram.train.startup.checkpoint_data(checkpoint)`` (the run's corpus with this tokenizer)."""
+        import warnings
 
-        return prepare_with_tokenizer(self.data_config, self.tokenizer, self.path / "tokenizer" / "tokenizer.json")
+        from engram.train.startup import checkpoint_data
+
+        warnings.warn("Checkpoint.prepared_data() moved to engram.train.startup.checkpoint_data(checkpoint)",
+                      DeprecationWarning, stacklevel=2)
+        return checkpoint_data(self)
 
     def text_data(self, source: str):
-        """Every document of ``source`` tokenized by this checkpoint's tokenizer, as one split (TokenShards)."""
-        from engram.data import prepare_text
+        """Moved: ``engram.train.startup.checkpoint_text(checkpoint, source)``."""
+        import warnings
 
-        data = self.data_config
-        return prepare_text(source, self.tokenizer, self.path / "tokenizer" / "tokenizer.json", data.cache_dir,
-                            data.text_field)
+        from engram.train.startup import checkpoint_text
+
+        warnings.warn("Checkpoint.text_data() moved to engram.train.startup.checkpoint_text(checkpoint, source)",
+                      DeprecationWarning, stacklevel=2)
+        return checkpoint_text(self, source)
 
     @property
     def sharded(self) -> bool:
@@ -335,12 +357,26 @@ class Checkpoint:
         with torch.device("meta"):
             return EngramLM(self.run_config.model, self.compressed, sparse_tables=sparse_tables)
 
-    def load_into(self, model: EngramLM) -> None:
-        """Check the hash layouts against ``model``'s hashers and copy the weights in. Tables that are
-        row-sharded (``engram.distributed``) are left to ``engram.distributed.checkpoint.load_shards``;
-        whole tables are read from either layout."""
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
+        """The stored tensor ``name`` of ``model.safetensors`` (rows [start, stop) of it when given, read
+        without the rest), or None when it is not stored: the one primitive placements read weights with."""
         from safetensors import safe_open
 
+        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+            if name not in f.keys():
+                return None
+            return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
+
+    def stored_names(self) -> set[str]:
+        """The names of every tensor in ``model.safetensors``."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+
+    def check_layouts(self, model: EngramLM) -> None:
+        """The stored hash layouts must equal ``model``'s hashers' (PITFALLS 3, 4): other addresses would
+        scramble every table row."""
         for name, hasher in _hashers(model).items():
             layout_file = self.path / name
             if not layout_file.is_file():
@@ -349,13 +385,23 @@ class Checkpoint:
                 hasher.check_layout(json.loads(layout_file.read_text()))
             except ValueError as err:
                 raise CheckpointError(f"{layout_file}: {err}") from None
+
+    def load_into(self, model: EngramLM) -> None:
+        """Check the hash layouts against ``model``'s hashers and copy the weights in. Tables that are
+        row-sharded (``engram.distributed``) are left to ``engram.distributed.checkpoint.load_shards``;
+        whole tables are read from either layout. A model whose dense weights are FSDP shards reads its
+        rows through its placement (``engram.distributed.Parallel.restore`` / ``load_weights``)."""
+        from safetensors import safe_open
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in model.parameters()):
+            raise CheckpointError("the model's dense weights are FSDP shards: load them through its placement "
+                                  "(engram.distributed.Parallel.restore or load_weights), which reads each rank's rows")
+        self.check_layouts(model)
         tables = model.named_tables()
         per_rank = set(table_ckpt.sharded_tables(model))
         table_keys = {f"{name}.weight" for name in tables}
         whole = [name for name in tables if name not in per_rank]
-        if _holds_shards(model):  # FSDP: every rank reads its rows of each weight, nothing more
-            self._load_rows_into(model, per_rank, whole)
-            return
         with safe_open(str(self.path / "model.safetensors"), "pt") as f:
             keys = set(f.keys())
             state = {k: f.get_tensor(k) for k in keys if k not in table_keys}
@@ -369,37 +415,6 @@ class Checkpoint:
         if missing or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not fit the stored config: "
                                   f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-
-    def _load_rows_into(self, model: EngramLM, per_rank: set[str], whole: list[str]) -> None:
-        """``load_into`` for a model whose dense weights are FSDP shards: each rank reads its rows. Its
-        tables are row-sharded (``parallelize`` shards them before FSDP), and ``load_shards`` fills them."""
-        from safetensors import safe_open
-
-        from engram.distributed.fsdp import load_full_state
-
-        if whole:
-            raise CheckpointError(f"the tables {whole} are whole in a model whose dense weights are FSDP shards; "
-                                  "place the model with engram.distributed.parallelize, which row-shards them")
-        skip = {f"{name}.weight" for name in per_rank}
-        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-            keys = set(f.keys())
-
-            def read(name: str, start: int | None, stop: int | None):
-                if name not in keys:
-                    return None
-                return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
-
-            missing = load_full_state(model, read, skip)
-            unexpected = keys - set(model.state_dict())
-        if missing or unexpected:
-            raise CheckpointError(f"{self.path}/model.safetensors does not fit the stored config: "
-                                  f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-
-
-def _holds_shards(model: EngramLM) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def open_checkpoint(path: str | os.PathLike, tokenizer=None, check_hashes: bool = True) -> Checkpoint:

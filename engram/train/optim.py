@@ -1,7 +1,7 @@
 """Optimizers and the learning-rate schedule.
 
-Dense parameters use AdamW (weight decay on matrices only); with ``TrainConfig.optimizer="muon"`` the
-hidden matrices (``muon_parameters``) use Muon instead (``engram.train.muon``) and AdamW keeps the rest.
+Dense parameters use AdamW (weight decay on matrices only); with ``train.optim.name="muon"`` the
+hidden matrices (``engram.model.matrices.muon_parameters``) use Muon instead (``engram.train.muon``) and AdamW keeps the rest.
 Hashed tables with sparse gradients (Engram and OverEncoding, built with ``sparse_tables=True``, and
 their row shards) use Adam restricted to the rows a step looked up (``torch.optim.SparseAdam``, lazy
 moments) at ``table_lr_mult`` x the base rate with no weight decay (SPEC §3): a step costs O(rows
@@ -16,38 +16,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engram.config import TrainConfig
-from engram.model.engram import BranchLinear
-from engram.model.moe import RoutedExperts
-from engram.model.overencoding import OrderProjection
+from engram.model.matrices import muon_parameters
+from engram.train.config import TrainConfig
 from engram.train.muon import DTensor, Muon
-
-# The parameters Muon orthogonalises, by the module that owns them: matrices (out, in) and stacks of
-# them (..., out, in), one matrix per routed expert, Engram branch or OverEncoding n-gram order.
-MATRICES = {nn.Linear: ("weight",), RoutedExperts: ("w1", "w2", "w3"), BranchLinear: ("weight",),
-            OrderProjection: ("weight",)}
-
 
 def table_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable rows of every hashed table (offloaded tables hold none)."""
-    return [t.weight for t in model.named_tables().values() if getattr(t, "weight", None) is not None]
-
-
-def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every hidden matrix, in ``model.named_parameters()`` order: the ``MATRICES``
-    of each module, i.e. the weights of every ``nn.Linear`` (attention, FFNs, shared experts, routers,
-    Engram's value projection, mHC's dynamic projection ``proj``), the routed experts' stacks and the
-    Engram and OverEncoding projection stacks, except the LM head (``model.output``).
-
-    Everything else is AdamW's under ``optimizer="muon"``: the token embedding and the head (Muon is for
-    hidden layers), norms and biases, mHC's static biases and gating factors, Engram's depthwise conv
-    taps (K per channel, no matrix). The hashed tables are SparseAdam's either way.
-    """
-    head = getattr(model, "output", None)
-    chosen = {id(getattr(m, name)) for m in model.modules() if m is not head
-              for kind, names in MATRICES.items() if isinstance(m, kind)
-              for name in names if getattr(m, name, None) is not None}
-    return [(n, p) for n, p in model.named_parameters() if id(p) in chosen and p.requires_grad]
+    return [t.weight for t in model.named_tables().values() if t.trainable]
 
 
 def _sum_over_ranks(squares: list[torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor],
@@ -57,14 +32,16 @@ def _sum_over_ranks(squares: list[torch.Tensor], reduce: Callable[[torch.Tensor]
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then step decay at each fraction in ``decay_at``."""
-    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-    drops = sum(step >= math.ceil(f * config.max_steps) for f in config.decay_at)
-    return config.lr * warm * config.decay_factor ** drops
+    """Linear warmup over ``schedule.warmup_steps``, then step decay at each fraction in ``schedule.decay_at``
+    of ``max_steps``."""
+    schedule = config.schedule
+    warm = min(1.0, (step + 1) / schedule.warmup_steps) if schedule.warmup_steps else 1.0
+    drops = sum(step >= math.ceil(f * config.max_steps) for f in schedule.decay_at)
+    return config.optim.lr * warm * schedule.decay_factor ** drops
 
 
 class Optimizers:
-    """AdamW for dense parameters (with ``optimizer="muon"``: Muon for ``muon_parameters``, AdamW for the
+    """AdamW for dense parameters (with ``optim.name="muon"``: Muon for ``muon_parameters``, AdamW for the
     other dense ones) plus SparseAdam for hashed tables, stepped, clipped and saved together.
 
     Whether a table's gradient is sparse is decided where the model was built or placed
@@ -77,7 +54,7 @@ class Optimizers:
     ``reduce_dense_sq``: the same for dense weights sharded by FSDP2 (DTensor gradients;
     ``Parallel.dense_squares_reduce``).
 
-    Muon: Nesterov momentum 0.95, 5 Newton-Schulz steps, ``config.weight_decay`` (decoupled) and the
+    Muon: Nesterov momentum 0.95, 5 Newton-Schulz steps, ``optim.weight_decay`` (decoupled) and the
     base rate scaled by 0.2 sqrt(max(rows, cols)) per matrix, so one learning rate and weight decay serve
     AdamW and Muon alike (Moonlight's recipe). The state dict of a Muon run says so (``"optimizer":
     "muon"``, the matrices' state under ``"matrices"``); an AdamW run's keeps the keys it always had
@@ -89,9 +66,11 @@ class Optimizers:
                  reduce_table_sq: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  reduce_dense_sq: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
+        self.name = config.optim.name
         self.reduce_table_sq = reduce_table_sq
         self.reduce_dense_sq = reduce_dense_sq
-        rows = {n: t for n, t in model.named_tables().items() if getattr(t, "weight", None) is not None}
+        optim = config.optim
+        rows = {n: t for n, t in model.named_tables().items() if t.trainable}
         dense_grads = [n for n, t in rows.items() if not t.sparse]
         if dense_grads:
             raise ValueError(f"Optimizers: the tables {dense_grads} give dense gradients; build the model with "
@@ -100,24 +79,23 @@ class Optimizers:
         tables = [t.weight for t in rows.values()]
         table_ids = {id(p) for p in tables}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in table_ids]
-        matrices = [p for _, p in muon_parameters(model)] if config.optimizer == "muon" else []
+        matrices = [p for _, p in muon_parameters(model)] if self.name == "muon" else []
         matrix_ids = {id(p) for p in matrices}
         adamw = [p for p in dense if id(p) not in matrix_ids]
         decay = [p for p in adamw if p.dim() >= 2]
         no_decay = [p for p in adamw if p.dim() < 2]
-        betas = (config.beta1, config.beta2)
+        betas = (optim.beta1, optim.beta2)
         self.matrices = None
         if matrices:
-            self.matrices = Muon([{"params": matrices, "lr_mult": 1.0}], lr=config.lr,
-                                 weight_decay=config.weight_decay)
+            self.matrices = Muon([{"params": matrices, "lr_mult": 1.0}], lr=optim.lr, weight_decay=optim.weight_decay)
         self.dense = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay, "lr_mult": 1.0},
+            [{"params": decay, "weight_decay": optim.weight_decay, "lr_mult": 1.0},
              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}],
-            lr=config.lr, betas=betas, eps=1e-8)
+            lr=optim.lr, betas=betas, eps=1e-8)
         self.tables = None
         if tables:
-            self.tables = torch.optim.SparseAdam([{"params": tables, "lr_mult": config.table_lr_mult}],
-                                                 lr=config.lr * config.table_lr_mult, betas=betas, eps=1e-8)
+            self.tables = torch.optim.SparseAdam([{"params": tables, "lr_mult": optim.table_lr_mult}],
+                                                 lr=optim.lr * optim.table_lr_mult, betas=betas, eps=1e-8)
         self.dense_params, self.table_params = dense, tables
 
     @property
@@ -178,15 +156,15 @@ class Optimizers:
     def state_dict(self) -> dict:
         state = {"dense": self.dense.state_dict(),
                  "tables": None if self.tables is None else self.tables.state_dict()}
-        if self.config.optimizer == "muon":
+        if self.name == "muon":
             state.update(optimizer="muon", matrices=None if self.matrices is None else self.matrices.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
         stored = state.get("optimizer", "adamw")
-        if stored != self.config.optimizer:
-            raise ValueError(f"the optimizer state is {stored}'s but this run has train.optimizer="
-                             f"{self.config.optimizer}: a run resumes with the optimizer it started with; set "
+        if stored != self.name:
+            raise ValueError(f"the optimizer state is {stored}'s but this run has train.optimizer={self.name} "
+                             f"(train.optim.name): a run resumes with the optimizer it started with; set "
                              f"train.optimizer={stored}, or start a new run from these weights with --init-from")
         if (state.get("tables") is None) != (self.tables is None):
             raise ValueError("optimizer state and model disagree on whether Engram tables are sparse-optimised")

@@ -5,8 +5,9 @@ global batch -> forward -> backward (DDP all-reduces the dense gradients after t
 stop on a NaN/inf loss *before* the optimizer moves anything, so the last checkpoint stays good; clip
 by the global norm; step both optimizers; update the MoE expert bias on the whole batch's load.
 
-``TrainState`` is what ``engram.train.loop.setup`` builds and the loop carries: the resolved run, the
-data, the model and its placement, the optimizers and the step counter.
+``TrainState`` is what a trainer builds (``engram.train.startup`` for ``engram train``,
+``engram.hf.finetune`` for an adapter) and the loop (``engram.train.loop.run_loop``) carries: the run's
+config, the data, the model and its placement, the optimizers, the step counter and how to save.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
-from engram.config import RunConfig
 from engram.data.prepare import PreparedData
 from engram.distributed.parallelize import Parallel
-from engram.model.transformer import EngramLM
+from engram.model.moe import update_moe_bias
+from engram.train.config import TrainConfig
+from engram.train.device import autocast
 from engram.train.optim import Optimizers, learning_rate
 
 
@@ -31,32 +35,38 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainState:
-    """A run ready to train. ``step``: optimizer steps done; ``model``: the weights (checkpoints,
-    evaluation, the MoE bias); ``parallel.net``: what forward and backward go through."""
+    """A run ready to train.
 
-    run: RunConfig  # resolved: derived fields filled from the data
+    run: the resolved config, anything whose ``.train`` is the ``TrainConfig`` (a ``RunConfig`` with its
+        derived fields filled from the data, a ``FinetuneConfig``).
+    model: any module called as ``model(ids, labels=, boundary=)`` returning an output with ``.loss``
+        (an ``EngramLM``; a base model with its Engram adapter): the weights, evaluation and the MoE bias.
+    parallel: the placement; ``parallel.net`` is what forward and backward go through.
+    step: optimizer steps done. last_checkpoint: the newest checkpoint of this history, if any.
+    save: ``save(state, step, metrics) -> checkpoint directory``, the trainer's own checkpoint writer.
+    """
+
+    run: Any
     run_dir: Path
     device: torch.device
     data: PreparedData
-    model: EngramLM
+    model: nn.Module
     parallel: Parallel
     optimizers: Optimizers
     step: int = 0
     last_checkpoint: Path | None = None
+    save: Callable[["TrainState", int, dict], Path] | None = None
 
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; fp32 on CPU (bf16 is emulated there and ~300x slower)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    @property
+    def train(self) -> TrainConfig:
+        return self.run.train
 
 
 def train_step(state: TrainState) -> dict:
     """Run optimizer step ``state.step + 1`` and advance ``state.step``; returns its metrics (step,
     loss averaged over micro-batches and ranks, lr, grad_norm, tokens, tokens_per_s, and under a
     process group the bytes this rank sent). Raises ``TrainingDiverged`` before any weight moves."""
-    tc, par, opt = state.run.train, state.parallel, state.optimizers
+    tc, par, opt = state.train, state.parallel, state.optimizers
     t0 = time.perf_counter()
     sent_before = par.traffic()
     lr = learning_rate(state.step, tc)
@@ -77,11 +87,11 @@ def train_step(state: TrainState) -> dict:
         last = state.last_checkpoint
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise TrainingDiverged(f"loss is {loss_value} at step {state.step + 1} (lr {lr:.3g}); stopping. {where}")
-    grad_norm = opt.clip_grad_norm(tc.grad_clip)
+    grad_norm = opt.clip_grad_norm(tc.optim.grad_clip)
     opt.step()
     opt.zero_grad()
     par.reduce_moe_load()
-    state.model.update_moe_bias()
+    update_moe_bias(state.model)
     state.step += 1
     elapsed = time.perf_counter() - t0
     metrics = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,

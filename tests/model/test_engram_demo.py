@@ -1,4 +1,4 @@
-"""The official demo's Engram weights (issue 18): ``Engram.from_demo_state_dict`` against a reference
+"""The official demo's Engram weights: ``engram.compat.deepseek.from_demo_state_dict`` against a reference
 written here from SPEC §2 ("The demo's exact module"), under the demo's key names. The reference reads the
 state dict directly; it shares no code with ``engram.model.engram``."""
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram.config import DEMO_MODULE, EngramConfig
+from engram.compat.deepseek import DEMO_MODULE, from_demo_state_dict, to_demo_state_dict
+from engram.config import EngramConfig
 from engram.hashing import table_geometry
 from engram.model.engram import Engram
 
@@ -74,7 +75,7 @@ def random_inputs(config, D, G, layer_id, B=2, T=23, scale=1.0, seed=1):
 def test_loaded_module_computes_what_the_demo_module_computes(G, scale):
     config, D = config_for(layer_ids=(1, 3)), 16
     sd = random_demo_state_dict(config, D, G, layer_id=3)
-    module = Engram.from_demo_state_dict(sd, config, D, layer_id=3)
+    module = from_demo_state_dict(sd, config, D, layer_id=3)
     hidden, hash_ids = random_inputs(config, D, G, 3, scale=scale)
     torch.testing.assert_close(module(hidden, hash_ids), demo_reference(sd, hidden, hash_ids, config.dilation),
                                atol=1e-5, rtol=0)
@@ -84,7 +85,7 @@ def test_the_demo_numerics_matter():
     """Without the biases and eps (our defaults) the same weights give other outputs: the switches are real."""
     config, D, G = config_for(), 16, 2
     sd = random_demo_state_dict(config, D, G, layer_id=1)
-    demo = Engram.from_demo_state_dict(sd, config, D)
+    demo = from_demo_state_dict(sd, config, D)
     ours = Engram(config, D, table_geometry(config, config.layer_ids)[1], 1e-6, branches=G)
     ours.load_state_dict({k: v for k, v in demo.state_dict().items() if not k.endswith("bias")})
     hidden, hash_ids = random_inputs(config, D, G, 1, scale=1e-3)
@@ -96,7 +97,7 @@ def test_the_demo_numerics_matter():
 def test_round_trip(G):
     config, D = config_for(N=4, K=3, kernel=3), 8
     sd = random_demo_state_dict(config, D, G, layer_id=1, seed=G)
-    back = Engram.from_demo_state_dict(sd, config, D).to_demo_state_dict()
+    back = to_demo_state_dict(from_demo_state_dict(sd, config, D))
     assert back.keys() == sd.keys()
     for key in sd:
         assert back[key].dtype == sd[key].dtype and torch.equal(back[key], sd[key]), key
@@ -106,7 +107,7 @@ def test_our_module_exports_zero_biases_and_warns_about_eps():
     config, D = config_for(), 8
     ours = Engram(config, D, table_geometry(config, config.layer_ids)[1], 1e-6, branches=2)
     with pytest.warns(UserWarning, match="eps"):
-        sd = ours.to_demo_state_dict()
+        sd = to_demo_state_dict(ours)
     assert not sd["value_proj.bias"].any() and not sd["key_projs.1.bias"].any()
     assert torch.equal(sd["key_projs.1.weight"], ours.key_proj.weight[1])
     assert torch.equal(sd["short_conv.conv.weight"][5, 0], ours.conv_weight[0, 5])
@@ -114,7 +115,7 @@ def test_our_module_exports_zero_biases_and_warns_about_eps():
 
 def _refused(sd, match, config=None, **kw):
     with pytest.raises(ValueError, match=match):
-        Engram.from_demo_state_dict(sd, config or config_for(), 16, **kw)
+        from_demo_state_dict(sd, config or config_for(), 16, **kw)
 
 
 def test_bad_state_dicts_are_refused_by_name():
@@ -149,3 +150,10 @@ def test_demo_module_config_constant():
     with pytest.raises(ValueError, match="conv_norm_eps"):
         EngramConfig(conv_norm_eps="demo")
     assert EngramConfig.from_dict(EngramConfig(**DEMO_MODULE).to_dict()) == EngramConfig(**DEMO_MODULE)
+
+
+def test_the_old_names_say_where_the_demo_weights_went():
+    with pytest.raises(AttributeError, match="engram.compat.deepseek.from_demo_state_dict"):
+        Engram.from_demo_state_dict({}, config_for(), 16)
+    with pytest.raises(AttributeError, match="engram.compat.deepseek.to_demo_state_dict"):
+        Engram(config_for(), 16, table_geometry(config_for(), [1])[1]).to_demo_state_dict()

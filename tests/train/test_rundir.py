@@ -235,7 +235,8 @@ def test_relative_paths_resolve_against_the_run_directory(corpus_dir, cache_dir,
     assert ckpt.data_config.source == str(Path(corpus_dir).resolve())
     assert ckpt.data_config.cache_dir == str(work / "cache")
     from engram.train import evaluate
-    again = evaluate(ckpt.model, ckpt.prepared_data().val, 4, 32, 2, torch.device("cpu"))
+    from engram.train.startup import checkpoint_data
+    again = evaluate(ckpt.model, checkpoint_data(ckpt).val, 4, 32, 2, torch.device("cpu"))
     assert again == {k: result.final_eval[k] for k in again} and not (elsewhere / "cache").exists()
 
 

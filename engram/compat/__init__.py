@@ -1,0 +1,1 @@
+"""Compatibility with other Engram implementations' files: ``deepseek`` (DeepSeek's official demo)."""
