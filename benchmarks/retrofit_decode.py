@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from timing import time_calls
 
-from engram.retrofit import EngramAdapter, attach_engram
+from engram.hf.retrofit import EngramAdapter, attach_engram
 from engram.tokenizer import CompressedTokenizer
 
 

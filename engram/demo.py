@@ -191,13 +191,13 @@ def plot_demo(results: dict, path: Path) -> Path:
 
 
 def greedy_sample(checkpoint: str) -> str:
+    from engram.data import prompt_ids
     from engram.infer import generate
     from engram.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     tok = ckpt.tokenizer
-    prompt_ids = [tok.token_to_id("<|bos|>")] + tok.encode(PROMPT).ids
-    return PROMPT + tok.decode(generate(ckpt.model, prompt_ids, SAMPLE_TOKENS, temperature=0.0))
+    return PROMPT + tok.decode(generate(ckpt.model, prompt_ids(tok, PROMPT), SAMPLE_TOKENS, temperature=0.0))
 
 
 def run_demo(out_dir: str | Path | None = None, overrides: list[str] | None = None, quick: bool = False,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.tokenizer import CompressedTokenizer
+from engram.tokenizer import CompressedTokenizer, check_token_ids
 
 if TYPE_CHECKING:  # configs are read by field; the hasher sits below the model package
     from engram.model.table_config import TableConfig
@@ -114,23 +114,6 @@ def table_geometry(config: TableConfig, layer_ids: list[int]) -> dict[int, Table
     """layer id -> its table's geometry, from the one global prime search over ``layer_ids`` in order
     (what a hasher of ``config`` over these layers holds, without building one)."""
     return geometry_from_primes(table_primes(config.engram_vocab_size, config.n_head_per_ngram, list(layer_ids)))
-
-
-def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "the tokenizer's range",
-                    allow_negative: bool = True) -> tuple[int, int]:
-    """Raise ValueError naming the first id >= ``vocab_size`` (an id past a table never wraps around,
-    PITFALLS 2), or the first negative id unless ``allow_negative`` (hashers map those to the pad id);
-    returns (min, max). One host sync per batch. Tensors on the meta device carry no values to check."""
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
-    if ids.device.type == "meta" or ids.numel() == 0:
-        return 0, 0
-    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
-    if hi >= vocab_size or (lo < 0 and not allow_negative):
-        bad = (ids >= vocab_size) | ((ids < 0) & (not allow_negative))
-        raise ValueError(f"token id {ids[bad][0].item()} is outside {what} [0, {vocab_size}) "
-                         f"({int(bad.sum())} bad id(s) in the batch)")
-    return lo, hi
 
 
 # -- run-time pieces (pure torch) -------------------------------------------------------------------

@@ -93,6 +93,24 @@ def _sha256(lookup: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(lookup, dtype="<i8").tobytes()).hexdigest()
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "the tokenizer's range",
+                    allow_negative: bool = True) -> tuple[int, int]:
+    """The one check of raw token ids: raise ValueError naming the first id >= ``vocab_size`` (an id past a
+    table never wraps around, PITFALLS 2), or the first negative id unless ``allow_negative`` (hashers map
+    those to the pad id); returns (min, max). One host sync per batch, never per layer. Tensors on the meta
+    device carry no values to check."""
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
+    if ids.device.type == "meta" or ids.numel() == 0:
+        return 0, 0
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if hi >= vocab_size or (lo < 0 and not allow_negative):
+        bad = (ids >= vocab_size) | ((ids < 0) & (not allow_negative))
+        raise ValueError(f"token id {ids[bad][0].item()} is outside {what} [0, {vocab_size}) "
+                         f"({int(bad.sum())} bad id(s) in the batch)")
+    return lo, hi
+
+
 class CompressedTokenizer:
     """raw id -> compressed id, as an int64 lookup table.
 
@@ -153,16 +171,7 @@ class CompressedTokenizer:
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Raise ValueError naming the first raw id outside [0, raw_vocab_size) (never wrap around)."""
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
-        if ids.numel() == 0:
-            return
-        bad = (ids < 0) | (ids >= self.raw_vocab_size)
-        if bool(bad.any()):  # one host sync per batch, never per layer
-            first = ids[bad][0].item()
-            raise ValueError(
-                f"token id {first} is outside the tokenizer's range [0, {self.raw_vocab_size}) "
-                f"({int(bad.sum())} bad id(s) in the batch)")
+        check_token_ids(ids, self.raw_vocab_size, allow_negative=False)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Compressed ids for a tensor of raw ids, on the ids' device. Bad ids raise ValueError."""

@@ -32,7 +32,7 @@ from engram.config import DataConfig, TrainConfig
 from engram.data import prepare_data
 from engram.data.prepare import cache_key
 from engram.hf.finetune import FinetuneConfig, finetune, load_base
-from engram.retrofit import EngramAdapterConfig
+from engram.hf.retrofit import EngramAdapterConfig
 from engram.train.loop import evaluate
 from engram.train.optim import Optimizers, learning_rate
 
@@ -163,7 +163,7 @@ def table_rows_trained(run_dir: Path, seed: int) -> dict:
     (SparseAdam moves only rows a step looked up), and the size of the trained W_V."""
     from safetensors.torch import load_file
 
-    from engram.retrofit import EngramAdapter
+    from engram.hf.retrofit import EngramAdapter
     from engram.tokenizer import CompressedTokenizer
 
     directory = sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "adapter"

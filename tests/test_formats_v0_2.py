@@ -30,7 +30,7 @@ def _close(a: float, b: float, rel: float = 1e-5) -> bool:
 
 def _finetune_config(cache_dir):
     from engram.hf.finetune import FinetuneConfig
-    from engram.retrofit import EngramAdapterConfig
+    from engram.hf.retrofit import EngramAdapterConfig
 
     return FinetuneConfig(
         base=str(FIXTURES / "base"),
@@ -60,7 +60,7 @@ def test_a_finetune_run_resumes_to_the_losses_it_trained(tmp_path):
 
 def test_the_adapter_folder_attaches_and_computes_what_it_computed(tmp_path):
     from engram.hf.finetune import load_base
-    from engram.retrofit import EngramAdapter
+    from engram.hf.retrofit import EngramAdapter
 
     model, tok = load_base(_finetune_config(tmp_path / "cache"))
     adapter = EngramAdapter.load(model, FIXTURES / "finetune_run" / "checkpoints" / "step_0000002" / "adapter", tok)

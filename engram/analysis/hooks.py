@@ -12,6 +12,7 @@ first), like the paper's.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Iterator
 
@@ -53,13 +54,13 @@ def capture_gates(model) -> Iterator[dict[int, list[torch.Tensor]]]:
 
     def hook(lid):
         def fn(mod, args, kwargs, out):
-            hidden = args[0] if args else kwargs["hidden"]
-            hash_ids = args[1] if len(args) > 1 else kwargs["hash_ids"]
+            call = inspect.signature(mod.forward).bind(*args, **kwargs).arguments  # both variants' one signature
+            hidden, hash_ids = call["hidden"], call["hash_ids"]
             B, T = hash_ids.shape[:2]
             with torch.no_grad():
                 e = mod.embedding(hash_ids).reshape(B, T, -1)  # (B, T, M)
                 alpha = mod.gate(hidden, e)[..., 0].float()  # (B, T, G)
-                mask = kwargs.get("token_mask")  # V4.1: the gate applied at a barrier is 0
+                mask = call.get("token_mask")  # barrier tokens: the gate applied there is 0
                 if mask is not None:
                     alpha = alpha * mask[..., None].float()
                 gates[lid].append(alpha.cpu())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 # value types: engram.argtypes, shared with the research tools' own entry points

@@ -46,6 +46,17 @@ def special_ids(tokenizer: Tokenizer) -> SpecialIds:
     return SpecialIds(find("pad"), find("bos"), find("eos"))
 
 
+def with_bos(ids: Iterable[int], bos: int | None) -> list[int]:
+    """``ids`` as a training document starts: ``[bos] + ids`` (no prefix when there is no bos)."""
+    return ([bos] if bos is not None else []) + list(ids)
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text`` encoded as training documents start (``[<|bos|>] + ids``, ``write_split``'s layout), the one
+    way a prompt is encoded for sampling, generation and evaluation."""
+    return with_bos(tokenizer.encode(text).ids, special_ids(tokenizer).bos)
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE of at most ``vocab_size`` ids (fewer if the text runs out of merges).
 

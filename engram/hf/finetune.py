@@ -35,7 +35,7 @@ import torch
 from engram.data.config import DataConfig
 from engram.distributed.parallelize import Parallel
 from engram.fileio import atomic_write_json
-from engram.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram
+from engram.hf.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram
 from engram.schema import Serialisable
 from engram.train import checkpoint as ckpt_io
 from engram.train import rundir

@@ -32,6 +32,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from engram.hf.configuration import EngramHFConfig
 from engram.model.cache import InferenceCache, starts_from_left_padding
+from engram.model.init import reset_derived_buffers
+from engram.model.tables import TableHost
 from engram.model.transformer import IGNORE_INDEX, EngramLM
 from engram.tokenizer import CompressedTokenizer
 
@@ -101,8 +103,9 @@ class EngramCache(Cache):
         raise NotImplementedError("build a new cache instead (generate does)")
 
 
-class EngramForCausalLM(PreTrainedModel, GenerationMixin):
-    """An ``EngramLM`` (``.model``) with transformers' loading, saving and ``generate()``."""
+class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
+    """An ``EngramLM`` (``.model``) with transformers' loading, saving and ``generate()``. A ``TableHost``
+    through its ``EngramLM``: storage tiers and table export take it as they take the ``EngramLM``."""
 
     config_class = EngramHFConfig
     base_model_prefix = "model"
@@ -181,6 +184,17 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
     def compressed_tokenizer(self) -> CompressedTokenizer | None:
         return self.model.compressed_tokenizer
 
+    @property
+    def engram_layers(self) -> dict:
+        return self.model.engram_layers
+
+    @property
+    def hasher(self):
+        return self.model.hasher
+
+    def named_tables(self) -> dict:
+        return {f"model.{name}": table for name, table in self.model.named_tables().items()}
+
     def get_input_embeddings(self):
         return self.model.tok_embeddings
 
@@ -200,9 +214,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         (the MoE expert bias) keep their loaded values."""
         saved = {name: b.clone() for name, b in self.model.named_buffers() if not b.is_meta
                  and name.rsplit(".", 1)[-1] not in _non_persistent(self.model, name)}
-        for module in self.model.modules():
-            if module is not self.model and hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+        reset_derived_buffers(self.model)
         buffers = dict(self.model.named_buffers())
         for name, value in saved.items():
             buffers[name].copy_(value)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from engram.data.bpe import with_bos
 from engram.data.retrieval import TASKS, Sample, filler_lines, make_sample, score, text_lines
 from engram.fileio import atomic_write_json, atomic_write_text
 
@@ -42,7 +43,7 @@ def fit(task: str, seed: int, texts: list[str], length: int, encode: Callable[[s
 
     def tokens(size: int) -> tuple[Sample, list[int], int]:
         sample = make_sample(task, seed, filler, size)
-        ids = ([bos] if bos is not None else []) + encode(sample.prompt)
+        ids = with_bos(encode(sample.prompt), bos)
         return sample, ids, len(ids) + len(encode(sample.answer + "."))
 
     lo, hi = 0, max(1, length)  # sizes: lines or words; find the largest that fits
@@ -114,7 +115,7 @@ def long_document_loss(model, encode: Callable[[str], list[int]], bos: int | Non
     from engram.train.evaluation import mean_loss
 
     device = next(model.parameters()).device
-    encoded = [([bos] if bos is not None else []) + encode(t) for t in texts]
+    encoded = [with_bos(encode(t), bos) for t in texts]
     encoded.sort(key=len, reverse=True)
     out = {}
     for L in lengths:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engram.model.table_config import EngramConfig, OverEncodingConfig
-from engram.schema import Serialisable, derived, is_int, nested, pos_int, require
+from engram.schema import Serialisable, derived, nested, pos_int, require
 
 @dataclass
 class MoEConfig(Serialisable):

@@ -222,15 +222,20 @@ class Engram(nn.Module):
         return out
 
     def forward(self, hidden: torch.Tensor, hash_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        """hidden (B, T, G, D), hash_ids (B, T, H) int64, doc_ids (B, T) -> Y (B, T, G, D).
+                cache: LayerCache | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, G, D), hash_ids (B, T, H) int64, doc_ids (B, T) -> Y (B, T, G, D). Both Engram
+        variants take these arguments (``EngramV41.forward``), so the block calls either the same way.
 
-        ``cache``: the block's decode state when decoding (its ``conv_history``)."""
+        ``cache``: the block's decode state when decoding (its ``conv_history``). ``token_mask`` (B, T)
+        bool: False closes the gate at that position (the model passes one only for barrier tokens, which
+        the V4.1 variant alone has)."""
         B, T = hash_ids.shape[:2]
         # 1. gather: one row per head, concatenated into the memory vector e_t
         e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)
         # 2-3. key per branch and gate: the hidden state decides how much of the memory it trusts
         alpha = self.gate(hidden, e)  # (B, T, G, 1), fp32
+        if token_mask is not None:
+            alpha = alpha * token_mask[:, :, None, None].to(alpha.dtype)
         # 4. value: shared projection, gated per branch
         value = alpha.to(e.dtype) * self.value_proj(e)[:, :, None, :]  # (B, T, 1, D) -> (B, T, G, D)
         # 5. short conv on the normalised value, residual inside the module

@@ -97,8 +97,8 @@ class EngramV41(nn.Module):
                 cache: LayerCache | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, T, G, D), hash_ids (B, T, H), token_mask (B, T) bool -> x + alpha*v (B, T, G, D).
 
-        ``doc_ids`` and ``cache`` are accepted for the block's one calling convention: document starts
-        and decode history act through the hash ids alone (no conv)."""
+        The arguments are ``Engram.forward``'s, the block's one calling convention: ``doc_ids`` and ``cache``
+        are accepted, since document starts and decode history act through the hash ids alone (no conv)."""
         B, T = hash_ids.shape[:2]
         # 1. gather: one row per head, concatenated into e_t
         e = self.embedding(hash_ids).reshape(B, T, -1)  # (B, T, H, d_h) -> (B, T, M)

@@ -87,6 +87,34 @@ class HashedTable(nn.Module):
         """Fill the trainable rows N(0, std) from ``seed``; a table without trainable rows has none to fill."""
 
 
+class TableHost:
+    """Declared (by subclassing) by every model that holds Engram tables, so placements and tools take any of
+    them without asking what it is: ``EngramLM``, ``engram.hf.EngramForCausalLM``, the retrofit
+    ``EngramAdapter``, and any later host. ``engram.storage.apply_storage`` and ``export_tables`` accept a
+    ``TableHost`` and nothing else.
+
+    engram_layers  block index -> its Engram module, whose ``embedding`` is a ``HashedTable``
+    hasher         the ``NgramHasher`` that addresses them (None when the model has no Engram layer)
+    named_tables() module name -> every ``HashedTable`` of the model (Engram's and any other, such as
+                   OverEncoding's), whatever placement holds its rows
+    """
+
+    @property
+    def engram_layers(self) -> dict[int, nn.Module]:
+        raise NotImplementedError(f"{type(self).__name__} declares TableHost but has no engram_layers")
+
+    def named_tables(self) -> dict[str, HashedTable]:
+        raise NotImplementedError(f"{type(self).__name__} declares TableHost but has no named_tables")
+
+
+def as_table_host(model, who: str) -> TableHost:
+    """``model`` when it declares ``TableHost``; else a one-line error saying what ``who`` takes."""
+    if not isinstance(model, TableHost):
+        raise TypeError(f"{who} takes a model holding Engram tables (a TableHost: EngramLM, EngramForCausalLM, "
+                        f"an EngramAdapter), got {type(model).__name__}")
+    return model
+
+
 class MultiHeadEmbedding(HashedTable):
     """All heads of one layer in one flat table on the model's device (SPEC §2 step 5).
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.model.config import ModelConfig
-from engram.hashing import NgramHasher, TableGeometry, check_token_ids, document_ids
+from engram.hashing import NgramHasher, TableGeometry, document_ids
 from engram.model.attention import MLA, Attention, document_mask
 from engram.model.cache import InferenceCache, LayerCache
 from engram.model.engram import Engram
@@ -28,8 +28,8 @@ from engram.model.init import derive_seed, normal_, normal_units_, reset_derived
 from engram.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from engram.model.moe import MoE, moe_layers, update_moe_bias
 from engram.model.overencoding import OverEncoding, input_layer_id
-from engram.model.tables import HashedTable
-from engram.tokenizer import CompressedTokenizer
+from engram.model.tables import HashedTable, TableHost
+from engram.tokenizer import CompressedTokenizer, check_token_ids
 
 IGNORE_INDEX = -100
 
@@ -69,14 +69,13 @@ class Block(nn.Module):
         ``token_mask`` (B, T): False at barrier tokens (V4.1 models with ``barrier_ids`` only).
         ``attn_mask`` (B, 1, T, T): the packed batch's document mask, or None (causal)."""
         if self.engram is not None:
-            extra = {} if token_mask is None else {"token_mask": token_mask}
-            y = self.engram(x, hash_ids, doc_ids, cache, **extra)
+            y = self.engram(x, hash_ids, doc_ids, cache, token_mask)
             x = y if self.engram.adds_residual else x + y  # V4.1's module adds x itself: never twice
         x = self.attn_res(x, lambda h: self.attn(self.attn_norm(h), cos, sin, cache, attn_mask))
         return self.ffn_res(x, lambda h: self.ffn(self.ffn_norm(h)))
 
 
-class EngramLM(nn.Module):
+class EngramLM(nn.Module, TableHost):
     """``model(input_ids).logits`` is (B, T, V); with ``labels`` the output also carries the loss.
 
     ``compressed_tokenizer`` fixes the Engram and OverEncoding addresses; without one, compressed id =

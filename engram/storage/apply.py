@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engram.model.tables import HashedTable
+from engram.model.tables import HashedTable, as_table_host
 from engram.storage.cache import RowCache
 from engram.storage.export import open_tables
 from engram.storage.prefetch import Prefetcher
@@ -146,8 +146,8 @@ class StorageHandle:
 
 def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int = 0, policy: str = "lru",
                   verify: str = "size", checkpoint: str | None = None) -> StorageHandle:
-    """Move every Engram table of ``model`` (an ``EngramLM``, or a wrapper holding one as ``.model``, e.g.
-    ``EngramForCausalLM``) to ``tier`` in place; returns the handle to close.
+    """Move every Engram table of ``model`` (a ``TableHost``: an ``EngramLM``, an ``EngramForCausalLM``, a
+    retrofit ``EngramAdapter``) to ``tier`` in place; returns the handle to close.
 
     device: tables stay parameters (the reference). host: each table becomes a ``HostStore`` and the
     parameter is freed; with ``tables_dir`` the host store reads the exported files into RAM (in their
@@ -157,8 +157,7 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
     many rows per layer (``policy`` lru or lfu) in front of host or disk. ``verify`` and ``checkpoint``
     (the loaded checkpoint's identity) are ``open_tables``'s checks of the disk tier's files.
     """
-    if not hasattr(model, "engram_layers") and hasattr(model, "model"):
-        model = model.model  # a wrapper such as engram.hf's EngramForCausalLM: its EngramLM
+    model = as_table_host(model, "apply_storage")
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
     if tier == "device" and tables_dir is not None:
@@ -171,10 +170,12 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
         return StorageHandle(model, tier, None)
     if tier == "disk" and tables_dir is None:
         raise ValueError("the disk tier needs tables_dir (written by `engram export-tables`)")
-    if model.overencoding is not None:  # its table would silently stay on the device
-        raise ValueError(f"the {tier} tier offloads Engram tables only; this model also has an OverEncoding "
-                         "table, which storage tiers do not support")
     layers = model.engram_layers
+    engram_tables = {id(layer.embedding) for layer in layers.values()}
+    others = [name for name, t in model.named_tables().items() if id(t) not in engram_tables]
+    if others:  # e.g. OverEncoding's: it would silently stay on the device
+        raise ValueError(f"the {tier} tier offloads Engram tables only; this model also has the hashed tables "
+                         f"{others} (OverEncoding), which storage tiers do not support")
     if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
         raise ValueError("the model's tables are already offloaded; apply_storage once per model")
     manifest = open_tables(tables_dir, model.hasher, verify, checkpoint) if tables_dir is not None else None

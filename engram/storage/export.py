@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from engram.fileio import CHUNK_BYTES, atomic_write, check_file, read_manifest, write_manifest
+from engram.model.tables import as_table_host
 from engram.storage.formats import FORMATS, RowFormat, row_format, to_numpy
 
 FORMAT = "engram.tables/1"
@@ -132,6 +133,7 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype | str 
 
     ``source``: the checkpoint the model was loaded from, ``{"path", "step", "identity"}``
     (``Checkpoint.identity``), recorded so that ``open_tables`` can refuse these rows for another one."""
+    model = as_table_host(model, "export_tables")
     if model.hasher is None or not model.engram_layers:
         raise TableError("the model has no Engram layers: nothing to export")
     fmt = row_format(dtype)

@@ -16,7 +16,7 @@ from engram.config import DataConfig, EngramConfig, TrainConfig  # noqa: E402
 from engram.data import prepare_data  # noqa: E402
 from engram.hf import hf_tokenizer  # noqa: E402
 from engram.hf.finetune import FinetuneConfig, finetune  # noqa: E402
-from engram.retrofit import EngramAdapterConfig  # noqa: E402
+from engram.hf.retrofit import EngramAdapterConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_only_the_adapter_learns_and_a_killed_run_resumes_exactly(base_dir, corp
     # the base's weights are untouched: the adapter alone changed
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     from engram.hf.finetune import load_base
-    from engram.retrofit import EngramAdapter
+    from engram.hf.retrofit import EngramAdapter
     model, tok = load_base(config(base_dir, corpus_dir, cache_dir))
     adapter = EngramAdapter.load(model, tmp_path / "whole" / "checkpoints" / "step_0000006" / "adapter", tok)
     trained = model.state_dict()

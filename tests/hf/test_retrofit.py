@@ -1,4 +1,4 @@
-"""engram.retrofit on tiny random models of the supported transformers families: identity at attach,
+"""engram.hf.retrofit on tiny random models of the supported transformers families: identity at attach,
 gradients only in the adapter, exact cached generation (greedy, sampling, beams, left padding), save /
 detach / load with refusals, and the disk tier."""
 
@@ -15,7 +15,7 @@ from support import tiny_run  # noqa: E402
 from engram.config import EngramConfig  # noqa: E402
 from engram.data import prepare_data  # noqa: E402
 from engram.hf import hf_tokenizer  # noqa: E402
-from engram.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram, find_blocks  # noqa: E402
+from engram.hf.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram, find_blocks  # noqa: E402
 
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
@@ -272,3 +272,13 @@ def test_ids_beyond_the_tokenizer_hash_as_padding(tok):
     assert torch.equal(model(ids, attention_mask=batch["attention_mask"]).logits, reference)
     randomise(adapter)
     model(ids, attention_mask=batch["attention_mask"])  # no error
+
+
+def test_the_old_module_name_still_resolves_and_says_where_the_adapter_went():
+    import engram.retrofit as old
+    from engram.hf import retrofit
+
+    with pytest.warns(DeprecationWarning, match="engram.retrofit.attach_engram moved to engram.hf.retrofit"):
+        assert old.attach_engram is retrofit.attach_engram
+    with pytest.raises(AttributeError, match="moved to engram.hf.retrofit"):
+        old.no_such_name

@@ -1,4 +1,4 @@
-"""engram.retrofit on a real pretrained model (SmolLM2-135M from ``make smollm2``, slow) and combined with
+"""engram.hf.retrofit on a real pretrained model (SmolLM2-135M from ``make smollm2``, slow) and combined with
 LoRA from ``peft`` (a tiny random Llama, fast).
 
 LoRA and Engram together: wrap with ``peft`` first, then attach to the wrapped causal LM
@@ -23,7 +23,7 @@ from support import tiny_run  # noqa: E402
 from engram.config import EngramConfig  # noqa: E402
 from engram.data import prepare_data  # noqa: E402
 from engram.hf import hf_tokenizer  # noqa: E402
-from engram.retrofit import EngramAdapterConfig, attach_engram  # noqa: E402
+from engram.hf.retrofit import EngramAdapterConfig, attach_engram  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["def fibonacci(n):\n    ", "The capital of France is"]
