@@ -1,5 +1,5 @@
 """Data-parallel training with sharded tables: tokens/s and bytes moved per step, 1 rank vs W ranks, and
-the sharded lookup's traffic as a function of batch size and table size (issue 7).
+the sharded lookup's traffic as a function of batch size and table size.
 
 Two measurements, every configuration in fresh processes (gloo on the CPU):
 

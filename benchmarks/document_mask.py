@@ -1,4 +1,4 @@
-"""Cost of document-masked attention (issue 19): a training step (forward + backward) of the demo Engram
+"""Cost of document-masked attention: a training step (forward + backward) of the demo Engram
 model on a packed batch, with the mask (causal and block-diagonal by document, the default) against plain
 causal attention, timed round-robin in the same run; and the same at 4x the length.
 

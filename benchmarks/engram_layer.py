@@ -3,7 +3,7 @@
 Legend: B batch, T time, G hyper-connection branches, D model width, H hash heads, d_h row width,
 M = d_mem = H*d_h memory width.
 
-The paper's shape (SPEC §3): D=2560, d_mem=1280 (2 orders x 8 heads x d_h=80), G=4, conv kernel 4,
+The paper's shape (docs/ALGORITHM.md §3): D=2560, d_mem=1280 (2 orders x 8 heads x d_h=80), G=4, conv kernel 4,
 ~2.26M rows per head. Scaled to a CPU: D=256, d_mem=128 (d_h=8), same d_mem/D = 0.5, G=4, kernel 4,
 ~100k rows per head, B x T = 8 x 512. Hash ids come from ``NgramHasher`` on random raw ids (so rows are
 spread uniformly over the tables); hashing itself is timed by benchmarks/hashing.py, not here.

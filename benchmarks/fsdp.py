@@ -1,4 +1,4 @@
-"""FSDP2 vs DDP for the dense part (issue 20): tokens/s and bytes communicated per step at W ranks.
+"""FSDP2 vs DDP for the dense part: tokens/s and bytes communicated per step at W ranks.
 
 ``engram.train.train`` on the demo-engram preset and the built-in corpus, the same global batch, once with
 ``train.parallel = "ddp"`` (dense weights replicated, gradients all-reduced) and once with ``"fsdp"``

@@ -1,11 +1,11 @@
-"""Hashing throughput: the library's torch int64 ``NgramHasher`` against a plain numpy reading of SPEC §2.
+"""Hashing throughput: the library's torch int64 ``NgramHasher`` against a plain numpy reading of docs/ALGORITHM.md §2.
 
 Legend: B batch, T time, L Engram layers, N max n-gram order, O = N-1 orders, K heads per order,
 H = K*O hash heads, V' compressed vocabulary size.
 
 Two implementations hash the same random raw ids (B, T) for every Engram layer:
 
-  numpy-naive     SPEC §2 steps 1-4 as someone would first write them: per layer, compress with the
+  numpy-naive     docs/ALGORITHM.md §2 steps 1-4 as someone would first write them: per layer, compress with the
                   lookup, np.pad the shifted copies, XOR-fold in int64, ``%`` one head at a time, stack.
   torch-library   ``NgramHasher.__call__`` (what models and trainers use).
 
@@ -34,13 +34,13 @@ from engram.hashing import NgramHasher, heads_from_mixes, ngram_mixes
 from engram.tokenizer import CompressedTokenizer
 
 TARGET_SPEEDUP = 2.0
-# The paper's setting (SPEC §3): Engram at blocks 2 and 15 (0-based 1 and 15), 2- and 3-grams, 8 heads
+# The paper's setting (docs/ALGORITHM.md §3): Engram at blocks 2 and 15 (0-based 1 and 15), 2- and 3-grams, 8 heads
 # per order, ~5x the raw vocabulary as nominal rows per head.
 LAYER_IDS = [1, 15]
 MAX_NGRAM = 3
 HEADS_PER_ORDER = 8
 VOCAB_PER_HEAD = [646400, 646400]
-SYNTHETIC_RAW, SYNTHETIC_COMPRESSED = 129_280, 99_092  # DeepSeek-V4 tokenizer sizes (SPEC §2 step 1)
+SYNTHETIC_RAW, SYNTHETIC_COMPRESSED = 129_280, 99_092  # DeepSeek-V4 tokenizer sizes (docs/ALGORITHM.md §2 step 1)
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def build_tokenizer() -> tuple[CompressedTokenizer, str]:
 
 # -- (a) numpy, straight from the spec ------------------------------------------------------------
 def numpy_layout(config: EngramConfig, compressed_vocab_size: int) -> tuple[dict, dict]:
-    """Multipliers and primes recomputed from SPEC §2 steps 2-3, independently of engram.hashing."""
+    """Multipliers and primes recomputed from docs/ALGORITHM.md §2 steps 2-3, independently of engram.hashing."""
     def is_prime(n: int) -> bool:
         return n >= 2 and all(n % f for f in range(2, int(n ** 0.5) + 1))
 
@@ -110,7 +110,7 @@ def check_identical(hasher: NgramHasher, raw: torch.Tensor, reference: dict[int,
     library = hasher(raw)
     for lid, ref in reference.items():
         if not np.array_equal(library[lid].cpu().numpy(), ref):
-            raise AssertionError(f"layer {lid}: NgramHasher and the numpy reading of SPEC §2 disagree")
+            raise AssertionError(f"layer {lid}: NgramHasher and the numpy reading of docs/ALGORITHM.md §2 disagree")
     too_big = raw.clone()
     too_big[0, -1] = hasher.tokenizer.raw_vocab_size
     try:

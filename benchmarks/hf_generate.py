@@ -1,5 +1,5 @@
 """transformers ``generate()`` on ``EngramForCausalLM`` against the project's own generation, same model,
-same prompts, same process (issue 15's target: >= 0.9x for greedy decoding of 128 tokens, batch 1 and 8).
+same prompts, same process (target: >= 0.9x for greedy decoding of 128 tokens, batch 1 and 8).
 
 The model is ``demo-engram`` (random weights: speed does not depend on them; EOS is switched off so
 every call generates exactly ``--new-tokens``). Both sides decode greedily with a cache: native

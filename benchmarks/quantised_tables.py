@@ -1,4 +1,4 @@
-"""Quantised Engram tables (issue 18): per stored format, the bytes on disk, the row error against the
+"""Quantised Engram tables: per stored format, the bytes on disk, the row error against the
 fp32 table, the validation loss of the model served from those files, and greedy decode tokens/s on the
 disk tier, each relative to fp32 in the same run.
 

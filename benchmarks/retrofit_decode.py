@@ -1,4 +1,4 @@
-"""Decode tokens/s of a SmolLM2-135M-shaped Llama with vs without an Engram adapter, same process (issue 16's
+"""Decode tokens/s of a SmolLM2-135M-shaped Llama with vs without an Engram adapter, same process (the
 target: >= 0.9x).
 
 The base is ``LlamaForCausalLM`` with SmolLM2-135M's shape (30 blocks, width 576, 9 heads / 3 KV heads,

@@ -3,7 +3,7 @@
 Three measurements, each configuration in its own subprocess (so peak RSS is its own):
 
   table size   demo-engram with ~100k table rows vs ~10M rows, otherwise identical: step time ratio
-               (target <= 1.2; a dense Adam over the table would be ~100x here, PITFALLS 12).
+               (target <= 1.2; a dense Adam over the table would be ~100x here, docs/PITFALLS.md §12).
   twins        demo-engram vs demo-moe tokens/s (target >= 0.85).
   memory       peak RSS of training with the 10M-row table, against the table's own bytes and the
                table plus its two Adam moments.

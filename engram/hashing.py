@@ -1,4 +1,4 @@
-"""N-gram hashing (SPEC §2 steps 2-4), bit-exact with DeepSeek's reference.
+"""N-gram hashing (docs/ALGORITHM.md §2 steps 2-4), bit-exact with DeepSeek's reference.
 
 Legend: B batch, T time, L Engram layers, N max n-gram order, H = K*(N-1) hash heads.
 
@@ -37,7 +37,8 @@ def multiplier_bound(compressed_vocab_size: int) -> int:
 
 
 def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab_size: int) -> np.ndarray:
-    """The N odd multipliers of one layer. numpy's PCG64 stream is part of the contract (SPEC §2 step 2)."""
+    """The N odd multipliers of one layer. numpy's PCG64 stream is part of the contract
+    (docs/ALGORITHM.md §2 step 2)."""
     rng = np.random.default_rng(seed + LAYER_SEED_STRIDE * layer_id)
     r = rng.integers(0, multiplier_bound(compressed_vocab_size), size=max_ngram_size, dtype=np.int64)
     return r * 2 + 1
@@ -65,7 +66,8 @@ def next_prime(after: int, seen: set[int]) -> int:
 
 
 def table_primes(engram_vocab_size: list[int], n_head_per_ngram: int, layer_ids: list[int]) -> dict[int, list[list[int]]]:
-    """Prime row counts per (layer, order, head) from one global search (SPEC §2 step 3, PITFALLS 4).
+    """Prime row counts per (layer, order, head) from one global search (docs/ALGORITHM.md §2 step 3,
+    docs/PITFALLS.md §4).
 
     Reordering or adding layers changes later primes: persist the result, never recompute silently.
     """
@@ -86,7 +88,7 @@ def table_primes(engram_vocab_size: list[int], n_head_per_ngram: int, layer_ids:
 
 @dataclass(frozen=True)
 class TableGeometry:
-    """One layer's flat table (SPEC §2 step 5): H heads with their prime row counts, ordered by n-gram
+    """One layer's flat table (docs/ALGORITHM.md §2 step 5): H heads with their prime row counts, ordered by n-gram
     order then head; head j's rows start at ``offsets[j]``. The one place sizes and offsets come from:
     the hasher, the tables, parameter accounting and the storage tiers all read it."""
 
@@ -132,7 +134,7 @@ def shift_back(x: torch.Tensor, k: int, fill: float, doc_ids: torch.Tensor | Non
     x is (B, T, ...); doc_ids (B, T). Used for n-gram lookbacks and for the short conv's taps.
 
     Document ids are non-decreasing in t, so once a lookback crosses a boundary every older one does
-    too (PITFALLS 7).
+    too (docs/PITFALLS.md §7).
     """
     if k == 0:
         return x
@@ -167,7 +169,7 @@ def heads_from_mixes(mixes: torch.Tensor, moduli: torch.Tensor, n_head_per_ngram
     """(L, N-1, B, T) mixes, (L, H) primes -> (L, B, T, H) hash ids; heads ordered by order, then head.
 
     Mixes are non-negative (products of ids < V' and multipliers bounded by ``multiplier_bound``), so
-    remainder is the floor mod of the reference (PITFALLS 2). The K heads of one order broadcast one
+    remainder is the floor mod of the reference (docs/PITFALLS.md §2). The K heads of one order broadcast one
     mix against K primes, so the mix is never copied per head.
     """
     L, O, B, T = mixes.shape
@@ -209,7 +211,7 @@ class NgramHasher(nn.Module):
         if config.pad_id >= compressed_tokenizer.raw_vocab_size:
             raise ValueError(f"{type(config).__name__}.pad_id={config.pad_id} is outside the tokenizer's "
                              f"{compressed_tokenizer.raw_vocab_size} ids")
-        if not config.compress:  # the "no tokenizer compression" ablation: hash raw ids (SPEC §5)
+        if not config.compress:  # the "no tokenizer compression" ablation: hash raw ids (docs/ALGORITHM.md §5)
             compressed_tokenizer = CompressedTokenizer.identity(compressed_tokenizer.raw_vocab_size)
         self.config = config
         self.tokenizer = compressed_tokenizer
@@ -217,7 +219,7 @@ class NgramHasher(nn.Module):
         self.compressed_vocab_size = compressed_tokenizer.vocab_size
         self.compressed_pad_id = int(compressed_tokenizer.lookup[config.pad_id])
 
-        # V4.1's barrier ("dead") tokens: no n-gram crosses one (SPEC §2b); raw ids, checked like inputs
+        # V4.1's barrier ("dead") tokens: no n-gram crosses one (docs/ALGORITHM.md §2b); raw ids, checked like inputs
         self.barrier_ids = list(getattr(config, "barrier_ids", None) or [])
         if any(i >= compressed_tokenizer.raw_vocab_size for i in self.barrier_ids):
             raise ValueError(f"{type(config).__name__}.barrier_ids {self.barrier_ids} reach outside the tokenizer's "
@@ -260,7 +262,7 @@ class NgramHasher(nn.Module):
 
     def compress(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Raw ids -> compressed ids. Negative ids (ignore index, -1 padding) become the pad id first
-        (PITFALLS 2); ids past the tokenizer raise ValueError naming the id."""
+        (docs/PITFALLS.md §2); ids past the tokenizer raise ValueError naming the id."""
         lo, _ = check_token_ids(input_ids, self.tokenizer.raw_vocab_size)
         ids = input_ids.long()
         if lo < 0:
@@ -306,7 +308,7 @@ class NgramHasher(nn.Module):
                           boundary: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hash (B, T) raw ids that continue earlier ids whose last N-1 compressed ids are ``history``.
 
-        Used by incremental decoding (PITFALLS 5). Returns the hashes of the T new positions and the
+        Used by incremental decoding (docs/PITFALLS.md §5). Returns the hashes of the T new positions and the
         new history (B, N-1); positions before a document start in this call read as pad.
         """
         n = history.shape[1]
@@ -328,7 +330,7 @@ class NgramHasher(nn.Module):
             new_history = new_history.masked_fill(~same_doc, self.compressed_pad_id)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}, new_history
 
-    # -- layout persistence (PITFALLS 3, 4) ------------------------------------------------------
+    # -- layout persistence (docs/PITFALLS.md §3, §4) ------------------------------------------------------
     def layout(self) -> dict[str, Any]:
         """Everything that fixes the addresses, as JSON-able data."""
         c = self.config

@@ -64,7 +64,7 @@ def _demo_moe() -> RunConfig:
 def _demo_engram() -> RunConfig:
     """demo-moe's iso-parameter twin: 4 of 22 routed experts per MoE block move into Engram tables at
     block 1 (rho = 0.8: 2 x 4 heads of 4,567 rows, width 8, over 2- and 3-grams, with the short conv;
-    rows start at N(0, 0.02), the default since issue 17's study).
+    rows start at N(0, 0.02), the default since the table-init study, docs/RESULTS.md §4).
     Engram's dense weights come out of block 0's FFN (hidden 471), so P_act is equal, exactly, and P_tot
     within 0.01%."""
     engram = EngramConfig(engram_vocab_size=[4567, 4567], max_ngram_size=3, n_embed_per_ngram=32,

@@ -1,9 +1,9 @@
-"""CompressedTokenizer: the paper's vocabulary projection for the Engram path (SPEC §2 step 1).
+"""CompressedTokenizer: the paper's vocabulary projection for the Engram path (docs/ALGORITHM.md §2 step 1).
 
 Raw ids whose decoded text normalises to the same key (case, accents, runs of whitespace) share one
 compressed id, so " Apple", "apple" and "APPLE" address the same n-gram rows. The backbone keeps raw ids;
 only hashing uses compressed ids. The table is built once per tokenizer and saved beside checkpoints
-(multipliers depend on V', PITFALLS 3).
+(multipliers depend on V', docs/PITFALLS.md §3).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _sha256(lookup: np.ndarray) -> str:
 def check_token_ids(ids: torch.Tensor, vocab_size: int, what: str = "the tokenizer's range",
                     allow_negative: bool = True) -> tuple[int, int]:
     """The one check of raw token ids: raise ValueError naming the first id >= ``vocab_size`` (an id past a
-    table never wraps around, PITFALLS 2), or the first negative id unless ``allow_negative`` (hashers map
+    table never wraps around, docs/PITFALLS.md §2), or the first negative id unless ``allow_negative`` (hashers map
     those to the pad id); returns (min, max). One host sync per batch, never per layer. Tensors on the meta
     device carry no values to check."""
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:

@@ -20,7 +20,7 @@ from engram.presets import get_preset
 
 def assert_causal(model, vocab_size: int, T: int = 40, t: int = 23) -> None:
     """Changing tokens after t never changes logits at positions <= t, and does change later ones
-    (PITFALLS 17). Makes every Engram conv non-trivial first, so its causality is exercised too."""
+    (docs/PITFALLS.md §17). Makes every Engram conv non-trivial first, so its causality is exercised too."""
     model.eval()
     with torch.no_grad():
         for layer in model.engram_layers.values():

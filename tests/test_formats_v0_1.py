@@ -105,7 +105,7 @@ def test_sweep_plan_and_budget_files_still_match():
     for run in (other, planned):  # the planned point too: its model changed (document-masked attention)
         with pytest.raises(ValueError, match="different config.*use another --out or remove the directory"):
             sw.check_plan(run, directory)
-    # the same config, but 0.1 drew its initial weights otherwise (issue 17): the run is refused, saying
+    # the same config, but 0.1 drew its initial weights otherwise (per-weight streams): the run is refused, saying
     # what to do, rather than mixed with runs whose seeds pair differently
     unmasked = dataclasses.replace(planned, run=old)
     with pytest.raises(ValueError, match="another initialisation scheme.*use another --out or remove the directory"):

@@ -52,9 +52,9 @@ def test_golden_batched_with_left_context(deepseek_compressed, golden):
             assert out[lid][i, :n].tolist() == c["hash_ids"][str(lid)]
 
 
-# -- a straightforward reference written from SPEC §2 --------------------------------------------
+# -- a straightforward reference written from docs/ALGORITHM.md §2 --------------------------------------------
 def reference_hash(raw_ids, lookup, config, multipliers, primes, boundary=None):
-    """Pure Python ints, one position at a time, exactly as SPEC §2 steps 1-4 read."""
+    """Pure Python ints, one position at a time, exactly as docs/ALGORITHM.md §2 steps 1-4 read."""
     pad = int(lookup[config.pad_id])
     N = config.max_ngram_size
     out = []
@@ -146,7 +146,7 @@ def test_products_stay_in_int64(vocab, seed, layer, N):
 
 
 def test_multiplier_width_matters():
-    """A 32-bit mix would give other hashes (PITFALLS 1): the multipliers need more than 32 bits."""
+    """A 32-bit mix would give other hashes (docs/PITFALLS.md §1): the multipliers need more than 32 bits."""
     m = layer_multipliers(0, 1, 3, 99092)
     assert (m > 2**32).any()
 
@@ -162,7 +162,7 @@ def test_primes_are_distinct_prime_and_above_nominal():
 
 
 def test_prime_order_depends_on_layer_order():
-    """One global search (PITFALLS 4): reordering layers changes which layer gets which primes."""
+    """One global search (docs/PITFALLS.md §4): reordering layers changes which layer gets which primes."""
     a = table_primes([100, 100], 2, [0, 1])
     b = table_primes([100, 100], 2, [1, 0])
     assert a[0] == b[1] and a[1] == b[0] and a[0] != a[1]

@@ -1,4 +1,4 @@
-"""Mechanistic analysis of trained models (SPEC §5): what does Engram's memory do inside the network?
+"""Mechanistic analysis of trained models (docs/ALGORITHM.md §5): what does Engram's memory do inside the network?
 
 One module per ``engram inspect`` verb, each with its entry point ``inspect_<verb>``:
 

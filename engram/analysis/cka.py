@@ -1,5 +1,5 @@
 """Linear CKA between the blocks of a baseline and an Engram model, and the soft alignment index
-(SPEC §5; ``engram inspect cka``).
+(docs/ALGORITHM.md §5; ``engram inspect cka``).
 
 Legend: B batch, T time, D model width, L blocks, n tokens in a CKA minibatch.
 """
@@ -115,7 +115,7 @@ def cka_between(base, engram, batches: Iterable[tuple[torch.Tensor, torch.Tensor
 
 
 def alignment_index(S: np.ndarray, top: int = 5) -> np.ndarray:
-    """Soft alignment index (SPEC §5): a_j = sum_{i in I_j} S_ij * i / sum_{i in I_j} S_ij, with I_j the
+    """Soft alignment index (docs/ALGORITHM.md §5): a_j = sum_{i in I_j} S_ij * i / sum_{i in I_j} S_ij, with I_j the
     ``top`` rows (baseline layers, 1-based i) most similar to column j (Engram layer j); all rows when
     there are fewer. a_j > j: Engram's layer j does the work of a deeper baseline layer."""
     S = np.asarray(S, dtype=np.float64)

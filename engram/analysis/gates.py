@@ -1,4 +1,4 @@
-"""Gate maps (SPEC §5: "the gate is high on the last token of multi-token entities and set phrases");
+"""Gate maps (docs/ALGORITHM.md §5: "the gate is high on the last token of multi-token entities and set phrases");
 ``engram inspect gates``.
 
 For one text: alpha of every Engram layer and branch at every token, as an HTML page (one span per

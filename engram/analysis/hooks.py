@@ -25,7 +25,7 @@ from engram.train.startup import checkpoint_data
 
 @contextlib.contextmanager
 def knockout(model) -> Iterator[None]:
-    """Zero every Engram module's contribution Y (SPEC §5 knock-out) while the context is open.
+    """Zero every Engram module's contribution Y (docs/ALGORITHM.md §5 knock-out) while the context is open.
 
     The module still runs (its output is replaced by zeros), so a storage tier's prefetch stays
     matched; the hooks are removed on exit, whatever happens inside.

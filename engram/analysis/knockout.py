@@ -1,4 +1,4 @@
-"""Knock-out on two probe sets from held-out data (SPEC §5: with Engram's output zeroed, factual recall
+"""Knock-out on two probe sets from held-out data (docs/ALGORITHM.md §5: with Engram's output zeroed, factual recall
 keeps 29-44% of its score, reading comprehension 81-93%); ``engram inspect knockout``.
 
 Our analogue of that split, for a code corpus:

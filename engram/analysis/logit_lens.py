@@ -1,4 +1,4 @@
-"""LogitLens (SPEC §5): how early each block's residual stream already predicts the final distribution
+"""LogitLens (docs/ALGORITHM.md §5): how early each block's residual stream already predicts the final distribution
 (``engram inspect logit-lens``).
 
 Legend: B batch, T time, D model width, V vocabulary, L blocks.
@@ -22,7 +22,7 @@ def logit_lens(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]
     """Mean over tokens of KL(p_final || p_l) in nats, one value per block l = 1..L.
 
     p_l = softmax(head(stream after block l)); the last block's stream is what the head reads, so its
-    KL is 0. Lower KL in early blocks means the prediction is finished sooner (SPEC §5).
+    KL is 0. Lower KL in early blocks means the prediction is finished sooner (docs/ALGORITHM.md §5).
     """
     model.eval()
     device = next(model.parameters()).device

@@ -329,7 +329,7 @@ def presets(args) -> int:
         engram = f"{paper['engram']}B" if paper["engram"] else "-"
         print(f"{name:<14} {c.paper_total:>16,} {paper['total']:>7}B {c.paper_active:>14,} {paper['active']:>7}B "
               f"{c.engram_tables:>16,} {engram:>8}")
-    print("\nthe paper's allocation budgets at rho = 1 (SPEC §4 counts: no embedding, no head)")
+    print("\nthe paper's allocation budgets at rho = 1 (docs/ALGORITHM.md §4 counts: no embedding, no head)")
     print(f"{'budget':<14} {'P_tot':>16} {'paper':>8} {'P_act':>14} {'paper':>8} {'experts':>8} {'paper':>6}")
     for name, (_, total, active, experts) in PAPER_BUDGETS.items():
         base = BUDGETS[name].base_run().model

@@ -21,7 +21,7 @@ class DataConfig(Serialisable):
     cache_dir: prepared corpora, tokenizers and shards, keyed by everything that changes them.
     retrieval_docs: this many synthetic retrieval documents (``engram.data.retrieval``: the long-context
         tasks' formats, with filler lines from the training split) join the corpus, so that a small model
-        can learn retrieval at all (issue 19); they split like any document, by name.
+        can learn retrieval at all (docs/LONG_CONTEXT.md); they split like any document, by name.
     """
 
     source: str = "stdlib"

@@ -1,4 +1,4 @@
-"""Process-group plumbing for data-parallel training with sharded tables (issue 7).
+"""Process-group plumbing for data-parallel training with sharded tables.
 
 Roles, in the order the trainer uses them:
 

@@ -1,4 +1,4 @@
-"""A row-sharded embedding table over a process group (issue 7, SPEC §5 "training at scale").
+"""A row-sharded embedding table over a process group (docs/ALGORITHM.md §5 "training at scale").
 
 Legend: U distinct rows a rank asks for, R rows a rank serves, W world size, d row width.
 

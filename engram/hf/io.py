@@ -1,5 +1,5 @@
 """The tokenizer files of a saved ``EngramForCausalLM`` folder, and the check that they address the same
-table rows as the weights (PITFALLS 3, 4: another tokenizer, or another tokenizers version, would
+table rows as the weights (docs/PITFALLS.md §3, §4: another tokenizer, or another tokenizers version, would
 scramble every Engram row).
 
     config.json, model.safetensors, generation_config.json    transformers' own

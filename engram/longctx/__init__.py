@@ -1,4 +1,4 @@
-"""Long-context evaluation (issue 19): RULER-style tasks answered by the exact decoder, and the loss of
+"""Long-context evaluation: RULER-style tasks answered by the exact decoder, and the loss of
 long held-out documents (``engram eval long-context``). The task generators are
 ``engram.data.retrieval`` (the library: data preparation writes synthetic retrieval documents with them)."""
 

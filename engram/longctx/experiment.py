@@ -1,4 +1,4 @@
-"""The long-context experiment at CPU scale (issue 19; the paper's §5, Table 2), as one resumable plan:
+"""The long-context experiment at CPU scale (the paper's §5, Table 2), as one resumable plan:
 
     python -m engram.longctx.experiment --out runs/longctx --seeds 0 1 --workers 2
 
@@ -188,7 +188,7 @@ def plot_summary(summary: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="the long-context experiment (issue 19)")
+    p = argparse.ArgumentParser(description="the long-context experiment (docs/LONG_CONTEXT.md)")
     p.add_argument("--out", default="runs/longctx")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workers", type=int, default=2)

@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting (SPEC §4), computed from a config without building the model.
+"""Parameter and FLOP accounting (docs/ALGORITHM.md §4), computed from a config without building the model.
 
 P_tot: trainable parameters excluding the input embedding and the LM head (the paper's convention).
 P_act: parameters used by one token: everything in P_tot except the routed experts a token does not

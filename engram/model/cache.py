@@ -1,4 +1,4 @@
-"""Decode state for incremental generation of a batch of sequences (SPEC §2, "decode-time state"): the
+"""Decode state for incremental generation of a batch of sequences (docs/ALGORITHM.md §2, "decode-time state"): the
 typed object ``EngramLM.forward(..., cache=)`` reads and writes, one ``LayerCache`` per block.
 
 Legend: B sequences, T new tokens this call, L tokens cached so far, k key/value heads, d head width,
@@ -9,10 +9,10 @@ Per sequence the model must remember what training-time full forwards see:
   - attention: keys and values of every earlier position (B, k, L, d) per block; for MLA the
     ``keys`` buffer holds the normalised latent (B, 1, L, c) and ``values`` the rotated RoPE key
     (B, 1, L, r) instead, c + r numbers per token (``MLA.forward`` expands them to keys and values);
-  - hashing: the last N-1 *compressed* ids (PITFALLS 5: hashing only the new token would pad the
+  - hashing: the last N-1 *compressed* ids (docs/PITFALLS.md §5: hashing only the new token would pad the
     history and give other n-grams than training did), for the Engram hasher and, with its own N,
     for the OverEncoding hasher;
-  - each Engram conv: the last P *normalised* conv inputs per branch (PITFALLS 6); none when the
+  - each Engram conv: the last P *normalised* conv inputs per branch (docs/PITFALLS.md §6); none when the
     module has no conv (short_conv=False).
 
 Prompts of different lengths are left-padded; ``starts[b]`` is row b's first real token. The model

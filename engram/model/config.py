@@ -151,7 +151,7 @@ class BackboneConfig(Serialisable):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        if isinstance(data, dict) and "document_mask" not in data:  # written before issue 19
+        if isinstance(data, dict) and "document_mask" not in data:  # written before document-masked attention
             data = data | {"document_mask": False}
         return super().from_dict(data)
 

@@ -1,12 +1,12 @@
-"""The Engram module (SPEC §2 steps 5-9): gather hashed n-gram rows, gate them with the hidden state,
+"""The Engram module (docs/ALGORITHM.md §2 steps 5-9): gather hashed n-gram rows, gate them with the hidden state,
 pass them through a dilated causal short conv and return the contribution to the residual stream.
 
 Legend: B batch, T time, G hyper-connection branches, D model width, H hash heads, d_h row width,
 M = d_mem = H*d_h memory width, K conv taps.
 
 The module takes precomputed hash ids (``NgramHasher``, once per batch for every layer) and never
-touches numpy or the host in ``forward`` (PITFALLS 11). It returns Y only; the block adds it
-(PITFALLS 9: the V4.1 variant that returns x + alpha*v is a different convention).
+touches numpy or the host in ``forward`` (docs/PITFALLS.md §11). It returns Y only; the block adds it
+(docs/PITFALLS.md §9: the V4.1 variant that returns x + alpha*v is a different convention).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from engram.hashing import TableGeometry
 from engram.model.cache import LayerCache
 from engram.model.tables import MultiHeadEmbedding
 
-GATE_SQRT_FLOOR = 1e-6  # sqrt'(s) explodes at 0 (PITFALLS 10)
+GATE_SQRT_FLOOR = 1e-6  # sqrt'(s) explodes at 0 (docs/PITFALLS.md §10)
 
 
 def table_geometry_for(config: EngramConfig, geometry: TableGeometry | Sequence[int], branches: int,
@@ -67,7 +67,7 @@ class BranchLinear(nn.Module):
 
 class SharedLinear(BranchLinear):
     """One bias-free matrix read by all G branches, stored as (1, out, in): (B, T, in) -> (B, T, G, out),
-    G broadcast views of one product. The "no branch-specific fusion" ablation's W_K (SPEC §5)."""
+    G broadcast views of one product. The "no branch-specific fusion" ablation's W_K (docs/ALGORITHM.md §5)."""
 
     def __init__(self, branches: int, in_dim: int, out_dim: int, bias: bool = False):
         super().__init__(1, in_dim, out_dim, bias)
@@ -97,7 +97,7 @@ class Engram(nn.Module):
     ``geometry[layer_id]``; a list of the H prime row counts is accepted too). ``branches``: G, the
     backbone's ``hc_mult``. ``sparse_table``: the table's gradient holds only the looked-up rows.
 
-    The ablation switches (SPEC §5) decide at build time which parameters exist, so parameter
+    The ablation switches (docs/ALGORITHM.md §5) decide at build time which parameters exist, so parameter
     accounting and checkpoints see exactly the module that runs:
     gate="none" builds no key_proj, norm_query or norm_key; short_conv=False builds no norm_conv or
     conv_weight; branch_keys=False builds key_proj as a ``SharedLinear`` and norm_key with one weight.
@@ -150,7 +150,7 @@ class Engram(nn.Module):
         | key_proj.bias,       | zeros (``proj_bias`` only)                                 |
         |   value_proj.bias    |                                                            |
         | norm_*.weight        | ones                                                       |
-        | conv_weight          | zeros: the conv branch starts as identity (SPEC §2 step 8) |
+        | conv_weight          | zeros: the conv branch starts as identity (docs/ALGORITHM.md §2 step 8) |
 
         ``tables=False`` leaves the table rows as they are (a checkpoint or a benchmark fills them).
         """
@@ -168,7 +168,7 @@ class Engram(nn.Module):
             nn.init.zeros_(self.conv_weight)
 
     def gate(self, hidden: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """alpha (B, T, G, 1) in fp32 (PITFALLS 10) from hidden (B, T, G, D) and the memory e (B, T, M).
+        """alpha (B, T, G, 1) in fp32 (docs/PITFALLS.md §10) from hidden (B, T, G, D) and the memory e (B, T, M).
 
         gate="none" is the "no gating" ablation: alpha is exactly 1, so every branch takes the whole value.
         """
@@ -193,10 +193,10 @@ class Engram(nn.Module):
                    cache: LayerCache | None = None) -> torch.Tensor:
         """Depthwise causal conv over time with dilation N: (B, T, G, D) -> (B, T, G, D).
 
-        Tap j reads t - (K-1-j)*N (left padding (K-1)*N, PITFALLS 8); a tap that reaches into an
-        earlier document reads zero, like the sequence start (PITFALLS 7). The input is padded once
+        Tap j reads t - (K-1-j)*N (left padding (K-1)*N, docs/PITFALLS.md §8); a tap that reaches into an
+        earlier document reads zero, like the sequence start (docs/PITFALLS.md §7). The input is padded once
         and each tap is a view of it (no per-tap copy), about 2x faster than shifting copies. With a
-        decode ``cache`` the padding is the last (K-1)*N normalised inputs instead (PITFALLS 6), and
+        decode ``cache`` the padding is the last (K-1)*N normalised inputs instead (docs/PITFALLS.md §6), and
         the cache keeps the new last ones.
         """
         K, N = self.config.kernel_size, self.config.dilation

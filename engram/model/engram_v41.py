@@ -1,4 +1,4 @@
-"""DeepSeek-V4.1's production Engram module (SPEC §2b), chosen at build time by
+"""DeepSeek-V4.1's production Engram module (docs/ALGORITHM.md §2b), chosen at build time by
 ``EngramConfig.variant = "v4.1"``; the paper's module is ``engram.model.engram.Engram``.
 
 Legend: B batch, T time, G hyper-connection branches, D model width, H hash heads, d_h row width,
@@ -14,7 +14,7 @@ reference; our own code):
 - alpha = sigmoid(signed_sqrt(score)) with |score| floored at 1e-6 (as the paper's kernels);
 - a token mask (False at barrier tokens) closes the gate, so such a position passes through unchanged;
 - **it returns x + alpha * v**, the updated stream, not a contribution (``adds_residual``): the block
-  replaces its stream with the output and never adds x again (PITFALLS 9).
+  replaces its stream with the output and never adds x again (docs/PITFALLS.md §9).
 Barrier ("dead") tokens and their sticky lookbacks are the hasher's (``NgramHasher``, ``barrier_ids``).
 """
 

@@ -1,6 +1,6 @@
 """Residual connections over a G-copy stream: mHC hyper-connections, or a plain residual when G == 1.
 
-mHC (Manifold-Constrained Hyper-Connections, arXiv 2512.24880; SPEC §3) widens the residual stream to
+mHC (Manifold-Constrained Hyper-Connections, arXiv 2512.24880; docs/ALGORITHM.md §3) widens the residual stream to
 G copies. Around one sub-layer ``fn`` (attention or FFN, each with its own pre-norm):
 
     h      = sum_g H_pre[g] * x[g]                                  read: non-negative mix of copies

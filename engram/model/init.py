@@ -1,4 +1,4 @@
-"""Named random streams for initial weights: what makes a seed *pair* two models (issue 17).
+"""Named random streams for initial weights: what makes a seed *pair* two models.
 
 ``EngramLM.init_weights`` takes one draw of torch's generator and gives every parameter its own stream,
 ``derive_seed(seed, name)``, so a weight's initial value depends on the seed and its name alone, not on

@@ -13,7 +13,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, normalised in fp32 and cast back (gate numerics, PITFALLS 10)."""
+    """y = x / rms(x) * weight, normalised in fp32 and cast back (gate numerics, docs/PITFALLS.md §10)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -1,6 +1,6 @@
 """DeepSeekMoE: shared experts every token uses plus fine-grained routed experts, top-k per token.
 
-Load balancing is auxiliary-loss-free (SPEC §3): a per-expert bias, moved by a constant step after
+Load balancing is auxiliary-loss-free (docs/ALGORITHM.md §3): a per-expert bias, moved by a constant step after
 every optimizer step, is added to the routing scores only to choose the top-k; the combine weights use
 the unbiased scores.
 
@@ -89,8 +89,8 @@ class MoE(nn.Module):
 
         Expert e's slices and router row are drawn from their own stream (``derive_seed(seed,
         "expert.e")``), the shared experts by hidden unit (``init.normal_units_``): an MoE with fewer
-        experts starts with the first experts of a larger one under the same seed (issue 17's seed
-        pairing). ``seed`` None: drawn from torch's generator.
+        experts starts with the first experts of a larger one under the same seed (seed
+        pairing, engram.model.init). ``seed`` None: drawn from torch's generator.
 
         ``out_std`` (default ``std``) lets the model shrink the matrices that write to the residual
         stream, as it does for the dense FFN's w2.

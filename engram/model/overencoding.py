@@ -1,5 +1,5 @@
 """OverEncoding (Huang et al. 2025, "Over-Tokenized Transformer"): hashed n-gram embeddings averaged
-into the input embedding. The baseline the paper compares Engram with at equal memory (SPEC §4).
+into the input embedding. The baseline the paper compares Engram with at equal memory (docs/ALGORITHM.md §4).
 
 Legend: B batch, T time, D model width, N max n-gram order, O = N-1 orders, K heads per order,
 H = K*O hash heads, d_h row width, E = K*d_h = n_embed_per_ngram (one order's width).

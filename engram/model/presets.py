@@ -30,7 +30,7 @@ def _tiny_engram() -> ModelConfig:
 
 
 def _tiny_engram_v41() -> ModelConfig:
-    """DeepSeek-V4.1's Engram variant (SPEC §2b) on the tiny backbone: orders 2..4 with 8 heads each, no
+    """DeepSeek-V4.1's Engram variant (docs/ALGORITHM.md §2b) on the tiny backbone: orders 2..4 with 8 heads each, no
     conv, at the second and last blocks (V4.1 places it at its 2nd and 15th blocks). No barrier ids:
     the tiny vocabulary has no image tokens (set ``model.engram.barrier_ids`` to use them)."""
     return ModelConfig(
@@ -50,12 +50,12 @@ PRESETS = {
 
 
 # -- paper-scale model presets (Table 1): described and counted here, built on a cluster -----------------
-# What the paper gives (SPEC §3): 30 blocks, D = 2560, MLA with 32 heads, mHC with 4 branches, a 129,280-id
-# vocabulary, sequence 4,096; DeepSeekMoE with 2 shared + 72 routed experts, top-6, the first block dense;
+# What the paper gives (docs/ALGORITHM.md §3): 30 blocks, D = 2560, MLA with 32 heads, mHC with 4 branches, a
+# 129,280-id vocabulary, sequence 4,096; DeepSeekMoE with 2 shared + 72 routed experts, top-6, the first block dense;
 # Engram at the 2nd and 15th blocks over 2- and 3-grams, 8 heads per order, d_mem = 1280 (d_h = 80), and
 # 2,262,400 (27B) / 7,239,680 (40B) nominal rows per head; Table 1's P_tot 4.1B / 26.7B / 26.7B / 39.5B, P_act
 # 3.8B, Engram 5.7B / 18.5B. Table 1 counts P_tot with the embedding and the head and P_act without the
-# embedding (``ParameterCount.paper_total`` / ``paper_active``; SPEC §4's sweeps count neither).
+# embedding (``ParameterCount.paper_total`` / ``paper_active``; docs/ALGORITHM.md §4's sweeps count neither).
 # INFERRED (the paper does not publish them; chosen because they reproduce Table 1 within 1%, see
 # docs/DISTRIBUTED.md and tests/model/test_paper_presets.py):
 #   - the expert width, 1536 (SwiGLU);

@@ -15,20 +15,20 @@ VARIANTS = ("paper", "v4.1")
 
 @dataclass
 class TableConfig(Serialisable):
-    """Hashed n-gram tables (SPEC §2 steps 1-5), shared by Engram and OverEncoding: equal fields give the
+    """Hashed n-gram tables (docs/ALGORITHM.md §2 steps 1-5), shared by Engram and OverEncoding: equal fields give the
     same hashing, the same prime-sized heads and the same row width, whichever module reads them.
     The field names are the official demo's.
 
     engram_vocab_size: nominal table rows per hash head, one entry per n-gram order 2..N; each head
-        gets its own prime a little above this (SPEC §2 step 3).
+        gets its own prime a little above this (docs/ALGORITHM.md §2 step 3).
     max_ngram_size: N, the largest n-gram order.
     n_embed_per_ngram: width of one order's slice of the memory; d_h = n_embed_per_ngram / K.
     n_head_per_ngram: K, hash heads per order; H = K * (N - 1) in total.
     pad_id: the *raw* pad id; its compressed image pads n-grams on the left and across boundaries.
         Derived: ``None`` takes the training data's pad id (2 is the demo's).
-    seed: base seed of the per-layer multipliers (numpy PCG64, SPEC §2 step 2).
+    seed: base seed of the per-layer multipliers (numpy PCG64, docs/ALGORITHM.md §2 step 2).
     compress: False hashes raw ids (compressed id = raw id, V' = raw vocabulary) even when the model
-        is given a CompressedTokenizer (the "no tokenizer compression" ablation, SPEC §5).
+        is given a CompressedTokenizer (the "no tokenizer compression" ablation, docs/ALGORITHM.md §5).
     """
 
     engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
@@ -81,15 +81,15 @@ class TableConfig(Serialisable):
         return self.n_heads * self.head_dim
 
 
-# The tables' initial std: DeepSeek's demo code draws N(0, 1) (the reference); issue 17's init study
-# chose N(0, 0.02) on seeds 0-2 and confirmed it on seeds 3-5 (docs/RESULTS.md §4).
+# The tables' initial std: DeepSeek's demo code draws N(0, 1) (the reference); table-init study
+# (docs/RESULTS.md §4) chose N(0, 0.02) on seeds 0-2 and confirmed it on seeds 3-5.
 TABLE_INIT_REFERENCE = 1.0
 TABLE_INIT_STD = 0.02
 
 
 @dataclass
 class EngramConfig(TableConfig):
-    """The Engram module (SPEC §2): its tables (``TableConfig``'s fields) plus where it sits and how it
+    """The Engram module (docs/ALGORITHM.md §2): its tables (``TableConfig``'s fields) plus where it sits and how it
     reads them. The number of hyper-connection branches G it reads and writes is the backbone's
     ``hc_mult``, the one source for G.
 
@@ -98,12 +98,12 @@ class EngramConfig(TableConfig):
     gate: "signed_sqrt" (demo and paper kernels, default), "sigmoid" (plain sigmoid of the score) or
         "none" (alpha = 1: no gating, and no W_K or query/key norms are built).
 
-    Ablation switches (SPEC §5; the defaults are the paper's module; ``compress`` is a table field):
+    Ablation switches (docs/ALGORITHM.md §5; the defaults are the paper's module; ``compress`` is a table field):
     short_conv: False drops the dilated short conv and its norm: Y = the gated value.
     branch_keys: False shares one W_K and one key RMSNorm across the G branches (no "branch-specific
         fusion"); the query norm and the gate stay per branch. Same as True when G = 1.
     table_init_std: the standard deviation of the tables' initial rows. Default 0.02
-        (``TABLE_INIT_STD``): issue 17's study (docs/RESULTS.md §4) found it 0.057 nats better than
+        (``TABLE_INIT_STD``): the table-init study (docs/RESULTS.md §4) found it 0.057 nats better than
         DeepSeek's N(0, 1) on average, on 6 of 6 seeds (chosen on 0-2, confirmed on 3-5). The reference init stays available by name,
         ``TABLE_INIT_REFERENCE`` = 1.0 (``--set model.engram.table_init_std=1``); 0 starts every row at zero.
 
@@ -116,7 +116,7 @@ class EngramConfig(TableConfig):
 
     variant: "paper" (the paper's and demo's module, ``Engram``) or "v4.1" (DeepSeek-V4.1's production
         module, ``EngramV41``: no conv, so ``short_conv`` must be false; one fused W_K/W_V, merged norm
-        gains, returns x + alpha*v; SPEC §2b and docs/DEEPSEEK.md). The preset ``tiny-engram-v41`` has
+        gains, returns x + alpha*v; docs/ALGORITHM.md §2b and docs/DEEPSEEK.md). The preset ``tiny-engram-v41`` has
         V4.1's orders 2..4 with 8 heads each.
     barrier_ids: raw token ids (V4.1 only; e.g. image tokens) that no n-gram crosses: a barrier hashes as
         all pad, a lookback that reaches one (or the sequence start) is pad and so is every older one
@@ -169,7 +169,7 @@ class EngramConfig(TableConfig):
             for name, want in (("short_conv", False), ("gate", "signed_sqrt"), ("branch_keys", True),
                                ("proj_bias", False)):
                 require(getattr(self, name) == want, c, name,
-                        f"the v4.1 variant has {name}={want!r} (SPEC §2b), got {getattr(self, name)!r}")
+                        f"the v4.1 variant has {name}={want!r} (docs/ALGORITHM.md §2b), got {getattr(self, name)!r}")
         else:
             require(not self.barrier_ids, c, "barrier_ids",
                     "barrier tokens belong to the v4.1 variant (set variant='v4.1')")
@@ -198,5 +198,5 @@ class OverEncodingConfig(TableConfig):
 
     Exactly ``TableConfig``: an OverEncoding model and an Engram model with equal table fields have the
     same hashing, table rows and row width (the paper's "Engram beats OverEncoding at equal memory",
-    SPEC §4). Layers, the conv, the gate and the module switches have no meaning at the input.
+    docs/ALGORITHM.md §4). Layers, the conv, the gate and the module switches have no meaning at the input.
     """

@@ -7,7 +7,7 @@ Legend: B batch, T time, H hash heads, d_h row width, N rows of the flat table.
 row-sharded block (``engram.distributed.ShardedEmbedding``) and an offloaded table
 (``engram.storage.OffloadedEmbedding``); the placements swap one for another on a built model.
 
-Whether a table's gradient is sparse (only the looked-up rows, for SparseAdam: PITFALLS 12) is
+Whether a table's gradient is sparse (only the looked-up rows, for SparseAdam: docs/PITFALLS.md §12) is
 decided when it is built or placed (``sparse``), never flipped later by an optimizer.
 
 Table rows are initialised by ``normal_rows_``: rows come from independently seeded blocks of
@@ -64,7 +64,7 @@ class HashedTable(nn.Module):
 
     offsets      (H,) buffer, head j's first row
     num_rows     N, rows of the flat table; dim: d_h, the row width
-    sparse       whether its gradient holds only the looked-up rows (for SparseAdam: PITFALLS 12)
+    sparse       whether its gradient holds only the looked-up rows (for SparseAdam: docs/PITFALLS.md §12)
     trainable    whether it holds rows an optimizer steps (``weight``, filled by ``init_weights(std, seed)``)
     prefetch     ``prefetch(hash_ids)``: start fetching the rows of the coming forward; nothing to do for a
                  table whose rows are at hand (the default)
@@ -116,11 +116,11 @@ def as_table_host(model, who: str) -> TableHost:
 
 
 class MultiHeadEmbedding(HashedTable):
-    """All heads of one layer in one flat table on the model's device (SPEC §2 step 5).
+    """All heads of one layer in one flat table on the model's device (docs/ALGORITHM.md §2 step 5).
 
     ``geometry`` (from the hasher) fixes the head sizes and offsets. ``sparse`` makes the backward
     produce a sparse gradient holding only the looked-up rows, so a sparse optimizer costs O(rows
-    touched) (PITFALLS 12).
+    touched) (docs/PITFALLS.md §12).
     """
 
     def __init__(self, geometry: TableGeometry, dim: int, sparse: bool = False):

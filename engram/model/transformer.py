@@ -49,7 +49,7 @@ class Block(nn.Module):
         bb = config.backbone
         self.layer_id = layer_id
         self.engram = None
-        if geometry is not None:  # the variant is a class chosen here (SPEC §2 vs §2b)
+        if geometry is not None:  # the variant is a class chosen here (docs/ALGORITHM.md §2 vs §2b)
             variant = EngramV41 if config.engram.variant == "v4.1" else Engram
             self.engram = variant(config.engram, bb.d_model, geometry, bb.norm_eps, branches=bb.hc_mult,
                                   sparse_table=sparse_tables)
@@ -83,7 +83,7 @@ class EngramLM(nn.Module, TableHost):
     is given; ``self.compressed_tokenizer`` keeps the tokenizer the model was given, which checkpoints
     store. A config with neither Engram layers nor OverEncoding builds the plain dense/MoE baseline.
     ``sparse_tables`` (default True): the hashed tables' gradients hold only the looked-up rows, as
-    ``engram.train.Optimizers`` (SparseAdam, O(rows touched) per step, PITFALLS 12) needs. False gives
+    ``engram.train.Optimizers`` (SparseAdam, O(rows touched) per step, docs/PITFALLS.md §12) needs. False gives
     dense gradients, for optimizers that take only dense ones (``torch.optim.AdamW`` refuses sparse
     gradients) or for inspecting them. Decided here, at build time; nothing flips it later.
 
@@ -146,7 +146,7 @@ class EngramLM(nn.Module, TableHost):
         (``torch.manual_seed``). Each weight comes from its own stream, ``derive_seed(seed, name)``
         (``engram.model.init``), a routed expert and a SwiGLU hidden unit from theirs: two models that
         share a parameter (same name and shape) start it equal under the same seed, whatever else either
-        holds, so an MoE and its Engram twin are seed-paired (issue 17). Engram, hyper-connection and
+        holds, so an MoE and its Engram twin are seed-paired. Engram, hyper-connection and
         OverEncoding modules draw their own weights inside their module's stream.
 
         | parameter                         | init                                   |
@@ -234,7 +234,7 @@ class EngramLM(nn.Module, TableHost):
 
     def _hash_cached(self, input_ids: torch.Tensor, boundary: torch.Tensor | None,
                      cache: InferenceCache) -> dict[int, torch.Tensor]:
-        """``hash`` for a cached call: each hasher continues from its last N-1 ids (PITFALLS 5)."""
+        """``hash`` for a cached call: each hasher continues from its last N-1 ids (docs/PITFALLS.md §5)."""
         ids = {}
         if self.hasher is not None:
             ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary)
@@ -306,7 +306,7 @@ class EngramLM(nn.Module, TableHost):
     def prefetch(self, hash_ids: dict[int, torch.Tensor]) -> None:
         """Addresses depend only on token ids, so every Engram layer's rows are known before block 0
         runs: a storage tier (``engram.storage``) that replaced a table starts fetching them here, in
-        the background, while the first blocks compute (SPEC §5). Device-resident tables do nothing."""
+        the background, while the first blocks compute (docs/ALGORITHM.md §5). Device-resident tables do nothing."""
         for layer_id, layer in self.engram_layers.items():
             layer.embedding.prefetch(hash_ids[layer_id])
 

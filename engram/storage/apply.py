@@ -6,7 +6,7 @@ Legend: B batch, T time, H hash heads, d_h row width, n unique rows of one call.
 row store (host RAM or a memory-mapped file, optionally behind a ``RowCache``). The model code does
 not change: ``EngramLM.prefetch`` calls ``embedding.prefetch(hash_ids)`` right after hashing, before
 block 0 runs, and the block later calls ``embedding(hash_ids)`` with the same tensor. Addresses depend
-only on token ids, so the fetch overlaps the first blocks (SPEC §5).
+only on token ids, so the fetch overlaps the first blocks (docs/ALGORITHM.md §5).
 
 Inference only: an offloaded table has no parameter, so its output never requires grad, the model's
 ``state_dict`` no longer holds the tables, and training or checkpointing a transformed model is not

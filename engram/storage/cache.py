@@ -1,4 +1,4 @@
-"""A bounded cache of hot rows in front of a slower row store (SPEC §5: access is Zipfian).
+"""A bounded cache of hot rows in front of a slower row store (docs/ALGORITHM.md §5: access is Zipfian).
 
 Legend: n requested rows, C capacity (slots), d_h row width, m resident rows (m <= C), r rows in the
 ``recent`` key vector.
@@ -7,7 +7,7 @@ Bookkeeping is O(C), not O(num_rows), because the store behind may be a disk tab
 (a row->slot vector would cost num_rows ints). Resident rows are kept as two sorted key vectors with
 the slot of each key: ``main`` (as of the last fold) and a small ``recent`` (rows inserted since). A
 lookup is one binary search in each; inserting k rows merges them into ``recent`` in O(r + k log k).
-All of it is vectorised numpy on the host, where the row ids are (PITFALLS 13: a per-row Python LRU
+All of it is vectorised numpy on the host, where the row ids are (docs/PITFALLS.md §13: a per-row Python LRU
 stalls), and the O(C) work runs once per C * evict_fraction inserted rows, not on every call:
   - eviction frees a batch: when the free slots cannot take a call's misses, one pass evicts the
     lowest-ranked max(needed, ``evict_fraction`` * C) rows at once (0 gives exact
@@ -15,7 +15,7 @@ stalls), and the O(C) work runs once per C * evict_fraction inserted rows, not o
   - ``recent`` is folded into ``main`` (an O(C) merge) at each eviction pass or when it outgrows
     C * evict_fraction rows.
 
-Correctness rules (PITFALLS 14):
+Correctness rules (docs/PITFALLS.md §14):
   - a call never evicts a row it requested itself (hits are protected; only C - hits slots can take
     misses; misses that do not fit are served straight from the store, uncached);
   - a hit refreshes recency (LRU) or frequency (LFU), and eviction takes the lowest-ranked rows

@@ -13,7 +13,7 @@ Layout of a tables directory::
 A directory without ``manifest.json`` is an unfinished export. Every file is written atomically
 (``engram.fileio``), and an old manifest is removed before any table is rewritten, so a crash never
 leaves a manifest that describes other bytes than the files hold. The hasher layout travels with the tables
-because a row is meaningless without the addresses that chose it (PITFALLS 3, 4), and the source
+because a row is meaningless without the addresses that chose it (docs/PITFALLS.md §3, §4), and the source
 checkpoint's identity with them, because another run of the same layout addresses the same rows with
 other weights. Rows must be finite: export refuses a NaN or infinite value, and a sha256 verification at
 open finds one (it reads every byte anyway).

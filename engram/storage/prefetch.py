@@ -1,6 +1,6 @@
-"""One background thread that fetches Engram rows while the first blocks compute (SPEC §5).
+"""One background thread that fetches Engram rows while the first blocks compute (docs/ALGORITHM.md §5).
 
-PITFALLS 13: the thread must shut down cleanly and never write after teardown. ``close()`` lets
+docs/PITFALLS.md §13: the thread must shut down cleanly and never write after teardown. ``close()`` lets
 in-flight work finish, joins the thread, and refuses later ``submit`` calls; results only ever go
 into the returned ``Future``, never into shared state, so nothing can be written after ``close``.
 """

@@ -24,7 +24,7 @@ from engram.storage.formats import RowFormat, from_numpy, row_format
 
 
 class HostStore:
-    """The table in host RAM, pinned when CUDA is present (PITFALLS 13: pageable memory turns
+    """The table in host RAM, pinned when CUDA is present (docs/PITFALLS.md §13: pageable memory turns
     ``non_blocking`` copies synchronous). Built from a model's table (``HostStore(weight)``: on a CPU model
     the fp32 tensor is shared, not copied; ``format`` encodes it first, e.g. "int8") or from an exported
     table's files (``from_entry``: its codes and scales read into RAM)."""

@@ -1,4 +1,4 @@
-"""The paper's experiments (SPEC §4-6): which share of sparse parameters should be memory?
+"""The paper's experiments (docs/ALGORITHM.md §4-6): which share of sparse parameters should be memory?
 
     budgets     named budgets: the pure-MoE run (rho = 1), the Engram template, the grids
     allocation  the rho solver: iso-parameter, iso-FLOP models that trade routed experts for table rows

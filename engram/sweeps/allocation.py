@@ -1,4 +1,4 @@
-"""The sparsity-allocation solver (SPEC §4): one iso-parameter, iso-FLOP model per allocation ratio rho.
+"""The sparsity-allocation solver (docs/ALGORITHM.md §4): one iso-parameter, iso-FLOP model per allocation ratio rho.
 
 Start from a pure-MoE model (rho = 1). P_sparse = P_tot - P_act is the inactive share of the routed
 experts: (E - k) experts' worth of weights per MoE block. To move to rho < 1 we remove n routed experts

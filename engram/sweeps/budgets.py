@@ -1,6 +1,6 @@
 """Named budgets for the paper's experiments: a pure-MoE base run (rho = 1) plus the Engram template.
 
-Within a budget P_tot, P_act, data and hyper-parameters are fixed (SPEC §4); the sweeps only move
+Within a budget P_tot, P_act, data and hyper-parameters are fixed (docs/ALGORITHM.md §4); the sweeps only move
 weights between routed experts and Engram rows (allocation), grow the tables of a fixed backbone
 (memory) or switch parts of the module off at a fixed table budget (ablation).
 
@@ -84,9 +84,9 @@ def _gpu_engram(d_model: int) -> EngramConfig:
                         n_head_per_ngram=8, layer_ids=[1], pad_id=0, kernel_size=4)
 
 
-# -- the paper's two sparsity-allocation compute points (SPEC §3; Figure 3) ----------------------------------
+# -- the paper's two sparsity-allocation compute points (docs/ALGORITHM.md §3; Figure 3) ------------------------
 # Given: C = 2e20 FLOPs with P_tot 5.7B, P_act 568M and 106 routed experts at rho = 1, and C = 6e20 with 9.9B,
-# 993M and 99 experts (counted as SPEC §4 does: without the embedding and the head). INFERRED (not
+# 993M and 99 experts (counted as docs/ALGORITHM.md §4 does: without the embedding and the head). INFERRED (not
 # published; chosen to reproduce those counts within 0.1% in the paper models' family: the paper presets'
 # MLA (80-wide heads), mHC with 4 branches, 2 shared experts, top-6, the first block dense, the 129,280-id
 # vocabulary): the depth, the width, the expert width and the first block's FFN width (``_paper_budget``'s

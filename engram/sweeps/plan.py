@@ -8,7 +8,7 @@ the outer loop, so every grid point has a first seed before any gets a second.
 - memory: the rho = 1 backbone without memory, with Engram and with OverEncoding tables of growing size;
 - ablation: switches of the Engram module and single-module layers at the table budget of ``ablation_rho``;
 - init: the Engram tables' initial standard deviation (``INIT_STDS``) at the table budget of
-  ``ablation_rho``, beside its pure-MoE twin (rho = 1), all seed-paired (issue 17's study).
+  ``ablation_rho``, beside its pure-MoE twin (rho = 1), all seed-paired (the table-init study, docs/RESULTS.md §4).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def plan_memory(budget: Budget, seeds: range) -> list[PlannedRun]:
 
 
 def ablation_models(budget: Budget) -> list[tuple[str, str, ModelConfig]]:
-    """(variant, group, model) at the Engram table budget of ``budget.ablation_rho`` (SPEC §5)."""
+    """(variant, group, model) at the Engram table budget of ``budget.ablation_rho`` (docs/ALGORITHM.md §5)."""
     base = budget.base_run().model
     template = budget.engram_template()
     ref = allocate(base, template, budget.ablation_rho).config

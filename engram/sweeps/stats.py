@@ -1,4 +1,4 @@
-"""Statistics of the sweeps (SPEC §4-6): allocation U-shape, memory scaling, ablations.
+"""Statistics of the sweeps (docs/ALGORITHM.md §4-6): allocation U-shape, memory scaling, ablations.
 
 Numbers only: ``plots`` draws them and ``report`` writes them out as tables and JSON.
 Input is one dict per training run, as the sweep runner writes it to ``result.json`` (``load_results``):
@@ -9,17 +9,17 @@ per sweep ``rho`` (allocation), ``method`` + ``table_params`` (memory), ``varian
 What each statistic means
 - ``summarise``: per (sweep, budget, point) the number of seeds and the mean, std (ddof=1; 0 for a single
   seed), min and max of val_loss. The std is the spread of one run across seeds, not an error of the mean.
-- ``fit_quadratic``: least squares loss = a*rho^2 + b*rho + c on the per-point means. SPEC §4's U-shape is
+- ``fit_quadratic``: least squares loss = a*rho^2 + b*rho + c on the per-point means. docs/ALGORITHM.md §4's U-shape is
   a > 0 with minimiser -b/(2a); with a <= 0 the data show no interior minimum and the fit says so.
 - ``bootstrap_minimiser``: how far seed noise moves that minimiser. Each replicate resamples the seeds with
   replacement within every rho point and refits; the interval is the 2.5/97.5 percentiles of the replicates
   that were still U-shaped, and ``fraction_with_minimum`` says how many were (about half for flat noise).
-- ``fit_loglinear``: loss = intercept + slope * log2(table params), the "infinite memory" law of SPEC §4,
+- ``fit_loglinear``: loss = intercept + slope * log2(table params), the "infinite memory" law of docs/ALGORITHM.md §4,
   fitted on individual runs. The slope is the change in loss per *doubling* of the table (divide by ln 2
   for per e-fold), with its OLS standard error.
 - ``delta_vs_reference``: each point's mean minus the reference's (pure MoE rho=1, the "none" backbone
-  without memory, the "full" ablation variant, the pure-MoE twin of the init sweep). The paper's iso-parameter gain is ~0.01 nats (SPEC §6),
-  about the seed-to-seed spread of a small run. Runs with the same seed share data order and init, so much
+  without memory, the "full" ablation variant, the pure-MoE twin of the init sweep). The paper's
+  iso-parameter gain is ~0.01 nats (docs/ALGORITHM.md §6), about the seed-to-seed spread of a small run. Runs with the same seed share data order and init, so much
   of that spread is common to both arms and cancels in the per-seed difference: ``paired_mean`` /
   ``paired_std`` over the shared seeds are the numbers to read. ``combined_std`` = sqrt(std^2 + std_ref^2)
   is the spread of one difference if the arms were independent; it is the fallback when no seed is shared.
@@ -40,7 +40,7 @@ import numpy as np
 
 SWEEPS = ("allocation", "memory", "ablation", "init")
 _ORDER = {s: i for i, s in enumerate(SWEEPS)}  # report order; unknown sweeps go last
-PAPER_OPTIMUM = (0.75, 0.80)  # SPEC §4: the U-shape bottoms out at rho ~ 75-80%
+PAPER_OPTIMUM = (0.75, 0.80)  # docs/ALGORITHM.md §4: the U-shape bottoms out at rho ~ 75-80%
 REQUIRED = ("sweep", "point", "seed", "val_loss")
 
 

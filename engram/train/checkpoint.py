@@ -22,7 +22,7 @@ Writing, naming and listing steps is ``engram.train.checkpoint_files`` (whose na
 exports); this module reads a step back: ``open_checkpoint``, ``load_checkpoint``, ``Checkpoint``. Loading
 checks the manifest first (a truncated or altered file is reported by name, not as a torch traceback) and
 refuses a tokenizer or hash layout that disagrees with the one the tables were trained with
-(PITFALLS 3, 4).
+(docs/PITFALLS.md §3, §4).
 """
 
 
@@ -161,7 +161,7 @@ class Checkpoint:
             return set(f.keys())
 
     def check_layouts(self, model: EngramLM) -> None:
-        """The stored hash layouts must equal ``model``'s hashers' (PITFALLS 3, 4): other addresses would
+        """The stored hash layouts must equal ``model``'s hashers' (docs/PITFALLS.md §3, §4): other addresses would
         scramble every table row."""
         for name, hasher in layout_files(model).items():
             layout_file = self.path / name

@@ -4,8 +4,8 @@ Dense parameters use AdamW (weight decay on matrices only); with ``train.optim.n
 hidden matrices (``engram.model.matrices.muon_parameters``) use Muon instead (``engram.train.muon``) and AdamW keeps the rest.
 Hashed tables with sparse gradients (Engram and OverEncoding, built with ``sparse_tables=True``, and
 their row shards) use Adam restricted to the rows a step looked up (``torch.optim.SparseAdam``, lazy
-moments) at ``table_lr_mult`` x the base rate with no weight decay (SPEC §3): a step costs O(rows
-touched), not O(table) (PITFALLS 12).
+moments) at ``table_lr_mult`` x the base rate with no weight decay (docs/ALGORITHM.md §3): a step costs O(rows
+touched), not O(table) (docs/PITFALLS.md §12).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Optimizers:
     Whether a table's gradient is sparse is decided where the model was built or placed
     (``EngramLM(..., sparse_tables=True)``; row shards always are), never here: a model whose tables
     give dense gradients is refused, because Adam over a dense table gradient moves every row every
-    step (PITFALLS 12: O(table) instead of O(rows touched)).
+    step (docs/PITFALLS.md §12: O(table) instead of O(rows touched)).
 
     ``reduce_table_sq``: how the tables' squared gradient norm is summed over the processes holding
     their rows (``engram.distributed.Parallel.table_squares_reduce``); None in a single process.

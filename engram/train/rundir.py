@@ -9,7 +9,7 @@
         <UTC time>-fresh/      what --no-resume found (checkpoints/, metrics.jsonl, config.json)
         <UTC time>-rewind-N/   the checkpoints after step N that --resume-from N abandoned
 
-Design choices (issue 14): ``--no-resume`` *archives* the old history instead of refusing a non-empty
+Design choices: ``--no-resume`` *archives* the old history instead of refusing a non-empty
 directory or numbering steps per attempt, so a fresh run's ``step_0000100`` can never be pruned as older
 than a previous attempt's ``step_0000400``, and nothing is deleted. ``latest`` is rewritten before any
 step it might name moves, so at every instant it names a published step or is absent.

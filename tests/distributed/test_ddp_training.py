@@ -1,4 +1,4 @@
-"""Data-parallel training with sharded tables (issue 7): 2 gloo ranks spawned by the test train the
+"""Data-parallel training with sharded tables: 2 gloo ranks spawned by the test train the
 model one process trains on the same global batch, and checkpoints move between world sizes.
 
 The model is the tiny MoE + Engram preset. The strict checks use the sigmoid gate: the default

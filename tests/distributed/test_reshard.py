@@ -1,5 +1,5 @@
 """Sharded checkpoints between world sizes: 2 ranks -> 1 process -> 4 ranks -> 2 ranks keeps every table
-row and every SparseAdam moment bit for bit (issue 7), and broken shards are refused by name."""
+row and every SparseAdam moment bit for bit, and broken shards are refused by name."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node=2 -m engram.cli train` on the CPU (gloo): the contract of issue 7."""
+"""`torchrun --nproc_per_node=2 -m engram.cli train` on the CPU (gloo): one run over 2 ranks, as one process would train it."""
 
 import json
 import os

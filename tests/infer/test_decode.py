@@ -1,4 +1,4 @@
-"""Incremental decoding equals one full forward (PITFALLS 5, 6), for every model kind and G."""
+"""Incremental decoding equals one full forward (docs/PITFALLS.md §5, §6), for every model kind and G."""
 
 import dataclasses
 

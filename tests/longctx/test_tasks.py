@@ -1,4 +1,4 @@
-"""Long-context task generators and scoring (issue 19): deterministic for a seed, needles present and
+"""Long-context task generators and scoring: deterministic for a seed, needles present and
 unique, answers extractable from the prompt; a perfect copier scores 100% and a random one near zero."""
 
 import random

@@ -140,7 +140,7 @@ def test_a_model_whose_derived_fields_are_unset_is_refused():
 
 
 def test_table_init_std_is_a_recorded_option_and_the_reference_is_kept_by_name():
-    """EngramConfig.table_init_std (issue 17's study): the default is N(0, 0.02); DeepSeek's N(0, 1)
+    """EngramConfig.table_init_std (the table-init study, docs/RESULTS.md §4): the default is N(0, 0.02); DeepSeek's N(0, 1)
     stays available as TABLE_INIT_REFERENCE and is reproducible (a seed draws the same rows, which are
     the default's rows times 50: one stream, scaled); 0 starts the rows at zero; the run config records it."""
     import dataclasses
@@ -190,7 +190,7 @@ def _twins():
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_a_seed_gives_twins_the_same_initial_weight_for_every_shared_parameter(seed):
-    """Seed pairing (issue 17): a parameter both models have (same name, same shape) starts equal,
+    """Seed pairing: a parameter both models have (same name, same shape) starts equal,
     and so do the routed experts and router rows they share, whatever the other model holds besides
     (an Engram module, more experts); a weight's draw depends on its name, not on what came before."""
     moe_config, engram_config = _twins()

@@ -28,7 +28,7 @@ def inputs(layer, B=2, T=20):
 
 
 def reference_forward(layer, hidden, hash_ids, doc_ids=None):
-    """Per branch, per step, written from SPEC §2 steps 5-8 with F.conv1d for the conv."""
+    """Per branch, per step, written from docs/ALGORITHM.md §2 steps 5-8 with F.conv1d for the conv."""
     c, D = layer.config, layer.dim
     B, T = hash_ids.shape[:2]
     e = layer.embedding.weight[hash_ids + layer.embedding.offsets].reshape(B, T, -1)
@@ -99,7 +99,7 @@ def test_conv_resets_at_documents(G, N, kernel, T, data):
 
 
 def test_conv_receptive_field_is_dilated():
-    """Y_t depends on the value at t-(K-1)*N but not at t-(K-1)*N-1 (PITFALLS 8)."""
+    """Y_t depends on the value at t-(K-1)*N but not at t-(K-1)*N-1 (docs/PITFALLS.md §8)."""
     layer = make_layer(G=1, N=3, kernel=4)
     with torch.no_grad():
         layer.conv_weight.normal_()

@@ -1,4 +1,5 @@
-"""The ablation switches of the Engram module (SPEC §5): compress, gate="none", short_conv, branch_keys."""
+"""The ablation switches of the Engram module (docs/ALGORITHM.md §5): compress, gate="none", short_conv,
+branch_keys."""
 
 import dataclasses
 

@@ -1,5 +1,5 @@
 """The official demo's Engram weights: ``engram.compat.deepseek.from_demo_state_dict`` against a reference
-written here from SPEC §2 ("The demo's exact module"), under the demo's key names. The reference reads the
+written here from docs/ALGORITHM.md §2 ("The demo's exact module"), under the demo's key names. The reference reads the
 state dict directly; it shares no code with ``engram.model.engram``."""
 
 import math
@@ -39,7 +39,7 @@ def random_demo_state_dict(config, D, G, layer_id, seed=0):
 
 
 def demo_reference(sd, hidden, hash_ids, dilation):
-    """SPEC §2 steps 5-8 with the demo's numerics: biased W_K/W_V, nn.RMSNorm(eps=None) gate norms, conv
+    """docs/ALGORITHM.md §2 steps 5-8 with the demo's numerics: biased W_K/W_V, nn.RMSNorm(eps=None) gate norms, conv
     norms at eps 1e-5, one depthwise Conv1d over G*D channels padded on both sides and cut to T."""
     B, T, G, D = hidden.shape
     e = F.embedding(hash_ids + sd["multi_head_embedding.offsets"], sd["multi_head_embedding.embedding.weight"])

@@ -1,4 +1,4 @@
-"""DeepSeek-V4.1's Engram variant (issue 18, SPEC §2b): the module against a reference written here,
+"""DeepSeek-V4.1's Engram variant (docs/ALGORITHM.md §2b): the module against a reference written here,
 the residual convention, barrier tokens (property tests on the hasher), tiers, training, the gate mask."""
 
 import dataclasses
@@ -36,7 +36,7 @@ def v41_model(G=2, barrier_ids=(), seed=0) -> EngramLM:
 
 
 def reference(layer: EngramV41, hidden, hash_ids, token_mask=None):
-    """SPEC §2b, branch by branch: keys are wkv's first G row blocks, the value its last; q is the branch
+    """docs/ALGORITHM.md §2b, branch by branch: keys are wkv's first G row blocks, the value its last; q is the branch
     itself; RMSNorm(h) * w . RMSNorm(k) / sqrt(D); signed sqrt; sigmoid; x + alpha * v."""
     B, T, G, D = hidden.shape
     e = layer.embedding.weight[hash_ids + layer.embedding.offsets].reshape(B, T, -1)

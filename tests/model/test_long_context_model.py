@@ -1,4 +1,4 @@
-"""Issue 19's model pieces: document-masked attention for packed batches and YaRN RoPE scaling."""
+"""The long-context model pieces: document-masked attention for packed batches and YaRN RoPE scaling."""
 
 import dataclasses
 import math
@@ -59,7 +59,7 @@ def test_without_the_mask_documents_see_each_other_and_old_configs_keep_that():
         assert torch.equal(masked(ids).logits, unmasked(ids).logits)  # one document: nothing to mask
     old = BackboneConfig().to_dict()
     old.pop("document_mask"), old.pop("rope_scaling")
-    assert BackboneConfig.from_dict(old).document_mask is False  # a checkpoint trained before issue 19
+    assert BackboneConfig.from_dict(old).document_mask is False  # a checkpoint trained before document-masked attention
     assert BackboneConfig().document_mask is True
 
 

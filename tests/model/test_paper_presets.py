@@ -1,4 +1,4 @@
-"""The paper-scale presets and allocation budgets: counted against Table 1 and SPEC §3 without building
+"""The paper-scale presets and allocation budgets: counted against Table 1 and docs/ALGORITHM.md §3 without building
 anything, and built on meta (nothing allocated) fast."""
 
 import json
@@ -22,7 +22,7 @@ def test_paper_presets_reproduce_table_1(name):
         assert c.engram_tables == 0
     elif name == "engram-40b":
         assert c.engram_tables == pytest.approx(paper["engram"] * 1e9, rel=0.01)
-    else:  # 32 heads x 2,262,400 rows x 80 = 5.79B, which Table 1 prints as 5.7B (truncated, like SPEC's)
+    else:  # 32 heads x 2,262,400 rows x 80 = 5.79B, which Table 1 prints as 5.7B (truncated, as docs/ALGORITHM.md §3 does)
         assert c.engram_tables == pytest.approx(5.79e9, rel=0.001)
         assert c.engram_tables == pytest.approx(paper["engram"] * 1e9, rel=0.017)
 
@@ -54,7 +54,7 @@ def test_paper_allocation_budgets(name):
     c = count_parameters(base.model)
     assert c.total == pytest.approx(total, rel=0.01) and c.active == pytest.approx(active, rel=0.01)
     assert base.model.backbone.moe.n_routed_experts == experts
-    assert c.total / c.active == pytest.approx(10, rel=0.03)  # SPEC: P_tot / P_act ~ 10
+    assert c.total / c.active == pytest.approx(10, rel=0.03)  # docs/ALGORITHM.md §3: P_tot / P_act ~ 10
     flops = 3 * c.flops_per_token * base.train.tokens_per_step * base.train.max_steps
     assert flops == pytest.approx(PAPER_BUDGETS[name][0], rel=0.001)
 

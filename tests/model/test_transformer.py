@@ -28,7 +28,7 @@ CASES = [("tiny-dense", None), ("tiny-moe", None), ("tiny-engram", None), ("tiny
 
 @pytest.mark.parametrize("name,G", CASES)
 def test_causal(name, G):
-    """Changing tokens after t never changes logits at positions <= t (PITFALLS 17)."""
+    """Changing tokens after t never changes logits at positions <= t (docs/PITFALLS.md §17)."""
     assert_causal(EngramLM(variant(name, G)), 512)
 
 

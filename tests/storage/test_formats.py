@@ -1,4 +1,4 @@
-"""Quantised table formats (issue 18): each format's documented bound (hypothesis, zero rows and extreme
+"""Quantised table formats: each format's documented bound (hypothesis, zero rows and extreme
 values included), the files they write, and every tier and the row cache reading them identically."""
 
 import json

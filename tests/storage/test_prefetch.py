@@ -1,4 +1,4 @@
-"""The prefetch thread shuts down cleanly (PITFALLS 13)."""
+"""The prefetch thread shuts down cleanly (docs/PITFALLS.md §13)."""
 
 import threading
 import time

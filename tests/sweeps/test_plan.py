@@ -69,7 +69,7 @@ def test_cli_dry_run_and_errors(budget_file, capsys):
 
 
 def test_first_seed_gives_fresh_seeds_with_the_same_grid():
-    """Choose on seeds 0-2, confirm on 3-5 (issue 17's protocol): same points, other seeds and batches."""
+    """Choose on seeds 0-2, confirm on 3-5 (the table-init study's protocol): same points, other seeds and batches."""
     choose = plan("ablation", "tiny", seeds=3)
     confirm = plan("ablation", "tiny", seeds=3, first_seed=3)
     assert sorted({r.seed for r in choose}) == [0, 1, 2] and sorted({r.seed for r in confirm}) == [3, 4, 5]
@@ -82,7 +82,7 @@ def test_first_seed_gives_fresh_seeds_with_the_same_grid():
 
 
 def test_init_sweep_pairs_the_twin_and_three_table_inits():
-    """issue 17's study: the pure-MoE twin and the rho = 0.8 Engram model with N(0, 1), N(0, 0.02)
+    """The table-init study (docs/RESULTS.md §4): the pure-MoE twin and the rho = 0.8 Engram model with N(0, 1), N(0, 0.02)
     and zero tables; the Engram models differ in the table init only, at equal P_tot and P_act."""
     runs = plan("init", "tiny", seeds=2)
     assert [r.point for r in runs[:4]] == ["pure-moe", "table_std=1", "table_std=0.02", "table_std=0"]

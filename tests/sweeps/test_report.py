@@ -28,7 +28,7 @@ def test_write_report_produces_files(tmp_path):
 
 
 def test_init_sweep_report_pairs_every_init_with_the_twin_and_the_reference(tmp_path):
-    """The init sweep (issue 17): deltas against the pure-MoE twin, a per-seed table against N(0, 1)
+    """The init sweep: deltas against the pure-MoE twin, a per-seed table against N(0, 1)
     (so a choice made on seeds 0-2 can be read off on 3-5), and the plot."""
     results = fake_init(seeds=range(6))
     paths = write_report(results, tmp_path)

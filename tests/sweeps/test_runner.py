@@ -97,7 +97,7 @@ def test_two_workers_share_one_sweep(budget_file, tmp_path):
 
 def test_workers_are_spawned_processes_running_the_library(budget_file, tmp_path, monkeypatch):
     """`--workers N` starts N spawned processes that call the runner on the plan; nothing shells out to
-    `python -m engram.cli`, so the library does not depend on the CLI's flag names (issue 13)."""
+    `python -m engram.cli`, so the library does not depend on the CLI's flag names."""
     started = []
     start = multiprocessing.context.SpawnProcess.start
 

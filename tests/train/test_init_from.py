@@ -1,4 +1,4 @@
-"""train.init_from (engram train --init-from, issue 19): a new run starts from another run's weights with
+"""train.init_from (engram train --init-from): a new run starts from another run's weights with
 a new optimizer and schedule; a checkpoint of another architecture is refused."""
 
 import dataclasses
