@@ -134,6 +134,9 @@ class HyperConnection(nn.Module):
 class PlainResidual(nn.Module):
     """G == 1: x + fn(x) on the single copy, no parameters (mHC at G == 1 only rescales read and write)."""
 
+    def init_weights(self) -> None:
+        """No parameters: nothing to initialise (``HyperConnection.init_weights``'s counterpart)."""
+
     def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
         """x: (B, T, 1, D); fn: (B, T, D) -> (B, T, D). Returns (B, T, 1, D)."""
         h = x.squeeze(2)  # (B, T, D)

@@ -216,9 +216,8 @@ class EngramLM(nn.Module, TableHost):
         else:
             blk.ffn.init_weights(std, out_std, seed=derive_seed(seed, f"layers.{i}.ffn"))
         for part, res in (("attn_res", blk.attn_res), ("ffn_res", blk.ffn_res)):
-            if hasattr(res, "init_weights"):
-                with own(f"layers.{i}.{part}"):
-                    res.init_weights()
+            with own(f"layers.{i}.{part}"):  # PlainResidual has nothing to draw; mHC draws in its own stream
+                res.init_weights()
         if blk.engram is not None:
             with own(f"layers.{i}.engram"):
                 blk.engram.init_weights(std, table_seed=derive_seed(seed, f"layers.{i}.engram.embedding"),

@@ -54,19 +54,22 @@ def test_write_report_separates_budgets(tmp_path):
         plot_allocation(fake_allocation(lambda r: 3.9, seeds=1) + small, tmp_path / "x.png")
 
 
-COMMITTED = Path(__file__).parents[2] / "docs" / "results" / "tiny"
+RESULTS = Path(__file__).parents[2] / "docs" / "results"
 
 
-def test_report_reproduces_the_committed_tiny_results(tmp_path):
+@pytest.mark.parametrize("name", ["tiny", "init"])
+def test_report_reproduces_the_committed_results(tmp_path, name):
     """`engram sweep report --budget tiny` is a function of the results alone: fed the committed runs.jsonl, it
-    rewrites docs/results/tiny byte for byte. PNG bytes depend on the matplotlib version, so only the text
-    files are compared here (the PNGs were compared when the sweeps moved; see the commit message)."""
-    results = [json.loads(line) for line in (COMMITTED / "runs.jsonl").read_text().splitlines() if line.strip()]
-    write_report(results, tmp_path)
-    for name in ("tables.md", "runs.jsonl"):
-        assert (tmp_path / name).read_bytes() == (COMMITTED / name).read_bytes(), f"{name} differs from {COMMITTED}"
+    rewrites docs/results/tiny (the allocation, memory and ablation sweeps) and docs/results/init (the init
+    sweep) byte for byte. PNG bytes depend on the matplotlib version, so only the text files are compared."""
+    committed = RESULTS / name
+    results = [json.loads(line) for line in (committed / "runs.jsonl").read_text().splitlines() if line.strip()]
+    paths = write_report(results, tmp_path)
+    assert {p.name for p in paths.values()} == {p.name for p in committed.iterdir()}
+    for file in ("tables.md", "runs.jsonl"):
+        assert (tmp_path / file).read_bytes() == (committed / file).read_bytes(), f"{file} differs from {committed}"
     # the fits' last digits depend on the CPU's floating point (numpy's least squares): equal to 1e-9
-    got, want = (json.loads((d / "summary.json").read_text()) for d in (tmp_path, COMMITTED))
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (tmp_path, committed))
     assert _close(got, want)
 
 
