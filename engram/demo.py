@@ -33,8 +33,8 @@ PRESETS = ("demo-moe", "demo-engram")
 SEEDS = 3
 PROMPT = "def __init__(self"
 SAMPLE_TOKENS = 48
-QUICK = ["train.max_steps=4", "train.eval_every=2", "train.eval_batches=2", "train.save_every=2",
-         "train.log_every=1", "train.warmup_steps=1"]
+QUICK = ["train.max_steps=4", "train.eval.every=2", "train.eval.batches=2", "train.checkpoint.every=2",
+         "train.log_every=1", "train.schedule.warmup_steps=1"]
 
 # two-sided 95% quantiles of Student's t by degrees of freedom (1-30); the normal 1.96 beyond
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

@@ -20,6 +20,12 @@ from typing import Any, BinaryIO, Callable
 CHUNK_BYTES = 64 << 20  # read and write big files in slices: no second full copy in RAM
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupted, or incompatible with the tokenizer or model in
+    use. Defined here, below every package that reads checkpoints (``engram.train``, ``engram.distributed``),
+    so each raises the same error."""
+
+
 def temporary_path(path: str | os.PathLike) -> Path:
     """Where ``path`` is written before it is renamed into place: same directory (so the rename is
     atomic), a name no other process uses."""

@@ -365,3 +365,9 @@ class NgramHasher(nn.Module):
 def _short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def __getattr__(name: str):
+    if name == "TableConfig":  # imported here once; the hasher reads configs by field and sits below the model
+        raise AttributeError("engram.hashing.TableConfig: the config lives in engram.model.table_config.TableConfig")
+    raise AttributeError(f"module 'engram.hashing' has no attribute {name!r}")

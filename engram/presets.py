@@ -12,7 +12,7 @@ silently changing the model.
 from __future__ import annotations
 
 from engram.data.config import DataConfig
-from engram.model.config import BackboneConfig, MoEConfig, ModelConfig
+from engram.model.config import BackboneConfig, MLAConfig, MoEConfig, ModelConfig  # noqa: F401 (MLAConfig: as before)
 from engram.model.presets import PAPER_MLA, PAPER_PRESETS, PAPER_TABLE_1, PAPER_VOCAB, PRESETS, get_preset
 from engram.model.table_config import EngramConfig
 from engram.train.config import (CheckpointConfig, EvalConfig, OptimConfig, PlacementConfig, RunConfig,

@@ -87,13 +87,16 @@ def _moved_into_place(cls, data: dict[str, Any]) -> dict[str, Any]:
         if old not in cls.MOVED:
             continue
         head, _, rest = cls.MOVED[old].partition(".")
-        section = out.setdefault(head, {})
-        if not isinstance(section, dict):  # a section given as an object: keep it, with this field replaced
-            section = section.to_dict()
-            out[head] = section
-        if rest in section and head in data:
+        given = data.get(head)
+        if isinstance(given, dict) and rest in given:
             raise ValueError(f"{cls.__name__}: {old!r} and {cls.MOVED[old]!r} are the same field (its old and new "
                              "name); give it once")
+        section = out.setdefault(head, {})
+        if isinstance(section, Serialisable):  # a section given as an object: keep it, with this field replaced
+            section = out[head] = section.to_dict()
+        if not isinstance(section, dict):
+            raise ValueError(f"{cls.__name__}.{head}: must be a dict of its fields, got {section!r} (beside the old "
+                             f"name {old!r}, which lives in it)")
         section[rest] = value
     return out
 

@@ -21,20 +21,23 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from engram.config import DataConfig, TrainConfig
+from engram.data.config import DataConfig
+from engram.train.config import CheckpointConfig, EvalConfig, OptimConfig, PlacementConfig, ScheduleConfig, TrainConfig
 from engram.data import prepare_data
 from engram.data.prepare import cache_key
 from engram.hf.finetune import FinetuneConfig, finetune, load_base
 from engram.hf.retrofit import EngramAdapterConfig
-from engram.train.loop import evaluate
-from engram.train.optim import Optimizers, learning_rate
+from engram.distributed.parallelize import Parallel
+from engram.train.evaluation import evaluate
+from engram.train.loop import run_loop
+from engram.train.optim import Optimizers
+from engram.train.step import TrainState
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -51,9 +54,10 @@ def smollm2_dir() -> str:
 
 def base_config(args) -> FinetuneConfig:
     """What every variant shares: the base, the corpus, the schedule (seed set per run)."""
-    train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                        warmup_steps=args.warmup, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                        log_every=1, save_every=args.steps, device="cpu")
+    train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, log_every=1,
+                        optim=OptimConfig(lr=args.lr), schedule=ScheduleConfig(warmup_steps=args.warmup),
+                        eval=EvalConfig(every=args.eval_every, batches=args.eval_batches),
+                        checkpoint=CheckpointConfig(every=args.steps), placement=PlacementConfig(device="cpu"))
     return FinetuneConfig(base=smollm2_dir(), gguf_file=GGUF, adapter=EngramAdapterConfig(),
                           data=DataConfig(source=args.data, cache_dir=args.cache_dir), train=train)
 
@@ -83,7 +87,7 @@ def run_base(config: FinetuneConfig, out: Path) -> dict:
     data, key = prepared(config, tokenizer, out / "base")
     tc = config.train
     start = time.perf_counter()
-    result = evaluate(_Scored(model), data.val, tc.batch_size, tc.seq_len, tc.eval_batches, torch.device("cpu"))
+    result = evaluate(_Scored(model), data.val, tc.batch_size, tc.seq_len, tc.eval.batches, torch.device("cpu"))
     seconds = time.perf_counter() - start
     return {"variant": "base", "seed": None, "trainable": 0, "data": key, "steps": 0, "tokens_per_s": None,
             "eval_tokens_per_s": result["val_tokens"] / seconds, **result, "curve": []}
@@ -117,45 +121,34 @@ class _LoraParameters(torch.nn.Module):
 
 
 def run_lora(config: FinetuneConfig, seed: int, rank: int, out: Path) -> dict:
-    """The loop of ``engram.hf.finetune._loop`` for a LoRA model: same batches, schedule, optimizer,
-    clipping and evaluation (peft has no table to route to SparseAdam)."""
+    """A LoRA model trained by ``engram finetune``'s step and loop (``engram.train.loop.run_loop``): same
+    batches, schedule, optimizer, clipping and evaluation (peft has no table to route to SparseAdam)."""
     from peft import LoraConfig, get_peft_model
 
     run_dir = out / f"lora-s{seed}"
-    tc = dataclasses.replace(config.train, seed=seed)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    tc = config.train
     model, tokenizer = load_base(config)
     data, key = prepared(config, tokenizer, run_dir)
     torch.manual_seed(seed)  # LoRA's A init
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
     model.eval()  # the frozen base runs without dropout, as in finetune
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizers = Optimizers(_LoraParameters(model), tc)
+
+    def save(state: TrainState, step: int, metrics: dict) -> Path:
+        model.save_pretrained(run_dir / "lora")  # peft writes the LoRA weights only
+        return run_dir / "lora"
+
     device = torch.device("cpu")
-    curve, seconds, log = [], 0.0, []
-    for step in range(tc.max_steps):
-        start = time.perf_counter()
-        optimizers.set_lr(learning_rate(step, tc))
-        ids, _ = data.train.batch(step, tc.batch_size, tc.seq_len, tc.seed)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        value = loss.item()
-        if not math.isfinite(value):
-            raise RuntimeError(f"LoRA loss is {value} at step {step + 1} (lr {learning_rate(step, tc):g})")
-        loss.backward()
-        optimizers.clip_grad_norm(tc.grad_clip)
-        optimizers.step()
-        optimizers.zero_grad()
-        seconds += time.perf_counter() - start
-        log.append({"kind": "train", "step": step + 1, "loss": value,
-                    "tokens_per_s": (step + 1) * tc.tokens_per_step / seconds})
-        if (step + 1) % tc.eval_every == 0 or step + 1 == tc.max_steps:
-            result = evaluate(_Scored(model), data.val, tc.batch_size, tc.seq_len, tc.eval_batches, device)
-            curve.append({"step": step + 1, "val_loss": result["val_loss"], "val_bpb": result["val_bpb"]})
-            log.append({"kind": "eval", "step": step + 1, **result})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    final = log[-1]
+    scored = _Scored(model)
+    state = TrainState(run=config, run_dir=run_dir, device=device, data=data, model=scored,
+                       parallel=Parallel(scored, device), optimizers=Optimizers(_LoraParameters(model), tc),
+                       save=save)
+    result = run_loop(state, progress=False)
+    final = result.final_eval
     return {"variant": "lora", "seed": seed, "trainable": trainable, "data": key, "steps": tc.max_steps,
-            "tokens_per_s": tc.max_steps * tc.tokens_per_step / seconds, "val_loss": final["val_loss"],
-            "val_bpb": final["val_bpb"], "val_tokens": final["val_tokens"], "curve": curve}
+            "tokens_per_s": result.tokens_per_s, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+            "val_tokens": final["val_tokens"], "curve": _curve(run_dir)}
 
 
 def table_rows_trained(run_dir: Path, seed: int) -> dict:

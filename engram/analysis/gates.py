@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engram.analysis.hooks import capture_gates
-from engram.data.bpe import special_ids
+from engram.data.bpe import special_ids, with_bos
 from engram.fileio import atomic_write_json, atomic_write_text
 from engram.plotting import pyplot, save_figure
 
@@ -66,8 +66,9 @@ def gate_map(model, tokenizer, text: str, bos: bool = True, max_tokens: int | No
     enc = tokenizer.encode(text)
     ids, pieces = list(enc.ids), _pieces(text, enc.offsets)
     bos_id = special_ids(tokenizer).bos if bos else None  # the BOS prepare_data put before each document
+    ids = with_bos(ids, bos_id)  # as engram.data.prompt_ids encodes a prompt
     if bos_id is not None:
-        ids, pieces = [bos_id] + ids, [tokenizer.id_to_token(bos_id)] + pieces
+        pieces = [tokenizer.id_to_token(bos_id)] + pieces
     if max_tokens is not None:
         ids, pieces = ids[:max_tokens], pieces[:max_tokens]
     if not ids:

@@ -126,7 +126,7 @@ def evaluate(args) -> int:
     # the checkpoint's own tokenizer, never one trained again on today's corpus
     shards = checkpoint_text(ckpt, args.data) if args.data is not None else checkpoint_data(ckpt).val
     result = evaluate(ckpt.model, shards, args.batch_size or tc.batch_size, seq_len,
-                      args.batches or tc.eval_batches, where)
+                      args.batches or tc.eval.batches, where)
     print(json.dumps({"checkpoint": str(ckpt.path), "step": ckpt.step,
                       "data": args.data if args.data is not None else "validation split", **result}, indent=2))
     return 0
@@ -360,8 +360,8 @@ def plan(args) -> int:
         base = get_preset(args.preset)
         tables = base.engram or base.overencoding
         model = model.with_data(base.backbone.vocab_size, tables.pad_id if tables else 0)
-    result = memory_plan(model, args.world_size, args.strategy or run.train.parallel,
-                         args.optimizer or run.train.optimizer, run.train.tokens_per_step)
+    result = memory_plan(model, args.world_size, args.strategy or run.train.placement.parallel,
+                         args.optimizer or run.train.optim.name, run.train.tokens_per_step)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result, args.preset))
     return 0
 

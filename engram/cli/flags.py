@@ -57,7 +57,7 @@ def add_preset(p: argparse.ArgumentParser, default: str | None) -> None:
     """``--preset`` (required when there is no default) and ``--set`` for a run config."""
     p.add_argument("--preset", default=default, required=default is None,
                    help="run or model preset (see `engram presets`)" + (f"; default {default}" if default else ""))
-    add_set(p, "override a config field by dotted key, e.g. train.lr=1e-3 or model.engram.layer_ids=[1,3] "
+    add_set(p, "override a config field by dotted key, e.g. train.optim.lr=1e-3 or model.engram.layer_ids=[1,3] "
                "(repeatable; values parsed as JSON when possible)")
 
 

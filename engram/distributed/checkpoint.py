@@ -19,7 +19,7 @@ opening only the shards that overlap the range. That one operation is the reshar
 process reads [0, N); rank r of W' ranks reads its own block of the new split.
 
 The collective parts live here and nowhere else: ``save_sharded`` (every rank writes its shard, rank 0
-the replicated files and the manifest, through the file steps it is given: ``CheckpointFiles``, which
+the replicated files and the manifest, through the file steps it is given: a ``CheckpointWriter``, which
 ``engram.train.checkpoint`` supplies) and ``restore_sharded`` (each rank reads its own rows and moments).
 """
 
@@ -36,11 +36,13 @@ import torch
 import torch.distributed as dist
 
 from engram import fileio
+from engram.fileio import CheckpointError
 import engram.distributed.runtime as runtime
 from engram.distributed.sharded import sharded_tables
 
-class CheckpointFiles(Protocol):
-    """What a placement needs to write a checkpoint's files (``engram.train.checkpoint.CHECKPOINT_FILES``)."""
+class CheckpointWriter(Protocol):
+    """What a placement needs to write a checkpoint's files; ``engram.train.checkpoint.CHECKPOINT_FILES`` (a
+    ``CheckpointFiles``) is one."""
 
     def checkpoints_dir(self, run_dir) -> Path: ...
 
@@ -55,10 +57,10 @@ class CheckpointFiles(Protocol):
              keep_last: int = 2, model_state: dict | None = None) -> Path: ...
 
 
-_REGISTERED: CheckpointFiles | None = None
+_REGISTERED: CheckpointWriter | None = None
 
 
-def register_checkpoint_files(files: CheckpointFiles) -> None:
+def register_checkpoint_files(files: CheckpointWriter) -> None:
     """Make ``files`` what a placement given none writes with. ``engram.train.checkpoint`` registers its
     ``CHECKPOINT_FILES`` when it is imported (as it is wherever a ``Checkpoint`` exists), so this package
     writes checkpoints without importing the trainer."""
@@ -66,7 +68,7 @@ def register_checkpoint_files(files: CheckpointFiles) -> None:
     _REGISTERED = files
 
 
-def registered_checkpoint_files() -> CheckpointFiles | None:
+def registered_checkpoint_files() -> CheckpointWriter | None:
     return _REGISTERED
 
 
@@ -123,7 +125,7 @@ def strip_table_moments(optimizer_state: dict) -> dict:
 class CheckpointTables:
     """Rows of a checkpoint's hashed tables and SparseAdam moments: ``read(name, what, start, stop)``.
 
-    ``names``: the model's table module names in optimizer order (``engram.train.optim.named_tables``),
+    ``names``: the model's table module names in optimizer order (the model's ``named_tables()``),
     needed to find a table's moments in a single-process ``optimizer.pt``.
     """
 
@@ -201,7 +203,7 @@ def load_shards(reader: CheckpointTables, tables: dict) -> None:
     for name, table in tables.items():
         if name not in reader.tables or reader.num_rows(name) != table.num_rows:
             got = reader.tables.get(name, {}).get("rows")
-            raise ValueError(f"{reader.path}: table {name} has {got} rows, the model needs {table.num_rows}")
+            raise CheckpointError(f"{reader.path}: table {name} has {got} rows, the model needs {table.num_rows}")
         block = reader.read(name, "weight", table.start, table.start + table.local_rows)
         table.load_block(block.to(table.weight.dtype))
 
@@ -229,7 +231,7 @@ def shard_optimizer_state(reader: CheckpointTables, tables: dict, optimizer_stat
 
 def save_sharded(run_dir: str | os.PathLike, step: int, model, optimizer_state: dict, run_config, tokenizer,
                  trainer_state: dict, keep_last: int = 2, model_state: dict | None = None,
-                 files: CheckpointFiles | None = None) -> Path:
+                 files: CheckpointWriter | None = None) -> Path:
     """Checkpoint ``step`` of a model trained over a process group; every rank calls this. ``files``: the
     checkpoint file steps (default: those ``engram.train.checkpoint`` registered).
 

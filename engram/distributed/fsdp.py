@@ -44,6 +44,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from engram.distributed.sharded import TRAFFIC, sharded_tables
+from engram.fileio import CheckpointError
 from engram.model.init import reset_derived_buffers
 
 
@@ -158,24 +159,20 @@ def load_full_state(model: nn.Module, read, skip: set[str] = frozenset()) -> lis
 def load_checkpoint_rows(checkpoint, model: nn.Module) -> None:
     """Fill ``model``, whose dense weights are FSDP shards, from ``checkpoint`` (an
     ``engram.train.checkpoint.Checkpoint``): each rank reads its rows of each stored weight
-    (``checkpoint.read(name, start, stop)``), nothing more. Its tables are row-sharded (``parallelize``
-    shards them before FSDP) and filled by ``load_shards``."""
+    (``checkpoint.weights()``: the file opened once, a row slice per tensor), nothing more. Its tables are
+    row-sharded (``parallelize`` shards them before FSDP) and filled by ``load_shards``."""
     tables = sharded_tables(model)
     whole = [name for name in model.named_tables() if name not in tables]
     if whole:
-        raise ValueError(f"the tables {whole} are whole in a model whose dense weights are FSDP shards; "
-                         "place the model with engram.distributed.parallelize, which row-shards them")
+        raise CheckpointError(f"the tables {whole} are whole in a model whose dense weights are FSDP shards; "
+                              "place the model with engram.distributed.parallelize, which row-shards them")
     checkpoint.check_layouts(model)
-    stored = checkpoint.stored_names()
-
-    def read(name: str, start: int | None, stop: int | None):
-        return checkpoint.read(name, start, stop) if name in stored else None
-
-    missing = load_full_state(model, read, {f"{name}.weight" for name in tables})
-    unexpected = stored - set(model.state_dict())
+    with checkpoint.weights() as reader:
+        missing = load_full_state(model, reader.read, {f"{name}.weight" for name in tables})
+        unexpected = reader.names - set(model.state_dict())
     if missing or unexpected:
-        raise ValueError(f"{checkpoint.path}/model.safetensors does not fit the stored config: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise CheckpointError(f"{checkpoint.path}/model.safetensors does not fit the stored config: "
+                              f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 @torch.no_grad()

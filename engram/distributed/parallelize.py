@@ -6,17 +6,19 @@ needs, in one object, so that the train step, the optimizer and the checkpoint c
 
 Outside a process group of several ranks (a plain ``python -m engram.cli train``) it only materialises
 the model, and every method of ``Parallel`` is the single-process identity. With ``strategy="fsdp"``
-(``train.parallel``) the dense part is sharded by FSDP2 instead of replicated by DDP
-(``engram.distributed.fsdp``).
+(``train.placement.parallel``) the dense part is sharded by FSDP2 instead of replicated by DDP
+(``engram.distributed.fsdp``). Checkpoints are written through the file steps the placement is given
+(``files``, a ``CheckpointWriter``), so this package never imports the trainer.
 
-The flow the trainer follows (``engram.train.loop.setup``)::
+The flow the trainer follows (``engram.train.startup.setup``)::
 
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = EngramLM(config, tokenizer, sparse_tables=True)   # nothing allocated
-    parallel = parallelize(model, device)    # shard tables -> to_empty (host) -> init_weights -> device -> DDP
+    parallel = parallelize(model, device, files=CHECKPOINT_FILES)  # shard tables -> to_empty (host)
+                                                                    # -> init_weights -> device -> DDP
     optimizers = Optimizers(model, train_config, reduce_table_sq=parallel.table_squares_reduce)
-    parallel.restore(checkpoint, model, optimizers)   # when resuming
+    parallel.restore(checkpoint, optimizers)   # when resuming
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from torch import nn
 
 import engram.distributed.runtime as rt
 from engram.distributed.runtime import PARALLEL
-from engram.distributed.checkpoint import (CheckpointFiles, load_shards, registered_checkpoint_files, restore_sharded,
-                                          save_sharded)
+from engram.distributed.checkpoint import (CheckpointWriter, load_shards, registered_checkpoint_files,
+                                          restore_sharded, save_sharded)
 from engram.distributed.sharded import TRAFFIC, shard_tables, sharded_tables
 
 
@@ -42,7 +44,7 @@ class Parallel:
     DDP wrapper, or the model itself); ``model`` keeps the weights, the checkpoints and evaluation."""
 
     def __init__(self, model: nn.Module, device: torch.device, net: nn.Module | None = None,
-                 strategy: str = "ddp", files: CheckpointFiles | None = None):
+                 strategy: str = "ddp", files: CheckpointWriter | None = None):
         self.model, self.device = model, device
         self.files = files  # how checkpoints are written (engram.train.checkpoint.CHECKPOINT_FILES), if saved here
         self.net = net if net is not None else model
@@ -201,7 +203,7 @@ def materialise(model: nn.Module, device: torch.device, init_tables: bool = True
 
 
 def parallelize(model: nn.Module, device: torch.device, init_tables: bool = True, strategy: str = "ddp",
-                files: CheckpointFiles | None = None) -> Parallel:
+                files: CheckpointWriter | None = None) -> Parallel:
     """Place ``model`` (an ``EngramLM``, built on meta or materialised) for training on ``device``.
 
     Inside a process group of W > 1 ranks: its hashed tables are row-sharded (``shard_tables``; on a meta

@@ -163,7 +163,7 @@ def _save(state: TrainState, step: int, metrics: dict, adapter: EngramAdapter) -
         atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": step * config.train.tokens_per_step,
                                                        "last": metrics}, sort_keys=True)
         atomic_write_json(tmp / "finetune_config.json", config.to_dict(), sort_keys=True)
-        return ckpt_io.publish(tmp, step)
+        return ckpt_io.publish(tmp, step, config.train.checkpoint.keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

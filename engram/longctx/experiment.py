@@ -53,7 +53,8 @@ def pretrain_plan(seeds: list[int], s: Settings) -> list[PlannedRun]:
         for name in PRESETS:
             run = apply_overrides(get_run_preset(name), [
                 f"train.seed={seed}", f"data.retrieval_docs={s.retrieval_docs}", f"train.max_steps={s.pretrain_steps}",
-                f"train.save_every={s.save_every}", "train.keep_checkpoints=0", f"train.eval_every={s.save_every}"])
+                f"train.checkpoint.every={s.save_every}", "train.checkpoint.keep=0",
+                f"train.eval.every={s.save_every}"])
             runs.append(PlannedRun("longctx", "demo", name, seed, run, {"preset": name, "stage": "pretrain"},
                                    path=f"seed{seed}/{name}/pretrain"))
     return runs

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.model.table_config import EngramConfig
-from engram.hashing import TableGeometry
+from engram.hashing import TableGeometry, table_geometry  # noqa: F401 (table_geometry: its name here before)
 from engram.model.cache import LayerCache
 from engram.model.tables import MultiHeadEmbedding
 
@@ -104,7 +104,8 @@ class Engram(nn.Module):
     The default module keeps its parameter names and order (checkpoint keys, optimizer state order).
     ``proj_bias`` adds ``key_proj.bias`` and ``value_proj.bias``; the config's ``gate_norm_eps`` and
     ``conv_norm_eps`` override ``norm_eps`` (the backbone's) for those norms: the official demo's
-    module is built by ``from_demo_state_dict`` (and written back by ``to_demo_state_dict``).
+    module is built by ``engram.compat.deepseek.from_demo_state_dict`` (and written back by its
+    ``to_demo_state_dict``).
 
     Built on the meta device (inside ``EngramLM``) it allocates and initialises nothing; otherwise it
     initialises itself once (``init_weights``).
@@ -247,3 +248,9 @@ class Engram(nn.Module):
 
     def to_demo_state_dict(self):
         raise AttributeError("Engram.to_demo_state_dict moved: use engram.compat.deepseek.to_demo_state_dict(module)")
+
+
+def __getattr__(name: str):
+    if name == "DEMO_MODULE":  # the demo's numerics moved with its weights
+        raise AttributeError("engram.model.engram.DEMO_MODULE moved: use engram.compat.deepseek.DEMO_MODULE")
+    raise AttributeError(f"module 'engram.model.engram' has no attribute {name!r}")

@@ -107,7 +107,7 @@ class EngramConfig(TableConfig):
         DeepSeek's N(0, 1) on average, on 6 of 6 seeds (chosen on 0-2, confirmed on 3-5). The reference init stays available by name,
         ``TABLE_INIT_REFERENCE`` = 1.0 (``--set model.engram.table_init_std=1``); 0 starts every row at zero.
 
-    The official demo's numerics (``DEMO_MODULE``; ``Engram.from_demo_state_dict`` switches them on):
+    The official demo's numerics (``DEMO_MODULE``; ``engram.compat.deepseek.from_demo_state_dict`` switches them on):
     proj_bias: W_K and W_V carry biases (the demo's ``nn.Linear`` layers); ours have none by default.
     gate_norm_eps: eps of the query and key RMSNorms; conv_norm_eps: eps of the conv's RMSNorms. Each is
         "backbone" (the backbone's ``norm_eps``, the default), a float > 0, or None: fp32's machine

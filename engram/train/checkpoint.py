@@ -28,6 +28,7 @@ refuses a tokenizer or hash layout that disagrees with the one the tables were t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -143,22 +144,20 @@ class Checkpoint:
         with torch.device("meta"):
             return EngramLM(self.run_config.model, self.compressed, sparse_tables=sparse_tables)
 
+    @contextlib.contextmanager
+    def weights(self):
+        """``model.safetensors`` opened once: ``reader.read(name, start, stop)`` (the one primitive placements
+        read weights with) and ``reader.names``, for as long as the block lasts."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+            yield WeightReader(f)
+
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
-        """The stored tensor ``name`` of ``model.safetensors`` (rows [start, stop) of it when given, read
-        without the rest), or None when it is not stored: the one primitive placements read weights with."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-            if name not in f.keys():
-                return None
-            return f.get_tensor(name) if start is None else f.get_slice(name)[start:stop]
-
-    def stored_names(self) -> set[str]:
-        """The names of every tensor in ``model.safetensors``."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.path / "model.safetensors"), "pt") as f:
-            return set(f.keys())
+        """The stored tensor ``name`` (rows [start, stop) when given, read without the rest), or None when it is
+        not stored; opens the file for this one read (``weights()`` keeps it open for many)."""
+        with self.weights() as reader:
+            return reader.read(name, start, stop)
 
     def check_layouts(self, model: EngramLM) -> None:
         """The stored hash layouts must equal ``model``'s hashers' (docs/PITFALLS.md §3, §4): other addresses would
@@ -201,6 +200,21 @@ class Checkpoint:
         if missing or unexpected:
             raise CheckpointError(f"{self.path}/model.safetensors does not fit the stored config: "
                                   f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+class WeightReader:
+    """The stored weights of a checkpoint, from its open ``model.safetensors`` (``Checkpoint.weights()``)."""
+
+    def __init__(self, handle):
+        self._file = handle
+        self.names: set[str] = set(handle.keys())
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
+        """The tensor ``name``, or rows [start, stop) of it (read alone: a safetensors slice), or None when the
+        checkpoint does not store it."""
+        if name not in self.names:
+            return None
+        return self._file.get_tensor(name) if start is None else self._file.get_slice(name)[start:stop]
 
 
 def open_checkpoint(path: str | os.PathLike, tokenizer=None, check_hashes: bool = True) -> Checkpoint:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from engram import fileio
+from engram.fileio import CheckpointError
 from engram.distributed import checkpoint as table_ckpt
 from engram.model.transformer import EngramLM
 from engram.tokenizer import CompressedTokenizer
@@ -29,10 +30,6 @@ FORMAT = "engram.checkpoint/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 STAGING_PREFIX = ".tmp_step_"  # a checkpoint being written; left behind only by a killed writer
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted, or incompatible with the tokenizer in use."""
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:

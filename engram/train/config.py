@@ -153,6 +153,12 @@ MOVED = {"optimizer": "optim.name", "lr": "optim.lr", "table_lr_mult": "optim.ta
          "init_from": "checkpoint.init_from", "device": "placement.device", "parallel": "placement.parallel"}
 
 
+# TrainConfig's fields in the order they had when they were flat (positional construction still follows it)
+FLAT_ORDER = ("max_steps", "batch_size", "seq_len", "grad_accum", "lr", "table_lr_mult", "weight_decay", "beta1", "beta2",
+              "warmup_steps", "decay_at", "decay_factor", "grad_clip", "eval_every", "eval_batches", "log_every",
+              "save_every", "seed", "device", "out_dir", "init_from", "keep_checkpoints", "optimizer", "parallel")
+
+
 def _moved_field(old: str):
     """The old flat name as a property of ``TrainConfig``, reading and writing its new place."""
     section, name = MOVED[old].split(".")
@@ -196,8 +202,14 @@ class TrainConfig(Serialisable):
     NESTED = SECTIONS
     MOVED = MOVED
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(self, *args: Any, **values: Any) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}
+        if len(args) > len(FLAT_ORDER):
+            raise TypeError(f"TrainConfig takes at most {len(FLAT_ORDER)} positional arguments, got {len(args)}")
+        for name, value in zip(FLAT_ORDER, args):  # the flat fields' order of before
+            if name in values:
+                raise TypeError(f"TrainConfig got {name!r} both by position and by name")
+            values[name] = value
         flat = {k: values.pop(k) for k in list(values) if k in MOVED}
         unknown = sorted(set(values) - set(fields))
         if unknown:
@@ -209,6 +221,10 @@ class TrainConfig(Serialisable):
         by_section: dict[str, dict] = {}
         for old, value in flat.items():
             section, name = MOVED[old].split(".")
+            given = values.get(section)
+            if isinstance(given, dict) and name in given:  # (a section object, as replace() passes, may be overridden)
+                raise ValueError(f"TrainConfig: {old!r} and 'train.{MOVED[old]}' are the same field (its old and new "
+                                 "name); give it once")
             by_section.setdefault(section, {})[name] = value
         for section, cls in SECTIONS.items():
             current = nested(self, section, cls, "TrainConfig")

@@ -93,6 +93,9 @@ def run_loop(state: TrainState, progress: bool = True,
     every ``eval.every`` steps and at the last; a metrics line every ``log_every``; ``state.save`` every
     ``checkpoint.every`` steps, at the last and when a signal stops the run (``TrainingInterrupted``).
     Rank 0 alone logs and shows progress; every rank stops at the same step."""
+    if state.save is None:
+        raise ValueError("TrainState.save is None: give the state a checkpoint writer before training (engram "
+                         "train's is engram.train.startup.save_run_checkpoint)")
     tc, par = state.train, state.parallel
     start = state.step
     resumed = state.last_checkpoint is not None

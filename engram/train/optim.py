@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engram.model.matrices import muon_parameters
+from engram.model.matrices import MATRICES, muon_parameters  # noqa: F401 (MATRICES: its name here before)
 from engram.train.config import TrainConfig
 from engram.train.muon import DTensor, Muon
 

@@ -105,8 +105,8 @@ def check_init_from(init, run: RunConfig, run_dir: Path, resume: bool) -> None:
     a YaRN extension whose original length is not the source's context; a source inside the run
     directory that ``--no-resume`` is about to archive."""
     if not resume and Path(init.path).resolve().is_relative_to(Path(run_dir).resolve()):
-        raise ValueError(f"train.init_from={run.train.checkpoint.init_from!r} lies inside {run_dir}, whose history --no-resume "
-                         "moves to the archive first; copy the checkpoint elsewhere or use another --out")
+        raise ValueError(f"train.init_from={run.train.checkpoint.init_from!r} lies inside {run_dir}, whose history "
+                         "--no-resume moves to the archive first; copy the checkpoint elsewhere or use another --out")
     source_context = init.run_config.model.backbone.max_seq_len
     scaling, context = run.model.backbone.rope_scaling, run.model.backbone.max_seq_len
     if scaling is not None and scaling.original_max_seq_len != source_context:

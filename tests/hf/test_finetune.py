@@ -112,3 +112,29 @@ def test_freeze_base_false_is_refused(base_dir, corpus_dir, cache_dir, tmp_path)
     cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, freeze_base=False))
     with pytest.raises(ValueError, match="trains and saves the adapter only"):
         finetune(cfg, tmp_path / "run", progress=False)
+
+
+def test_the_lora_arm_of_the_retrofit_script_trains_through_the_same_loop(base_dir, corpus_dir, cache_dir, tmp_path):
+    """scripts/retrofit_smollm2.py compares the adapter with LoRA; both arms run engram.train.loop.run_loop
+    (one loop), so the LoRA run logs and checkpoints like engram finetune."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    path = Path(__file__).parents[2] / "scripts" / "retrofit_smollm2.py"
+    spec = importlib.util.spec_from_file_location("retrofit_smollm2", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    summary = script.run_lora(config(base_dir, corpus_dir, cache_dir, max_steps=4, eval_every=2, save_every=4), 0, 2,
+                              tmp_path)
+    run_dir = tmp_path / "lora-s0"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [c["step"] for c in summary["curve"]] == [2, 4] and summary["val_loss"] == summary["curve"][-1]["val_loss"]
+    assert (run_dir / "lora" / "adapter_config.json").is_file() and summary["trainable"] > 0
+
+
+def test_finetune_keeps_as_many_checkpoints_as_asked(base_dir, corpus_dir, cache_dir, tmp_path):
+    finetune(config(base_dir, corpus_dir, cache_dir, max_steps=4, save_every=1, keep_checkpoints=1), tmp_path / "r",
+             progress=False)
+    assert [p.name for p in sorted((tmp_path / "r" / "checkpoints").glob("step_*"))] == ["step_0000004"]

@@ -278,7 +278,10 @@ def test_the_old_module_name_still_resolves_and_says_where_the_adapter_went():
     import engram.retrofit as old
     from engram.hf import retrofit
 
-    with pytest.warns(DeprecationWarning, match="engram.retrofit.attach_engram moved to engram.hf.retrofit"):
+    with pytest.warns(DeprecationWarning, match="engram.retrofit.attach_engram moved: use engram.hf.retrofit"):
         assert old.attach_engram is retrofit.attach_engram
+    from engram.model.engram import Engram
+    with pytest.warns(DeprecationWarning, match="use engram.model.engram.Engram"):
+        assert old.Engram is Engram  # a name it only imported goes to its own home
     with pytest.raises(AttributeError, match="moved to engram.hf.retrofit"):
         old.no_such_name

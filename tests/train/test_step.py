@@ -66,3 +66,13 @@ def test_setup_resumes_where_a_run_stopped(corpus_dir, cache_dir, tmp_path):
     state = setup(dataclasses.replace(first, train=dataclasses.replace(first.train, max_steps=4)))
     assert state.step == 2 and state.last_checkpoint.name == "step_0000002"
     assert [train_step(state)["loss"] for _ in range(2)] == [losses[3], losses[4]]
+
+
+def test_run_loop_refuses_a_state_without_a_checkpoint_writer_before_training(corpus_dir, cache_dir, tmp_path):
+    from engram.train import run_loop
+
+    state = setup(tiny_run(corpus_dir, cache_dir, tmp_path / "run", max_steps=2), tmp_path / "run")
+    state = dataclasses.replace(state, save=None)
+    with pytest.raises(ValueError, match="TrainState.save is None.*save_run_checkpoint"):
+        run_loop(state, progress=False)
+    assert state.step == 0  # refused before any step was spent
