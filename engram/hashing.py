@@ -44,6 +44,28 @@ def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_
     return r * 2 + 1
 
 
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio)
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(state: int) -> int:
+    """The output of Vigna's splitmix64 generator whose state is ``state``: the state moves by the gamma,
+    then is mixed by two xor-shift-multiplies and a final xor-shift (all mod 2^64)."""
+    z = (state + SPLITMIX_GAMMA) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def qwen4exp_multipliers(seed: int, index: int, max_ngram_size: int, vocab_size: int) -> np.ndarray:
+    """Qwen4-Exp's N odd multipliers of its ``index``-th hashed layer (docs/ALGORITHM.md §2c): splitmix64 of
+    ``seed + 10007·index`` stepped by the gamma once per order, reduced below the same bound as §2's."""
+    base = seed + LAYER_SEED_STRIDE * index
+    bound = multiplier_bound(vocab_size)
+    return np.array([2 * (splitmix64((base + SPLITMIX_GAMMA * (k + 1)) & MASK64) % bound) + 1
+                     for k in range(max_ngram_size)], dtype=np.int64)
+
+
 def is_prime(n: int) -> bool:
     if n < 2:
         return False
@@ -90,9 +112,11 @@ def table_primes(engram_vocab_size: list[int], n_head_per_ngram: int, layer_ids:
 class TableGeometry:
     """One layer's flat table (docs/ALGORITHM.md §2 step 5): H heads with their prime row counts, ordered by n-gram
     order then head; head j's rows start at ``offsets[j]``. The one place sizes and offsets come from:
-    the hasher, the tables, parameter accounting and the storage tiers all read it."""
+    the hasher, the tables, parameter accounting and the storage tiers all read it. ``row_multiple``: the
+    table is padded to a multiple of this many rows (never addressed; Qwen4-Exp pads to 128)."""
 
     sizes: tuple[int, ...]
+    row_multiple: int = 1
 
     @property
     def n_heads(self) -> int:
@@ -100,22 +124,26 @@ class TableGeometry:
 
     @property
     def num_rows(self) -> int:
-        return sum(self.sizes)
+        return -(-sum(self.sizes) // self.row_multiple) * self.row_multiple
 
     @property
     def offsets(self) -> tuple[int, ...]:
         return tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
 
 
-def geometry_from_primes(primes: dict[int, list[list[int]]]) -> dict[int, TableGeometry]:
+def geometry_from_primes(primes: dict[int, list[list[int]]], row_multiple: int = 1) -> dict[int, TableGeometry]:
     """layer id -> geometry, from ``table_primes``' per-layer, per-order lists of head primes."""
-    return {lid: TableGeometry(tuple(p for order in per_order for p in order)) for lid, per_order in primes.items()}
+    return {lid: TableGeometry(tuple(p for order in per_order for p in order), row_multiple)
+            for lid, per_order in primes.items()}
 
 
 def table_geometry(config: TableConfig, layer_ids: list[int]) -> dict[int, TableGeometry]:
     """layer id -> its table's geometry, from the one global prime search over ``layer_ids`` in order
-    (what a hasher of ``config`` over these layers holds, without building one)."""
-    return geometry_from_primes(table_primes(config.engram_vocab_size, config.n_head_per_ngram, list(layer_ids)))
+    (what a hasher of ``config`` over these layers holds, without building one). Qwen4-Exp's primes (the
+    n-th prime above its base, for the n-th head of all its layers) are this search with every order at
+    the base size."""
+    return geometry_from_primes(table_primes(config.engram_vocab_size, config.n_head_per_ngram, list(layer_ids)),
+                                config.row_multiple)
 
 
 # -- run-time pieces (pure torch) -------------------------------------------------------------------
@@ -225,12 +253,17 @@ class NgramHasher(nn.Module):
             raise ValueError(f"{type(config).__name__}.barrier_ids {self.barrier_ids} reach outside the tokenizer's "
                              f"{compressed_tokenizer.raw_vocab_size} ids")
 
-        self.multipliers = {
-            lid: torch.from_numpy(layer_multipliers(config.seed, lid, config.max_ngram_size, self.compressed_vocab_size))
-            for lid in self.layer_ids
-        }
+        # Qwen4-Exp: the n-grams of a segment end at EOS (the pad id), and its multipliers follow the i-th layer
+        self.eos_segments = config.hash_scheme == "qwen4exp"
+        if self.eos_segments:
+            multipliers = [qwen4exp_multipliers(config.seed, i, config.max_ngram_size, self.compressed_vocab_size)
+                           for i in range(len(self.layer_ids))]
+        else:
+            multipliers = [layer_multipliers(config.seed, lid, config.max_ngram_size, self.compressed_vocab_size)
+                           for lid in self.layer_ids]
+        self.multipliers = {lid: torch.from_numpy(m) for lid, m in zip(self.layer_ids, multipliers)}
         self.primes = table_primes(config.engram_vocab_size, config.n_head_per_ngram, self.layer_ids)
-        self.geometry = geometry_from_primes(self.primes)
+        self.geometry = geometry_from_primes(self.primes, config.row_multiple)
 
         L, N, H = len(self.layer_ids), config.max_ngram_size, config.n_heads
         self.register_buffer("lookup", torch.empty(compressed_tokenizer.raw_vocab_size, dtype=torch.int64),
@@ -281,12 +314,24 @@ class NgramHasher(nn.Module):
         cut = dead if starts is None else dead | starts.to(torch.bool)
         return compressed.masked_fill(dead, self.compressed_pad_id), cut.to(torch.int64).cumsum(dim=1)
 
+    def _after_eos(self, ids: torch.Tensor, boundary: torch.Tensor | None) -> torch.Tensor | None:
+        """The qwen4exp scheme's segment starts: every position right after an EOS (the pad id), with
+        ``boundary``'s document starts; (B, T) ids -> (B, T) bool. Other schemes: ``boundary`` as it is."""
+        if not self.eos_segments:
+            return boundary
+        starts = F.pad(ids[:, :-1] == self.compressed_pad_id, (1, 0))
+        return starts if boundary is None else starts | boundary.to(device=ids.device, dtype=torch.bool)
+
     def segments(self, input_ids: torch.Tensor,
                  boundary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What every lookback reads: (B, T) raw ids -> compressed ids (B, T) (barriers as pad) and segment
-        ids (B, T) (document starts and barriers; None when neither exists). ``shift_back`` of these
-        with the pad id is exactly what the hash of each order mixes (``engram inspect tables`` reads it)."""
+        ids (B, T) (document starts, barriers and, in the qwen4exp scheme, EOS; None when there are none).
+        ``shift_back`` of these with the pad id is exactly what the hash of each order mixes (``engram
+        inspect tables`` reads it)."""
         compressed = self.compress(input_ids)  # (B, T)
+        if boundary is not None and boundary.shape != input_ids.shape:
+            raise ValueError(f"boundary mask shape {tuple(boundary.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        boundary = self._after_eos(compressed, boundary)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
         dead = self.barriers(input_ids)
         if dead is not None:
@@ -318,6 +363,8 @@ class NgramHasher(nn.Module):
             compressed = compressed.masked_fill(dead_new, DEAD)
         full = torch.cat([history, compressed], dim=1)  # (B, N-1+T)
         starts = None if boundary is None else F.pad(boundary.to(torch.bool), (n, 0))  # history: the previous doc
+        if self.eos_segments:  # the history keeps its EOS: a segment start is found again in every window
+            starts = self._after_eos(full, starts)
         doc_ids = None if starts is None else starts.to(torch.int64).cumsum(dim=1)
         values = full
         if dead_new is not None:
@@ -325,7 +372,7 @@ class NgramHasher(nn.Module):
         mixes = ngram_mixes(values, self.multiplier_table, self.compressed_pad_id, doc_ids)[..., n:]  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)
         new_history = full[:, -n:]
-        if doc_ids is not None:
+        if doc_ids is not None and not self.eos_segments:
             same_doc = doc_ids[:, -n:] == doc_ids[:, -1:]
             new_history = new_history.masked_fill(~same_doc, self.compressed_pad_id)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}, new_history
@@ -348,7 +395,9 @@ class NgramHasher(nn.Module):
             "multipliers": {str(lid): self.multipliers[lid].tolist() for lid in self.layer_ids},
             "primes": {str(lid): self.primes[lid] for lid in self.layer_ids},
             "offsets": {str(lid): list(self.geometry[lid].offsets) for lid in self.layer_ids},
-        } | ({"barrier_ids": list(self.barrier_ids)} if self.barrier_ids else {})  # absent: layouts before V4.1
+        } | ({"barrier_ids": list(self.barrier_ids)} if self.barrier_ids else {}) | (  # absent: layouts before V4.1
+            {"hash_scheme": c.hash_scheme} if c.hash_scheme != "deepseek" else {}) | (  # absent: the first scheme
+            {"row_multiple": c.row_multiple} if c.row_multiple != 1 else {})
 
     def check_layout(self, stored: dict[str, Any]) -> None:
         """Raise ValueError listing every field where ``stored`` disagrees with this hasher."""

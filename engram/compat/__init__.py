@@ -1,1 +1,2 @@
-"""Compatibility with other Engram implementations' files: ``deepseek`` (DeepSeek's official demo)."""
+"""Compatibility with other Engram implementations: ``deepseek`` (DeepSeek's official demo weights) and
+``qwen4exp`` (Qwen4-Exp's PLE hashing)."""

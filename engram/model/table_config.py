@@ -12,6 +12,7 @@ from engram.schema import Serialisable, derived, is_int, pos_int, require
 
 GATES = ("signed_sqrt", "sigmoid", "none")
 VARIANTS = ("paper", "v4.1")
+HASH_SCHEMES = ("deepseek", "qwen4exp")
 
 @dataclass
 class TableConfig(Serialisable):
@@ -29,6 +30,11 @@ class TableConfig(Serialisable):
     seed: base seed of the per-layer multipliers (numpy PCG64, docs/ALGORITHM.md §2 step 2).
     compress: False hashes raw ids (compressed id = raw id, V' = raw vocabulary) even when the model
         is given a CompressedTokenizer (the "no tokenizer compression" ablation, docs/ALGORITHM.md §5).
+    hash_scheme: "deepseek" (the paper's and DeepSeek's, docs/ALGORITHM.md §2) or "qwen4exp" (Qwen4-Exp's PLE
+        hashing, docs/ALGORITHM.md §2c: raw ids, splitmix64 multipliers of ``seed + 10007·i`` for the i-th
+        hashed layer, every order's heads from one base size, segments that end at ``pad_id``, the EOS).
+    row_multiple: each layer's table is padded to a multiple of this many rows (Qwen4-Exp: 128); the
+        padding rows are never addressed.
     """
 
     engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
@@ -38,6 +44,8 @@ class TableConfig(Serialisable):
     pad_id: int | None = derived(2, "the tokenizer's pad id")
     seed: int = 0
     compress: bool = True
+    hash_scheme: str = "deepseek"
+    row_multiple: int = 1
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -60,6 +68,13 @@ class TableConfig(Serialisable):
             pos_int(c, "pad_id", self.pad_id, minimum=0)
         require(is_int(self.seed) and self.seed >= 0, c, "seed", f"must be an int >= 0, got {self.seed!r}")
         require(isinstance(self.compress, bool), c, "compress", f"must be true or false, got {self.compress!r}")
+        require(self.hash_scheme in HASH_SCHEMES, c, "hash_scheme",
+                f"must be one of {HASH_SCHEMES}, got {self.hash_scheme!r}")
+        pos_int(c, "row_multiple", self.row_multiple)
+        if self.hash_scheme == "qwen4exp":
+            require(not self.compress, c, "compress", "the qwen4exp scheme hashes raw ids: set compress=false")
+            require(len(set(self.engram_vocab_size)) == 1, c, "engram_vocab_size",
+                    f"the qwen4exp scheme takes every order's heads from one base size, got {self.engram_vocab_size}")
 
     @property
     def n_orders(self) -> int:
