@@ -302,9 +302,14 @@ class NgramHasher(nn.Module):
             ids = torch.where(ids < 0, self.config.pad_id, ids)
         return self.lookup.index_select(0, ids.reshape(-1)).view(ids.shape)  # faster than lookup[ids]
 
-    def barriers(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """(B, T) raw ids -> (B, T) bool, True at barrier tokens; None when there are none configured."""
-        return torch.isin(input_ids, self.barrier_table) if self.barrier_ids else None
+    def barriers(self, input_ids: torch.Tensor, dead: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, T) raw ids -> (B, T) bool, True at barrier tokens and where ``dead`` (B, T) is True (e.g. the
+        positions V4.1 reads as DEAD because the attention mask marks them as padding); None when neither."""
+        found = torch.isin(input_ids, self.barrier_table) if self.barrier_ids else None
+        if dead is not None:
+            dead = dead.to(device=input_ids.device, dtype=torch.bool)
+            found = dead if found is None else found | dead
+        return found
 
     def _cut_at_barriers(self, compressed: torch.Tensor, dead: torch.Tensor,
                          starts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,8 +327,8 @@ class NgramHasher(nn.Module):
         starts = F.pad(ids[:, :-1] == self.compressed_pad_id, (1, 0))
         return starts if boundary is None else starts | boundary.to(device=ids.device, dtype=torch.bool)
 
-    def segments(self, input_ids: torch.Tensor,
-                 boundary: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def segments(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
+                 dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What every lookback reads: (B, T) raw ids -> compressed ids (B, T) (barriers as pad) and segment
         ids (B, T) (document starts, barriers and, in the qwen4exp scheme, EOS; None when there are none).
         ``shift_back`` of these with the pad id is exactly what the hash of each order mixes (``engram
@@ -333,24 +338,26 @@ class NgramHasher(nn.Module):
             raise ValueError(f"boundary mask shape {tuple(boundary.shape)} != input_ids shape {tuple(input_ids.shape)}")
         boundary = self._after_eos(compressed, boundary)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
-        dead = self.barriers(input_ids)
+        dead = self.barriers(input_ids, dead)
         if dead is not None:
             compressed, doc_ids = self._cut_at_barriers(compressed, dead, boundary)
         return compressed, doc_ids
 
-    def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """input_ids (B, T) raw; boundary (B, T) bool, True where a new document starts."""
+    def forward(self, input_ids: torch.Tensor, boundary: torch.Tensor | None = None,
+                dead: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """input_ids (B, T) raw; boundary (B, T) bool, True where a new document starts; dead (B, T) bool,
+        positions hashed as barriers (the all-pad n-gram, sticky for later lookbacks)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         if not self.layer_ids:
             return {}
-        compressed, doc_ids = self.segments(input_ids, boundary)  # (B, T), (B, T) or None
+        compressed, doc_ids = self.segments(input_ids, boundary, dead)  # (B, T), (B, T) or None
         mixes = ngram_mixes(compressed, self.multiplier_table, self.compressed_pad_id, doc_ids)  # (L, N-1, B, T)
         hashes = heads_from_mixes(mixes, self.modulus_table, self.config.n_head_per_ngram)  # (L, B, T, H)
         return {lid: hashes[i] for i, lid in enumerate(self.layer_ids)}
 
-    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor,
-                          boundary: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def hash_with_history(self, input_ids: torch.Tensor, history: torch.Tensor, boundary: torch.Tensor | None = None,
+                          dead: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Hash (B, T) raw ids that continue earlier ids whose last N-1 compressed ids are ``history``.
 
         Used by incremental decoding (docs/PITFALLS.md §5). Returns the hashes of the T new positions and the
@@ -358,7 +365,7 @@ class NgramHasher(nn.Module):
         """
         n = history.shape[1]
         compressed = self.compress(input_ids)
-        dead_new = self.barriers(input_ids)
+        dead_new = self.barriers(input_ids, dead)
         if dead_new is not None:  # a barrier stays in the history as DEAD, so the next call stops there too
             compressed = compressed.masked_fill(dead_new, DEAD)
         full = torch.cat([history, compressed], dim=1)  # (B, N-1+T)

@@ -1,5 +1,7 @@
-"""Compatibility with DeepSeek's own Engram code: the official demo's module weights
-(``engram_demo_v1.py``), imported into and exported from our ``Engram``.
+"""Compatibility with DeepSeek's own Engram code: the official demo's module weights (``engram_demo_v1.py``),
+imported into and exported from our ``Engram``, and DeepSeek-V4.1's released Engram weights
+(``from_release_state_dict`` / ``to_release_state_dict``, the same as ``EngramV41``'s methods, in
+``engram.model.v41_release``).
 
 The demo's module is ours with three numerics switched on (``DEMO_MODULE``): biases on W_K and W_V,
 ``nn.RMSNorm``'s default eps (None: the fp32 machine epsilon) on the gate's norms, and eps 1e-5 on the
@@ -29,6 +31,11 @@ import torch
 from engram.hashing import TableGeometry, table_geometry
 from engram.model.engram import Engram
 from engram.model.table_config import EngramConfig
+from engram.model.v41_release import from_release_state_dict as _from_release
+from engram.model.v41_release import release_prefix, to_release_state_dict
+
+__all__ = ["DEMO_MODULE", "from_demo_state_dict", "from_release_state_dict", "release_prefix", "to_demo_state_dict",
+           "to_release_state_dict"]
 
 # The official demo module's numerics: biased W_K and W_V, nn.RMSNorm's default eps (None: the fp32
 # machine epsilon) on the gate's norms and eps 1e-5 on the conv's.
@@ -136,3 +143,12 @@ def _demo_shapes(config: EngramConfig, dim: int, branches: int, geometry: TableG
 
 def _clip(values: list, limit: int = 6) -> str:
     return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ...]"
+
+
+def from_release_state_dict(state_dict, config: EngramConfig, layer_id: int | None = None, *,
+                            sparse_table: bool = False):
+    """DeepSeek-V4.1's released weights of Engram layer ``layer_id`` as an ``EngramV41`` (see
+    ``EngramV41.from_release_state_dict``)."""
+    from engram.model.engram_v41 import EngramV41
+
+    return _from_release(EngramV41, state_dict, config, layer_id, sparse_table=sparse_table)

@@ -66,11 +66,11 @@ def engram_dense_params(config: ModelConfig) -> int:
     """Per Engram layer: shared W_V; unless gate="none", W_K and the key norm (per branch, or one shared
     with branch_keys=False) and the per-branch query norm; with short_conv, the per-branch conv norm
     and depthwise conv taps; with proj_bias, a bias on W_V and on each W_K. The V4.1 variant: its fused
-    wkv and one (G, D) gain."""
+    wkv and the query and key gains, (G, D) each."""
     e, D = config.engram, config.backbone.d_model
     G, M = config.branches, e.memory_dim
-    if e.variant == "v4.1":  # one fused wkv M -> D*(G+1) and the merged norm gains (G, D)
-        return M * D * (G + 1) + G * D
+    if e.variant == "v4.1":  # one fused wkv M -> D*(G+1) and the query and key gains (G, D) each
+        return M * D * (G + 1) + 2 * G * D
     bias = D if e.proj_bias else 0
     params = M * D + bias
     if e.gate != "none":

@@ -111,6 +111,13 @@ class InferenceCache:
             boundary = absolute[None] == self.starts[:, None]  # (B, T): each row's first real token
         return positions, boundary
 
+    def padding(self, T: int) -> torch.Tensor | None:
+        """(B, T) bool, True at the left padding among the next call's T positions; None when there is none
+        (one host sync)."""
+        absolute = torch.arange(self.length, self.length + T, device=self.starts.device)  # (T,)
+        padding = absolute[None] < self.starts[:, None]
+        return padding if bool(padding.any()) else None
+
     def end(self, T: int) -> None:
         self.length += T
         self.mask = None

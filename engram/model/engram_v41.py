@@ -9,10 +9,14 @@ reference; our own code):
 - no short conv, so the decode state is the n-gram history alone;
 - one fused bias-free projection ``wkv``: M -> D*(G+1), the G keys first (branch-major), then the one
   value shared by every branch;
-- the query is the residual branch itself; the query and key RMSNorm gains are one product, stored as
-  one (G, D) ``norm_weight``: score = sum(h * w * k) * rstd(h) * rstd(k) / sqrt(D), in fp32;
-- alpha = sigmoid(signed_sqrt(score)) with |score| floored at 1e-6 (as the paper's kernels);
-- a token mask (False at barrier tokens) closes the gate, so such a position passes through unchanged;
+- the query is the residual branch itself; the query and key RMSNorm gains are two (G, D) parameters,
+  ``q_weight`` and ``k_weight``, as the release stores them (in bf16 their product would round), used only
+  as their fp32 product w: score = sum(h * w * k) * rstd(h) * rstd(k) / sqrt(D), in fp32, with the
+  release's RMS eps of 1e-20 by default (``EngramConfig.gate_norm_eps``);
+- alpha = sigmoid(copysign(sqrt(max(|score|, 1e-6)), score)): the release's signed square root, which
+  gives 0.50025 (not 0.5) at score 0;
+- a token mask (False at barrier tokens and, when decoding, at left padding) closes the gate by a masked
+  fill, so such a position passes through unchanged even where the gate is not finite;
 - **it returns x + alpha * v**, the updated stream, not a contribution (``adds_residual``): the block
   replaces its stream with the output and never adds x again (docs/PITFALLS.md §9).
 Barrier ("dead") tokens and their sticky lookbacks are the hasher's (``NgramHasher``, ``barrier_ids``).
@@ -53,7 +57,9 @@ class EngramV41(nn.Module):
         self.eps = config.norm_eps("gate", norm_eps)
         self.embedding = MultiHeadEmbedding(geometry, config.head_dim, sparse=sparse_table)
         self.wkv = nn.Linear(config.memory_dim, dim * (branches + 1), bias=False)  # G keys, then the value
-        self.norm_weight = nn.Parameter(torch.empty(branches, dim))  # q gain * k gain, per branch
+        self.q_weight = nn.Parameter(torch.empty(branches, dim))  # the query norm's gain, per branch
+        self.k_weight = nn.Parameter(torch.empty(branches, dim))  # the key norm's gain, per branch
+        self._register_load_state_dict_pre_hook(_merged_gain_of_before)
         if self.wkv.weight.device.type != "meta":
             self.init_weights()
 
@@ -64,11 +70,30 @@ class EngramV41(nn.Module):
         |------------------|---------------------------------------------------------------|
         | embedding.weight | N(0, table_std) in seeded row blocks, as ``Engram``'s          |
         | wkv.weight       | N(0, std)                                                     |
-        | norm_weight      | ones                                                          |
+        | q_weight         | ones                                                          |
+        | k_weight         | ones                                                          |
         """
         init_table(self.embedding, self.config, table_std, table_seed, tables)
         nn.init.normal_(self.wkv.weight, std=std)
-        nn.init.ones_(self.norm_weight)
+        nn.init.ones_(self.q_weight)
+        nn.init.ones_(self.k_weight)
+
+    @classmethod
+    def from_release_state_dict(cls, state_dict, config: EngramConfig, layer_id: int | None = None, *,
+                                sparse_table: bool = False) -> "EngramV41":
+        """The module holding DeepSeek-V4.1's released weights of Engram layer ``layer_id``, from a state dict
+        under DeepSeek's or transformers' names, in fp32, bf16 or fp8 with its scales; every name, shape and
+        the table layout are checked first (``engram.model.v41_release``)."""
+        from engram.model.v41_release import from_release_state_dict
+
+        return from_release_state_dict(cls, state_dict, config, layer_id, sparse_table=sparse_table)
+
+    def to_release_state_dict(self, layer_id: int | None = None, names: str = "deepseek",
+                              dtype: str = "float32") -> dict[str, torch.Tensor]:
+        """This module's weights under the release's names and in its dtypes (``engram.model.v41_release``)."""
+        from engram.model.v41_release import to_release_state_dict
+
+        return to_release_state_dict(self, layer_id, names, dtype)
 
     def _rstd(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) fp32 -> (..., 1)
         eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
@@ -77,9 +102,10 @@ class EngramV41(nn.Module):
     def _gate(self, hidden: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """hidden (B, T, G, D), key (B, T, G, D) -> alpha (B, T, G, 1) fp32."""
         h, k = hidden.float(), key.float()
-        score = (h * self.norm_weight.float() * k).sum(dim=-1, keepdim=True)  # (B, T, G, 1)
+        gain = self.q_weight.float() * self.k_weight.float()  # (G, D), the product in fp32
+        score = (h * gain * k).sum(dim=-1, keepdim=True)  # (B, T, G, 1)
         score = score * self._rstd(h) * self._rstd(k) / math.sqrt(self.dim)
-        return torch.sigmoid(score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt())
+        return torch.sigmoid(torch.copysign(score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt(), score))
 
     def _keys_value(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """e (B, T, M) -> keys (B, T, G, D), value (B, T, D)."""
@@ -106,7 +132,16 @@ class EngramV41(nn.Module):
         key, value = self._keys_value(e)  # (B, T, G, D), (B, T, D)
         # 3. gate per branch, closed where the token mask is False (barrier tokens pass through)
         alpha = self._gate(hidden, key)  # (B, T, G, 1) fp32
-        if token_mask is not None:
-            alpha = alpha * token_mask[:, :, None, None].to(alpha.dtype)
+        if token_mask is not None:  # a fill, not a product: a NaN gate at a closed position stays closed
+            alpha = alpha.masked_fill(~token_mask[:, :, None, None].to(torch.bool), 0.0)
         # 4. the residual is added here: the output is the new stream
         return (hidden.float() + alpha * value[:, :, None, :].float()).to(hidden.dtype)  # (B, T, G, D)
+
+
+def _merged_gain_of_before(state_dict, prefix, *args) -> None:
+    """State dicts written before the two gains held their product as ``norm_weight``: it becomes
+    ``q_weight`` with ``k_weight`` at one, the same fp32 product."""
+    merged = state_dict.pop(prefix + "norm_weight", None)
+    if merged is not None and prefix + "q_weight" not in state_dict:
+        state_dict[prefix + "q_weight"] = merged
+        state_dict[prefix + "k_weight"] = torch.ones_like(merged)

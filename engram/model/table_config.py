@@ -13,6 +13,7 @@ from engram.schema import Serialisable, derived, is_int, pos_int, require
 GATES = ("signed_sqrt", "sigmoid", "none")
 VARIANTS = ("paper", "v4.1")
 HASH_SCHEMES = ("deepseek", "qwen4exp")
+V41_GATE_NORM_EPS = 1e-20  # the RMS eps of DeepSeek-V4.1's released gate (configs before it kept "backbone")
 
 @dataclass
 class TableConfig(Serialisable):
@@ -125,13 +126,14 @@ class EngramConfig(TableConfig):
     The official demo's numerics (``DEMO_MODULE``; ``engram.compat.deepseek.from_demo_state_dict`` switches them on):
     proj_bias: W_K and W_V carry biases (the demo's ``nn.Linear`` layers); ours have none by default.
     gate_norm_eps: eps of the query and key RMSNorms; conv_norm_eps: eps of the conv's RMSNorms. Each is
-        "backbone" (the backbone's ``norm_eps``, the default), a float > 0, or None: fp32's machine
-        epsilon, which is what ``nn.RMSNorm(eps=None)`` uses on the demo's fp32 weights (our norms
-        always compute in fp32).
+        "backbone" (the backbone's ``norm_eps``), a float > 0, or None: fp32's machine epsilon, which is
+        what ``nn.RMSNorm(eps=None)`` uses on the demo's fp32 weights (our norms always compute in fp32).
+        ``gate_norm_eps`` defaults to the variant's: "backbone" for the paper's module, 1e-20 for V4.1
+        (``V41_GATE_NORM_EPS``, the release's); a config saved before that default keeps what it says.
 
     variant: "paper" (the paper's and demo's module, ``Engram``) or "v4.1" (DeepSeek-V4.1's production
-        module, ``EngramV41``: no conv, so ``short_conv`` must be false; one fused W_K/W_V, merged norm
-        gains, returns x + alpha*v; docs/ALGORITHM.md §2b and docs/DEEPSEEK.md). The preset ``tiny-engram-v41`` has
+        module, ``EngramV41``: no conv, so ``short_conv`` must be false; one fused W_K/W_V, the query and key
+        norm gains used as their product, returns x + alpha*v; docs/ALGORITHM.md §2b and docs/DEEPSEEK.md). The preset ``tiny-engram-v41`` has
         V4.1's orders 2..4 with 8 heads each.
     barrier_ids: raw token ids (V4.1 only; e.g. image tokens) that no n-gram crosses: a barrier hashes as
         all pad, a lookback that reaches one (or the sequence start) is pad and so is every older one
@@ -145,7 +147,7 @@ class EngramConfig(TableConfig):
     branch_keys: bool = True
     table_init_std: float = TABLE_INIT_STD
     proj_bias: bool = False
-    gate_norm_eps: float | str | None = "backbone"
+    gate_norm_eps: float | str | None = "variant"
     conv_norm_eps: float | str | None = "backbone"
     variant: str = "paper"
     barrier_ids: list[int] = field(default_factory=list)
@@ -169,6 +171,8 @@ class EngramConfig(TableConfig):
         require(isinstance(self.table_init_std, (int, float)) and not isinstance(self.table_init_std, bool)
                 and 0 <= self.table_init_std < float("inf"), c, "table_init_std",
                 f"must be a finite number >= 0, got {self.table_init_std!r}")
+        if self.gate_norm_eps == "variant":  # the variant's own: the backbone's, or the V4.1 release's 1e-20
+            self.gate_norm_eps = V41_GATE_NORM_EPS if self.variant == "v4.1" else "backbone"
         for name in ("gate_norm_eps", "conv_norm_eps"):
             value = getattr(self, name)
             require(value is None or value == "backbone" or (

@@ -132,6 +132,12 @@ class EngramLM(nn.Module, TableHost):
             self.init_weights()
 
     @property
+    def pads_as_dead(self) -> bool:
+        """DeepSeek-V4.1 reads left padding as DEAD: the all-pad n-gram with its gate closed (the paper's
+        module hashes the pad token's own id there, and the positions' outputs are never used)."""
+        return self.hasher is not None and self.config.engram.variant == "v4.1"
+
+    @property
     def engram_layers(self) -> dict[int, Engram | EngramV41]:
         return {blk.layer_id: blk.engram for blk in self.layers if blk.engram is not None}
 
@@ -231,12 +237,13 @@ class EngramLM(nn.Module, TableHost):
             ids |= self.overencoding.hasher(input_ids, boundary)
         return ids
 
-    def _hash_cached(self, input_ids: torch.Tensor, boundary: torch.Tensor | None,
-                     cache: InferenceCache) -> dict[int, torch.Tensor]:
-        """``hash`` for a cached call: each hasher continues from its last N-1 ids (docs/PITFALLS.md §5)."""
+    def _hash_cached(self, input_ids: torch.Tensor, boundary: torch.Tensor | None, cache: InferenceCache,
+                     dead: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """``hash`` for a cached call: each hasher continues from its last N-1 ids (docs/PITFALLS.md §5);
+        ``dead`` (B, T): positions the Engram hasher reads as barriers."""
         ids = {}
         if self.hasher is not None:
-            ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary)
+            ids, cache.ngram_history = self.hasher.hash_with_history(input_ids, cache.ngram_history, boundary, dead)
         if self.overencoding is not None:
             more, cache.input_ngram_history = self.overencoding.hasher.hash_with_history(
                 input_ids, cache.input_ngram_history, boundary)
@@ -269,8 +276,9 @@ class EngramLM(nn.Module, TableHost):
             if boundary is not None or labels is not None:
                 raise ValueError("a cached call takes neither boundary (the cache's starts are the "
                                  "document starts) nor labels")
+            padding = cache.padding(T) if self.pads_as_dead else None  # (B, T) or None
             positions, boundary = cache.begin(T)  # (B, T), (B, T) or None
-            hash_ids = self._hash_cached(input_ids, boundary, cache)
+            hash_ids = self._hash_cached(input_ids, boundary, cache, padding)
         self.prefetch(hash_ids)
         doc_ids = document_ids(boundary, input_ids.shape, input_ids.device)
         cos, sin = self.rope(positions)
@@ -279,7 +287,8 @@ class EngramLM(nn.Module, TableHost):
         if self.overencoding is not None:
             x = self.overencoding(x, hash_ids[self.overencoding.layer_id])  # (B, T, D)
         x = x[:, :, None, :].expand(-1, -1, self.config.backbone.hc_mult, -1).contiguous()  # (B, T, G, D)
-        dead = None if self.hasher is None else self.hasher.barriers(input_ids)  # (B, T) or None
+        padding = padding if cache is not None else None
+        dead = None if self.hasher is None else self.hasher.barriers(input_ids, padding)  # (B, T) or None
         token_mask = None if dead is None else ~dead
         # packed documents do not attend to each other (built once, shared by every block)
         # (one host sync: windows that hold a single document keep the fast causal kernel)

@@ -31,12 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from engram.quant import E8M0_VALUES, FP8_MAX, FP8_VALUES, encode_blocks  # noqa: F401 (FP8_MAX: its name here before)
 
 FP8_BLOCK = 32  # values per ue8m0 scale (DeepSeek-V4.1's tables: 8 scales per 256-wide row)
-FP8_MAX = 448.0  # largest finite e4m3fn value
 INT8_MAX = 127
-_E8M0_BIAS = 127
 
 
 @dataclass(frozen=True)
@@ -85,17 +84,7 @@ class RowFormat:
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             codes = torch.round(x / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
             return codes, scale[:, None]  # (n, 1)
-        blocks = _blocks(x, self.block)  # (n, S, block)
-        amax = blocks.abs().amax(dim=-1)  # (n, S)
-        mantissa, exponent = torch.frexp(amax / FP8_MAX)  # amax/448 = m * 2^k, m in [0.5, 1)
-        exponent = exponent - (mantissa == 0.5).to(exponent.dtype)  # ceil(log2): an exact power of two stays
-        # amax / 448 underflows to 0 below ~2^-141 (and is 0 for a zero block): the smallest scale then
-        exponent = torch.where(amax / FP8_MAX > 0, exponent, torch.full_like(exponent, -_E8M0_BIAS))
-        exponent = exponent.clamp(-_E8M0_BIAS, _E8M0_BIAS)
-        exponent = exponent + (amax / torch.ldexp(torch.ones_like(amax), exponent) > FP8_MAX).to(exponent.dtype)
-        scale = torch.ldexp(torch.ones_like(amax), exponent)  # (n, S), powers of two: dividing is exact
-        codes = (blocks / scale[..., None]).to(torch.float8_e4m3fn).view(torch.uint8)  # (n, S, block)
-        return codes.flatten(1)[:, : x.shape[1]].contiguous(), (exponent + _E8M0_BIAS).to(torch.uint8)
+        return encode_blocks(x, (1, self.block))  # (n, d) codes, (n, S) scale bytes (engram.quant)
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """codes (n, d), scales (n, S) or None -> fp32 rows (n, d). Few ops: it runs on every gather of a
@@ -130,16 +119,7 @@ class RowFormat:
         return np.isfinite(codes).all(axis=1)
 
 
-_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()  # byte -> value
-_E8M0_VALUES = torch.ldexp(torch.ones(256), torch.arange(256) - _E8M0_BIAS)  # byte -> 2^(byte - 127)
-_E8M0_VALUES[255] = float("nan")  # the format's NaN (refused when files are verified)
-
-
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(n, d) -> (n, S, block), zero-padded to a whole number of blocks."""
-    n, d = x.shape
-    S = -(-d // block)
-    return F.pad(x, (0, S * block - d)).view(n, S, block)
+_FP8_VALUES, _E8M0_VALUES = FP8_VALUES, E8M0_VALUES  # byte -> value; e8m0's NaN (255) is refused at verification
 
 
 FORMATS = {

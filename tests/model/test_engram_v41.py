@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from engram.analysis.hooks import knockout
 from engram.config import EngramConfig, ModelConfig
-from engram.hashing import NgramHasher
+from engram.hashing import NgramHasher, table_geometry
 from engram.model.engram import Engram
 from engram.model.engram_v41 import EngramV41
 from engram.model.transformer import EngramLM
@@ -30,49 +30,107 @@ def v41_model(G=2, barrier_ids=(), seed=0) -> EngramLM:
     model = EngramLM(config).eval()
     with torch.no_grad():  # trained-looking gains and projections
         for layer in model.engram_layers.values():
-            layer.norm_weight.normal_(1.0, 0.3)
+            layer.q_weight.normal_(1.0, 0.3)
+            layer.k_weight.normal_(1.0, 0.3)
             layer.wkv.weight.normal_(0, 0.2)
     return model
 
 
 def reference(layer: EngramV41, hidden, hash_ids, token_mask=None):
-    """docs/ALGORITHM.md §2b, branch by branch: keys are wkv's first G row blocks, the value its last; q is the branch
-    itself; RMSNorm(h) * w . RMSNorm(k) / sqrt(D); signed sqrt; sigmoid; x + alpha * v."""
+    """The release's definition (docs/ALGORITHM.md §2b), branch by branch, in fp32: keys are wkv's first G row
+    blocks, the value its last; q is the branch itself; the two gains act as their fp32 product;
+    score = sum(h * q_gain * k_gain * key) * rms(h)^-1 * rms(key)^-1 / sqrt(D), with the RMS eps inside the
+    root; alpha = sigmoid(copysign(sqrt(max(|s|, 1e-6)), s)); a closed gate is set to 0, not multiplied;
+    out = x + alpha * v."""
     B, T, G, D = hidden.shape
-    e = layer.embedding.weight[hash_ids + layer.embedding.offsets].reshape(B, T, -1)
-    W = layer.wkv.weight  # ((G+1) D, M)
+    e = layer.embedding.weight[hash_ids + layer.embedding.offsets].reshape(B, T, -1).float()
+    W = layer.wkv.weight.float()  # ((G+1) D, M)
     value = e @ W[G * D:].T  # (B, T, D)
-    eps = layer.eps if layer.eps is not None else torch.finfo(torch.float32).eps
+    eps = layer.eps
     out = []
     for g in range(G):
+        h = hidden[:, :, g].float()
         key = e @ W[g * D:(g + 1) * D].T
-        q = F.rms_norm(hidden[:, :, g], (D,), eps=eps) * layer.norm_weight[g]
-        k = F.rms_norm(key, (D,), eps=eps)
-        s = (q * k).sum(-1, keepdim=True) / math.sqrt(D)
-        alpha = torch.sigmoid(torch.sign(s) * torch.sqrt(s.abs().clamp(min=1e-6)))
+        gain = layer.q_weight[g].float() * layer.k_weight[g].float()
+        s = (h * gain * key).sum(-1, keepdim=True)
+        s = s / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps) / torch.sqrt(key.pow(2).mean(-1, keepdim=True) + eps)
+        s = s / math.sqrt(D)
+        alpha = torch.sigmoid(torch.copysign(torch.sqrt(torch.clamp(s.abs(), min=1e-6)), s))
         if token_mask is not None:
-            alpha = alpha * token_mask[..., None]
-        out.append(hidden[:, :, g] + alpha * value)
+            alpha = torch.where(token_mask[..., None], alpha, torch.zeros_like(alpha))
+        out.append(h + alpha * value)
     return torch.stack(out, dim=2)
 
 
-@pytest.mark.parametrize("G", [1, 4])
-def test_module_matches_the_reference(G):
+def small_layer(G, eps=None, seed=0) -> EngramV41:
+    extra = {} if eps is None else {"gate_norm_eps": eps}
     config = EngramConfig(engram_vocab_size=[31, 37, 41], max_ngram_size=4, n_head_per_ngram=8, n_embed_per_ngram=32,
-                          layer_ids=[0], pad_id=0, **V41)
-    layer = EngramV41(config, 16, [31 + i for i in range(24)], 1e-6, branches=G)
+                          layer_ids=[0], pad_id=0, **V41, **extra)
+    torch.manual_seed(seed)
+    layer = EngramV41(config, 16, table_geometry(config, [0])[0], 1e-6, branches=G)
     with torch.no_grad():
-        layer.norm_weight.normal_(1.0, 0.3)
+        layer.q_weight.normal_(1.0, 0.3)
+        layer.k_weight.normal_(1.0, 0.3)
         layer.wkv.weight.normal_(0, 0.3)
         layer.embedding.weight.normal_()
-    hidden = torch.randn(2, 9, G, 16)
+    return layer
+
+
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_module_matches_the_reference(G, scale):
+    layer = small_layer(G)
+    hidden = torch.randn(2, 9, G, 16) * scale  # at stream RMS 1e-3 the eps matters (the release's is 1e-20)
     hash_ids = torch.randint(0, 31, (2, 9, 24))
     mask = torch.rand(2, 9) > 0.3
     torch.testing.assert_close(layer(hidden, hash_ids), reference(layer, hidden, hash_ids), atol=1e-5, rtol=0)
     out = layer(hidden, hash_ids, token_mask=mask)
-    torch.testing.assert_close(out, reference(layer, hidden, hash_ids, mask.float()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, reference(layer, hidden, hash_ids, mask), atol=1e-5, rtol=0)
     assert torch.equal(out[~mask], hidden[~mask])  # a closed gate passes the stream through exactly
-    assert sum(p.numel() for p in layer.parameters()) == layer.embedding.weight.numel() + 32 * 3 * 16 * (G + 1) + G * 16
+    assert sum(p.numel() for p in layer.parameters()) == layer.embedding.weight.numel() + 32 * 3 * 16 * (G + 1) + 2 * G * 16
+
+
+def test_the_defaults_are_the_releases():
+    layer = small_layer(2)
+    assert layer.config.gate_norm_eps == 1e-20 and layer.eps == 1e-20
+    assert EngramConfig(**V41, gate_norm_eps="backbone").gate_norm_eps == "backbone"  # a saved config keeps its eps
+    assert EngramConfig().gate_norm_eps == "backbone"  # the paper's module: the backbone's, as before
+    hidden = torch.zeros(1, 3, 2, 16)  # score 0: the release's signed sqrt gives sqrt(1e-6), not 0
+    with torch.no_grad():
+        alpha = layer.gate(hidden, torch.randn(1, 3, layer.config.memory_dim))
+    torch.testing.assert_close(alpha, torch.full_like(alpha, 1 / (1 + math.exp(-1e-3))), rtol=0, atol=1e-7)
+    assert abs(alpha[0, 0, 0, 0].item() - 0.50025) < 1e-6
+    # a stream that is inf at a closed position stays inf (a fill), where a product would give NaN
+    hidden = torch.randn(1, 3, 2, 16)
+    hidden[0, 1] = float("inf")
+    out = layer(hidden, torch.randint(0, 31, (1, 3, 24)), token_mask=torch.tensor([[True, False, True]]))
+    assert torch.isinf(out[0, 1]).all() and not torch.isnan(out[0, 1]).any()
+
+
+def test_two_bf16_gains_compute_with_their_fp32_product():
+    """A bf16 release holds q and k gains whose product mostly does not round to a bf16: one merged bf16
+    gain could not represent it, two gains can, and the module multiplies them in fp32."""
+    layer = small_layer(2)
+    with torch.no_grad():
+        layer.q_weight.copy_(layer.q_weight.to(torch.bfloat16))
+        layer.k_weight.copy_(layer.k_weight.to(torch.bfloat16))
+    product = layer.q_weight * layer.k_weight
+    assert (product.to(torch.bfloat16).float() != product).float().mean() > 0.5
+    sd = layer.to_release_state_dict(dtype="bfloat16")
+    loaded = EngramV41.from_release_state_dict(sd, layer.config)
+    assert torch.equal(loaded.q_weight, layer.q_weight) and torch.equal(loaded.k_weight, layer.k_weight)
+    hidden, hash_ids = torch.randn(2, 9, 2, 16), torch.randint(0, 31, (2, 9, 24))
+    torch.testing.assert_close(loaded(hidden, hash_ids), reference(loaded, hidden, hash_ids), atol=1e-5, rtol=0)
+
+
+def test_a_state_dict_with_the_merged_gain_of_before_still_loads():
+    layer = small_layer(2)
+    state = {k: v for k, v in layer.state_dict().items() if k not in ("q_weight", "k_weight")}
+    state["norm_weight"] = layer.q_weight.detach() * layer.k_weight.detach()
+    other = small_layer(2, seed=1)
+    other.load_state_dict(state)
+    hidden, hash_ids = torch.randn(1, 5, 2, 16), torch.randint(0, 31, (1, 5, 24))
+    torch.testing.assert_close(other(hidden, hash_ids), layer(hidden, hash_ids), atol=1e-6, rtol=0)
 
 
 def test_a_block_never_adds_the_stream_twice():
