@@ -229,6 +229,33 @@ def plot_row_usage(usage: dict, path, min_count: int = 3) -> Path:
     return save_figure(fig, path)
 
 
+def inspect_release_tables(directory, source: str, out_dir, batch_size: int = 4, seq_len: int = 256,
+                           batches: int = 16, cache_dir: str = "runs/cache", cache_rows: int = 0) -> dict:
+    """Table statistics of a DeepSeek-V4.1 release (``engram.compat.deepseek.open_v41``: tables read from the
+    shards in place) over ``batches`` windows of ``source`` (a file, directory or "hf:NAME") tokenized by
+    the release's tokenizer; no model, so no loss controls. Writes tables.json and row_usage.png. Layers are
+    keyed by 1-based block, as in every report here (the release's ``layers.1.engram`` is block "2")."""
+    from engram.compat.deepseek import open_v41
+    from engram.data import prepare_text
+
+    tokenizer_file = Path(directory) / "tokenizer.json"
+    with open_v41(directory, cache_rows=cache_rows) as release:
+        shards = prepare_text(source, release.tokenizer, tokenizer_file, cache_dir)
+        windows = list(shards.eval_batches(batch_size, seq_len, batches))
+        if not windows:
+            raise ValueError(f"{source} holds no window of {seq_len} tokens; use a shorter --seq-len")
+        stats = table_statistics(release, windows)
+        tiers = release.stats()
+    tiers["layers"] = {str(lid + 1): entry for lid, entry in tiers["layers"].items()}  # 1-based, as "layers"
+    usage = stats.pop("_usage")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"release": str(directory), "text": source, **stats, "storage": tiers,
+              "png": str(plot_row_usage(usage, out / "row_usage.png"))}
+    atomic_write_json(out / "tables.json", result, indent=1)
+    return result
+
+
 def inspect_tables(ckpt_path: str, out_dir, split: str = "val", batch_size: int = 4, seq_len: int = 256,
                    batches: int = 16, device: str = "cpu") -> dict:
     """Table statistics of a checkpoint over ``batches`` fixed windows of a split, plus the functional

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from engram.cli.flags import (Command, add_ckpt, add_device, add_windows, device, directory, positive_int,
-                              sequence_length)
+from engram.cli.flags import (CKPT_HELP, Command, add_ckpt, add_device, add_windows, device, directory,
+                              nonnegative_int, positive_int, sequence_length)
 
 
 class Verb(NamedTuple):
@@ -91,15 +91,29 @@ def cka(args, device: str) -> dict:
 
 
 def tables_flags(p) -> None:
-    add_ckpt(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help=CKPT_HELP)
+    which.add_argument("--release", help="a DeepSeek-V4.1 checkpoint directory: its tables are read from the shards in "
+                                         "place (needs --text)")
+    p.add_argument("--text", default=None, help="with --release: the text to count (a file, a directory or hf:NAME)")
+    p.add_argument("--cache-dir", default="runs/cache", help="with --release: where the tokenized text is kept")
+    p.add_argument("--cache-rows", type=nonnegative_int, default=0, help="with --release: a row cache of N rows per "
+                                                                        "table in front of the disk tier")
     p.add_argument("--out", required=True, type=directory, help="directory for tables.json and row_usage.png")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="tokens to count (default val)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="with --ckpt: tokens to count (default val)")
     add_windows(p, 16)
 
 
 def tables(args, device: str) -> dict:
-    from engram.analysis.tables import inspect_tables
+    from engram.analysis.tables import inspect_release_tables, inspect_tables
 
+    if args.release is not None:
+        if args.text is None:
+            raise ValueError("--release needs --text: the release holds no corpus to count")
+        return inspect_release_tables(args.release, args.text, args.out, args.batch_size, args.seq_len, args.batches,
+                                      args.cache_dir, args.cache_rows)
+    if args.text is not None or args.cache_rows:
+        raise ValueError("--text and --cache-rows go with --release (a checkpoint counts its own corpus)")
     return inspect_tables(args.ckpt, args.out, args.split, args.batch_size, args.seq_len, args.batches, device)
 
 

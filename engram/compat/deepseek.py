@@ -1,7 +1,8 @@
 """Compatibility with DeepSeek's own Engram code: the official demo's module weights (``engram_demo_v1.py``),
 imported into and exported from our ``Engram``, and DeepSeek-V4.1's released Engram weights
 (``from_release_state_dict`` / ``to_release_state_dict``, the same as ``EngramV41``'s methods, in
-``engram.model.v41_release``).
+``engram.model.v41_release``) and its checkpoint directory, the tables served from the shards in place
+(``open_v41``, in ``engram.compat.v41_checkpoint``).
 
 The demo's module is ours with three numerics switched on (``DEMO_MODULE``): biases on W_K and W_V,
 ``nn.RMSNorm``'s default eps (None: the fp32 machine epsilon) on the gate's norms, and eps 1e-5 on the
@@ -33,9 +34,10 @@ from engram.model.engram import Engram
 from engram.model.table_config import EngramConfig
 from engram.model.v41_release import from_release_state_dict as _from_release
 from engram.model.v41_release import release_prefix, to_release_state_dict
+from engram.compat.v41_checkpoint import ReleaseEngram, open_v41
 
-__all__ = ["DEMO_MODULE", "from_demo_state_dict", "from_release_state_dict", "release_prefix", "to_demo_state_dict",
-           "to_release_state_dict"]
+__all__ = ["DEMO_MODULE", "ReleaseEngram", "from_demo_state_dict", "from_release_state_dict", "open_v41",
+           "release_prefix", "to_demo_state_dict", "to_release_state_dict"]
 
 # The official demo module's numerics: biased W_K and W_V, nn.RMSNorm's default eps (None: the fp32
 # machine epsilon) on the gate's norms and eps 1e-5 on the conv's.
@@ -146,9 +148,9 @@ def _clip(values: list, limit: int = 6) -> str:
 
 
 def from_release_state_dict(state_dict, config: EngramConfig, layer_id: int | None = None, *,
-                            sparse_table: bool = False):
+                            sparse_table: bool = False, table=None):
     """DeepSeek-V4.1's released weights of Engram layer ``layer_id`` as an ``EngramV41`` (see
     ``EngramV41.from_release_state_dict``)."""
     from engram.model.engram_v41 import EngramV41
 
-    return _from_release(EngramV41, state_dict, config, layer_id, sparse_table=sparse_table)
+    return _from_release(EngramV41, state_dict, config, layer_id, sparse_table=sparse_table, table=table)

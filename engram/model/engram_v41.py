@@ -80,13 +80,15 @@ class EngramV41(nn.Module):
 
     @classmethod
     def from_release_state_dict(cls, state_dict, config: EngramConfig, layer_id: int | None = None, *,
-                                sparse_table: bool = False) -> "EngramV41":
+                                sparse_table: bool = False, table=None) -> "EngramV41":
         """The module holding DeepSeek-V4.1's released weights of Engram layer ``layer_id``, from a state dict
         under DeepSeek's or transformers' names, in fp32, bf16 or fp8 with its scales; every name, shape and
-        the table layout are checked first (``engram.model.v41_release``)."""
+        the table layout are checked first (``engram.model.v41_release``). ``table``: a ``HashedTable`` that
+        already serves the released rows (a storage tier over the shards); the table entries are then only
+        checked by shape and dtype, never read."""
         from engram.model.v41_release import from_release_state_dict
 
-        return from_release_state_dict(cls, state_dict, config, layer_id, sparse_table=sparse_table)
+        return from_release_state_dict(cls, state_dict, config, layer_id, sparse_table=sparse_table, table=table)
 
     def to_release_state_dict(self, layer_id: int | None = None, names: str = "deepseek",
                               dtype: str = "float32") -> dict[str, torch.Tensor]:

@@ -72,10 +72,28 @@ def _fp32(name: str, tensor: torch.Tensor, scale: torch.Tensor | None, block) ->
     return tensor.float()
 
 
+def _check_table_dtypes(prefix: str, ours: dict) -> None:
+    """The table's codes and scales agree with each other (fp8 needs (N, d_h / 32) scales, others none)."""
+    weight, scale = ours["embed.weight"], ours.get("embed.scale")
+    if weight.dtype in (FP8, torch.uint8):
+        if scale is None:
+            raise ValueError(f"{prefix}embed.weight is fp8 but its scale tensor is missing")
+        if tuple(scale.shape) != (weight.shape[0], -(-weight.shape[1] // TABLE_BLOCK)):
+            raise ValueError(f"{prefix}embed.scale has shape {tuple(scale.shape)}, the table needs "
+                             f"{(weight.shape[0], -(-weight.shape[1] // TABLE_BLOCK))} (one per {TABLE_BLOCK} values)")
+    elif scale is not None:
+        raise ValueError(f"{prefix}embed.weight is {weight.dtype} but has a scale tensor (only fp8 tensors have scales)")
+    elif weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{prefix}embed.weight has dtype {weight.dtype}; the release stores fp8 e4m3, bf16 or fp32")
+
+
 def from_release_state_dict(cls, state_dict, config: EngramConfig, layer_id: int | None = None, *,
-                            sparse_table: bool = False):
+                            sparse_table: bool = False, table=None):
     """``cls`` (``EngramV41``) holding the released weights of Engram layer ``layer_id`` (needed when
-    ``config`` has several; the primes are searched over all of them). G and D are read from the gains."""
+    ``config`` has several; the primes are searched over all of them). G and D are read from the gains.
+
+    ``table``: a ``HashedTable`` that already serves the released rows (a storage tier over the shards);
+    the table's entries are then checked by shape and dtype only (they may be meta tensors) and never read."""
     if config.variant != "v4.1":
         raise ValueError(f"the V4.1 release's weights need EngramConfig.variant='v4.1', got {config.variant!r}")
     if layer_id is None:
@@ -105,15 +123,25 @@ def from_release_state_dict(cls, state_dict, config: EngramConfig, layer_id: int
             raise ValueError(f"{prefix}{name} has shape {tuple(ours[name].shape)}, our layout of layer {layer_id} needs "
                              f"{shape} ({geometry.n_heads} heads of {rows} rows in all, d_h "
                              f"{config.head_dim}, G={G}, D={D}): another table size, seed or set of Engram layers?")
-    table = _fp32(prefix + "embed.weight", ours["embed.weight"], ours.get("embed.scale"), (1, TABLE_BLOCK))
+    _check_table_dtypes(prefix, ours)
     wkv = _fp32(prefix + "wkv.weight", ours["wkv.weight"], ours[scale_names[0]] if scale_names else None, None)
     with torch.device("meta"):
         module = cls(config, D, geometry, branches=G, sparse_table=sparse_table)
-    module.to_empty(device="cpu")
-    module.embedding.reset_buffers()
+    if table is not None:  # served where it lies: only the projection and the gains are materialised
+        if (table.num_rows, table.dim) != (rows, config.head_dim):
+            raise ValueError(f"the table given has {(table.num_rows, table.dim)} rows x width, the release "
+                             f"{(rows, config.head_dim)}")
+        module.embedding = table
+        module.wkv.to_empty(device="cpu")
+        module.q_weight, module.k_weight = (torch.nn.Parameter(torch.empty(G, D)) for _ in range(2))
+    else:
+        decoded = _fp32(prefix + "embed.weight", ours["embed.weight"], ours.get("embed.scale"), (1, TABLE_BLOCK))
+        module.to_empty(device="cpu")
+        module.embedding.reset_buffers()
+        with torch.no_grad():
+            module.embedding.weight.zero_()
+            module.embedding.weight[:rows].copy_(decoded)
     with torch.no_grad():
-        module.embedding.weight.zero_()
-        module.embedding.weight[:rows].copy_(table)
         module.wkv.weight.copy_(wkv)
         module.q_weight.copy_(_fp32(prefix + "q_weight", q, None, None))
         module.k_weight.copy_(_fp32(prefix + "k_weight", k, None, None))

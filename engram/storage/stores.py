@@ -77,18 +77,42 @@ class HostStore:
 class DiskStore:
     """A read-only ``np.memmap`` of one exported layer file (and of its scales, for a quantised format):
     the table may be larger than RAM; only the pages of requested rows are read (and kept in the kernel's
-    page cache)."""
+    page cache). ``offset`` / ``scales_offset``: where the rows start in their files, so a tensor inside
+    another container (a safetensors shard: ``from_safetensors``) is served in place, never copied."""
 
-    def __init__(self, path, num_rows: int, dim: int, dtype: str | RowFormat = "float32", scales_path=None):
+    def __init__(self, path, num_rows: int, dim: int, dtype: str | RowFormat = "float32", scales_path=None,
+                 offset: int = 0, scales_offset: int = 0):
         self.format = dtype if isinstance(dtype, RowFormat) else row_format(dtype)
         if self.format.quantised and scales_path is None:
             raise ValueError(f"a {self.format.name} table needs its scales file")
         self.path = path
         self.dtype = self.format.name
-        self.array = np.memmap(path, dtype=np.dtype(self.format.numpy_dtype), mode="r", shape=(num_rows, dim))
+        self.array = np.memmap(path, dtype=np.dtype(self.format.numpy_dtype), mode="r", shape=(num_rows, dim),
+                               offset=offset)
         self.scales = None if scales_path is None else np.memmap(
             scales_path, dtype=np.dtype(self.format.scale_numpy_dtype), mode="r",
-            shape=(num_rows, self.format.scales_per_row(dim)))
+            shape=(num_rows, self.format.scales_per_row(dim)), offset=scales_offset)
+
+    @classmethod
+    def from_safetensors(cls, codes, scales=None) -> "DiskStore":
+        """A table stored as a safetensors tensor ``codes`` (``SafetensorsTensor``: (rows, d_h) fp32, bf16 or
+        fp8 e4m3) and, for fp8, ``scales`` (rows, d_h / block) ue8m0, each read where it lies in its shard."""
+        dtypes = {"F32": "float32", "BF16": "bfloat16", "F8_E4M3": "fp8_e4m3"}
+        if codes.dtype not in dtypes or len(codes.shape) != 2:
+            raise ValueError(f"{codes.name}: a table is a (rows, d_h) tensor of {sorted(dtypes)}, got {codes.dtype} "
+                             f"{codes.shape}")
+        rows, dim = codes.shape
+        fmt = row_format(dtypes[codes.dtype])
+        if fmt.quantised:
+            if scales is None or scales.dtype not in ("F8_E8M0", "U8") or len(scales.shape) != 2 or \
+                    scales.shape[0] != rows or dim % scales.shape[1]:
+                got = None if scales is None else (scales.dtype, scales.shape)
+                raise ValueError(f"{codes.name} is fp8: it needs ue8m0 scales of shape ({rows}, {dim} / block), got {got}")
+            fmt = row_format("fp8_e4m3", block=dim // scales.shape[1])
+        elif scales is not None:
+            raise ValueError(f"{codes.name} is {codes.dtype}: it has no scales, but {scales.name} was given")
+        return cls(codes.path, rows, dim, fmt, None if scales is None else scales.path, codes.offset,
+                   0 if scales is None else scales.offset)
 
     @classmethod
     def from_entry(cls, entry: TableEntry) -> "DiskStore":
