@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from engram.model.tables import as_table_host
 from engram.train.startup import checkpoint_data
 
 # -- hooks -----------------------------------------------------------------------------------------
@@ -27,15 +28,18 @@ from engram.train.startup import checkpoint_data
 def knockout(model) -> Iterator[None]:
     """Zero every Engram module's contribution Y (docs/ALGORITHM.md §5 knock-out) while the context is open.
 
-    The module still runs (its output is replaced by zeros), so a storage tier's prefetch stays
-    matched; the hooks are removed on exit, whatever happens inside.
+    ``model``: any table host (``as_table_host``), transformers' Qwen4-Exp included (its PLE layers return
+    zeros, so each block's stream passes them unchanged). The module still runs (its output is replaced
+    by zeros), so a storage tier's prefetch stays matched; the hooks are removed on exit, whatever happens
+    inside.
     """
     def zero(mod, args, kwargs, out):  # V4.1's module returns x + Y: knocked out it returns x
-        if not mod.adds_residual:
+        if not getattr(mod, "adds_residual", False):
             return torch.zeros_like(out)
         return args[0] if args else kwargs["hidden"]
 
-    handles = [layer.register_forward_hook(zero, with_kwargs=True) for layer in model.engram_layers.values()]
+    contributions = as_table_host(model, "knockout").contributions()
+    handles = [m.register_forward_hook(zero, with_kwargs=True) for m in contributions.values()]
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ the mean over its target tokens, and retention = accuracy without / accuracy wit
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from engram.analysis.hooks import capture_gates, knockout
 from engram.fileio import atomic_write_json
+from engram.model.tables import as_table_host
 
 # words joined by "." or one space, optionally opening a call or subscript: os.path.join, raise ValueError(
 STATIC_SHAPE = re.compile(r"[A-Za-z_]\w*(?:[. ][A-Za-z_]\w*)*[(\[]?")
@@ -207,9 +209,14 @@ def score_positions(model, ids: np.ndarray, doc_starts: np.ndarray, seq_len: int
                     needed: np.ndarray | None = None, gates: bool = False) -> PositionScores:
     """Score every position p >= 1 once: windows of ``seq_len`` at stride seq_len/2, position p scored
     in the first window where it has >= seq_len/2 tokens of context (or all before it). Windows carry
-    the document-start mask, as in training. ``needed`` (n,) bool: skip windows that score none of them."""
+    the document-start mask, as in training (a transformers model, which takes none, reads across them). ``needed`` (n,) bool: skip windows that score none of them."""
     model.eval()
     device = next(model.parameters()).device
+    ours = "boundary" in inspect.signature(model.forward).parameters  # else a transformers model: no document mask
+
+    def logits_of(x, bd):
+        return model(x, boundary=bd).logits if ours else model(input_ids=x).logits
+
     n = len(ids)
     T = min(seq_len, n)
     stride = max(1, T // 2)
@@ -232,10 +239,10 @@ def score_positions(model, ids: np.ndarray, doc_starts: np.ndarray, seq_len: int
         bd = torch.from_numpy(np.stack([boundary[s:s + T] for s, _, _ in chunk])).to(device)
         if gates:
             with capture_gates(model) as captured:
-                logits = model(x, boundary=bd).logits
+                logits = logits_of(x, bd)
             alpha = {lid: g[0].mean(dim=2).numpy() for lid, g in captured.items()}  # (B, T)
         else:
-            logits = model(x, boundary=bd).logits
+            logits = logits_of(x, bd)
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
         for r, (s, lo, hi) in enumerate(chunk):
             pos = np.arange(lo, hi)
@@ -286,8 +293,11 @@ def knockout_report(model, pieces: list[str], train: tuple[np.ndarray, np.ndarra
     (ids, doc_starts) pair from ``read_split``), score them with and without Engram, and summarise.
     ``max_probes`` samples that many probes per set (seeded). "all" is every scored position (except
     document starts), a reference. alpha: mean gate at the targets (static: the pattern's last token)."""
-    if not model.engram_layers:
+    host = as_table_host(model, "knockout_report")
+    if not host.engram_layers:
         raise ValueError("the model has no Engram layer: nothing to knock out")
+    contributions = host.contributions()
+    ours = all(contributions[lid] is layer for lid, layer in host.engram_layers.items())  # gates: our modules only
     patterns = mine_static_patterns(*train, pieces, top=top_patterns, min_count=min_count)
     val_ids, val_starts = val
     sets = {"static": static_probes(val_ids, val_starts, patterns),
@@ -304,7 +314,7 @@ def knockout_report(model, pieces: list[str], train: tuple[np.ndarray, np.ndarra
         needed = np.zeros(len(val_ids), dtype=bool)
         for t in targets.values():
             needed[t] = True
-    with_ = score_positions(model, val_ids, val_starts, seq_len, batch_size, needed, gates=True)
+    with_ = score_positions(model, val_ids, val_starts, seq_len, batch_size, needed, gates=ours)
     with knockout(model):
         without = score_positions(model, val_ids, val_starts, seq_len, batch_size, needed)
     not_start = np.ones(len(val_ids), dtype=bool)
@@ -320,7 +330,7 @@ def knockout_report(model, pieces: list[str], train: tuple[np.ndarray, np.ndarra
         "in_context_examples": sorted(Counter(p.text for p in sets["in_context"]).items(), key=lambda kv: -kv[1])[:15],
         "val_tokens": int(len(val_ids)),
         "train_tokens": int(len(train[0])),
-        "engram_layers": [lid + 1 for lid in model.engram_layers],
+        "engram_layers": [lid + 1 for lid in host.engram_layers],
     }
 
 
@@ -335,6 +345,35 @@ def inspect_knockout(ckpt_path: str, out_dir=None, max_probes: int | None = None
     result = {"checkpoint": str(ckpt.path), "step": ckpt.step,
               **knockout_report(ckpt.model, vocab_pieces(ckpt.tokenizer), read_split(data.train, max_train_tokens),
                                 read_split(data.val, max_val_tokens), max_probes, seq_len)}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "knockout.json", result, indent=1)
+    return result
+
+
+def inspect_knockout_text(model, tokenizer_file, source: str, out_dir=None, max_probes: int | None = None,
+                          max_train_tokens: int | None = None, max_val_tokens: int | None = None, seq_len: int = 256,
+                          cache_dir: str = "runs/cache", val_fraction: float = 0.1, about: dict | None = None,
+                          storage=None) -> dict:
+    """Knock-out report of a model built elsewhere (a transformers Qwen4-Exp with its PLE layers, as
+    ``engram inspect knockout --hf`` loads it) on ``source``, split into train (patterns mined) and validation
+    (probes) documents as ``engram data prepare`` splits them (``val_fraction`` of them, by name), tokenized
+    by ``tokenizer_file``. ``about`` is recorded with the result, and ``storage.stats()`` (a storage handle)
+    after the run; writes knockout.json to ``out_dir`` if given."""
+    from engram.data.bpe import load_tokenizer
+    from engram.data.config import DataConfig
+    from engram.data.prepare import prepare_with_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    config = DataConfig(source=source, tokenizer=str(tokenizer_file), cache_dir=str(cache_dir), val_fraction=val_fraction)
+    data = prepare_with_tokenizer(config, tokenizer, tokenizer_file)
+    result = {**(about or {}), "text": source,
+              **knockout_report(model, vocab_pieces(tokenizer), read_split(data.train, max_train_tokens),
+                                read_split(data.val, max_val_tokens), max_probes, seq_len)}
+    if storage is not None:
+        stats = storage.stats()
+        result["storage"] = {**stats, "layers": {str(lid + 1): entry for lid, entry in stats["layers"].items()}}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

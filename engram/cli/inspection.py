@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from engram.cli.flags import (CKPT_HELP, Command, add_ckpt, add_device, add_windows, device, directory,
-                              nonnegative_int, positive_int, sequence_length)
+                              nonnegative_int, positive_int, probability, sequence_length)
 
 
 class Verb(NamedTuple):
@@ -44,7 +44,20 @@ def gates(args, device: str) -> dict:
 
 
 def knockout_flags(p) -> None:
-    add_ckpt(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help=CKPT_HELP)
+    which.add_argument("--hf", help="a transformers Qwen4-Exp checkpoint directory: its PLE layers are knocked out, "
+                                    "tables served from --tier (needs --text)")
+    p.add_argument("--text", default=None, help="with --hf: the text to probe (a file, a directory or hf:NAME), split "
+                                                "into train and validation documents")
+    p.add_argument("--tables", default=None, help="with --hf: serve the PLE tables from this exported tables directory "
+                                                  "instead of the checkpoint's shards")
+    p.add_argument("--tier", default="disk", choices=["disk", "host"], help="with --hf: where the tables are served "
+                                                                            "from (default disk)")
+    p.add_argument("--cache-rows", type=nonnegative_int, default=0, help="with --hf: a row cache of N rows per table")
+    p.add_argument("--cache-dir", default="runs/cache", help="with --hf: where the tokenized text is kept")
+    p.add_argument("--val-fraction", type=probability, default=0.1, help="with --hf: the share of --text's documents "
+                                                                     "probed; the rest are mined (default 0.1)")
     p.add_argument("--max-probes", type=positive_int, default=None, help="sample at most N probes per set (default all)")
     p.add_argument("--max-train-tokens", type=positive_int, default=None,
                    help="mine patterns and identifier counts from the first N train tokens (default all)")
@@ -55,8 +68,23 @@ def knockout_flags(p) -> None:
 
 
 def knockout(args, device: str) -> dict:
-    from engram.analysis.knockout import inspect_knockout
+    from engram.analysis.knockout import inspect_knockout, inspect_knockout_text
 
+    if args.hf is not None:
+        if args.text is None:
+            raise ValueError("--hf needs --text: a transformers checkpoint holds no corpus to probe")
+        tokenizer_file = Path(args.hf) / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"{args.hf} has no tokenizer.json: the probes need the model's tokenizer")
+        from engram.hf.qwen4exp import load_tiered
+
+        model, handle = load_tiered(args.hf, args.tier, args.tables, args.cache_rows)
+        with handle:
+            return inspect_knockout_text(model, tokenizer_file, args.text, args.out, args.max_probes,
+                                         args.max_train_tokens, args.max_val_tokens, args.seq_len, args.cache_dir,
+                                         args.val_fraction, {"checkpoint": args.hf, "tier": args.tier}, handle)
+    if args.text is not None or args.tables is not None or args.cache_rows:
+        raise ValueError("--text, --tables and --cache-rows go with --hf (a checkpoint probes its own corpus)")
     return inspect_knockout(args.ckpt, args.out, max_probes=args.max_probes, max_train_tokens=args.max_train_tokens,
                             max_val_tokens=args.max_val_tokens, seq_len=args.seq_len, device=device)
 

@@ -68,6 +68,7 @@ class HashedTable(nn.Module):
     trainable    whether it holds rows an optimizer steps (``weight``, filled by ``init_weights(std, seed)``)
     prefetch     ``prefetch(hash_ids)``: start fetching the rows of the coming forward; nothing to do for a
                  table whose rows are at hand (the default)
+    rows(a, b)   rows [a, b) of the flat table, fp32 on the CPU, wherever they live (what export reads)
     reset_buffers()  rewrites derived buffers after ``to_empty``
     """
 
@@ -86,6 +87,12 @@ class HashedTable(nn.Module):
     def init_weights(self, std: float, seed: int) -> None:
         """Fill the trainable rows N(0, std) from ``seed``; a table without trainable rows has none to fill."""
 
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (n, d_h) fp32 on the CPU; a table holding a parameter reads it."""
+        if not self.trainable:
+            raise ValueError(f"{type(self).__name__} cannot read its rows here")
+        return self.weight[start:stop].detach().to("cpu", torch.float32)
+
 
 class TableHost:
     """Declared (by subclassing) by every model that holds Engram tables, so placements and tools take any of
@@ -97,6 +104,11 @@ class TableHost:
     hasher         the ``NgramHasher`` that addresses them (None when the model has no Engram layer)
     named_tables() module name -> every ``HashedTable`` of the model (Engram's and any other, such as
                    OverEncoding's), whatever placement holds its rows
+    contributions() block index -> the module whose output is Engram's contribution (what knock-out zeroes;
+                   the Engram module itself unless a host says otherwise)
+
+    Models built elsewhere are hosts through an adapter that ``as_table_host`` finds: transformers'
+    Qwen4-Exp (``engram.model.qwen4exp``).
     """
 
     @property
@@ -106,13 +118,22 @@ class TableHost:
     def named_tables(self) -> dict[str, HashedTable]:
         raise NotImplementedError(f"{type(self).__name__} declares TableHost but has no named_tables")
 
+    def contributions(self) -> dict[int, nn.Module]:
+        return self.engram_layers
+
 
 def as_table_host(model, who: str) -> TableHost:
-    """``model`` when it declares ``TableHost``; else a one-line error saying what ``who`` takes."""
-    if not isinstance(model, TableHost):
+    """``model`` when it declares ``TableHost``, or its adapter (a transformers Qwen4-Exp model); else a
+    one-line error saying what ``who`` takes."""
+    if isinstance(model, TableHost):
+        return model
+    from engram.model.qwen4exp import qwen4exp_host
+
+    host = qwen4exp_host(model)
+    if host is None:
         raise TypeError(f"{who} takes a model holding Engram tables (a TableHost: EngramLM, EngramForCausalLM, "
-                        f"an EngramAdapter), got {type(model).__name__}")
-    return model
+                        f"an EngramAdapter, or transformers' Qwen4-Exp with PLE layers), got {type(model).__name__}")
+    return host
 
 
 class MultiHeadEmbedding(HashedTable):

@@ -75,6 +75,10 @@ class OffloadedEmbedding(HashedTable):
         rows = (hash_ids.to("cpu") + self._offsets_cpu).reshape(-1)  # (B*T*H,)
         return torch.unique(rows, sorted=True, return_inverse=True)  # sorted: disk locality
 
+    def rows(self, start: int, stop: int) -> torch.Tensor:  # (n, d_h) fp32 CPU, read from the store
+        with self._lock:
+            return self.store.gather(torch.arange(start, stop, dtype=torch.int64))
+
     def prefetch(self, hash_ids: torch.Tensor) -> None:
         """Start fetching the rows of ``hash_ids`` (B, T, H) in the background."""
         if self.prefetcher is None or self.prefetcher.closed:
@@ -178,6 +182,10 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
                          f"{others} (OverEncoding), which storage tiers do not support")
     if any(isinstance(layer.embedding, OffloadedEmbedding) for layer in layers.values()):
         raise ValueError("the model's tables are already offloaded; apply_storage once per model")
+    meta = [lid for lid, layer in layers.items() if layer.embedding.weight.device.type == "meta"]
+    if meta and tables_dir is None:
+        raise ValueError(f"the tables of layers {meta} were never allocated (meta device): give tables_dir, the "
+                         "exported rows to serve")
     manifest = open_tables(tables_dir, model.hasher, verify, checkpoint) if tables_dir is not None else None
     if manifest is not None:  # check every layer before changing any
         for lid, layer in layers.items():
@@ -186,17 +194,39 @@ def apply_storage(model, tier: str = "device", tables_dir=None, cache_rows: int 
                 got = None if entry is None else (entry.rows, entry.dim)
                 raise ValueError(f"{tables_dir}: layer {lid} table is {got}, the model needs {shape}")
 
+    stores = {}
+    for lid, layer in layers.items():
+        if manifest is None:
+            stores[lid] = HostStore(layer.embedding.weight)
+        elif tier == "host":
+            stores[lid] = HostStore.from_entry(manifest.layers[lid])
+        else:
+            stores[lid] = DiskStore.from_entry(manifest.layers[lid])
+    return serve_stores(model, stores, tier, cache_rows, policy)
+
+
+def serve_stores(model, stores: dict, tier: str, cache_rows: int = 0, policy: str = "lru") -> StorageHandle:
+    """Serve every Engram layer of ``model`` from the row store given for it (layer id -> a ``HostStore``,
+    ``DiskStore``, ``ConcatStore``, ...: rows that already exist somewhere, such as a checkpoint's shards),
+    each behind a ``RowCache`` of ``cache_rows`` rows when > 0; ``tier`` names the placement in ``stats()``.
+    Each store's shape must be its layer's table's; rows decode to fp32 and are cast to the table's dtype."""
+    model = as_table_host(model, "serve_stores")
+    layers = model.engram_layers
+    if set(stores) != set(layers):
+        raise ValueError(f"stores are given for layers {sorted(stores)}, the model's Engram layers are {sorted(layers)}")
+    for lid, layer in layers.items():
+        table, store = layer.embedding, stores[lid]
+        if isinstance(table, OffloadedEmbedding):
+            raise ValueError("the model's tables are already offloaded; place them once per model")
+        if (store.num_rows, store.dim) != (table.num_rows, table.dim):
+            raise ValueError(f"layer {lid}: the store holds {(store.num_rows, store.dim)} rows x d_h, the table needs "
+                             f"{(table.num_rows, table.dim)}")
     prefetcher = Prefetcher()
     for lid, layer in layers.items():
-        old = layer.embedding
+        old, store = layer.embedding, stores[lid]
         weight = old.weight
-        if manifest is None:
-            store = HostStore(weight)
-        elif tier == "host":
-            store = HostStore.from_entry(manifest.layers[lid])
-        else:
-            store = DiskStore.from_entry(manifest.layers[lid])
         if cache_rows:
             store = RowCache(store, cache_rows, policy)
-        layer.embedding = OffloadedEmbedding(store, old.offsets, weight.device, weight.dtype, prefetcher)
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")  # a table never allocated
+        layer.embedding = OffloadedEmbedding(store, old.offsets, device, weight.dtype, prefetcher)
     return StorageHandle(model, tier, prefetcher)

@@ -85,18 +85,24 @@ def _check_finite(weight: torch.Tensor, what: str) -> None:
                              "export it")
 
 
-def _write_table(weight: torch.Tensor, path: Path, fmt: RowFormat) -> tuple[tuple[int, str], tuple[int, str] | None]:
-    """Stream ``weight`` (rows, d_h) to ``path`` (codes) and, for a quantised format, its scales to the
-    ``.scales.bin`` beside it, encoding slice by slice in one pass, each file atomically; returns
-    (bytes, sha256) of the codes and of the scales (None for a float format)."""
-    rows, dim = weight.shape
+def _write_table(read, rows: int, dim: int, path: Path, fmt: RowFormat
+                 ) -> tuple[tuple[int, str], tuple[int, str] | None]:
+    """Stream a table of ``rows`` x ``dim`` (``read(a, b)``: rows [a, b) fp32 on the CPU) to ``path`` (codes)
+    and, for a quantised format, its scales to the ``.scales.bin`` beside it, encoding slice by slice in one
+    pass, each file atomically; returns (bytes, sha256) of the codes and of the scales (None for a float
+    format). A row that is not finite, before or after encoding, is refused by number."""
     step = max(1, CHUNK_BYTES // max(1, 4 * dim))
     digests = [hashlib.sha256(), hashlib.sha256()]
     totals = [0, 0]
 
     def write(codes_file, scales_file=None) -> None:
         for start in range(0, rows, step):
-            codes, scales = fmt.encode(weight[start: start + step].detach().to("cpu", torch.float32))
+            values = read(start, min(rows, start + step))  # (n, d_h) fp32
+            bad = (~torch.isfinite(values)).any(dim=1).nonzero()
+            if bad.numel():
+                raise TableError(f"row {start + int(bad[0])} of {path.name}'s table is not finite (NaN or inf); "
+                                 "refusing to export it")
+            codes, scales = fmt.encode(values)
             finite = torch.isfinite(fmt.decode(codes, scales)).all(dim=1)  # (n,)
             if not bool(finite.all()):  # finite in fp32 but not in a narrower format (fp16 overflow)
                 raise TableError(f"row {start + int((~finite).nonzero()[0])} of {path.name}'s table is not finite "
@@ -125,7 +131,8 @@ def _scales_path(path: Path) -> Path:
 @torch.no_grad()
 def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                   source: dict | None = None) -> Path:
-    """Write every Engram layer's table of ``model`` to ``directory``; returns the manifest path.
+    """Write every Engram layer's table of ``model`` to ``directory``; returns the manifest path. A table a
+    tier serves (host, disk, a release's or a checkpoint's shards) is read back slice by slice, never whole.
 
     ``dtype``: the stored format, a name of ``engram.storage.formats.FORMATS`` (float32, float16, bfloat16,
     int8, fp8_e4m3) or a float torch dtype. Only float32 reproduces the model exactly; the others' bounds
@@ -148,22 +155,23 @@ def export_tables(model, directory: str | os.PathLike, dtype: torch.dtype | str 
             raise TableError(f"{directory} holds a manifest of format {found!r}, not Engram tables: refusing to "
                              "write tables over it (is it a checkpoint?); choose another directory")
     for layer_id, layer in sorted(model.engram_layers.items()):  # refuse before any file is touched
-        if layer.embedding.trainable:
-            _check_finite(layer.embedding.weight, f"layer {layer_id}")
+        table = layer.embedding
+        if table.trainable:
+            if table.weight.device.type == "meta":
+                raise TableError(f"layer {layer_id}'s table was never allocated (meta device): no rows to export")
+            _check_finite(table.weight, f"layer {layer_id}")
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)  # the old manifest must not vouch for half-rewritten files
     layers = {}
     for layer_id, layer in sorted(model.engram_layers.items()):
-        if not layer.embedding.trainable:
-            raise TableError(f"layer {layer_id}'s table is not a parameter (already offloaded?); export "
-                             "from the model before apply_storage")
-        weight = layer.embedding.weight
+        table = layer.embedding  # a parameter, or rows served by a tier (read back in slices)
         file = f"layer_{layer_id}.bin"
         if not fmt.quantised:
             _scales_path(directory / file).unlink(missing_ok=True)  # left by an earlier quantised export
-        (nbytes, sha), scales = _write_table(weight, directory / file, fmt)
-        layers[str(layer_id)] = {"file": file, "rows": int(weight.shape[0]), "dim": int(weight.shape[1]),
-                                 "dtype": fmt.name, "bytes": nbytes, "sha256": sha}
+        rows, dim = table.num_rows, table.dim
+        (nbytes, sha), scales = _write_table(table.rows, rows, dim, directory / file, fmt)
+        layers[str(layer_id)] = {"file": file, "rows": int(rows), "dim": int(dim), "dtype": fmt.name, "bytes": nbytes,
+                                 "sha256": sha}
         if scales is not None:
             layers[str(layer_id)]["scales"] = {"file": _scales_path(directory / file).name, "block": fmt.block,
                                                "bytes": scales[0], "sha256": scales[1]}

@@ -50,15 +50,24 @@ def read_header(path: str | Path) -> tuple[dict, int]:
 def tensor_in(path: str | Path, name: str) -> SafetensorsTensor:
     """``name`` in the safetensors file ``path``, located without reading its data; refused by name when
     absent or when its byte range does not match its dtype and shape, or runs past the file's end."""
+    return tensors_in(path, [name])[name]
+
+
+def tensors_in(path: str | Path, names) -> dict[str, SafetensorsTensor]:
+    """Several tensors of one file located from one read of its header (``tensor_in``'s checks on each)."""
     header, start = read_header(path)
-    if name not in header:
-        raise ValueError(f"{path} holds no tensor {name!r}")
-    entry = header[name]
-    dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-    if dtype not in BYTES:
-        raise ValueError(f"{path}: {name} has dtype {dtype}, which this reader does not know")
-    tensor = SafetensorsTensor(Path(path), name, dtype, shape, start + begin)
-    if end - begin != tensor.nbytes or start + end > Path(path).stat().st_size:
-        raise ValueError(f"{path}: {name}'s bytes [{begin}, {end}) do not hold {dtype} {list(shape)} (the file is "
-                         "truncated or damaged)")
-    return tensor
+    size = Path(path).stat().st_size
+    found = {}
+    for name in names:
+        if name not in header:
+            raise ValueError(f"{path} holds no tensor {name!r}")
+        entry = header[name]
+        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        if dtype not in BYTES:
+            raise ValueError(f"{path}: {name} has dtype {dtype}, which this reader does not know")
+        tensor = SafetensorsTensor(Path(path), name, dtype, shape, start + begin)
+        if end - begin != tensor.nbytes or start + end > size:
+            raise ValueError(f"{path}: {name}'s bytes [{begin}, {end}) do not hold {dtype} {list(shape)} (the file is "
+                             "truncated or damaged)")
+        found[name] = tensor
+    return found

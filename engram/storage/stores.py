@@ -42,6 +42,12 @@ class HostStore:
         self.scales = None if scales is None else (scales.pin_memory() if pin else scales)  # (num_rows, S)
 
     @classmethod
+    def from_store(cls, store, pin: bool | None = None) -> "HostStore":
+        """Every row of another store (a file, a checkpoint's parts) read into RAM in its stored format."""
+        codes, scales = store.gather_encoded(torch.arange(store.num_rows, dtype=torch.int64))
+        return cls(codes, pin, store.format, scales)
+
+    @classmethod
     def from_entry(cls, entry: TableEntry, pin: bool | None = None) -> "HostStore":
         """An exported layer's files (as ``open_tables`` checked them) read into RAM."""
         disk = DiskStore.from_entry(entry)
@@ -144,6 +150,58 @@ class DiskStore:
         back = torch.from_numpy(np.argsort(order, kind="stable"))  # then back to the caller's order
         codes = from_numpy(self.array[idx[order]], self.format.code_dtype)[back]
         return codes, None if self.scales is None else from_numpy(self.scales[idx[order]], self.format.scale_dtype)[back]
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
+        return self.format.decode(*self.gather_encoded(rows))
+
+
+class ConcatStore:
+    """One table whose rows are held by several stores one after another (a table saved in parts, as
+    transformers saves Qwen4-Exp's ``split_ngram_parts``): served where each part lies, never concatenated.
+    All parts share the row width and the stored format."""
+
+    def __init__(self, parts: list):
+        if not parts:
+            raise ValueError("ConcatStore needs at least one part")
+        first = parts[0]
+        for i, part in enumerate(parts):
+            if part.dim != first.dim or part.format != first.format:
+                raise ValueError(f"part {i} holds {part.format.name} rows of width {part.dim}, part 0 "
+                                 f"{first.format.name} of width {first.dim}: the parts of one table must agree")
+        self.parts, self.format = list(parts), first.format
+        self.bounds = np.cumsum([0] + [p.num_rows for p in parts])  # part i holds rows [bounds[i], bounds[i+1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.bounds[-1])
+
+    @property
+    def dim(self) -> int:
+        return self.parts[0].dim
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(p.ram_bytes for p in self.parts)
+
+    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = rows.numpy()
+        which = np.searchsorted(self.bounds, idx, side="right") - 1  # (n,) the part of each row
+        codes = torch.empty(len(idx), self.dim, dtype=self.format.code_dtype)
+        scales = None
+        for p in np.unique(which):
+            at = np.flatnonzero(which == p)  # ascending rows stay ascending within a part
+            c, s = self.parts[p].gather_encoded(torch.from_numpy(idx[at] - self.bounds[p]))
+            where = torch.from_numpy(at)
+            codes[where] = c
+            if s is not None:
+                if scales is None:
+                    scales = torch.empty(len(idx), s.shape[1], dtype=s.dtype)
+                scales[where] = s
+        return codes, scales
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.format.decode(*self.gather_encoded(rows))
