@@ -16,11 +16,31 @@ format) and the embedding casts once to the model's dtype.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+
 import numpy as np
 import torch
 
 from engram.storage.export import TableEntry
 from engram.storage.formats import RowFormat, from_numpy, row_format
+
+PAGE = mmap.PAGESIZE
+RESIDENT_SAMPLE = 16  # pages checked before a read-ahead: all cached means the table is warm
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    return libc
+
+
+_LIBC = _libc()
 
 
 class HostStore:
@@ -84,7 +104,12 @@ class DiskStore:
     """A read-only ``np.memmap`` of one exported layer file (and of its scales, for a quantised format):
     the table may be larger than RAM; only the pages of requested rows are read (and kept in the kernel's
     page cache). ``offset`` / ``scales_offset``: where the rows start in their files, so a tensor inside
-    another container (a safetensors shard: ``from_safetensors``) is served in place, never copied."""
+    another container (a safetensors shard: ``from_safetensors``) is served in place, never copied.
+
+    A gather first queues the reads of all the pages its rows lie on (``read_ahead``), then copies the
+    rows out of the map; ``readahead = False`` (on the class or an instance) turns that off, for comparison."""
+
+    readahead = True
 
     def __init__(self, path, num_rows: int, dim: int, dtype: str | RowFormat = "float32", scales_path=None,
                  offset: int = 0, scales_offset: int = 0):
@@ -98,6 +123,13 @@ class DiskStore:
         self.scales = None if scales_path is None else np.memmap(
             scales_path, dtype=np.dtype(self.format.scale_numpy_dtype), mode="r",
             shape=(num_rows, self.format.scales_per_row(dim)), offset=scales_offset)
+        # (path, first byte, bytes per row) of each file, for the batched read-ahead
+        self._files = [(path, offset, self.array.strides[0])] + (
+            [] if self.scales is None else [(scales_path, scales_offset, self.scales.strides[0])])
+        if self.readahead:
+            for m in (self.array, self.scales):
+                if m is not None and hasattr(m, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+                    m._mmap.madvise(mmap.MADV_RANDOM)  # a fault reads its page, not the 128 KiB around it
 
     @classmethod
     def from_safetensors(cls, codes, scales=None) -> "DiskStore":
@@ -141,12 +173,47 @@ class DiskStore:
     def ram_bytes(self) -> int:
         return 0
 
+    def read_ahead(self, idx: np.ndarray) -> None:
+        """Queue the reads of every page that rows ``idx`` (ascending) lie on, all at once, as merged runs of
+        pages (``posix_fadvise(WILLNEED)``: the kernel reads them in the background, many in flight), before
+        any is touched. Without it a cold table is read one page fault at a time (docs/BENCHMARKS.md)."""
+        if not self.readahead or not hasattr(os, "posix_fadvise") or len(idx) == 0 or self._resident(idx):
+            return
+        for path, base, row_bytes in self._files:
+            start = base + idx.astype(np.int64) * row_bytes
+            first, last = start // PAGE, (start + row_bytes - 1) // PAGE  # pages of each row, ascending
+            new_run = np.flatnonzero(first[1:] > last[:-1] + 1) + 1  # a gap between two rows' pages
+            begins, ends = first[np.r_[0, new_run]], last[np.r_[new_run - 1, len(idx) - 1]]
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for b, e in zip(begins.tolist(), ends.tolist()):
+                    os.posix_fadvise(fd, b * PAGE, (e - b + 1) * PAGE, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def _resident(self, idx: np.ndarray) -> bool:
+        """Whether a sample of the rows' pages is all in the page cache (``mincore``; False where it is not
+        available): a warm table skips the read-ahead, whose system calls would only cost time."""
+        if _LIBC is None:
+            return False
+        row_bytes = self.array.strides[0]
+        sample = idx[np.linspace(0, len(idx) - 1, min(len(idx), RESIDENT_SAMPLE)).astype(np.int64)]
+        flag = ctypes.c_ubyte()
+        for row in sample.tolist():
+            address = (self.array.ctypes.data + row * row_bytes) & ~(PAGE - 1)
+            if _LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(PAGE), ctypes.byref(flag)) != 0 or \
+                    not flag.value & 1:
+                return False
+        return True
+
     def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
         if np.all(idx[1:] > idx[:-1]):  # OffloadedEmbedding and RowCache ask in ascending order
+            self.read_ahead(idx)
             codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
             return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
         order = np.argsort(idx, kind="stable")  # read in ascending offsets: sequential-ish, readahead helps
+        self.read_ahead(np.unique(idx))
         back = torch.from_numpy(np.argsort(order, kind="stable"))  # then back to the caller's order
         codes = from_numpy(self.array[idx[order]], self.format.code_dtype)[back]
         return codes, None if self.scales is None else from_numpy(self.scales[idx[order]], self.format.scale_dtype)[back]

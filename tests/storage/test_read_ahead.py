@@ -1,0 +1,112 @@
+"""The disk tier's batched read-ahead (DiskStore.read_ahead): before a gather touches the map, the reads of every
+page its rows lie on are queued at once as merged runs, so a cold table is not read one page fault at a time.
+The runs must cover exactly those pages (no page missed, none asked twice, adjacent pages merged), for any row
+width and any offset of the table in its file; ConcatStore serves a table in parts exactly like the whole."""
+
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engram.storage import stores
+from engram.storage.stores import PAGE, ConcatStore, DiskStore
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
+
+
+def table_file(tmp_path, rows: int, dim: int, offset: int) -> tuple[str, np.ndarray]:
+    values = np.random.default_rng(rows + dim).standard_normal((rows, dim)).astype(np.float32)
+    path = tmp_path / f"t{rows}-{dim}-{offset}.bin"
+    path.write_bytes(b"\0" * offset + values.tobytes())
+    return str(path), values
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 3000), dim=st.sampled_from([1, 8, 64, 1000, 3000]), offset=st.integers(0, 9000),
+       data=st.data())
+def test_the_runs_cover_exactly_the_rows_pages(tmp_path_factory, rows, dim, offset, data):
+    path, values = table_file(tmp_path_factory.mktemp("t"), rows, dim, offset)
+    wanted = np.array(sorted(data.draw(st.sets(st.integers(0, rows - 1), min_size=1, max_size=200))), dtype=np.int64)
+    calls = []
+    store = DiskStore(path, rows, dim, offset=offset)
+    store._resident = lambda idx: False  # as if the file were cold (it was just written, so it is cached)
+    with mock.patch.object(os, "posix_fadvise", lambda fd, start, length, advice: calls.append((start, length, advice))):
+        got = store.gather(torch.from_numpy(wanted))
+    assert np.array_equal(got.numpy(), values[wanted])
+    row_bytes = dim * 4
+    pages = {p for r in wanted.tolist() for p in range((offset + r * row_bytes) // PAGE,
+                                                      (offset + (r + 1) * row_bytes - 1) // PAGE + 1)}
+    asked = [(start // PAGE, (start + length) // PAGE) for start, length, advice in calls]
+    assert all(advice == os.POSIX_FADV_WILLNEED and start % PAGE == 0 and length % PAGE == 0
+               for start, length, advice in calls)
+    covered = [p for a, b in asked for p in range(a, b)]
+    assert sorted(covered) == sorted(pages)  # every page once, no other
+    assert all(b1 < a2 for (_, b1), (a2, _) in zip(asked, asked[1:]))  # ascending, and adjacent runs merged
+
+
+def test_scales_are_read_ahead_too_and_it_can_be_turned_off(tmp_path, monkeypatch):
+    from engram.storage.formats import row_format
+
+    fmt = row_format("fp8_e4m3", block=32)
+    codes, scales = fmt.encode(torch.randn(5000, 64))
+    (tmp_path / "c.bin").write_bytes(codes.view(torch.uint8).numpy().tobytes())
+    (tmp_path / "s.bin").write_bytes(scales.view(torch.uint8).numpy().tobytes())
+    files = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *rest: files.append(os.readlink(f"/proc/self/fd/{fd}")))
+    store = DiskStore(tmp_path / "c.bin", 5000, 64, fmt, tmp_path / "s.bin")
+    store._resident = lambda idx: False
+    rows = torch.tensor([3, 900, 4999])
+    expected = fmt.decode(codes[rows], scales[rows])
+    assert torch.equal(store.gather(rows), expected)
+    assert {os.path.basename(f) for f in files} == {"c.bin", "s.bin"}
+    files.clear()
+    store.readahead = False
+    assert torch.equal(store.gather(rows), expected) and files == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6), data=st.data())
+def test_a_table_in_parts_serves_the_rows_of_the_whole(tmp_path_factory, sizes, data):
+    directory = tmp_path_factory.mktemp("parts")
+    whole = np.random.default_rng(len(sizes)).standard_normal((sum(sizes), 8)).astype(np.float32)
+    parts, start = [], 0
+    for i, n in enumerate(sizes):
+        (directory / f"p{i}.bin").write_bytes(whole[start:start + n].tobytes())
+        parts.append(DiskStore(directory / f"p{i}.bin", n, 8))
+        start += n
+    store = ConcatStore(parts)
+    rows = data.draw(st.lists(st.integers(0, sum(sizes) - 1), min_size=1, max_size=40, unique=True))
+    rows = torch.tensor(rows)  # any order: the parts answer ascending, the result follows the request
+    assert store.num_rows == sum(sizes) and np.array_equal(store.gather(rows).numpy(), whole[rows.numpy()])
+
+
+def test_parts_of_another_width_are_refused(tmp_path):
+    (tmp_path / "a.bin").write_bytes(np.zeros((4, 8), np.float32).tobytes())
+    (tmp_path / "b.bin").write_bytes(np.zeros((4, 4), np.float32).tobytes())
+    with pytest.raises(ValueError, match="part 1 holds float32 rows of width 4"):
+        ConcatStore([DiskStore(tmp_path / "a.bin", 4, 8), DiskStore(tmp_path / "b.bin", 4, 4)])
+
+
+@pytest.mark.skipif(stores._LIBC is None, reason="mincore is read through Linux's libc")
+def test_a_warm_table_skips_the_read_ahead(tmp_path, monkeypatch):
+    path, values = table_file(tmp_path, 20000, 64, 0)
+    store = DiskStore(path, 20000, 64)
+    rows = torch.arange(0, 20000, 37)
+    np.asarray(store.array).sum()  # every page cached and mapped: warm
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: calls.append(a))
+    assert torch.equal(store.gather(rows), torch.from_numpy(values[rows.numpy()]))
+    assert calls == []  # warm: nothing asked of the kernel
+
+    class NotCached:  # mincore saying no page is in memory: the read-ahead runs
+        @staticmethod
+        def mincore(address, length, flag):
+            flag._obj.value = 0
+            return 0
+    monkeypatch.setattr(stores, "_LIBC", NotCached)
+    assert torch.equal(store.gather(rows), torch.from_numpy(values[rows.numpy()]))
+    assert calls
