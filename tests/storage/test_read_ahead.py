@@ -110,3 +110,26 @@ def test_a_warm_table_skips_the_read_ahead(tmp_path, monkeypatch):
     monkeypatch.setattr(stores, "_LIBC", NotCached)
     assert torch.equal(store.gather(rows), torch.from_numpy(values[rows.numpy()]))
     assert calls
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssFile is Linux's")
+def test_gathers_leave_no_table_pages_mapped(tmp_path):
+    """Past its budget of mapped file pages, a gather releases the map's pages (the page cache keeps them): the
+    process's RSS does not grow with the rows read, whatever size the kernel's page-cache folios are."""
+    def rss_file_kb() -> int:
+        line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+        return int(line.split()[1])
+
+    rows, dim = 1 << 18, 64  # 64 MiB, freshly written, so its pages sit in the page cache
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        block = np.random.default_rng(0).standard_normal((1 << 12, dim)).astype(np.float32).tobytes()
+        for _ in range(rows >> 12):
+            f.write(block)
+    store = DiskStore(path, rows, dim)
+    store.mapped_budget = 0  # this process already maps more than 0 bytes of files: release after every gather
+    before = rss_file_kb()
+    for seed in range(4):
+        wanted = np.unique(np.random.default_rng(seed).integers(0, rows, 4000))
+        store.gather(torch.from_numpy(wanted))
+    assert rss_file_kb() - before < 8 * 1024  # under 8 MiB of 64: nothing of the table stays mapped
