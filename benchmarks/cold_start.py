@@ -60,6 +60,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--table-gb", type=float, default=2.0, help="total Engram table size in GiB (default 2)")
     p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--preset", default="tiny-engram", help="model preset whose tables are scaled (default tiny-engram)")
     p.add_argument("--engram-layers", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

@@ -4,7 +4,8 @@ device in the same run. Run it as ``engram bench offload`` or ``python benchmark
 
 Legend: B prompts, T prompt length, H hash heads, d_h row width.
 
-Model: the ``tiny-engram`` backbone with its Engram tables scaled to ``--table-gb`` in total (rows of
+Model: the ``tiny-engram`` backbone (or ``--preset``, e.g. ``tiny-engram-v41``) with its Engram tables
+scaled to ``--table-gb`` in total (rows of
 ``--head-dim`` floats; the default 64 makes a row 256 bytes, so a disk read fetches few rows per page).
 Tables are filled by tiling one random block (memcpy speed, not ``normal_``): values do not matter
 for timing, and every tier must still produce the same greedy tokens, which the script checks.
@@ -55,8 +56,8 @@ TIERS = [("device", 0), ("host", 0), ("disk", 0), ("disk+cache", None)]  # None:
 COLD_RUNS = 3  # fresh processes for the cold-page-cache tier; the median is reported
 
 
-def config_for(table_gb: float, head_dim: int, engram_layers: int = 1):
-    config = get_preset("tiny-engram")
+def config_for(table_gb: float, head_dim: int, engram_layers: int = 1, preset: str = "tiny-engram"):
+    config = get_preset(preset)
     e = config.engram
     # several layers split a huge table into allocations the kernel's overcommit heuristic accepts
     e.layer_ids = list(range(1, 1 + engram_layers)) if engram_layers <= 3 else list(range(engram_layers))
@@ -73,7 +74,7 @@ def build(args, fill: bool) -> EngramLM:
     zero pages, and ``fill`` tiles one random block over them (memcpy speed)."""
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = EngramLM(config_for(args.table_gb, args.head_dim, args.engram_layers))
+        model = EngramLM(config_for(args.table_gb, args.head_dim, args.engram_layers, args.preset))
     model.to_empty(device="cpu")
     model.init_weights(tables=False)
     model.eval()
@@ -89,7 +90,7 @@ def build(args, fill: bool) -> EngramLM:
 
 def prompts(args) -> list[list[int]]:
     rng = np.random.default_rng(0)
-    vocab = get_preset("tiny-engram").backbone.vocab_size
+    vocab = get_preset(args.preset).backbone.vocab_size
     ids = (rng.zipf(1.3, size=(args.batch, args.seq)) - 1) % vocab
     return ids.tolist()
 
@@ -233,6 +234,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--table-gb", type=positive_float, default=2.0, help="total Engram table size in GiB (default 2)")
+    p.add_argument("--preset", default="tiny-engram", help="model preset whose Engram tables are scaled (default "
+                                                           "tiny-engram; tiny-engram-v41 for DeepSeek-V4.1's module)")
     p.add_argument("--head-dim", type=positive_int, default=64, help="row width d_h in floats (default 64)")
     p.add_argument("--batch", type=positive_int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--seq", type=positive_int, default=128, help="prompt length (default 128)")

@@ -121,7 +121,7 @@ class DiskStore:
     (``release_mappings``), so the process's RSS stays bounded whatever the table's size."""
 
     readahead = True
-    mapped_budget = 512 << 20  # file pages this process may keep mapped before a gather releases its maps
+    mapped_budget = 1 << 30  # file pages this process may keep mapped before a gather releases its maps
 
     def __init__(self, path, num_rows: int, dim: int, dtype: str | RowFormat = "float32", scales_path=None,
                  offset: int = 0, scales_offset: int = 0):
