@@ -79,6 +79,7 @@ def knockout(args, device: str) -> dict:
         from engram.hf.qwen4exp import load_tiered
 
         model, handle = load_tiered(args.hf, args.tier, args.tables, args.cache_rows)
+        model.to(device)  # the rows follow: the tier sends them where the model is
         with handle:
             return inspect_knockout_text(model, tokenizer_file, args.text, args.out, args.max_probes,
                                          args.max_train_tokens, args.max_val_tokens, args.seq_len, args.cache_dir,

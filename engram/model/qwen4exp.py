@@ -130,15 +130,17 @@ class PLEPlan:
         return cached.clone() if cached is not None else like.new_full((batch, self.n), self.eos)
 
     def hash(self, ids: torch.Tensor, history: torch.Tensor) -> _Hashed:
-        if self.hasher.lookup.device != ids.device:
-            self.hasher.to(ids.device)
-        hash_ids, _ = self.hasher.hash_with_history(ids, history.to(ids.device))
+        """Hash on the host (where the tiers' rows are found), whatever device the layers run on: the ids of
+        every layer, kept with the inputs they came from."""
+        ids, history = ids.cpu(), history.cpu()
+        hash_ids, _ = self.hasher.hash_with_history(ids, history)
         self.last = _Hashed(ids, history, hash_ids)
         return self.last
 
     def hashed(self, ids: torch.Tensor, history: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Every layer's ids for ``ids`` after ``history``: the forward's one hashing when it is this one."""
-        last = self.last
+        """Every layer's ids for ``ids`` after ``history``: the forward's one hashing when it is this one
+        (compared on the host, so layers spread over several devices find it too)."""
+        last, ids, history = self.last, ids.cpu(), history.cpu()
         if last is None or last.ids.shape != ids.shape or not torch.equal(last.ids, ids) or \
                 not torch.equal(last.history, history):
             last = self.hash(ids, history)
@@ -170,8 +172,7 @@ class TieredPLEEmbedding(nn.Module):
 
     def __init__(self, plan: PLEPlan, layer_idx: int, embedding: HashedTable):
         super().__init__()
-        self.plan, self.layer_idx, self.embedding = plan, layer_idx, embedding
-        self.hasher = plan.hasher  # a submodule, so .to(device) moves its buffers
+        self.plan, self.layer_idx, self.embedding = plan, layer_idx, embedding  # the hasher stays on the host
         plan.layers[layer_idx] = self
 
     def forward(self, input_ids: torch.Tensor, cache=None, past_key_values=None) -> torch.Tensor:

@@ -54,6 +54,11 @@ class OffloadedEmbedding(HashedTable):
         self.rows_fetched = 0
         self.calls_prefetched = 0  # forwards served by a finished background fetch (overlap worked)
 
+    def _apply(self, fn, *args, **kwargs):  # model.to(device) moves where the rows are sent, with the offsets
+        module = super()._apply(fn, *args, **kwargs)
+        self.device = self.offsets.device
+        return module
+
     @property
     def num_rows(self) -> int:
         return self.store.num_rows

@@ -21,6 +21,7 @@ import ctypes.util
 import mmap
 import os
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -50,6 +51,32 @@ def _mapped_bytes() -> int:
             return int(f.read().split()[2]) * PAGE
     except OSError:
         return 0
+
+
+_FILE_MAPS: "weakref.WeakValueDictionary[tuple, np.memmap]" = weakref.WeakValueDictionary()
+
+
+def _file_map(path, random: bool = True) -> np.memmap:
+    """The whole file ``path`` mapped read-only, once per process while any store uses it (a map holds a
+    file descriptor: one per part would exhaust them). ``MADV_RANDOM``: a fault reads its own page only."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)  # a rewritten file gets a new map
+    found = _FILE_MAPS.get(key)
+    if found is None:
+        found = np.memmap(path, dtype=np.uint8, mode="r")
+        if random and hasattr(found, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
+            found._mmap.madvise(mmap.MADV_RANDOM)
+        _FILE_MAPS[key] = found
+    return found
+
+
+def _view(file_map: np.memmap, dtype: np.dtype, shape: tuple[int, int], offset: int, path) -> np.ndarray:
+    """(rows, width) values of ``dtype`` at byte ``offset`` of a file's map; refused when the file is too short."""
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if offset + nbytes > file_map.shape[0]:
+        raise ValueError(f"{path} holds {file_map.shape[0]} bytes; the table needs {nbytes} from byte {offset} "
+                         "(truncated?)")
+    return np.ndarray(shape, dtype=dtype, buffer=file_map, offset=offset)
 
 
 class HostStore:
@@ -121,7 +148,7 @@ class DiskStore:
     (``release_mappings``), so the process's RSS stays bounded whatever the table's size."""
 
     readahead = True
-    mapped_budget = 1 << 30  # file pages this process may keep mapped before a gather releases its maps
+    mapped_budget = 1 << 30  # bytes of files this process may map beyond what it mapped before the store
 
     def __init__(self, path, num_rows: int, dim: int, dtype: str | RowFormat = "float32", scales_path=None,
                  offset: int = 0, scales_offset: int = 0):
@@ -130,25 +157,24 @@ class DiskStore:
             raise ValueError(f"a {self.format.name} table needs its scales file")
         self.path = path
         self.dtype = self.format.name
-        self.array = np.memmap(path, dtype=np.dtype(self.format.numpy_dtype), mode="r", shape=(num_rows, dim),
-                               offset=offset)
-        self.scales = None if scales_path is None else np.memmap(
-            scales_path, dtype=np.dtype(self.format.scale_numpy_dtype), mode="r",
-            shape=(num_rows, self.format.scales_per_row(dim)), offset=scales_offset)
-        self._address = self.array.ctypes.data  # where row 0 is mapped (mincore asks by address)
+        # one map per file, shared by every store in it (a checkpoint's 512 table parts in a few shards)
+        self._maps = [_file_map(path, self.readahead)] + (
+            [] if scales_path is None else [_file_map(scales_path, self.readahead)])
+        self.array = _view(self._maps[0], np.dtype(self.format.numpy_dtype), (num_rows, dim), offset, path)
+        self.scales = None if scales_path is None else _view(
+            self._maps[1], np.dtype(self.format.scale_numpy_dtype),
+            (num_rows, self.format.scales_per_row(dim)), scales_offset, scales_path)
+        self._addresses = [self.array.ctypes.data] + ([] if self.scales is None else [self.scales.ctypes.data])
         # (path, first byte, bytes per row) of each file, for the batched read-ahead
         self._files = [(path, offset, self.array.strides[0])] + (
             [] if self.scales is None else [(scales_path, scales_offset, self.scales.strides[0])])
-        if self.readahead:
-            for m in (self.array, self.scales):
-                if m is not None and hasattr(m, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
-                    m._mmap.madvise(mmap.MADV_RANDOM)  # a fault reads its page, not the 128 KiB around it
+        self._baseline = _mapped_bytes()  # files the process mapped before: not this store's to release
 
     @classmethod
     def from_safetensors(cls, codes, scales=None) -> "DiskStore":
-        """A table stored as a safetensors tensor ``codes`` (``SafetensorsTensor``: (rows, d_h) fp32, bf16 or
-        fp8 e4m3) and, for fp8, ``scales`` (rows, d_h / block) ue8m0, each read where it lies in its shard."""
-        dtypes = {"F32": "float32", "BF16": "bfloat16", "F8_E4M3": "fp8_e4m3"}
+        """A table stored as a safetensors tensor ``codes`` (``SafetensorsTensor``: (rows, d_h) fp32, fp16, bf16
+        or fp8 e4m3) and, for fp8, ``scales`` (rows, d_h / block) ue8m0, each read where it lies in its shard."""
+        dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "fp8_e4m3"}
         if codes.dtype not in dtypes or len(codes.shape) != 2:
             raise ValueError(f"{codes.name}: a table is a (rows, d_h) tensor of {sorted(dtypes)}, got {codes.dtype} "
                              f"{codes.shape}")
@@ -190,7 +216,7 @@ class DiskStore:
         """Queue the reads of every page that rows ``idx`` (ascending) lie on, all at once, as merged runs of
         pages (``posix_fadvise(WILLNEED)``: the kernel reads them in the background, many in flight), before
         any is touched. Without it a cold table is read one page fault at a time (docs/BENCHMARKS.md)."""
-        if not self.readahead or not hasattr(os, "posix_fadvise") or len(idx) == 0 or self._resident(idx):
+        if not self.readahead or not hasattr(os, "posix_fadvise") or len(idx) == 0:
             return
         for path, base, row_bytes in self._files:
             start = base + idx.astype(np.int64) * row_bytes
@@ -205,34 +231,47 @@ class DiskStore:
                 os.close(fd)
 
     def _resident(self, idx: np.ndarray) -> bool:
-        """Whether a sample of the rows' pages is all in the page cache (``mincore``; False where it is not
-        available): a warm table skips the read-ahead, whose system calls would only cost time."""
+        """Whether a sample of the rows' pages, in every file, is all in the page cache (``mincore``; False where
+        it is not available): a warm table skips the read-ahead, whose system calls would only cost time.
+        16 pages, or one per 64 rows of a larger request (a 90%-cached batch of 4k rows then reads ahead
+        with probability 1 - 0.9^64 > 99.8%)."""
         if _LIBC is None:
             return False
-        row_bytes, base = self.array.strides[0], self._address
+        count = max(RESIDENT_SAMPLE, len(idx) // 64)
+        sample = idx[:: max(1, len(idx) // count)][:count].tolist()
         flag = ctypes.c_ubyte()
-        for row in idx[:: max(1, len(idx) // RESIDENT_SAMPLE)][:RESIDENT_SAMPLE].tolist():
-            address = (base + row * row_bytes) & ~(PAGE - 1)
-            if _LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(PAGE), ctypes.byref(flag)) != 0 or \
-                    not flag.value & 1:
-                return False
+        for base, (_, _, row_bytes) in zip(self._addresses, self._files):
+            for row in sample:
+                address = (base + row * row_bytes) & ~(PAGE - 1)
+                if _LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(PAGE), ctypes.byref(flag)) != 0 or \
+                        not flag.value & 1:
+                    return False
         return True
+
+    def copy_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``idx`` (ascending) copied out of the maps, as stored: no read-ahead, no release."""
+        codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
+        return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
+
+    def over_budget(self) -> bool:
+        return _mapped_bytes() - self._baseline > self.mapped_budget
 
     def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
         try:
             if np.all(idx[1:] > idx[:-1]):  # OffloadedEmbedding and RowCache ask in ascending order
-                self.read_ahead(idx)
-                codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
-                return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
-            order = np.argsort(idx, kind="stable")  # read in ascending offsets: sequential-ish, readahead helps
-            self.read_ahead(np.unique(idx))
+                if not self._resident(idx):
+                    self.read_ahead(idx)
+                return self.copy_rows(idx)
+            order = np.argsort(idx, kind="stable")  # read in ascending offsets
+            ordered = idx[order]
+            if not self._resident(ordered):
+                self.read_ahead(np.unique(idx))
             back = torch.from_numpy(np.argsort(order, kind="stable"))  # then back to the caller's order
-            codes = from_numpy(self.array[idx[order]], self.format.code_dtype)[back]
-            scales = None if self.scales is None else from_numpy(self.scales[idx[order]], self.format.scale_dtype)[back]
-            return codes, scales
+            codes, scales = self.copy_rows(ordered)
+            return codes[back], None if scales is None else scales[back]
         finally:
-            if _mapped_bytes() > self.mapped_budget:
+            if self.over_budget():
                 self.release_mappings()
 
     def release_mappings(self) -> None:
@@ -240,9 +279,9 @@ class DiskStore:
         cache, and the next touch maps them again). Without it a table's mapped pages count in the process's
         RSS and only grow: a fault maps a whole large folio of the page cache (up to 2 MiB), so a few
         thousand random rows map an entire freshly written 1 GiB file. A gather calls it once the process
-        maps more than ``mapped_budget`` bytes of files; it costs ~0.3 ms after 4k rows."""
-        for m in (self.array, self.scales):
-            if m is not None and hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
+        maps ``mapped_budget`` bytes of files more than when the store was made; ~0.3 ms after 4k rows."""
+        for m in self._maps:
+            if hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
                 m._mmap.madvise(mmap.MADV_DONTNEED)
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
@@ -284,17 +323,35 @@ class ConcatStore:
     def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
         which = np.searchsorted(self.bounds, idx, side="right") - 1  # (n,) the part of each row
+        groups = []  # (part, its rows in ascending order, their places in the request)
+        for p in np.unique(which):
+            at = np.flatnonzero(which == p)
+            local = idx[at] - self.bounds[p]
+            order = np.argsort(local, kind="stable")
+            groups.append((self.parts[p], local[order], at[order]))
+        on_disk = all(isinstance(part, DiskStore) for part, _, _ in groups)
+        if on_disk:  # one residency check and one read-ahead pass for the whole request, not one per part
+            count = max(RESIDENT_SAMPLE, len(idx) // 64)
+            sampled = groups[:: max(1, len(groups) // count)][:count]
+            if not all(part._resident(local[:1]) for part, local, _ in sampled):
+                for part, local, _ in groups:
+                    part.read_ahead(local)
         codes = torch.empty(len(idx), self.dim, dtype=self.format.code_dtype)
         scales = None
-        for p in np.unique(which):
-            at = np.flatnonzero(which == p)  # ascending rows stay ascending within a part
-            c, s = self.parts[p].gather_encoded(torch.from_numpy(idx[at] - self.bounds[p]))
-            where = torch.from_numpy(at)
-            codes[where] = c
-            if s is not None:
-                if scales is None:
-                    scales = torch.empty(len(idx), s.shape[1], dtype=s.dtype)
-                scales[where] = s
+        try:
+            for part, local, at in groups:
+                c, s = part.copy_rows(local) if on_disk else part.gather_encoded(torch.from_numpy(local))
+                where = torch.from_numpy(at)
+                codes[where] = c
+                if s is not None:
+                    if scales is None:
+                        scales = torch.empty(len(idx), s.shape[1], dtype=s.dtype)
+                    scales[where] = s
+        finally:
+            if on_disk and groups and groups[0][0].over_budget():
+                maps = {id(m): part for part, _, _ in groups for m in part._maps}  # a shared map released once
+                for part in {id(p): p for p in maps.values()}.values():
+                    part.release_mappings()
         return codes, scales
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)

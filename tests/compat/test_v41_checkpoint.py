@@ -114,8 +114,9 @@ def test_nothing_but_the_engram_tensors_is_read(release, monkeypatch):
         tables = [t.store for t in host.named_tables().values()]
     assert sorted(read) == sorted(f"layers.{lid}.engram.{n}" for lid in LAYERS
                                   for n in ("wkv.weight", "wkv.scale", "q_weight", "k_weight"))
-    assert all(str(t.array.filename).endswith("00001-of-00002.safetensors") for t in tables)  # codes mapped in place
-    assert all(str(t.scales.filename).endswith("00002-of-00002.safetensors") for t in tables)
+    assert all(str(t._maps[0].filename).endswith("00001-of-00002.safetensors") for t in tables)  # codes in place
+    assert all(str(t._maps[1].filename).endswith("00002-of-00002.safetensors") for t in tables)
+    assert all(t.array.base is not None and not t.array.flags.owndata for t in tables)  # views of the maps
 
 
 def test_the_row_cache_serves_the_same_rows(release):

@@ -299,3 +299,26 @@ def test_the_conditional_generation_model_too(tmp_path):
         expected = reference.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), expected)
         assert all(s["calls_prefetched"] == 5 for s in handle.stats()["layers"].values())
+
+
+def test_a_checkpoint_in_512_parts_holds_a_descriptor_per_file_not_per_part(tmp_path):
+    """transformers' default split_ngram_parts is 512: every part is a view of its shard's one map."""
+    import os
+
+    build(text_config(ple=(1, 2, 3), parts=512)).save_pretrained(tmp_path / "model")
+    before = len(os.listdir("/proc/self/fd"))
+    model, handle = load_tiered(tmp_path / "model", "disk")
+    with handle:
+        assert len(os.listdir("/proc/self/fd")) - before < 16
+        ids, mask = batch()
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+
+
+def test_a_float16_checkpoint_is_served_in_float16(tmp_path):
+    build(text_config(parts=3)).to(torch.float16).save_pretrained(tmp_path / "model")
+    reference = Qwen4ExpForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float16).eval()  # as loaded
+    model, handle = load_tiered(tmp_path / "model", "disk", dtype=torch.float16)
+    with handle, torch.no_grad():
+        ids, mask = batch()
+        assert torch.equal(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)

@@ -133,3 +133,13 @@ def test_gathers_leave_no_table_pages_mapped(tmp_path):
         wanted = np.unique(np.random.default_rng(seed).integers(0, rows, 4000))
         store.gather(torch.from_numpy(wanted))
     assert rss_file_kb() - before < 8 * 1024  # under 8 MiB of 64: nothing of the table stays mapped
+
+
+def test_an_offloaded_table_follows_the_model_to_its_device(tmp_path):
+    from engram.storage import OffloadedEmbedding
+
+    (tmp_path / "t.bin").write_bytes(np.zeros((16, 4), np.float32).tobytes())
+    table = OffloadedEmbedding(DiskStore(tmp_path / "t.bin", 16, 4), torch.tensor([0, 8]), torch.device("cpu"),
+                               torch.float32)
+    table.to("meta")  # any device move: the rows are sent where the offsets went
+    assert table.device.type == "meta" and table.offsets.device.type == "meta"
