@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from engram.bench.offload import drop_page_cache
+from engram.bench.offload import drop_page_cache, proc_status_mb
 from engram.model.tables import HashedTable
 
 D_H = 64
@@ -134,13 +134,6 @@ def timed_generate(model, ids, new_tokens: int) -> tuple[float, float, torch.Ten
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
     total = time.perf_counter() - t0
     return prefill, (total - prefill) / (new_tokens - 1), out
-
-
-def proc_status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_big(args) -> dict:

@@ -179,3 +179,45 @@ def _run_in_group(rank: int, world: int, port: int, backend: str, fn, args) -> N
         fn(*args)
     finally:
         runtime.shutdown()
+
+
+def record_tensor_reads(monkeypatch, module) -> list[str]:
+    """Replace ``module.safe_open`` (``safetensors``, or a module that imported it) with one that records
+    the name of every tensor whose data is read: ``get_tensor``, or indexing a ``get_slice`` (opening a
+    slice reads only its header). Returns the list it appends to."""
+    read, real = [], module.safe_open
+
+    class Slice:
+        def __init__(self, name, inner):
+            self.name, self.inner = name, inner
+
+        def __getitem__(self, index):
+            read.append(self.name)
+            return self.inner[index]
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_slice(self, name):
+            return Slice(name, self.inner.get_slice(name))
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(module, "safe_open", Recording)
+    return read

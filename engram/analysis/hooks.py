@@ -24,6 +24,11 @@ from engram.train.startup import checkpoint_data
 # -- hooks -----------------------------------------------------------------------------------------
 
 
+def storage_report(stats: dict) -> dict:
+    """A storage handle's ``stats()`` with its layers keyed by 1-based block, as every report here is."""
+    return {**stats, "layers": {str(lid + 1): entry for lid, entry in stats["layers"].items()}}
+
+
 @contextlib.contextmanager
 def knockout(model) -> Iterator[None]:
     """Zero every Engram module's contribution Y (docs/ALGORITHM.md §5 knock-out) while the context is open.

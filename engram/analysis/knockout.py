@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engram.analysis.hooks import capture_gates, knockout
+from engram.analysis.hooks import capture_gates, knockout, storage_report
 from engram.fileio import atomic_write_json
 from engram.model.tables import as_table_host
 
@@ -372,8 +372,7 @@ def inspect_knockout_text(model, tokenizer_file, source: str, out_dir=None, max_
               **knockout_report(model, vocab_pieces(tokenizer), read_split(data.train, max_train_tokens),
                                 read_split(data.val, max_val_tokens), max_probes, seq_len)}
     if storage is not None:
-        stats = storage.stats()
-        result["storage"] = {**stats, "layers": {str(lid + 1): entry for lid, entry in stats["layers"].items()}}
+        result["storage"] = storage_report(storage.stats())
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram.analysis.hooks import knockout, windows_of
+from engram.analysis.hooks import knockout, storage_report, windows_of
 from engram.fileio import atomic_write_json
 from engram.hashing import shift_back
 from engram.plotting import pyplot, save_figure
@@ -245,8 +245,7 @@ def inspect_release_tables(directory, source: str, out_dir, batch_size: int = 4,
         if not windows:
             raise ValueError(f"{source} holds no window of {seq_len} tokens; use a shorter --seq-len")
         stats = table_statistics(release, windows)
-        tiers = release.stats()
-    tiers["layers"] = {str(lid + 1): entry for lid, entry in tiers["layers"].items()}  # 1-based, as "layers"
+        tiers = storage_report(release.stats())
     usage = stats.pop("_usage")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,12 +59,7 @@ def from_demo_state_dict(state_dict: Mapping[str, torch.Tensor], config: EngramC
         raise ValueError("the demo module has the signed-sqrt gate, the short conv and one W_K per branch; "
                          f"got gate={config.gate!r}, short_conv={config.short_conv}, "
                          f"branch_keys={config.branch_keys}")
-    if layer_id is None:
-        if len(config.layer_ids) != 1:
-            raise ValueError(f"the config has Engram layers {config.layer_ids}: say which one with layer_id=")
-        layer_id = config.layer_ids[0]
-    if layer_id not in config.layer_ids:
-        raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layers {config.layer_ids}")
+    layer_id = config.resolve_layer(layer_id)
     config = dataclasses.replace(config, **DEMO_MODULE)
     geometry = table_geometry(config, config.layer_ids)[layer_id]
     branches = sum(1 for key in state_dict if key.startswith("key_projs.") and key.endswith(".weight"))

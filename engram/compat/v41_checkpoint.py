@@ -32,14 +32,12 @@ from engram.model.v41_release import release_prefix
 from engram.storage.apply import OffloadedEmbedding, StorageHandle
 from engram.storage.cache import RowCache
 from engram.storage.prefetch import Prefetcher
-from engram.storage.safetensors import tensor_in
+from engram.storage.safetensors import TORCH_DTYPES, tensor_in, weight_map
 from engram.storage.stores import DiskStore
 from engram.tokenizer import CompressedTokenizer
 
 REQUIRED = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_vocab_size", "engram_head_dim",
             "engram_pad_token_id", "hidden_size", "hc_mult")
-_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
-          "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8}
 
 
 def v41_engram_config(config: dict) -> tuple[EngramConfig, dict]:
@@ -70,18 +68,6 @@ def _compressed(directory: Path, tokenizer) -> tuple[CompressedTokenizer, object
 
         tokenizer = Tokenizer.from_file(str(file))
     return CompressedTokenizer.from_pretrained(tokenizer), tokenizer
-
-
-def _weight_map(directory: Path) -> dict[str, str]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        return json.loads(index.read_text())["weight_map"]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        from engram.storage.safetensors import read_header
-
-        return {name: single.name for name in read_header(single)[0]}
-    raise ValueError(f"{directory} has neither model.safetensors.index.json nor model.safetensors")
 
 
 class ReleaseEngram(nn.Module, TableHost):
@@ -124,20 +110,20 @@ class ReleaseEngram(nn.Module, TableHost):
         self.close()
 
 
-def _served_layer(directory: Path, weight_map: dict, config: EngramConfig, hasher: NgramHasher, lid: int,
+def _served_layer(directory: Path, files: dict[str, str], config: EngramConfig, hasher: NgramHasher, lid: int,
                   prefetcher: Prefetcher, cache_rows: int, policy: str) -> EngramV41:
     """Engram layer ``lid``: its table a disk-tier view of the shard, its small tensors read."""
     from safetensors import safe_open
 
     prefix = next((p for p in (release_prefix(lid, n) for n in ("deepseek", "transformers"))
-                   if p + "embed.weight" in weight_map), None)
+                   if p + "embed.weight" in files), None)
     if prefix is None:
         raise ValueError(f"the checkpoint's index has no layers.{lid}.engram.embed.weight (nor under model.)")
-    located = {n[len(prefix):]: tensor_in(directory / weight_map[n], n) for n in weight_map if n.startswith(prefix)}
+    located = {n[len(prefix):]: tensor_in(directory / files[n], n) for n in files if n.startswith(prefix)}
     state = {}
     for name, where in located.items():
         if name.startswith("embed."):  # never read: its shape and dtype as a meta tensor
-            dtype = _TORCH.get(where.dtype, torch.uint8)
+            dtype = TORCH_DTYPES.get(where.dtype, torch.uint8)
             state[prefix + name] = torch.empty(where.shape, dtype=dtype, device="meta")
         else:
             with safe_open(str(where.path), "pt") as f:
@@ -174,10 +160,10 @@ def open_v41(directory, tokenizer=None, cache_rows: int = 0, policy: str = "lru"
     if rows is not None and list(rows) != derived:
         raise ValueError(f"the release's tables have engram_num_embeddings={list(rows)} rows, its Engram fields give "
                          f"{derived} by our hash layout: the hashing fields or seed differ")
-    weight_map = _weight_map(directory)
+    files = weight_map(directory)
     prefetcher = Prefetcher()
     try:
-        layers = {lid: _served_layer(directory, weight_map, config, hasher, lid, prefetcher, cache_rows, policy)
+        layers = {lid: _served_layer(directory, files, config, hasher, lid, prefetcher, cache_rows, policy)
                   for lid in config.layer_ids}
     except BaseException:
         prefetcher.close()  # no thread left behind by a refused checkpoint

@@ -26,7 +26,7 @@ from torch import nn
 
 from engram.model.qwen4exp import find_text_model, qwen4exp_host
 from engram.storage import ConcatStore, DiskStore, HostStore, StorageHandle, apply_storage, serve_stores
-from engram.storage.safetensors import tensors_in
+from engram.storage.safetensors import tensors_in, weight_map
 
 PART = re.compile(r"^(?P<prefix>.*)layers\.(?P<layer>\d+)\.ple\.ple_embedding\.ngram_embedding\."
                   r"(?:shard_(?P<part>\d+)\.)?weight$")
@@ -70,17 +70,9 @@ def checkpoint_tables(directory) -> dict[int, list]:
     """Each PLE layer's table in a transformers checkpoint directory as its parts in order (``SafetensorsTensor``s,
     one when the table was saved whole), from the safetensors index (or the one ``model.safetensors``)."""
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    elif (directory / "model.safetensors").is_file():
-        from engram.storage.safetensors import read_header
-
-        weight_map = dict.fromkeys(read_header(directory / "model.safetensors")[0], "model.safetensors")
-    else:
-        raise ValueError(f"{directory} has neither model.safetensors.index.json nor model.safetensors")
+    files_of = weight_map(directory)
     found: dict[int, dict[int, str]] = {}
-    for name in weight_map:
+    for name in files_of:
         match = PART.match(name)
         if match:
             part = -1 if match["part"] is None else int(match["part"])
@@ -88,7 +80,7 @@ def checkpoint_tables(directory) -> dict[int, list]:
     files: dict[str, list[str]] = {}
     for parts in found.values():
         for name in parts.values():
-            files.setdefault(weight_map[name], []).append(name)
+            files.setdefault(files_of[name], []).append(name)
     located = {}
     for file, names in files.items():
         located |= tensors_in(directory / file, names)  # one header read per file

@@ -124,9 +124,13 @@ class PLEPlan:
         self.last: _Hashed | None = None
         self.handle = text_model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
 
-    def history(self, cache, layer_idx: int, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """(B, n) the ids before this call, as transformers caches them (EOS when there are none)."""
-        cached = cache.get_conv_state(layer_idx, state_idx=HISTORY_STATE) if cache is not None else None
+    @staticmethod
+    def cached(cache, layer_idx: int) -> torch.Tensor | None:
+        """(B, n) the ids transformers keeps for ``layer_idx``, None before its first call."""
+        return cache.get_conv_state(layer_idx, state_idx=HISTORY_STATE) if cache is not None else None
+
+    def history(self, cached: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, n) the ids before this call: the cached ones, or EOS when there are none (as transformers)."""
         return cached.clone() if cached is not None else like.new_full((batch, self.n), self.eos)
 
     def hash(self, ids: torch.Tensor, history: torch.Tensor) -> _Hashed:
@@ -161,7 +165,7 @@ class PLEPlan:
         if isinstance(mask, torch.Tensor) and mask.ndim == 2 and ids.shape[1] > 1 and not bool((mask == 1).all()):
             ids = torch.where(mask[:, -ids.shape[1]:].bool(), ids, self.eos)  # padding hashes as EOS
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        hashed = self.hash(ids, self.history(cache, self.first, ids.shape[0], ids))
+        hashed = self.hash(ids, self.history(self.cached(cache, self.first), ids.shape[0], ids))
         for lid, layer in self.layers.items():
             layer.embedding.prefetch(hashed.hash_ids[lid])
 
@@ -180,10 +184,10 @@ class TieredPLEEmbedding(nn.Module):
         input_ids = input_ids.long()
         B, T = input_ids.shape
         plan, n = self.plan, self.plan.n
-        history = plan.history(cache, self.layer_idx, B, input_ids)
+        cached = plan.cached(cache, self.layer_idx)
+        history = plan.history(cached, B, input_ids)
         if cache is not None:  # what transformers stores: the last n ids, an EOS-padded short first call
-            first = cache.get_conv_state(self.layer_idx, state_idx=HISTORY_STATE) is None
-            kept = F.pad(input_ids, (n - T, 0), value=plan.eos) if first and T < n else input_ids
+            kept = F.pad(input_ids, (n - T, 0), value=plan.eos) if cached is None and T < n else input_ids
             cache.update_conv_state(kept, self.layer_idx, state_idx=HISTORY_STATE, conv_kernel_size=n)
         hash_ids = plan.hashed(input_ids, history)[self.layer_idx]  # (B, T, H)
         rows = self.embedding(hash_ids)  # (B, T, H, d_h)

@@ -210,6 +210,17 @@ class EngramConfig(TableConfig):
     def dilation(self) -> int:
         return self.max_ngram_size
 
+    def resolve_layer(self, layer_id: int | None) -> int:
+        """``layer_id``, or the config's one Engram layer when it is None; a layer the config lacks (or None
+        with several) is refused by name. For readers of one layer's weights (demo, release)."""
+        if layer_id is None:
+            if len(self.layer_ids) != 1:
+                raise ValueError(f"the config has Engram layers {self.layer_ids}: say which one with layer_id=")
+            return self.layer_ids[0]
+        if layer_id not in self.layer_ids:
+            raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layers {self.layer_ids}")
+        return layer_id
+
 
 @dataclass
 class OverEncodingConfig(TableConfig):

@@ -96,12 +96,7 @@ def from_release_state_dict(cls, state_dict, config: EngramConfig, layer_id: int
     the table's entries are then checked by shape and dtype only (they may be meta tensors) and never read."""
     if config.variant != "v4.1":
         raise ValueError(f"the V4.1 release's weights need EngramConfig.variant='v4.1', got {config.variant!r}")
-    if layer_id is None:
-        if len(config.layer_ids) != 1:
-            raise ValueError(f"the config has Engram layers {config.layer_ids}: say which one with layer_id=")
-        layer_id = config.layer_ids[0]
-    if layer_id not in config.layer_ids:
-        raise ValueError(f"layer_id {layer_id} is not one of the config's Engram layers {config.layer_ids}")
+    layer_id = config.resolve_layer(layer_id)
     prefix = _find_prefix(state_dict, layer_id)
     ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     scale_names = [n for n in _SCALE_NAMES if n in ours]
@@ -156,10 +151,7 @@ def to_release_state_dict(module, layer_id: int | None = None, names: str = "dee
     config = module.config
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if layer_id is None:
-        if len(config.layer_ids) != 1:
-            raise ValueError(f"the config has Engram layers {config.layer_ids}: say which one with layer_id=")
-        layer_id = config.layer_ids[0]
+    layer_id = config.resolve_layer(layer_id)
     prefix = release_prefix(layer_id, names)
     table = module.embedding.weight.detach().float().cpu()[: sum(module.embedding.geometry.sizes)]
     wkv = module.wkv.weight.detach().float().cpu()

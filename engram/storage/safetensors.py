@@ -13,6 +13,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+# safetensors dtype -> torch dtype, for the dtypes tables and weights are released in
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn,
+                "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8}
 BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
          "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
@@ -45,6 +50,19 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def weight_map(directory: str | Path) -> dict[str, str]:
+    """Tensor name -> the file under ``directory`` that holds it: a sharded checkpoint's
+    ``model.safetensors.index.json``, else the names in its one ``model.safetensors``."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return dict.fromkeys(read_header(single)[0], single.name)
+    raise ValueError(f"{directory} has neither model.safetensors.index.json nor model.safetensors")
 
 
 def tensor_in(path: str | Path, name: str) -> SafetensorsTensor:

@@ -70,6 +70,13 @@ def _file_map(path, random: bool = True) -> np.memmap:
     return found
 
 
+def _release(maps) -> None:
+    """Drop this process's page-table entries of ``maps`` (``MADV_DONTNEED``: the pages stay in the page cache)."""
+    for m in maps:
+        if hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
+            m._mmap.madvise(mmap.MADV_DONTNEED)
+
+
 def _view(file_map: np.memmap, dtype: np.dtype, shape: tuple[int, int], offset: int, path) -> np.ndarray:
     """(rows, width) values of ``dtype`` at byte ``offset`` of a file's map; refused when the file is too short."""
     nbytes = shape[0] * shape[1] * dtype.itemsize
@@ -280,9 +287,7 @@ class DiskStore:
         RSS and only grow: a fault maps a whole large folio of the page cache (up to 2 MiB), so a few
         thousand random rows map an entire freshly written 1 GiB file. A gather calls it once the process
         maps ``mapped_budget`` bytes of files more than when the store was made; ~0.3 ms after 4k rows."""
-        for m in self._maps:
-            if hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
-                m._mmap.madvise(mmap.MADV_DONTNEED)
+        _release(self._maps)
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.format.decode(*self.gather_encoded(rows))
@@ -349,9 +354,7 @@ class ConcatStore:
                     scales[where] = s
         finally:
             if on_disk and groups and groups[0][0].over_budget():
-                maps = {id(m): part for part, _, _ in groups for m in part._maps}  # a shared map released once
-                for part in {id(p): p for p in maps.values()}.values():
-                    part.release_mappings()
+                _release({id(m): m for part, _, _ in groups for m in part._maps}.values())  # shared maps once
         return codes, scales
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)

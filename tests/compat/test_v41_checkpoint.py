@@ -89,27 +89,10 @@ def test_layers_served_from_the_shards_equal_the_release_loaded_whole(release):
 
 def test_nothing_but_the_engram_tensors_is_read(release, monkeypatch):
     import safetensors
+    from support import record_tensor_reads
 
     directory, _ = release
-    read = []
-    real = safetensors.safe_open
-
-    class Spy:
-        def __init__(self, *args, **kwargs):
-            self.inner = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.inner.get_tensor(name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    read = record_tensor_reads(monkeypatch, safetensors)
     with open_v41(directory) as host:
         tables = [t.store for t in host.named_tables().values()]
     assert sorted(read) == sorted(f"layers.{lid}.engram.{n}" for lid in LAYERS
@@ -132,43 +115,38 @@ def test_the_row_cache_serves_the_same_rows(release):
         assert all(s["hits"] > 0 for s in cached.stats()["layers"].values())
 
 
-def _copy(release, tmp_path):
+def _edit_json(directory, file: str, change) -> None:
+    path = directory / file
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _truncate(directory, file: str) -> None:
+    shard = directory / file
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated download
+
+
+REFUSALS = {  # what is broken in a copy of the release -> how the refusal names it
+    "another tokenizer": (lambda d: _edit_json(d, "config.json", lambda c: c["text_config"].update(
+        engram_compressed_vocab_size=99092)), "engram_compressed_vocab_size=99092"),
+    "other table sizes": (lambda d: _edit_json(d, "config.json", lambda c: c["text_config"].update(
+        engram_num_embeddings=[10, 20])), r"engram_num_embeddings=\[10, 20\] rows"),
+    "a missing field": (lambda d: _edit_json(d, "config.json", lambda c: c["text_config"].pop("engram_head_dim")),
+                        r"no Engram fields \['engram_head_dim'\]"),
+    "a missing tensor": (lambda d: _edit_json(d, "model.safetensors.index.json", lambda i: i["weight_map"].pop(
+        "layers.3.engram.k_weight")), r"missing \['layers.3.engram.k_weight'\]"),
+    "a truncated shard": (lambda d: _truncate(d, "model-00001-of-00002.safetensors"), "truncated or damaged"),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(REFUSALS))
+def test_a_release_that_does_not_fit_is_refused_by_name(release, tmp_path, broken):
     directory = tmp_path / "copy"
     shutil.copytree(release[0], directory)
-    return directory
-
-
-def _edit_config(directory, **text):
-    config = json.loads((directory / "config.json").read_text())
-    config["text_config"] |= text
-    (directory / "config.json").write_text(json.dumps(config))
-
-
-def test_a_release_that_does_not_fit_is_refused_by_name(release, tmp_path):
-    directory = _copy(release, tmp_path)
-    _edit_config(directory, engram_compressed_vocab_size=99092)
-    with pytest.raises(ValueError, match="engram_compressed_vocab_size=99092"):
-        open_v41(directory)
-    directory = _copy(release, tmp_path / "b")
-    _edit_config(directory, engram_num_embeddings=[10, 20])
-    with pytest.raises(ValueError, match=r"engram_num_embeddings=\[10, 20\] rows"):
-        open_v41(directory)
-    directory = _copy(release, tmp_path / "c")
-    config = json.loads((directory / "config.json").read_text())
-    del config["text_config"]["engram_head_dim"]
-    (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"no Engram fields \['engram_head_dim'\]"):
-        open_v41(directory)
-    directory = _copy(release, tmp_path / "d")
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    del index["weight_map"]["layers.3.engram.k_weight"]
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"missing \['layers.3.engram.k_weight'\]"):
-        open_v41(directory)
-    directory = _copy(release, tmp_path / "e")
-    shard = directory / "model-00001-of-00002.safetensors"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated download
-    with pytest.raises(ValueError, match="truncated or damaged"):
+    damage, message = REFUSALS[broken]
+    damage(directory)
+    with pytest.raises(ValueError, match=message):
         open_v41(directory)
 
 

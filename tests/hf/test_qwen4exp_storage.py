@@ -148,41 +148,10 @@ def test_the_checkpoint_stores_each_table_in_parts(checkpoint):
 def test_a_checkpoint_is_served_from_its_parts_in_place(checkpoint, tier, monkeypatch):
     import transformers.modeling_utils as modeling_utils
 
+    from support import record_tensor_reads
+
     directory, reference = checkpoint
-    read = []
-    real = modeling_utils.safe_open
-
-    class Spy:  # records the tensors transformers materialises
-        def __init__(self, *args, **kwargs):
-            self.inner = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def get_slice(self, name):
-            inner = self.inner.get_slice(name)
-
-            class Slice:
-                def __getitem__(self, index):
-                    read.append(name)
-                    return inner[index]
-
-                def __getattr__(self, attr):
-                    return getattr(inner, attr)
-            return Slice()
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.inner.get_tensor(name)
-
-    monkeypatch.setattr(modeling_utils, "safe_open", Spy)
+    read = record_tensor_reads(monkeypatch, modeling_utils)  # what transformers materialises
     model, handle = load_tiered(directory, tier, cache_rows=32)
     with handle:
         assert read and not [n for n in read if "ngram_embedding" in n]  # transformers never read a table part
