@@ -7,6 +7,9 @@ Legend: B prompts, T prompt length, H hash heads, d_h row width.
 Model: the ``tiny-engram`` backbone (or ``--preset``, e.g. ``tiny-engram-v41``) with its Engram tables
 scaled to ``--table-gb`` in total (rows of
 ``--head-dim`` floats; the default 64 makes a row 256 bytes, so a disk read fetches few rows per page).
+``--format`` stores the host and disk tiers' rows in that format (e.g. fp8_e4m3, DeepSeek-V4.1's); the
+device model's rows are then the format's decoded values, so the in-memory baseline is the fp32 table a
+model holds after decoding a quantised release, and the host tier the same format held in RAM.
 Tables are filled by tiling one random block (memcpy speed, not ``normal_``): values do not matter
 for timing, and every tier must still produce the same greedy tokens, which the script checks.
 The tables are exported once to ``--dir`` (default a fresh directory under /tmp; it needs
@@ -24,7 +27,7 @@ Tiers measured in separate processes, minutes apart, drift with the machine's lo
 run) holds a model per warm tier, times them round-robin in the same rounds, and reports the median
 over rounds of each tier's time ratio to device: a paired ratio, which load moves on both sides.
 
-    engram bench offload [--table-gb 2] [--head-dim 64] [--batch 8] [--seq 128] [--new-tokens 32]
+    engram bench offload [--table-gb 2] [--format float32] [--head-dim 64] [--batch 8] [--seq 128] [--new-tokens 32]
                          [--cache-rows 65536] [--policy lru] [--repeats 5] [--threads 2]
                          [--dir DIR] [--keep] [--no-paired] [--json PATH]
 """
@@ -51,6 +54,7 @@ from engram.infer import generate_batch
 from engram.model.transformer import EngramLM
 from engram.presets import get_preset
 from engram.storage import StorageHandle, apply_storage, export_tables
+from engram.storage.formats import FORMATS, row_format
 
 TIERS = [("device", 0), ("host", 0), ("disk", 0), ("disk+cache", None)]  # None: --cache-rows
 COLD_RUNS = 3  # fresh processes for the cold-page-cache tier; the median is reported
@@ -79,7 +83,9 @@ def build(args, fill: bool) -> EngramLM:
     model.init_weights(tables=False)
     model.eval()
     if fill:
-        block = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1))
+        width = args.head_dim  # one random block of whole rows, rounded through the stored format: the device
+        block = torch.randn((1 << 20) // width, width, generator=torch.Generator().manual_seed(1))  # model then
+        block = row_format(args.format).decode(*row_format(args.format).encode(block)).view(-1)  # equals its rows
         for layer in model.engram_layers.values():
             flat = layer.embedding.weight.data.view(-1)
             for start in range(0, flat.numel(), block.numel()):
@@ -159,8 +165,8 @@ def tier_model(args, tier: str, cache_rows: int) -> tuple[EngramLM, StorageHandl
     """The benchmark model with its tables on ``tier`` (device/host are filled in RAM, disk reads
     ``--dir``), and the storage handle to close."""
     model = build(args, fill=tier in ("device", "host"))
-    handle = apply_storage(model, tier.split("+")[0], args.dir if tier.startswith("disk") else None, cache_rows,
-                           args.policy)
+    from_files = tier.startswith("disk") or (tier == "host" and args.format != "float32")  # host: in its format
+    handle = apply_storage(model, tier.split("+")[0], args.dir if from_files else None, cache_rows, args.policy)
     return model, handle
 
 
@@ -237,6 +243,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny-engram", help="model preset whose Engram tables are scaled (default "
                                                            "tiny-engram; tiny-engram-v41 for DeepSeek-V4.1's module)")
     p.add_argument("--head-dim", type=positive_int, default=64, help="row width d_h in floats (default 64)")
+    p.add_argument("--format", default="float32", choices=sorted(FORMATS),
+                   help="stored row format of the host and disk tiers (default float32; fp8_e4m3 is DeepSeek-V4.1's). "
+                        "The device model's rows are rounded through it, so every tier computes the same tokens")
     p.add_argument("--batch", type=positive_int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--seq", type=positive_int, default=128, help="prompt length (default 128)")
     p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per prompt (default 32)")
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise SystemExit(f"unknown tiers {unknown}")
         in_ram = bool({"device", "host"} & set(tiers))
         model = build(args, fill=in_ram)  # untouched tables read as zero pages: RSS stays small
-        export_tables(model, directory)
+        export_tables(model, directory, dtype=args.format)
         table_bytes = sum(f.stat().st_size for f in directory.glob("layer_*.bin"))
         del model
         print(f"exported {table_bytes / 2**30:.2f} GiB of tables to {directory} in {time.perf_counter() - t0:.1f}s "
@@ -314,7 +323,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     device = next((r for r in results if r["tier"] == "device"), None)
     same = all(r["tokens"] == results[0]["tokens"] for r in results) and (paired is None or paired["tokens_identical"])
-    print(f"\nEngram tables {table_bytes / 2**30:.2f} GiB, d_h={args.head_dim}, B x T = {args.batch} x {args.seq}, "
+    print(f"\nEngram tables {table_bytes / 2**30:.2f} GiB as {args.format}, d_h={args.head_dim}, "
+          f"B x T = {args.batch} x {args.seq}, "
           f"{args.new_tokens} new tokens, {args.threads} threads; greedy tokens identical across tiers: {same}")
     print(f"{'tier':<12} {'prefill tok/s':>14} {'vs device':>10} {'paired':>7} {'decode tok/s':>13} {'vs device':>10} "
           f"{'paired':>7} {'hit rate':>9} {'store RAM MB':>13} {'peak RSS MB':>12} {'anon RSS MB':>12}")

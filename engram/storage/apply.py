@@ -16,6 +16,7 @@ supported (export with ``export_tables`` before, keep the checkpoint).
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +68,9 @@ class OffloadedEmbedding(HashedTable):
     def dim(self) -> int:
         return self.store.dim
 
-    def _gather(self, unique: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h) fp32 CPU
+    def _gather(self, unique: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h) fp32 CPU
         with self._lock:
-            rows = self.store.gather(unique)
+            rows = self.store.gather(unique, warm)
             self.rows_fetched += unique.numel()
         if self.device.type == "cuda":
             rows = rows.pin_memory()  # so the host-to-device copy in forward can be asynchronous
@@ -85,11 +86,18 @@ class OffloadedEmbedding(HashedTable):
             return self.store.gather(torch.arange(start, stop, dtype=torch.int64))
 
     def prefetch(self, hash_ids: torch.Tensor) -> None:
-        """Start fetching the rows of ``hash_ids`` (B, T, H) in the background."""
+        """Start fetching the rows of ``hash_ids`` (B, T, H) in the background. On a CPU model whose rows are
+        warm (RAM, or disk pages already cached) they are gathered here instead: there is no device to overlap
+        with, and handing ~100 us of work to the worker thread costs about as much again (docs/BENCHMARKS.md)."""
         if self.prefetcher is None or self.prefetcher.closed:
             return
         unique, inverse = self._rows(hash_ids)
-        self._pending = _Pending(hash_ids, self.prefetcher.submit(self._gather, unique), inverse)
+        if self.device.type == "cpu" and self.store.warm(unique):
+            future = Future()
+            future.set_result(self._gather(unique, warm=True))
+        else:
+            future = self.prefetcher.submit(self._gather, unique)
+        self._pending = _Pending(hash_ids, future, inverse)
 
     def forward(self, hash_ids: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, H, d_h)
         pending, self._pending = self._pending, None

@@ -136,11 +136,18 @@ class RowCache:
             hit |= recent_hit
         return hit, slot
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) unique -> (n, d_h) fp32
-        return self.format.decode(*self.gather_encoded(rows))
+    def warm(self, rows: torch.Tensor) -> bool:
+        """Every row cached, or the store behind warm for the ones that are not."""
+        rows = rows.to(torch.long)
+        hit = self._lookup(rows.numpy())[0]
+        return bool(hit.all()) or self.store.warm(rows[torch.from_numpy(~hit)])
 
-    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(n,) unique -> codes (n, d_h), scales (n, S) or None, as the store holds them."""
+    def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) unique -> (n, d_h) fp32
+        return self.format.decode(*self.gather_encoded(rows, warm))
+
+    def gather_encoded(self, rows: torch.Tensor, warm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n,) unique -> codes (n, d_h), scales (n, S) or None, as the store holds them; ``warm``: the store
+        behind was found warm for these rows (``warm(rows)``), so it skips its own check."""
         rows = rows.to(torch.long).numpy()
         if not np.all(rows[1:] > rows[:-1]) and len(np.unique(rows)) != len(rows):  # ascending is unique
             raise ValueError("RowCache.gather needs unique rows; a repeated row would be cached twice")
@@ -160,7 +167,7 @@ class RowCache:
         hit_t, miss_t = torch.from_numpy(hit), torch.from_numpy(~hit)
         out[hit_t] = self.slots[torch.from_numpy(hit_slots)]
         miss_rows = rows[~hit]  # (n - h,)
-        fetched, fetched_scales = self.store.gather_encoded(torch.from_numpy(miss_rows))  # one slow-tier call
+        fetched, fetched_scales = self.store.gather_encoded(torch.from_numpy(miss_rows), warm)  # one slow-tier call
         out[miss_t] = fetched
         if out_scales is not None:
             out_scales[hit_t] = scales[torch.from_numpy(hit_slots)]

@@ -88,19 +88,20 @@ class RowFormat:
 
     def decode(self, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """codes (n, d), scales (n, S) or None -> fp32 rows (n, d). Few ops: it runs on every gather of a
-        serving tier (fp8 through two 256-entry tables, ~5x faster than casting float8 on a CPU)."""
+        serving tier (fp8 through two 256-entry tables, ~2x faster than casting float8 on a CPU)."""
         if self.scale is None:
             return codes.float()
         if self.scale == "row":
             return torch.mul(codes, scales)  # int8 * fp32 -> fp32 in one op
         n, d = codes.shape
-        values = _FP8_VALUES[codes.long()]  # (n, d)
-        scale = _E8M0_VALUES[scales.long()]  # (n, S)
+        # index_select with int32 indices: ~2x faster than indexing with int64 on a CPU (one gather of n*d values)
+        values = torch.index_select(_FP8_VALUES, 0, codes.reshape(-1).int())  # (n*d,)
+        scale = torch.index_select(_E8M0_VALUES, 0, scales.reshape(-1).int()).view(scales.shape)  # (n, S)
         if scale.shape[1] == 1:
-            return values * scale
+            return values.view(n, d).mul_(scale)
         if d % self.block == 0:
-            return (values.view(n, -1, self.block) * scale[..., None]).view(n, d)
-        return values * scale.repeat_interleave(self.block, dim=1)[:, :d]
+            return values.view(n, d // self.block, self.block).mul_(scale[..., None]).view(n, d)
+        return values.view(n, d).mul_(scale.repeat_interleave(self.block, dim=1)[:, :d])
 
     def scales_finite(self, scales: np.ndarray) -> np.ndarray:
         """(n, S) stored scales -> (n,) True where every scale of the row is usable."""

@@ -7,6 +7,9 @@ Contract shared by every store (and by ``RowCache``, which wraps one):
   decoded from the stored format (``engram.storage.formats``);
   ``gather_encoded(rows)``: the same rows as stored, codes (n, d_h) and scales (n, S) or None, which
   ``format.decode`` turns into ``gather``'s rows (the row cache keeps rows encoded);
+  ``warm(rows)``: whether gathering those rows is fast now (RAM, or disk pages in the page cache), so a
+  caller may gather inline instead of handing the work to a thread; ``gather(rows, warm=True)`` then
+  skips the store's own check;
   ``num_rows``, ``dim``, ``format``: the table's shape and stored format; ``nbytes``: the table's size as
   stored (codes and scales); ``ram_bytes``: what this store itself keeps in host RAM (the page cache of a
   disk table is the kernel's, not counted).
@@ -30,7 +33,9 @@ from engram.storage.export import TableEntry
 from engram.storage.formats import RowFormat, from_numpy, row_format
 
 PAGE = mmap.PAGESIZE
-RESIDENT_SAMPLE = 16  # pages checked before a read-ahead: all cached means the table is warm
+RESIDENT_SAMPLE = 8  # row pages checked before a read-ahead: all cached means the table is warm
+SMALL_REQUEST = 1024  # rows: below it a request is decode-sized, and the checks below are spread over calls
+WARM_TRUST = 8  # after a warm verdict, the next small requests up to this many are trusted warm unchecked
 
 
 def _libc():
@@ -86,6 +91,36 @@ def _view(file_map: np.memmap, dtype: np.dtype, shape: tuple[int, int], offset: 
     return np.ndarray(shape, dtype=dtype, buffer=file_map, offset=offset)
 
 
+class _Pacing:
+    """How often a disk store checks what costs ~100 us in a model's decode step (the caches cold from the
+    layers between two gathers): its rows' residency, and its mapped budget.
+
+    Residency (``warm``): checked on every request of ``SMALL_REQUEST`` rows or more, and on one small request
+    in ``WARM_TRUST`` while the table is found warm; a cold verdict is checked again on the next request. A
+    table that goes cold (its pages evicted) is noticed within ``WARM_TRUST`` small requests, which meanwhile
+    fault their pages in one by one. The budget (``budget_due``): checked after any gather that brings the
+    rows read since the last check to ``SMALL_REQUEST`` (the first gather always checks)."""
+
+    def __init__(self):
+        self.trusted = 0  # small requests still trusted warm after the last warm verdict
+        self.unread = SMALL_REQUEST  # rows read since the budget was checked
+
+    def warm(self, n: int, check) -> bool:
+        if n < SMALL_REQUEST and self.trusted > 0:
+            self.trusted -= 1
+            return True
+        warm = check()
+        self.trusted = WARM_TRUST - 1 if warm else 0
+        return warm
+
+    def budget_due(self, n: int) -> bool:
+        self.unread += n
+        if self.unread < SMALL_REQUEST:
+            return False
+        self.unread = 0
+        return True
+
+
 class HostStore:
     """The table in host RAM, pinned when CUDA is present (docs/PITFALLS.md §13: pageable memory turns
     ``non_blocking`` copies synchronous). Built from a model's table (``HostStore(weight)``: on a CPU model
@@ -135,11 +170,14 @@ class HostStore:
     def ram_bytes(self) -> int:
         return self.nbytes
 
-    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def warm(self, rows: torch.Tensor) -> bool:
+        return True
+
+    def gather_encoded(self, rows: torch.Tensor, warm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         codes = self.table.index_select(0, rows)  # (n, d_h)
         return codes, None if self.scales is None else self.scales.index_select(0, rows)  # (n, S)
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
+    def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.format.decode(*self.gather_encoded(rows))
 
 
@@ -152,7 +190,8 @@ class DiskStore:
     A gather first queues the reads of all the pages its rows lie on (``read_ahead``), then copies the
     rows out of the map; ``readahead = False`` (on the class or an instance) turns that off, for comparison.
     Once the process maps more than ``mapped_budget`` bytes of files, a gather releases its maps' pages
-    (``release_mappings``), so the process's RSS stays bounded whatever the table's size."""
+    (``release_mappings``), so the process's RSS stays bounded whatever the table's size; the budget is
+    checked after any gather that brings the rows read since the last check to ``SMALL_REQUEST``."""
 
     readahead = True
     mapped_budget = 1 << 30  # bytes of files this process may map beyond what it mapped before the store
@@ -176,6 +215,7 @@ class DiskStore:
         self._files = [(path, offset, self.array.strides[0])] + (
             [] if self.scales is None else [(scales_path, scales_offset, self.scales.strides[0])])
         self._baseline = _mapped_bytes()  # files the process mapped before: not this store's to release
+        self._pacing = _Pacing()
 
     @classmethod
     def from_safetensors(cls, codes, scales=None) -> "DiskStore":
@@ -238,22 +278,31 @@ class DiskStore:
                 os.close(fd)
 
     def _resident(self, idx: np.ndarray) -> bool:
-        """Whether a sample of the rows' pages, in every file, is all in the page cache (``mincore``; False where
-        it is not available): a warm table skips the read-ahead, whose system calls would only cost time.
-        16 pages, or one per 64 rows of a larger request (a 90%-cached batch of 4k rows then reads ahead
-        with probability 1 - 0.9^64 > 99.8%)."""
+        """Whether a sample of the rows' pages is all in the page cache (``mincore``; False where it is not
+        available): a warm table skips the read-ahead, whose system calls would only cost time. 8 code pages,
+        or one per 64 rows of a larger request (a 90%-cached batch of 4k rows then reads ahead with probability
+        1 - 0.9^64 > 99.8%), and one scale page per 8 of those (a scale page holds the scales of hundreds of
+        rows, so it is cached whenever its rows are). ~1 us per page checked."""
         if _LIBC is None:
             return False
+        if len(idx) == 0:
+            return True
         count = max(RESIDENT_SAMPLE, len(idx) // 64)
-        sample = idx[:: max(1, len(idx) // count)][:count].tolist()
+        sample = idx[:: max(1, len(idx) // count)][:count].astype(np.int64)
         flag = ctypes.c_ubyte()
-        for base, (_, _, row_bytes) in zip(self._addresses, self._files):
-            for row in sample:
-                address = (base + row * row_bytes) & ~(PAGE - 1)
-                if _LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(PAGE), ctypes.byref(flag)) != 0 or \
-                        not flag.value & 1:
+        ref, mincore = ctypes.byref(flag), _LIBC.mincore
+        for i, (base, (_, _, row_bytes)) in enumerate(zip(self._addresses, self._files)):
+            rows = sample if i == 0 else sample[::8]
+            for address in np.unique((base + rows * row_bytes) & ~(PAGE - 1)).tolist():
+                if mincore(address, PAGE, ref) != 0 or not flag.value & 1:
                     return False
         return True
+
+    def _warm(self, idx: np.ndarray) -> bool:
+        return self._pacing.warm(len(idx), lambda: self._resident(idx))
+
+    def warm(self, rows: torch.Tensor) -> bool:
+        return self._warm(rows.numpy())
 
     def copy_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``idx`` (ascending) copied out of the maps, as stored: no read-ahead, no release."""
@@ -263,22 +312,22 @@ class DiskStore:
     def over_budget(self) -> bool:
         return _mapped_bytes() - self._baseline > self.mapped_budget
 
-    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def gather_encoded(self, rows: torch.Tensor, warm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
         try:
             if np.all(idx[1:] > idx[:-1]):  # OffloadedEmbedding and RowCache ask in ascending order
-                if not self._resident(idx):
+                if not (warm or self._warm(idx)):
                     self.read_ahead(idx)
                 return self.copy_rows(idx)
             order = np.argsort(idx, kind="stable")  # read in ascending offsets
             ordered = idx[order]
-            if not self._resident(ordered):
+            if not (warm or self._warm(ordered)):
                 self.read_ahead(np.unique(idx))
             back = torch.from_numpy(np.argsort(order, kind="stable"))  # then back to the caller's order
             codes, scales = self.copy_rows(ordered)
             return codes[back], None if scales is None else scales[back]
         finally:
-            if self.over_budget():
+            if self._pacing.budget_due(len(idx)) and self.over_budget():
                 self.release_mappings()
 
     def release_mappings(self) -> None:
@@ -289,8 +338,8 @@ class DiskStore:
         maps ``mapped_budget`` bytes of files more than when the store was made; ~0.3 ms after 4k rows."""
         _release(self._maps)
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
-        return self.format.decode(*self.gather_encoded(rows))
+    def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)
+        return self.format.decode(*self.gather_encoded(rows, warm))
 
 
 class ConcatStore:
@@ -308,6 +357,7 @@ class ConcatStore:
                                  f"{first.format.name} of width {first.dim}: the parts of one table must agree")
         self.parts, self.format = list(parts), first.format
         self.bounds = np.cumsum([0] + [p.num_rows for p in parts])  # part i holds rows [bounds[i], bounds[i+1])
+        self._pacing = _Pacing()
 
     @property
     def num_rows(self) -> int:
@@ -325,22 +375,41 @@ class ConcatStore:
     def ram_bytes(self) -> int:
         return sum(p.ram_bytes for p in self.parts)
 
-    def gather_encoded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        idx = rows.numpy()
+    def _groups(self, idx: np.ndarray) -> list:
+        """(part, its rows in ascending order, their places in the request) of each part ``idx`` touches."""
         which = np.searchsorted(self.bounds, idx, side="right") - 1  # (n,) the part of each row
-        groups = []  # (part, its rows in ascending order, their places in the request)
+        groups = []
         for p in np.unique(which):
             at = np.flatnonzero(which == p)
             local = idx[at] - self.bounds[p]
             order = np.argsort(local, kind="stable")
             groups.append((self.parts[p], local[order], at[order]))
+        return groups
+
+    def _groups_warm(self, groups: list, n: int) -> bool:
+        """One residency sample for the whole request, not one per part: ``RESIDENT_SAMPLE`` rows (one per 64 of
+        a larger request) spread over the parts it touches; paced like ``DiskStore``'s."""
+        return self._pacing.warm(n, lambda: self._sample_warm(groups, n))
+
+    @staticmethod
+    def _sample_warm(groups: list, n: int) -> bool:
+        count = max(RESIDENT_SAMPLE, n // 64)
+        per = max(1, count // max(1, len(groups)))  # rows sampled in each sampled part
+        sampled = groups[:: max(1, len(groups) // count)][:count]
+        return all(part._resident(local[:: max(1, len(local) // per)][:per]) if isinstance(part, DiskStore)
+                   else part.warm(torch.from_numpy(local)) for part, local, _ in sampled)
+
+    def warm(self, rows: torch.Tensor) -> bool:
+        idx = rows.numpy()
+        return self._groups_warm(self._groups(idx), len(idx))
+
+    def gather_encoded(self, rows: torch.Tensor, warm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = rows.numpy()
+        groups = self._groups(idx)
         on_disk = all(isinstance(part, DiskStore) for part, _, _ in groups)
-        if on_disk:  # one residency check and one read-ahead pass for the whole request, not one per part
-            count = max(RESIDENT_SAMPLE, len(idx) // 64)
-            sampled = groups[:: max(1, len(groups) // count)][:count]
-            if not all(part._resident(local[:1]) for part, local, _ in sampled):
-                for part, local, _ in groups:
-                    part.read_ahead(local)
+        if on_disk and not (warm or self._groups_warm(groups, len(idx))):  # one read-ahead pass for the request
+            for part, local, _ in groups:
+                part.read_ahead(local)
         codes = torch.empty(len(idx), self.dim, dtype=self.format.code_dtype)
         scales = None
         try:
@@ -353,9 +422,9 @@ class ConcatStore:
                         scales = torch.empty(len(idx), s.shape[1], dtype=s.dtype)
                     scales[where] = s
         finally:
-            if on_disk and groups and groups[0][0].over_budget():
+            if on_disk and groups and self._pacing.budget_due(len(idx)) and groups[0][0].over_budget():
                 _release({id(m): m for part, _, _ in groups for m in part._maps}.values())  # shared maps once
         return codes, scales
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, d_h)
-        return self.format.decode(*self.gather_encoded(rows))
+    def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)
+        return self.format.decode(*self.gather_encoded(rows, warm))

@@ -170,7 +170,7 @@ def test_a_checkpoints_parts_export_in_slices(checkpoint, tmp_path, monkeypatch)
     model, handle = load_tiered(directory, "disk")
     gathered = []
     real = ConcatStore.gather_encoded
-    monkeypatch.setattr(ConcatStore, "gather_encoded", lambda self, rows: gathered.append(len(rows)) or real(self, rows))
+    monkeypatch.setattr(ConcatStore, "gather_encoded", lambda self, rows, warm=None: gathered.append(len(rows)) or real(self, rows, warm))
     monkeypatch.setattr(export, "CHUNK_BYTES", 4096)  # slices of 256 rows of 4 fp32 values
     with handle:
         export_tables(model, tmp_path / "int8", dtype="int8")

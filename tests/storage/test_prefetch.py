@@ -38,6 +38,7 @@ def test_handle_close_stops_the_thread(fresh_model):
     ids = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         before = model(ids).logits
+    handle.prefetcher.submit(lambda: None).result()  # warm host rows are gathered inline: start the worker
     assert prefetch_threads()
     handle.close()
     handle.close()

@@ -108,8 +108,43 @@ def test_a_warm_table_skips_the_read_ahead(tmp_path, monkeypatch):
             flag._obj.value = 0
             return 0
     monkeypatch.setattr(stores, "_LIBC", NotCached)
+    store = DiskStore(path, 20000, 64)  # a new store: the first found its table warm and trusts that a while
     assert torch.equal(store.gather(rows), torch.from_numpy(values[rows.numpy()]))
     assert calls
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_residency_and_the_budget_are_checked_at_their_pace(tmp_path, parts):
+    """A warm verdict is trusted for the next WARM_TRUST - 1 small requests; a large request and a cold verdict
+    are checked every time; the mapped budget is checked once SMALL_REQUEST rows were read since the last check."""
+    rows_per_part = 8000
+    part_stores = []
+    for i in range(parts):
+        path, _ = table_file(tmp_path, rows_per_part, 16 + i, 0)  # distinct files
+        part_stores.append(DiskStore(path, rows_per_part, 16))
+    store = part_stores[0] if parts == 1 else ConcatStore(part_stores)
+    checks, budget_checks, verdict = [], [], [True]
+    if parts == 1:
+        store._resident = lambda idx: checks.append(len(idx)) or verdict[0]
+        store.over_budget = lambda: budget_checks.append(1) or False
+    else:
+        store._sample_warm = lambda groups, n: checks.append(n) or verdict[0]
+        part_stores[0].over_budget = lambda: budget_checks.append(1) or False
+    small = torch.arange(0, 7000, 70)  # 100 rows
+    for _ in range(stores.WARM_TRUST * 2):
+        store.gather(small)
+    assert len(checks) == 2  # one check per WARM_TRUST small requests while warm
+    assert len(budget_checks) == 1 + (stores.WARM_TRUST * 2 * 100 - 100) // stores.SMALL_REQUEST
+    store.gather(torch.arange(0, 6000, 3))  # 2000 rows: a large request is always checked
+    assert len(checks) == 3
+    verdict[0] = False  # the table goes cold
+    checks.clear()
+    for _ in range(stores.WARM_TRUST - 1):  # still trusted from the last warm verdict: noticed on the next one
+        store.gather(small)
+    assert checks == []
+    for _ in range(3):  # cold: every request is checked, until one is found warm
+        store.gather(small)
+    assert len(checks) == 3
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssFile is Linux's")

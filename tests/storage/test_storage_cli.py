@@ -49,3 +49,19 @@ def test_bench_offload_smoke(tmp_path, capsys):
     assert paired["device"] == 1.0 and paired["disk-cold"] is None  # a tier against itself; cold is not paired
     assert all(paired[t] > 0 for t in ("host", "disk", "disk+cache"))
     assert not list((tmp_path / "tables").glob("layer_*.bin"))  # cleaned up without --keep
+
+
+def test_bench_offload_in_a_quantised_format(tmp_path):
+    """`--format fp8_e4m3`: the host and disk tiers serve fp8 rows and the device model holds their decoded
+    values, so every tier still computes the same tokens."""
+    out = tmp_path / "offload.json"
+    code = main(["bench", "offload", "--table-gb", "0.01", "--batch", "2", "--seq", "16", "--new-tokens", "3",
+                 "--repeats", "1", "--format", "fp8_e4m3", "--tiers", "device,host,disk", "--preset",
+                 "tiny-engram-v41", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["tokens_identical"] is True
+    assert [r["tier"] for r in result["results"]] == ["device", "host", "disk"]
+    host = next(r for r in result["results"] if r["tier"] == "host")
+    device = next(r for r in result["results"] if r["tier"] == "device")
+    assert host["store_ram_mb"] < device["store_ram_mb"] / 3  # fp8 rows in RAM: about a quarter of fp32's
