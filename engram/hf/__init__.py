@@ -27,17 +27,20 @@ __all__ = ["EngramCache", "EngramForCausalLM", "EngramHFConfig", "export_hf", "f
 
 
 def register_auto_classes() -> None:
-    """Register ``model_type="engram"`` with ``AutoConfig`` and ``AutoModelForCausalLM`` (idempotent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Register ``model_type="engram"`` with ``AutoConfig``, ``AutoModelForCausalLM`` and ``AutoModel``
+    (idempotent). ``AutoModel`` gives the causal LM too: the model has no separate headless class (its
+    ``output_hidden_states`` give the backbone's states)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
         AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig)
     except ValueError:  # already registered
         pass
-    try:
-        AutoModelForCausalLM.register(EngramHFConfig, EngramForCausalLM)
-    except ValueError:
-        pass
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            auto.register(EngramHFConfig, EngramForCausalLM)
+        except ValueError:
+            pass
 
 
 register_auto_classes()

@@ -29,18 +29,17 @@ def _find(folder, name: str, kwargs: dict) -> Path | None:
 
 
 def folder_tokenizers(folder, kwargs: dict | None = None):
-    """(CompressedTokenizer, tokenizers.Tokenizer or None) of a saved folder. ``tokenizer.json``, when
-    present, is the source: the compressed table is rebuilt from it and must equal the stored one."""
+    """(CompressedTokenizer or None, tokenizers.Tokenizer or None) of a saved folder. ``tokenizer.json``, when
+    present, is the source: the compressed table is rebuilt from it and must equal the stored one. Neither
+    file gives (None, None): ``EngramForCausalLM`` then loads only a model that hashes nothing (or whose
+    stored layout says its compression is the identity)."""
     from tokenizers import Tokenizer
 
     kwargs = kwargs or {}
     tokenizer_file = _find(folder, "tokenizer.json", kwargs)
     stored_file = _find(folder, COMPRESSED_FILE, kwargs)
     stored = CompressedTokenizer.load(stored_file.parent) if stored_file is not None else None
-    if tokenizer_file is None:
-        if stored is None:
-            raise ValueError(f"{folder} has neither tokenizer.json nor {COMPRESSED_FILE}: an Engram model cannot "
-                             "address its tables without the tokenizer it was trained with")
+    if tokenizer_file is None:  # neither: a model that hashes nothing needs none (the model refuses otherwise)
         return stored, None
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     rebuilt = CompressedTokenizer.from_pretrained(tokenizer)

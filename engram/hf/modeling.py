@@ -113,6 +113,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
     _no_split_modules = ["Block"]
     _supports_cache_class = True
     _is_stateful = False
+    supports_gradient_checkpointing = True  # per block (EngramLM.gradient_checkpointing)
+    # Trainer passes num_items_in_batch and leaves the loss unscaled for gradient accumulation: the loss is then
+    # sum / num_items_in_batch here, as transformers' own causal LMs compute it
+    accepts_loss_kwargs = True
 
     def __init__(self, config: EngramHFConfig, compressed_tokenizer: CompressedTokenizer | None = None):
         super().__init__(config)
@@ -207,6 +211,88 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
     def set_output_embeddings(self, value) -> None:
         self.model.output = value
 
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True, tokenizer=None):
+        """transformers' resize, kept consistent with what Engram hashes. The token embedding and the head grow
+        (or shrink) and the config follows, so the model runs and reloads at its new size.
+
+        A model with hashed tables (Engram, OverEncoding) addresses rows through its compressed tokenizer,
+        whose size V' fixes every hash multiplier. It is resized only with ``tokenizer=`` (the tokenizer that
+        now has ``new_num_tokens`` ids, e.g. after ``add_tokens``): every old id must keep its compressed id
+        and V' must not change, i.e. each new token must normalise to a form the vocabulary already had.
+        Otherwise the call is refused, saying why: every table row would move."""
+        old = self.config.model_config.backbone.vocab_size
+        target = new_num_tokens if new_num_tokens is not None else old
+        if pad_to_multiple_of is not None:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if target == old:
+            return self.get_input_embeddings()
+        compressed = self._resized_compressed(target, tokenizer)
+        embeddings = super().resize_token_embeddings(target, None, mean_resizing)
+        if not mean_resizing:  # transformers initialises new rows through _init_weights, a no-op here
+            with torch.no_grad():
+                self.model.tok_embeddings.weight[old:].normal_(0.0, 1.0)
+                std = self.model.output.weight[:old].std().item()
+                self.model.output.weight[old:].normal_(0.0, std)
+        self._set_vocab(target, compressed, tokenizer)
+        return embeddings
+
+    def _resized_compressed(self, size: int, tokenizer) -> CompressedTokenizer | None:
+        """The compressed tokenizer for a vocabulary of ``size`` ids, or None for a model that hashes nothing;
+        ValueError when the tables' addresses cannot stay where they are."""
+        inner = self.model
+        if inner.hasher is None and inner.overencoding is None:
+            return None
+        old = inner.compressed_tokenizer
+        if tokenizer is None:
+            raise ValueError(f"this model's Engram tables are addressed through its compressed tokenizer (V'="
+                             f"{old.vocab_size}); pass the tokenizer that now has {size} ids: "
+                             "resize_token_embeddings(len(tokenizer), tokenizer=tokenizer)")
+        new = CompressedTokenizer.from_pretrained(tokenizer)
+        if new.raw_vocab_size != size:
+            raise ValueError(f"the tokenizer given has {new.raw_vocab_size} ids, not the {size} asked for")
+        kept = min(size, old.raw_vocab_size)
+        if not torch.equal(new.lookup[:kept], old.lookup[:kept]):
+            raise ValueError("the tokenizer given compresses the existing ids differently: every Engram row "
+                             "would be addressed by other n-grams; resize with the tokenizer the model was trained "
+                             "with, tokens added at its end")
+        if new.vocab_size != old.vocab_size:
+            raise ValueError(f"the new tokens would change the compressed vocabulary from V'={old.vocab_size} to "
+                             f"{new.vocab_size}: every hash multiplier depends on V', so every Engram row would move. "
+                             "Add tokens that normalise to existing forms, or retrain the tables")
+        return new
+
+    def _set_vocab(self, size: int, compressed: CompressedTokenizer | None, tokenizer) -> None:
+        """The config, the inner model's config and, for a hashing model, its hashers follow a new vocabulary."""
+        import dataclasses
+
+        from engram.hashing import NgramHasher
+
+        inner = self.model
+        bb = dataclasses.replace(inner.config.backbone, vocab_size=size)
+        inner.config = dataclasses.replace(inner.config, backbone=bb)
+        self.config.engram_config = inner.config.to_dict()
+        self.config.vocab_size = size
+        if compressed is None:
+            return
+        device = inner.tok_embeddings.weight.device
+        inner.compressed_tokenizer = compressed
+        if inner.hasher is not None:
+            hasher = NgramHasher(inner.config.engram, compressed)
+            inner.hasher = hasher.to(device)
+            inner.hasher.reset_buffers()
+            self.config.hash_layout = inner.hasher.layout()
+        if inner.overencoding is not None:
+            hasher = NgramHasher(inner.config.overencoding, compressed, layer_ids=[inner.overencoding.layer_id])
+            inner.overencoding.hasher = hasher.to(device)
+            inner.overencoding.hasher.reset_buffers()
+            self.config.overencoding_layout = inner.overencoding.hasher.layout()
+        from tokenizers import Tokenizer
+
+        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self.engram_tokenizer = backend
+
     @torch.no_grad()
     def reset_derived_buffers(self) -> None:
         """Recompute the buffers that are not saved (hasher tables, RoPE, table offsets) on the model's
@@ -224,14 +310,25 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
                 labels: torch.LongTensor | None = None, boundary: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 return_dict: bool | None = None, past_key_values: EngramCache | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int | torch.Tensor = 0, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """input_ids (B, T) raw ids; attention_mask (B, L+T) left padding; labels (B, T) predicts
         labels[:, t+1] at t (ignore -100); boundary (B, T) packed-document starts (no cache, no padding).
-        ``position_ids`` are ignored: positions count from each row's first real token."""
+        ``position_ids`` are ignored: positions count from each row's first real token.
+        ``num_items_in_batch`` (Trainer's, under gradient accumulation): the loss is the sum over this
+        call's labelled tokens divided by it, not their mean. ``output_hidden_states`` /
+        ``output_attentions``: as ``EngramLM.forward`` (default: the config's)."""
         if inputs_embeds is not None:
             raise ValueError("EngramForCausalLM takes input_ids, not inputs_embeds: Engram hashes token ids")
         if input_ids is None:
             raise ValueError("input_ids is required")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS)
+        if unknown:
+            raise TypeError(f"EngramForCausalLM.forward got unexpected arguments {unknown}")
+        hidden = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        attend = self.config.output_attentions if output_attentions is None else output_attentions
+        extra = {"output_hidden_states": bool(hidden), "output_attentions": bool(attend)}
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and labels is None
@@ -251,18 +348,26 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
             inner = self.model.new_cache(starts, T + 64, growable=True)
             cache = EngramCache(inner, len(self.model.layers))
         if cache is not None:
-            logits = self.model(input_ids, cache=cache.inner).logits  # (B, T, V)
-            loss = None
-            if labels is not None:
-                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
-        else:
-            out = self.model(input_ids, labels=labels, boundary=boundary)
-            logits, loss = out.logits, out.loss
+            out = self.model(input_ids, cache=cache.inner, **extra)
+        else:  # the loss below, not EngramLM's mean, when Trainer gives num_items_in_batch
+            out = self.model(input_ids, labels=labels if num_items_in_batch is None else None, boundary=boundary,
+                             **extra)
+        logits, loss = out.logits, out.loss  # (B, T, V)
+        if labels is not None and loss is None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                               else num_items_in_batch)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+# arguments transformers' generate() and Trainer may pass that mean nothing to this model
+_IGNORED_KWARGS = {"cache_position", "token_type_ids", "return_legacy_cache"}
 
 
 def _non_persistent(root, buffer_name: str) -> set[str]:

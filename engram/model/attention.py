@@ -19,9 +19,30 @@ from engram.model.cache import LayerCache
 from engram.model.layers import RMSNorm, apply_rotary, yarn_frequencies
 
 
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA written out, for when the weights are wanted (``output_attentions``): q (B, h, T, d), k (B, k, S, d),
+    v (B, k, S, e), mask (B, 1, T, S) bool (True: may attend) or None for causal -> y (B, h, T, e), weights
+    (B, h, T, S) fp32. Equal to ``F.scaled_dot_product_attention`` up to float rounding."""
+    h, T, S = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != h:  # grouped-query heads: each key/value head serves h / k query heads
+        k, v = k.repeat_interleave(h // k.shape[1], dim=1), v.repeat_interleave(h // v.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if mask is None:  # causal, the last T of S keys being the queries' own
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, h, T, S)
+    return (weights @ v.float()).to(v.dtype), weights
+
+
 class Attention(nn.Module):
+    """``keep_weights``: set True to compute the attention written out and keep its weights in ``weights``
+    (B, h, T, S) after each call (``output_attentions``); off, SDPA's fused kernel runs and nothing is kept."""
+
+    keep_weights = False
+
     def __init__(self, config: BackboneConfig):
         super().__init__()
+        self.weights = None
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         D, hd, kd = config.d_model, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.wq = nn.Linear(D, hd, bias=False)
@@ -42,7 +63,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, k, T, d)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        if cache is None and mask is None:
+        if self.keep_weights:
+            if cache is not None:
+                k, v = cache.update(k, v)  # (B, k, L+T, d)
+            y, self.weights = explicit_attention(q, k, v, mask if cache is None else cache.mask)
+        elif cache is None and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, h, T, d)
         elif cache is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -56,10 +81,14 @@ class MLA(nn.Module):
     """Multi-head latent attention (DeepSeek-V2 §2.1, V3): keys and values of every head come from one
     normalised latent per token (width c), so a decode cache holds that latent and one shared RoPE key
     (width r) per token instead of 2 * k * d numbers. RoPE is "decoupled": q.k = q_nope.k_nope + q_rope.k_rope,
-    only the r-wide parts rotate, and the one rotated key serves every head. Weights as ``MLAConfig``."""
+    only the r-wide parts rotate, and the one rotated key serves every head. Weights as ``MLAConfig``.
+    ``keep_weights`` / ``weights``: as ``Attention``'s."""
+
+    keep_weights = False
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
+        self.weights = None
         m = config.mla
         D, h = config.d_model, config.n_heads
         self.n_heads, self.q_rank, self.kv_rank = h, m.q_lora_rank, m.kv_lora_rank
@@ -106,7 +135,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([n, self.v_dim], dim=-1)  # (B, h, S, n), (B, h, S, v)
         k = torch.cat([k_nope, k_rope.expand(-1, h, -1, -1)], dim=-1)  # (B, h, S, n + r)
         # 5 attention: softmax(q.k * m^2 / sqrt(n + r)) v, causal / document / cache mask as Attention
-        if cache is None and mask is None:
+        if self.keep_weights:
+            y, self.weights = explicit_attention(q, k, v, mask if cache is None else cache.mask, self.scale)
+        elif cache is None and mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # (B, h, T, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if cache is None else cache.mask,

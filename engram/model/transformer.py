@@ -34,10 +34,19 @@ from engram.tokenizer import CompressedTokenizer, check_token_ids
 IGNORE_INDEX = -100
 
 
+def _checkpoint(fn, *args):
+    """Activation checkpointing when no function was set (``gradient_checkpointing = True`` by hand)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
 @dataclass
 class LMOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 of (B, T, D), when asked for
+    attentions: tuple[torch.Tensor, ...] | None = None  # n_layers of (B, h, T, S), when asked for
 
 
 class Block(nn.Module):
@@ -127,6 +136,10 @@ class EngramLM(nn.Module, TableHost):
             self.layers = nn.ModuleList(Block(config, i, geometry.get(i), sparse_tables) for i in range(bb.n_layers))
             self.norm = RMSNorm(bb.d_model, bb.norm_eps)
             self.output = nn.Linear(bb.d_model, bb.vocab_size, bias=False)
+        # activation checkpointing per block (transformers' gradient_checkpointing_enable sets both; any
+        # callable with torch.utils.checkpoint's signature works): blocks recompute in backward
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
         if target.type != "meta":
             self.to_empty(device=target)
             self.init_weights()
@@ -256,13 +269,19 @@ class EngramLM(nn.Module, TableHost):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 boundary: torch.Tensor | None = None,
-                hash_ids: dict[int, torch.Tensor] | None = None, cache: InferenceCache | None = None) -> LMOutput:
+                hash_ids: dict[int, torch.Tensor] | None = None, cache: InferenceCache | None = None,
+                output_hidden_states: bool = False, output_attentions: bool = False) -> LMOutput:
         """input_ids (B, T) raw ids; labels (B, T), the loss predicts labels[:, t+1] at position t
         (ignore index -100); boundary (B, T) bool, True where a packed document starts, resets the
         n-grams and the short conv; hash_ids, if already computed (e.g. by a prefetcher).
 
         With ``cache`` (``new_cache``), the call continues the cached sequences: T new tokens per row,
-        attending to and hashing with everything cached before; prompts go in the first call."""
+        attending to and hashing with everything cached before; prompts go in the first call.
+
+        ``output_hidden_states``: the output also holds the token embeddings and each block's output, as
+        (B, T, D) each (the G hyper-connection branches averaged, as the head reads them; the last one after
+        the final norm, as transformers' models give it). ``output_attentions``: each block's attention
+        weights (B, h, T, S), computed written out instead of by SDPA's fused kernel."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -294,12 +313,28 @@ class EngramLM(nn.Module, TableHost):
         # (one host sync: windows that hold a single document keep the fast causal kernel)
         attn_mask = document_mask(doc_ids) if doc_ids is not None and cache is None and \
             self.config.backbone.document_mask and bool(boundary[:, 1:].any()) else None  # (B, 1, T, T)
+        checkpointed = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        hidden = [x.mean(dim=2)] if output_hidden_states else None  # (B, T, D) each
+        attentions = [] if output_attentions else None
         for i, blk in enumerate(self.layers):
-            x = blk(x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
+            args = (x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
                     token_mask, attn_mask)
+            blk.attn.keep_weights = output_attentions
+            try:
+                x = (self._gradient_checkpointing_func or _checkpoint)(blk.__call__, *args) if checkpointed else blk(*args)
+            finally:
+                blk.attn.keep_weights = False
+            if output_attentions:
+                attentions.append(blk.attn.weights)
+                blk.attn.weights = None
+            if output_hidden_states:
+                hidden.append(x.mean(dim=2))
         if cache is not None:
             cache.end(T)
-        logits = self.output(self.norm(x.mean(dim=2)))  # (B, T, G, D) -> (B, T, D) -> (B, T, V)
+        final = self.norm(x.mean(dim=2))  # (B, T, G, D) -> (B, T, D)
+        logits = self.output(final)  # (B, T, V)
+        if output_hidden_states:
+            hidden[-1] = final
 
         loss = None
         if labels is not None:
@@ -309,7 +344,8 @@ class EngramLM(nn.Module, TableHost):
             # in backward
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T), last position ignored
             loss = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return LMOutput(logits=logits, loss=loss)
+        return LMOutput(logits=logits, loss=loss, hidden_states=None if hidden is None else tuple(hidden),
+                        attentions=None if attentions is None else tuple(attentions))
 
     def prefetch(self, hash_ids: dict[int, torch.Tensor]) -> None:
         """Addresses depend only on token ids, so every Engram layer's rows are known before block 0
