@@ -145,21 +145,34 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
 
     # -- save and load --------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, compressed_tokenizer=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, compressed_tokenizer=None,
+                        verify_checksums: bool = True, **kwargs):
         """Load a saved folder. The compressed table is rebuilt from the folder's ``tokenizer.json`` and
         must equal the one the tables were addressed with (``compressed_tokenizer.safetensors`` and the
-        config's hash layout); otherwise the folder is refused."""
+        config's hash layout); otherwise the folder is refused. So is a folder whose files differ from its
+        ``checksums.json`` (``verify_checksums=False`` skips reading them: sha256 costs ~1 s per GB), a save
+        that was interrupted, and weights that are missing, unexpected or of another shape."""
+        from engram.hf.folder import FolderError, verify_folder
         from engram.hf.io import folder_tokenizers
 
+        if verify_checksums:
+            verify_folder(pretrained_model_name_or_path)
         tokenizer = None
         if compressed_tokenizer is None:
             compressed_tokenizer, tokenizer = folder_tokenizers(pretrained_model_name_or_path, kwargs)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args,
-                                        compressed_tokenizer=compressed_tokenizer, **kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                              compressed_tokenizer=compressed_tokenizer, output_loading_info=True,
+                                              **kwargs)
+        problems = [f"{kind.replace('_', ' ')} {sorted(map(str, info.get(kind) or []))}"
+                    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(kind)]
+        if problems:  # never a model with uninitialised weights (EngramLM initialises nothing on load)
+            raise FolderError(f"{pretrained_model_name_or_path} does not hold this model's weights: "
+                              f"{'; '.join(problems)}")
         model.reset_derived_buffers()
         model._align_tensors()
         model.engram_tokenizer = tokenizer
-        return model
+        return (model, info) if wants_info else model
 
     @torch.no_grad()
     def _align_tensors(self) -> None:
@@ -178,11 +191,20 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' files (config.json, model.safetensors, generation_config.json), plus the
         compressed table and, when the model knows it, the tokenizer (tokenizer.json and
-        tokenizer_config.json, left padding, so ``AutoTokenizer`` loads it)."""
+        tokenizer_config.json, left padding, so ``AutoTokenizer`` loads it), and ``checksums.json``. The
+        folder is written atomically (``engram.hf.folder``): killed or out of disk, it is left as it was
+        or refused on load, never half written and loadable."""
+        from engram.hf.folder import write_folder
         from engram.hf.io import save_tokenizers
 
-        super().save_pretrained(save_directory, *args, **kwargs)
-        save_tokenizers(self, save_directory)
+        if not kwargs.get("is_main_process", True):
+            return  # one process writes the folder
+
+        def write(directory):
+            PreTrainedModel.save_pretrained(self, directory, *args, **kwargs)
+            save_tokenizers(self, directory)
+
+        write_folder(save_directory, write)
 
     @property
     def compressed_tokenizer(self) -> CompressedTokenizer | None:

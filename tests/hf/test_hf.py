@@ -95,8 +95,10 @@ def test_a_tampered_tokenizer_is_refused(data, tmp_path):
     vocab = spec["model"]["vocab"]
     vocab["x"], vocab["y"] = vocab["y"], vocab["x"]  # two ids swap pieces: other compressed ids, other rows
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ValueError, match="tokenizer was changed or replaced; refusing to load"):
+    with pytest.raises(ValueError, match="tokenizer.json.*(altered|corrupted)"):  # the folder's checksums first
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tokenizer was changed or replaced; refusing to load"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, verify_checksums=False)
 
 
 def test_a_folder_whose_layout_differs_is_refused(data, tmp_path):
@@ -106,7 +108,7 @@ def test_a_folder_whose_layout_differs_is_refused(data, tmp_path):
     config["hash_layout"]["seed"] += 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"hash layout mismatch in \['seed'\]"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
+        AutoModelForCausalLM.from_pretrained(tmp_path, verify_checksums=False)
 
 
 @pytest.fixture(scope="module")

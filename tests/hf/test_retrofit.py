@@ -285,3 +285,46 @@ def test_the_old_module_name_still_resolves_and_says_where_the_adapter_went():
         assert old.Engram is Engram  # a name it only imported goes to its own home
     with pytest.raises(AttributeError, match="moved to engram.hf.retrofit"):
         old.no_such_name
+
+
+def test_the_adapter_trains_under_trainer_and_its_checkpoints_reload(tok, tmp_path):
+    """Dense table gradients (``sparse_tables=False``): transformers' Trainer, its AdamW, gradient clipping and
+    accumulation train the adapter alone; a checkpoint's base files hold no adapter tensor and the adapter
+    beside them attaches again to give the trained model's logits."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    base = base_model("llama", len(tok))
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    adapter = attach_engram(base, tok, ADAPTER, sparse_tables=False)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, len(tok), (16,), generator=g)), "labels": ids} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=2, learning_rate=1e-2, max_grad_norm=0.5, logging_steps=1, save_steps=2,
+                             report_to=[], use_cpu=True)
+    Trainer(model=base, args=args, train_dataset=rows).train()
+    assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items() if k in frozen)  # base untouched
+    assert any(m.value_proj.weight.abs().sum() > 0 for m in adapter.engram_layers.values())  # the adapter learnt
+    checkpoint = tmp_path / "checkpoint-2"
+    from safetensors import safe_open
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "engram_adapter" in k]  # a plain reload drops nothing: none is there
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = base(ids).logits
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        EngramAdapter.load(reloaded, checkpoint)
+        assert torch.equal(reloaded(ids).logits, expected)
+
+
+def test_sparse_tables_are_the_default_and_detach_restores_the_base_save(tok, tmp_path):
+    base = base_model("llama", len(tok))
+    adapter = attach_engram(base, tok, ADAPTER)
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"]
+    base(ids, labels=ids).loss.backward()
+    assert all(m.embedding.weight.grad.is_sparse for m in adapter.engram_layers.values())
+    assert "save_pretrained" in vars(base)
+    adapter.detach()
+    assert "save_pretrained" not in vars(base)  # the class's own again
+    base.save_pretrained(tmp_path)
+    assert not (tmp_path / "engram_adapter").exists()

@@ -6,7 +6,9 @@ How it sits in the base model (no second copy of it, no change to its code):
   - A forward pre-hook on each chosen block turns its input ``h`` into ``h + Y``, Y the Engram output
     from h (docs/ALGORITHM.md §2: the module adds to the residual stream before the block's attention).
     The module is registered on the block as ``engram_adapter``: ``model.parameters()`` holds it (for
-    optimizers, PEFT and Trainer) and no key of the base model's state dict changes.
+    optimizers, PEFT and Trainer, the last with ``sparse_tables=False``). The base model's own
+    ``save_pretrained`` is shadowed while attached: it writes the base's files without the adapter's
+    tensors and the adapter in ``engram_adapter/`` beside them.
   - A forward pre-hook on the top model reads ``input_ids``, ``attention_mask`` and the cache, hashes
     once for every inserted module (``NgramHasher`` on the base tokenizer's ``CompressedTokenizer``),
     and starts the storage tiers' prefetch.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -44,14 +47,15 @@ class EngramAdapter(nn.Module, TableHost):
     (``engram_layers``, ``hasher``, ``named_tables``): ``engram.storage.apply_storage`` and ``export_tables``
     take it like an ``EngramLM``."""
 
-    def __init__(self, config: EngramAdapterConfig, compressed: CompressedTokenizer, dim: int):
+    def __init__(self, config: EngramAdapterConfig, compressed: CompressedTokenizer, dim: int,
+                 sparse_tables: bool = True):
         super().__init__()
         self.config = config
         self.dim = dim
         self.hasher = NgramHasher(config.engram, compressed)
         geometry = self.hasher.geometry
         self.modules_by_layer = nn.ModuleDict({
-            str(lid): Engram(config.engram, dim, geometry[lid], config.norm_eps, branches=1, sparse_table=True)
+            str(lid): Engram(config.engram, dim, geometry[lid], config.norm_eps, branches=1, sparse_table=sparse_tables)
             for lid in config.engram.layer_ids})
         # the base model is not a submodule of its adapter (its parameters are not the adapter's)
         self.__dict__["_model"] = None
@@ -113,6 +117,8 @@ class EngramAdapter(nn.Module, TableHost):
             hooks.append(blocks[lid].register_forward_pre_hook(self._block_hook(lid), with_kwargs=True))
         self.__dict__.update(_model=model, _blocks=blocks)
         self._hooks = hooks
+        if hasattr(model, "save_pretrained"):  # the instance's own: the base's files, then the adapter beside them
+            model.__dict__["save_pretrained"] = functools.partial(_save_retrofitted, model, self)
         return self
 
     def _block_hook(self, layer_id: int):
@@ -132,6 +138,7 @@ class EngramAdapter(nn.Module, TableHost):
         for lid in self.engram_layers:
             del self._blocks[lid].engram_adapter
         model = self._model
+        model.__dict__.pop("save_pretrained", None)
         self.__dict__.update(_model=None, _blocks=None)
         self._hooks = []
         self.caches.clear()
@@ -236,13 +243,32 @@ class EngramAdapter(nn.Module, TableHost):
         return save_adapter(self, directory)
 
     @classmethod
-    def load(cls, model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> "EngramAdapter":
+    def load(cls, model: nn.Module, directory: str | os.PathLike, tokenizer=None,
+             sparse_tables: bool = True) -> "EngramAdapter":
         """Attach the adapter saved in ``directory`` to ``model``: refuses a base model of another shape or
         a ``tokenizer`` that addresses other rows. Without ``tokenizer`` the saved compressed table is
-        used as is (pass the tokenizer you will feed the model to have it checked)."""
+        used as is (pass the tokenizer you will feed the model to have it checked). ``directory`` may also
+        be a folder the retrofitted model's ``save_pretrained`` wrote (its adapter is in ``engram_adapter/``).
+        ``sparse_tables``: as ``attach_engram``'s."""
         from engram.hf.retrofit.files import load_adapter
 
-        return load_adapter(model, directory, tokenizer)
+        return load_adapter(model, directory, tokenizer, sparse_tables)
+
+
+ADAPTER_FOLDER = "engram_adapter"
+
+
+def _save_retrofitted(model: nn.Module, adapter: "EngramAdapter", save_directory, *args, state_dict=None,
+                      **kwargs):
+    """``save_pretrained`` of a model with an adapter attached: the base model's files as transformers writes
+    them, without any adapter tensor (so a plain ``from_pretrained`` loads exactly the base and drops nothing
+    silently), and the adapter in ``engram_adapter/`` beside them (``EngramAdapter.load(model, folder)``
+    attaches it again). Trainer's checkpoints go through here too."""
+    state = model.state_dict() if state_dict is None else state_dict
+    base = {k: v for k, v in state.items() if ".engram_adapter." not in f".{k}"}
+    type(model).save_pretrained(model, save_directory, *args, state_dict=base, **kwargs)
+    if kwargs.get("is_main_process", True):
+        adapter.save(Path(save_directory) / ADAPTER_FOLDER)
 
 
 def _pad_id(tokenizer) -> int:
@@ -254,27 +280,32 @@ def _pad_id(tokenizer) -> int:
 
 
 def attach_engram(model: nn.Module, tokenizer, config: EngramAdapterConfig | None = None,
-                  seed: int = 0) -> EngramAdapter:
+                  seed: int = 0, sparse_tables: bool = True) -> EngramAdapter:
     """Insert Engram modules into ``model`` (a Hugging Face causal LM) in place; returns the adapter.
 
     ``tokenizer``: the base model's own (a transformers tokenizer, a ``tokenizers.Tokenizer``, a
     directory or tokenizer.json): its ``CompressedTokenizer`` addresses the tables (a
     ``CompressedTokenizer`` is taken as is). The outputs equal the
-    base model's exactly until the adapter is trained (``W_V`` starts at zero)."""
+    base model's exactly until the adapter is trained (``W_V`` starts at zero).
+
+    ``sparse_tables`` (default True): the tables' gradients hold only the looked-up rows, for ``engram
+    finetune``'s SparseAdam. False gives dense gradients, which transformers' ``Trainer`` needs (its AdamW
+    and its gradient clipping refuse sparse ones); a dense gradient is as large as the table."""
     config = config or EngramAdapterConfig()
     if config.engram.pad_id is None:
         config = dataclasses.replace(config, engram=dataclasses.replace(config.engram, pad_id=_pad_id(tokenizer)))
     compressed = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer.from_pretrained(tokenizer)
-    adapter = build_adapter(config, compressed, model)
+    adapter = build_adapter(config, compressed, model, sparse_tables)
     adapter.init_weights(seed=seed)
     return adapter.attach(model)
 
 
-def build_adapter(config: EngramAdapterConfig, compressed: CompressedTokenizer, model: nn.Module) -> EngramAdapter:
+def build_adapter(config: EngramAdapterConfig, compressed: CompressedTokenizer, model: nn.Module,
+                  sparse_tables: bool = True) -> EngramAdapter:
     """An adapter for ``model`` on its device, built on meta: buffers computed, weights not yet set."""
     param = next(model.parameters())
     with torch.device("meta"):
-        adapter = EngramAdapter(config, compressed, model_dim(model))
+        adapter = EngramAdapter(config, compressed, model_dim(model), sparse_tables)
     adapter.to_empty(device=param.device)
     reset_derived_buffers(adapter)
     return adapter

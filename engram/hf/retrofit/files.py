@@ -43,11 +43,16 @@ def save_adapter(adapter: EngramAdapter, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> EngramAdapter:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
+                 sparse_tables: bool = True) -> EngramAdapter:
     """The adapter saved in ``directory``, attached to ``model`` (see ``EngramAdapter.load``)."""
     from safetensors.torch import load_file
 
+    from engram.hf.retrofit.adapter import ADAPTER_FOLDER
+
     directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file() and (directory / ADAPTER_FOLDER).is_dir():
+        directory = directory / ADAPTER_FOLDER  # a retrofitted model's save_pretrained folder
     meta = json.loads((directory / "adapter_config.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}/adapter_config.json has format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -63,7 +68,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, tokenizer=None)
         raise ValueError(f"the tokenizer given compresses to V'={compressed.vocab_size} (sha256 "
                          f"{compressed.sha256[:12]}) but the adapter's tables were addressed with "
                          f"V'={stored.vocab_size} (sha256 {stored.sha256[:12]}); refusing to load")
-    adapter = build_adapter(config, compressed, model)  # nothing initialised only to be overwritten
+    adapter = build_adapter(config, compressed, model, sparse_tables)  # nothing initialised only to be overwritten
     adapter.hasher.check_layout(json.loads((directory / "hash_layout.json").read_text()))
     adapter.modules_by_layer.load_state_dict(load_file(str(directory / "adapter.safetensors")))
     return adapter.attach(model)
