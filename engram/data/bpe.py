@@ -54,7 +54,9 @@ def with_bos(ids: Iterable[int], bos: int | None) -> list[int]:
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """``text`` encoded as training documents start (``[<|bos|>] + ids``, ``write_split``'s layout), the one
     way a prompt is encoded for sampling, generation and evaluation."""
-    return with_bos(tokenizer.encode(text).ids, special_ids(tokenizer).bos)
+    # add_special_tokens=False, as the shards encode: the BOS is ours to add, never a post-processor's (an
+    # exported tokenizer.json adds it for transformers' users)
+    return with_bos(tokenizer.encode(text, add_special_tokens=False).ids, special_ids(tokenizer).bos)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -57,11 +57,16 @@ def save_tokenizers(model, directory: str | os.PathLike) -> None:
         model.compressed_tokenizer.save(directory)
     tokenizer = model.engram_tokenizer
     if tokenizer is not None:
-        hf_tokenizer(tokenizer).save_pretrained(str(directory))
+        max_length = getattr(model.config, "max_position_embeddings", None)
+        hf_tokenizer(tokenizer, model_max_length=max_length).save_pretrained(str(directory))
 
 
-def hf_tokenizer(tokenizer):
-    """A transformers ``PreTrainedTokenizerFast`` over a ``tokenizers.Tokenizer`` (left padding)."""
+def hf_tokenizer(tokenizer, model_max_length: int | None = None):
+    """A transformers ``PreTrainedTokenizerFast`` over a ``tokenizers.Tokenizer`` (a copy; the object given is
+    not changed): left padding, the BOS prepended as training documents start (``engram.data.prompt_ids``:
+    ``tok(text)`` gives ``[<|bos|>] + ids``, so ``pipeline`` prompts are ``engram sample``'s), decoding as
+    ``tokenizers`` does, and ``model_max_length`` (the model's context) when given."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     from engram.data import special_ids
@@ -69,4 +74,7 @@ def hf_tokenizer(tokenizer):
     special = special_ids(tokenizer)
     names = {role: tokenizer.id_to_token(i) for role, i in (("bos_token", special.bos), ("eos_token", special.eos),
                                                             ("pad_token", special.pad)) if i is not None}
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **names)
+    extra = {} if model_max_length is None else {"model_max_length": int(model_max_length)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.to_str()), padding_side="left",
+                                   add_bos_token=special.bos is not None, clean_up_tokenization_spaces=False,
+                                   **names, **extra)

@@ -85,7 +85,32 @@ def test_auto_classes_and_tokenizer(data, tmp_path):
     assert config.engram_config["engram"]["layer_ids"] == hf.config.engram_config["engram"]["layer_ids"]
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert tok.padding_side == "left" and tok.eos_token == "<|eos|>" and tok.pad_token_id == data.pad_id
-    assert tok("import os")["input_ids"] == data.tokenizer.encode("import os").ids
+    from engram.data import prompt_ids
+
+    assert tok("import os")["input_ids"] == prompt_ids(data.tokenizer, "import os")  # [<|bos|>] + ids, as trained
+    assert tok("import os", add_special_tokens=False)["input_ids"] == data.tokenizer.encode("import os").ids
+    assert tok.model_max_length == hf.config.model_config.backbone.max_seq_len
+    assert data.tokenizer.post_processor is None  # the tokenizer given was not changed by the export
+
+
+def test_pipeline_continues_a_prompt_as_engram_sample_does(tmp_path, capsys):
+    """The exported folder through transformers' pipeline, greedy, gives `engram sample --temperature 0`'s text."""
+    from pathlib import Path
+
+    from transformers import pipeline
+
+    from engram.cli import main
+
+    fixture = Path(__file__).parents[1] / "fixtures" / "v0_1" / "sharded_run"
+    assert main(["export-hf", "--ckpt", str(fixture), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    for prompt in ("def f(x):\n    return", "import os"):
+        assert main(["sample", "--ckpt", str(fixture), "--prompt", prompt, "--temperature", "0",
+                     "--max-new-tokens", "12"]) == 0
+        sampled = capsys.readouterr().out[:-1]  # the prompt and its continuation, then a newline
+        generator = pipeline("text-generation", model=str(tmp_path / "hf"))
+        piped = generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+        assert piped == sampled
 
 
 def test_a_tampered_tokenizer_is_refused(data, tmp_path):
