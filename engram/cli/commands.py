@@ -271,6 +271,9 @@ def finetune_flags(p) -> None:
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--no-resume", action="store_true",
                         help="start afresh; earlier checkpoints are moved to OUT/archive/, never deleted")
+    resume.add_argument("--resume-from", type=nonnegative_int, default=None, metavar="STEP",
+                        help="continue from checkpoint STEP instead of the latest (e.g. when the latest is damaged); "
+                             "later checkpoints are moved to OUT/archive/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set(p, "override a field, e.g. train.max_steps=100, adapter.engram.layer_ids=[1,3], "
                "adapter.engram.engram_vocab_size=[20000,20000] (repeatable)")
@@ -283,7 +286,8 @@ def finetune(args) -> int:
 
     config = FinetuneConfig(base=args.base, gguf_file=args.gguf_file, data=DataConfig(source=args.data))
     config = apply_overrides(config, args.overrides)
-    result = run(config, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress)
+    result = run(config, out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress,
+                 resume_from=args.resume_from)
     print(json.dumps(result, indent=2))
     return 0
 

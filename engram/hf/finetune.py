@@ -12,6 +12,7 @@ loss stops before anything moves, metrics go to ``metrics.jsonl``. A checkpoint 
       optimizer.pt          the two optimizers' state and the torch RNG
       trainer_state.json    step, tokens, last metrics
       finetune_config.json  the FinetuneConfig
+      base.json             the base model it was trained on (engram.hf.base_model.describe_base), checked on resume
       manifest.json         every file's size and sha256, written last
 
 The data is tokenized with the base model's own tokenizer (saved in the run as
@@ -35,6 +36,7 @@ import torch
 from engram.data.config import DataConfig
 from engram.distributed.parallelize import Parallel
 from engram.fileio import atomic_write_json
+from engram.hf.base_model import check_same_base, describe_base, load_model, load_tokenizer
 from engram.hf.retrofit import EngramAdapter, EngramAdapterConfig, attach_engram
 from engram.schema import Serialisable
 from engram.train import checkpoint as ckpt_io
@@ -44,7 +46,7 @@ from engram.train.config import TrainConfig
 from engram.train.device import resolve_device
 from engram.train.loop import run_loop
 from engram.train.optim import Optimizers
-from engram.train.resume import checkpoint_to_resume
+from engram.train.resume import INIT_ONLY_FIELDS, apply_run_dir, checkpoint_to_resume, flatten_fields
 from engram.train.startup import check_splits
 from engram.train.step import TrainState
 
@@ -71,12 +73,7 @@ class FinetuneConfig(Serialisable):
 
 def load_base(config: FinetuneConfig):
     """(model, tokenizer) of the base, in fp32, in eval mode (dropout off: the frozen base is a function)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    extra = {"gguf_file": config.gguf_file} if config.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(config.base, **extra)
-    model = AutoModelForCausalLM.from_pretrained(config.base, dtype=torch.float32, **extra)
-    return model.eval(), tokenizer
+    return load_model(config), load_tokenizer(config)
 
 
 class _Scored(torch.nn.Module):
@@ -94,27 +91,33 @@ class _Scored(torch.nn.Module):
 
 
 def finetune(config: FinetuneConfig, out_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
-             on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train ``config.adapter`` on the frozen ``config.base`` into ``out_dir``; returns a summary."""
+             on_step: Callable[[int, dict], None] | None = None, resume_from: int | None = None) -> dict:
+    """Train ``config.adapter`` on the frozen ``config.base`` into ``out_dir``; returns a summary.
+
+    Everything that can be refused is refused before the base's weights load: a damaged or missing
+    checkpoint, ``freeze_base=false``, an Engram model as base, a tokenizer larger than the base's vocabulary,
+    data without a usable validation split, and a resume on another base or adapter (``base.json`` and
+    ``finetune_config.json`` of the checkpoint). ``resume_from``: continue from that step's checkpoint (later
+    ones are moved to the archive), e.g. when the latest is damaged."""
     tc = config.train
     run_dir = Path(out_dir or tc.out_dir)
     with rundir.lock_run(run_dir):
         for path in remove_staging(run_dir):
             print(f"[engram] removed {path}, a checkpoint a killed process did not finish", file=sys.stderr)
-        latest = checkpoint_to_resume(run_dir, resume, None)
+        latest = checkpoint_to_resume(run_dir, resume, resume_from)
         if latest is not None:
             ckpt_io.verify_checkpoint(latest)
         if not config.adapter.freeze_base:
             raise ValueError("adapter.freeze_base=false: engram finetune trains and saves the adapter only; "
                              "train the base too with your own loop (attach_engram(..., freeze_base=False))")
+        tokenizer = load_tokenizer(config)
+        base = describe_base(config, tokenizer)
+        if latest is not None:
+            _check_resume(latest, config, base)
         device = resolve_device(tc.placement.device)
-        model, tokenizer = load_base(config)
-        model.to(device)
         data = _prepare(config, tokenizer, run_dir)
-        if not resume:
-            moved = rundir.start_fresh(run_dir)
-            if moved is not None:
-                print(f"[engram] --no-resume: the previous history of {run_dir} is kept in {moved}", file=sys.stderr)
+        model = load_model(config).to(device)
+        apply_run_dir(run_dir, resume, resume_from)
         torch.manual_seed(tc.seed)
         if latest is None:
             adapter = attach_engram(model, tokenizer, config.adapter, seed=tc.seed)
@@ -133,11 +136,40 @@ def finetune(config: FinetuneConfig, out_dir: str | Path | None = None, resume: 
         device = next(model.parameters()).device
         state = TrainState(run=config, run_dir=run_dir, device=device, data=data, model=scored,
                            parallel=Parallel(scored, device), optimizers=optimizers, step=step, last_checkpoint=latest,
-                           save=functools.partial(_save, adapter=adapter))
+                           save=functools.partial(_save, adapter=adapter, base=base))
         result = run_loop(state, progress, on_step)
         return {"run_dir": str(run_dir), "steps": result.steps, "tokens": result.tokens,
                 "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
                 "adapter_parameters": sum(p.numel() for p in adapter.parameters()), **result.final_eval}
+
+
+# FinetuneConfig fields a resumed run may change: where and how long, never what the adapter is
+_MAY_CHANGE = ("base", "gguf_file", "train.out_dir", "train.placement.device", "train.max_steps", "train.log_every",
+               "train.eval.", "train.checkpoint.", "data.cache_dir", "data.source")
+
+
+def _check_resume(checkpoint: Path, config: FinetuneConfig, base: dict) -> None:
+    """Refuse to continue ``checkpoint`` on another base, or with another adapter or optimizer."""
+    stored_base = checkpoint / "base.json"
+    if stored_base.is_file():
+        check_same_base(json.loads(stored_base.read_text()), base, checkpoint)
+    else:
+        print(f"[engram] {checkpoint} records no base model (written by an earlier version): the base is not "
+              "checked", file=sys.stderr)
+    stored = flatten_fields(json.loads((checkpoint / "finetune_config.json").read_text()))
+    now = flatten_fields(config.to_dict())
+    changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)
+               and not k.startswith(_MAY_CHANGE)]
+    init_only = tuple(f".{name}" for name in INIT_ONLY_FIELDS)  # decided the first weights only: the checkpoint's stand
+    fixed = [k for k in changed if k.startswith(("adapter.", "train.optim.name", "data.tokenizer"))
+             and not k.endswith(init_only)]
+    if fixed:
+        raise ValueError(f"{checkpoint} was trained with another adapter or optimizer ("
+                         + ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in fixed)
+                         + "); use another --out, or --no-resume to start afresh")
+    if changed:
+        print(f"[engram] resuming {checkpoint.name} with changed settings: "
+              + ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in changed), file=sys.stderr)
 
 
 def _prepare(config: FinetuneConfig, tokenizer, run_dir: Path):
@@ -152,7 +184,7 @@ def _prepare(config: FinetuneConfig, tokenizer, run_dir: Path):
     return data
 
 
-def _save(state: TrainState, step: int, metrics: dict, adapter: EngramAdapter) -> Path:
+def _save(state: TrainState, step: int, metrics: dict, adapter: EngramAdapter, base: dict) -> Path:
     """``engram finetune``'s checkpoint writer (``TrainState.save``): the adapter folder, not the base."""
     config = state.run
     tmp = ckpt_io.stage(state.run_dir, step)
@@ -163,6 +195,7 @@ def _save(state: TrainState, step: int, metrics: dict, adapter: EngramAdapter) -
         atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": step * config.train.tokens_per_step,
                                                        "last": metrics}, sort_keys=True)
         atomic_write_json(tmp / "finetune_config.json", config.to_dict(), sort_keys=True)
+        atomic_write_json(tmp / "base.json", base, sort_keys=True)
         return ckpt_io.publish(tmp, step, config.train.checkpoint.keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

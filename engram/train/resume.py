@@ -23,11 +23,12 @@ from engram.train.config import MOVED, RunConfig
 _NOT_COMPARED = {"train.out_dir", "train.placement.device"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_fields(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted field: value}."""
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
+            out |= flatten_fields(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -36,7 +37,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(stored: RunConfig, now: RunConfig) -> list[tuple[str, object, object]]:
     """(dotted field, stored value, new value) for every field that differs, paths compared resolved
     (give both with their data paths absolute); ``train.out_dir`` and ``train.placement.device`` are not compared."""
-    a, b = _flatten(stored.to_dict()), _flatten(now.to_dict())
+    a, b = flatten_fields(stored.to_dict()), flatten_fields(now.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in _NOT_COMPARED and a.get(k) != b.get(k)]
 

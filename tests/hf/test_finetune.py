@@ -138,3 +138,138 @@ def test_finetune_keeps_as_many_checkpoints_as_asked(base_dir, corpus_dir, cache
     finetune(config(base_dir, corpus_dir, cache_dir, max_steps=4, save_every=1, keep_checkpoints=1), tmp_path / "r",
              progress=False)
     assert [p.name for p in sorted((tmp_path / "r" / "checkpoints").glob("step_*"))] == ["step_0000004"]
+
+
+# -- the defences engram train has -----------------------------------------------------------------------------
+def make_base(folder, tokenizer_dir, vocab=None, seed=0):
+    """A tiny Llama saved with the tokenizer in ``tokenizer_dir`` (``vocab``: its embedding's size)."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab or len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_base_load(monkeypatch):
+    """Fails the test if the base's weights are loaded: a refusal must come first."""
+    import engram.hf.finetune as F
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the run was refused")
+    monkeypatch.setattr(F, "load_model", refuse)
+
+
+def killed_at(step):
+    class Killed(Exception):
+        pass
+
+    def on_step(s, metrics):
+        if s == step:
+            raise Killed
+    return Killed, on_step
+
+
+def test_resuming_on_another_base_is_refused_and_a_moved_base_is_not(base_dir, corpus_dir, cache_dir, tmp_path):
+    import shutil
+
+    Killed, on_step = killed_at(2)
+    with pytest.raises(Killed):
+        finetune(config(base_dir, corpus_dir, cache_dir), tmp_path / "run", progress=False, on_step=on_step)
+    other = make_base(tmp_path / "other", base_dir, seed=1)  # the same architecture, other weights
+    with pytest.raises(ValueError, match="trained on another base model \\(its weight files differ\\)"):
+        finetune(config(other, corpus_dir, cache_dir), tmp_path / "run", progress=False)
+    moved = shutil.copytree(base_dir, tmp_path / "moved")  # the same base elsewhere: resumes
+    assert finetune(config(moved, corpus_dir, cache_dir), tmp_path / "run", progress=False)["steps"] == 6
+
+
+def test_resuming_with_another_adapter_is_refused(base_dir, corpus_dir, cache_dir, tmp_path):
+    import dataclasses
+
+    Killed, on_step = killed_at(2)
+    with pytest.raises(Killed):
+        finetune(config(base_dir, corpus_dir, cache_dir), tmp_path / "run", progress=False, on_step=on_step)
+    cfg = config(base_dir, corpus_dir, cache_dir)
+    cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(
+        cfg.adapter, engram=dataclasses.replace(cfg.adapter.engram, layer_ids=[2])))
+    with pytest.raises(ValueError, match="another adapter or optimizer .*adapter.engram.layer_ids"):
+        finetune(cfg, tmp_path / "run", progress=False)
+
+
+def test_a_tokenizer_larger_than_the_bases_vocabulary_is_refused_first(base_dir, corpus_dir, cache_dir, tmp_path,
+                                                                       no_base_load):
+    small = make_base(tmp_path / "small", base_dir, vocab=200)
+    with pytest.raises(ValueError, match="tokenizer has \\d+ ids but its model's vocabulary holds 200"):
+        finetune(config(small, corpus_dir, cache_dir), tmp_path / "run", progress=False)
+
+
+def test_an_engram_model_as_base_is_refused_first(corpus_dir, cache_dir, tmp_path, no_base_load):
+    import engram.hf as H
+    from engram.model.transformer import EngramLM
+    from engram.presets import get_preset
+
+    data = prepare_data(tiny_run(corpus_dir, cache_dir, tmp_path / "d").data)
+    model = EngramLM(get_preset("tiny-engram").without_data().with_data(data.vocab_size, data.pad_id), data.compressed)
+    H.to_hf(model, data.tokenizer).save_pretrained(tmp_path / "engram-base")
+    with pytest.raises(ValueError, match="is an Engram model already"):
+        finetune(config(tmp_path / "engram-base", corpus_dir, cache_dir), tmp_path / "run", progress=False)
+
+
+def test_data_without_a_window_is_refused_first(base_dir, corpus_dir, cache_dir, tmp_path, no_base_load):
+    import dataclasses
+
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):  # three short documents: no window of 32 tokens in either split
+        (small / f"f{i}.py").write_text(f"x_{i} = {i}\n")
+    cfg = config(base_dir, small, cache_dir)
+    with pytest.raises(ValueError, match="split .* has no window of train.seq_len=32"):
+        finetune(cfg, tmp_path / "run", progress=False)
+
+
+def test_resume_from_an_earlier_checkpoint_when_the_latest_is_damaged(base_dir, corpus_dir, cache_dir, tmp_path,
+                                                                      capsys):
+    from engram.train import CheckpointError
+
+    run = tmp_path / "run"
+    Killed, on_step = killed_at(5)
+    with pytest.raises(Killed):
+        finetune(config(base_dir, corpus_dir, cache_dir, keep_checkpoints=3), run, progress=False, on_step=on_step)
+    latest = run / "checkpoints" / "step_0000004" / "adapter" / "adapter.safetensors"
+    latest.write_bytes(latest.read_bytes()[:-10])  # truncated
+    with pytest.raises(CheckpointError):
+        finetune(config(base_dir, corpus_dir, cache_dir, keep_checkpoints=3), run, progress=False)
+    argv = ["finetune", "--base", str(base_dir), "--data", str(corpus_dir), "--out", str(run), "--no-progress",
+            "--resume-from", "2"] + [x for k, v in [("train.max_steps", 6), ("train.batch_size", 4),
+                                                    ("train.seq_len", 32), ("train.lr", 3e-3),
+                                                    ("train.warmup_steps", 1), ("train.eval_every", 3),
+                                                    ("train.eval_batches", 2), ("train.log_every", 1),
+                                                    ("train.save_every", 2), ("train.keep_checkpoints", 3),
+                                                    ("data.val_fraction", 0.2), ("data.cache_dir", cache_dir),
+                                                    ("adapter.engram.engram_vocab_size", "[101,103]"),
+                                                    ("adapter.engram.n_embed_per_ngram", 16),
+                                                    ("adapter.engram.n_head_per_ngram", 2),
+                                                    ("adapter.engram.layer_ids", "[1]")]
+                                     for x in ("--set", f"{k}={v}")]
+    assert main(argv) == 0
+    assert "resuming from step 2" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step_0000006").is_dir() and list((run / "archive").glob("*rewind-2*"))
+
+
+def test_document_starts_reach_the_adapter(base_dir, corpus_dir, cache_dir, tmp_path, monkeypatch):
+    """Each training batch's document starts go to the adapter, which resets its n-grams and conv there."""
+    from engram.hf.retrofit import EngramAdapter
+
+    seen = []
+    real = EngramAdapter.documents
+
+    def documents(self, boundary):
+        seen.append(None if boundary is None else boundary.clone())
+        return real(self, boundary)
+    monkeypatch.setattr(EngramAdapter, "documents", documents)
+    finetune(config(base_dir, corpus_dir, cache_dir, max_steps=2, eval_every=100), tmp_path / "run", progress=False)
+    assert seen and all(b is not None and b.dtype == torch.bool for b in seen)
+    assert any(bool(b[:, 1:].any()) for b in seen) or all(bool(b[:, 0].all()) for b in seen)
