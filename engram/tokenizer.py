@@ -79,14 +79,26 @@ def _decode_all(tokenizer: Any) -> tuple[list[str], Callable[[int], str]]:
         f"a directory holding tokenizer.json, or a tokenizer.json path; got {type(tokenizer).__name__}")
 
 
-def _load_tokenizer_file(path: Path):
+def read_tokenizer_file(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json; ValueError naming the file when it cannot be parsed
+    (``tokenizers`` raises a bare ``Exception`` for malformed JSON or an unknown model)."""
     from tokenizers import Tokenizer
 
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 (tokenizers' error type is Exception itself)
+        if isinstance(err, OSError):
+            raise
+        raise ValueError(f"{path} is not a readable tokenizer.json ({err}); replace it with the tokenizer's "
+                         "original file") from None
+
+
+def _load_tokenizer_file(path: Path):
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer_file(path)
 
 
 def _sha256(lookup: np.ndarray) -> str:

@@ -116,7 +116,8 @@ def test_demo_quick_end_to_end_then_resume_skips_finished_runs(tmp_path, cache, 
         assert set(stored[name]["per_seed"]) == {"0", "1"}
         assert stored["samples"][name]["text"].startswith("def __init__(self")
     assert stored["demo-moe"]["engram_params"] == 0 < stored["demo-engram"]["engram_params"]
-    assert stored["verdict"] == verdict(stored["paired"])
+    assert stored["verdict"].startswith("none: --quick trains 4 steps per model")  # no verdict from 4 steps
+    assert verdict(stored["paired"]) not in stored["verdict"]
     assert (out / "loss.png").stat().st_size > 10_000
     assert (out / "seed1" / "demo-engram" / "result.json").exists()
     printed = capsys.readouterr().out

@@ -116,3 +116,21 @@ def test_bad_construction():
 def test_identity():
     tok = CompressedTokenizer.identity(10)
     assert tok.vocab_size == 10 and tok(torch.arange(10)).tolist() == list(range(10))
+
+
+def test_a_malformed_tokenizer_json_is_a_one_line_error(tmp_path, capsys):
+    from engram.cli import main
+    from engram.tokenizer import read_tokenizer_file
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')  # cut off mid-file
+    with pytest.raises(ValueError, match="tokenizer.json is not a readable tokenizer.json"):
+        read_tokenizer_file(bad)
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
+        CompressedTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.py").write_text("x = 1\n" * 50)
+    assert main(["data", "prepare", "--set", f"data.tokenizer={bad}", "--set", f"data.source={tmp_path / 'corpus'}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "not a readable tokenizer.json" in err[-1] and "Traceback" not in "\n".join(err)

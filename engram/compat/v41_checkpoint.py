@@ -34,7 +34,7 @@ from engram.storage.cache import RowCache
 from engram.storage.prefetch import Prefetcher
 from engram.storage.safetensors import TORCH_DTYPES, tensor_in, weight_map
 from engram.storage.stores import DiskStore
-from engram.tokenizer import CompressedTokenizer
+from engram.tokenizer import CompressedTokenizer, read_tokenizer_file
 
 REQUIRED = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_vocab_size", "engram_head_dim",
             "engram_pad_token_id", "hidden_size", "hc_mult")
@@ -64,9 +64,7 @@ def _compressed(directory: Path, tokenizer) -> tuple[CompressedTokenizer, object
         file = directory / "tokenizer.json"
         if not file.is_file():
             raise ValueError(f"{directory} has no tokenizer.json: pass tokenizer= (the release's)")
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(file))
+        tokenizer = read_tokenizer_file(file)
     return CompressedTokenizer.from_pretrained(tokenizer), tokenizer
 
 

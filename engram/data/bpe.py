@@ -93,7 +93,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer at {str(path)!r}: expected a tokenizer.json file or a "
                                 f"directory holding one (or DataConfig.tokenizer='bpe' to train one)")
-    return Tokenizer.from_file(str(file))
+    from engram.tokenizer import read_tokenizer_file
+
+    return read_tokenizer_file(file)
 
 
 def tokenizer_sha256(tokenizer: Tokenizer) -> str:

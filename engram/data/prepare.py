@@ -31,7 +31,7 @@ from engram.data.corpus import TEXT_SUFFIXES, load_documents, source_documents
 from engram.data.retrieval import RETRIEVAL_FORMAT
 from engram.data.shards import TokenShards, write_split
 from engram.fileio import FileLock, atomic_write_json
-from engram.tokenizer import CompressedTokenizer
+from engram.tokenizer import CompressedTokenizer, read_tokenizer_file
 
 FORMAT_VERSION = 1  # bump when shard layout, splitting or BPE settings change: old caches then miss
 PREPARED = "prepared.json"
@@ -124,7 +124,7 @@ def _open(directory: Path) -> PreparedData:
     meta = json.loads((directory / PREPARED).read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{directory / PREPARED} has format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    tokenizer = read_tokenizer_file(directory / "tokenizer.json")
     sha = tokenizer_sha256(tokenizer)
     splits = {s: TokenShards(directory, s) for s in ("train", "val")}
     for s, shards in splits.items():

@@ -71,7 +71,8 @@ class MemoryPlan:
     strategy: str
     optimizer: str
     tokens_per_step: int
-    ranks: list[RankMemory]
+    ranks: list[RankMemory]  # every rank, or (every_rank False) one per run of equal ranks, and the last
+    every_rank: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self) | {"max_total": max(r.total for r in self.ranks)}
@@ -116,7 +117,7 @@ def memory_plan(config: ModelConfig, world: int, strategy: str = "fsdp", optimiz
         heads = t.offsets.shape[0]  # H rows looked up per token
         t_grads += min(-(-tokens_per_step * heads // world), rows) * (t.dim * BYTES + INDEX_BYTES)
     ranks = []
-    for r in range(world):
+    for r in _ranks_to_list(world, [shape[0] if len(shape) else 1 for _, shape in dense] if fsdp else []):
         d_params = d_opt = 0
         for name, shape in dense:
             moments = 1 if name in muon else 2
@@ -133,7 +134,24 @@ def memory_plan(config: ModelConfig, world: int, strategy: str = "fsdp", optimiz
                                 dense_params=d_params, dense_grads=d_params, dense_optimizer=d_opt,
                                 gathered_unit=gathered if fsdp else buckets))
     return MemoryPlan(world=world, strategy=strategy, optimizer=optimizer, tokens_per_step=tokens_per_step,
-                      ranks=ranks)
+                      ranks=ranks, every_rank=len(ranks) == world)
+
+
+ALL_RANKS = 1024  # up to this many ranks the plan lists each; beyond, one rank per class of equal ranks
+
+
+def _ranks_to_list(world: int, sharded_rows: list[int]) -> list[int]:
+    """Every rank up to ``ALL_RANKS``; beyond, the first rank of each run of ranks whose numbers are equal, and
+    the last rank. A dimension of n rows sharded over ``world`` ranks gives ceil(n / W) rows to ranks below
+    n // ceil(n / W), a remainder to the next, none after: only those two ranks per dimension start a new run,
+    so the list is O(parameters) long however large the world (and its largest total is the plan's)."""
+    if world <= ALL_RANKS:
+        return list(range(world))
+    starts = {0, world - 1}
+    for n in sharded_rows:
+        full = n // -(-n // world)
+        starts.update(r for r in (full, full + 1) if r < world)
+    return sorted(starts)
 
 
 def format_plan(plan: MemoryPlan, name: str = "") -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engram.tokenizer import COMPRESSED_FILE, CompressedTokenizer
+from engram.tokenizer import COMPRESSED_FILE, CompressedTokenizer, read_tokenizer_file
 
 
 def _find(folder, name: str, kwargs: dict) -> Path | None:
@@ -33,15 +33,13 @@ def folder_tokenizers(folder, kwargs: dict | None = None):
     present, is the source: the compressed table is rebuilt from it and must equal the stored one. Neither
     file gives (None, None): ``EngramForCausalLM`` then loads only a model that hashes nothing (or whose
     stored layout says its compression is the identity)."""
-    from tokenizers import Tokenizer
-
     kwargs = kwargs or {}
     tokenizer_file = _find(folder, "tokenizer.json", kwargs)
     stored_file = _find(folder, COMPRESSED_FILE, kwargs)
     stored = CompressedTokenizer.load(stored_file.parent) if stored_file is not None else None
     if tokenizer_file is None:  # neither: a model that hashes nothing needs none (the model refuses otherwise)
         return stored, None
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = read_tokenizer_file(tokenizer_file)
     rebuilt = CompressedTokenizer.from_pretrained(tokenizer)
     if stored is not None and rebuilt != stored:
         raise ValueError(f"{tokenizer_file} compresses to V'={rebuilt.vocab_size} (sha256 {rebuilt.sha256[:12]}) but "

@@ -16,6 +16,7 @@ supported (export with ``export_tables`` before, keep the checkpoint).
 from __future__ import annotations
 
 import threading
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -234,6 +235,11 @@ def serve_stores(model, stores: dict, tier: str, cache_rows: int = 0, policy: st
         if (store.num_rows, store.dim) != (table.num_rows, table.dim):
             raise ValueError(f"layer {lid}: the store holds {(store.num_rows, store.dim)} rows x d_h, the table needs "
                              f"{(table.num_rows, table.dim)}")
+    whole = sorted(lid for lid in layers if 0 < stores[lid].num_rows <= cache_rows)
+    if whole:  # the cache is cut to the table's size; say so rather than silently
+        sizes = ", ".join(f"layer {lid}: {stores[lid].num_rows:,}" for lid in whole)
+        warnings.warn(f"cache_rows={cache_rows:,} is not below the rows of the tables of layers {whole} ({sizes}): "
+                      "their caches hold the whole table (the host tier does that without a cache)", stacklevel=3)
     prefetcher = Prefetcher()
     for lid, layer in layers.items():
         old, store = layer.embedding, stores[lid]

@@ -40,7 +40,7 @@ import torch
 from engram.distributed import checkpoint as table_ckpt
 from engram import fileio
 from engram.model.transformer import EngramLM
-from engram.tokenizer import CompressedTokenizer
+from engram.tokenizer import CompressedTokenizer, read_tokenizer_file
 from engram.train.checkpoint_files import (CHECKPOINT_FILES, FORMAT, LATEST, MANIFEST, STAGING_PREFIX,
                                            CheckpointError, CheckpointFiles, checkpoints_dir,
                                            last_intact_checkpoint, latest_checkpoint, layout_files,
@@ -236,9 +236,9 @@ def open_checkpoint(path: str | os.PathLike, tokenizer=None, check_hashes: bool 
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     stored = CompressedTokenizer.load(path / "tokenizer")
     if tokenizer is None:
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer" / "tokenizer.json"))
+        tokenizer = read_tokenizer_file(path / "tokenizer" / "tokenizer.json")
     elif not isinstance(tokenizer, Tokenizer):
-        tokenizer = Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer))
+        tokenizer = read_tokenizer_file(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer)
     rebuilt = CompressedTokenizer.from_pretrained(tokenizer)
     if rebuilt != stored:
         raise CheckpointError(

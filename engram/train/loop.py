@@ -19,7 +19,7 @@ from typing import Callable
 
 import engram.train.rundir as rundir
 from engram.distributed import runtime as rt
-from engram.fileio import atomic_write_json
+from engram.fileio import CheckpointError, atomic_write_json
 from engram.model.accounting import count_parameters
 from engram.train.config import RunConfig
 from engram.train.device import autocast, resolve_device
@@ -109,7 +109,16 @@ def run_loop(state: TrainState, progress: bool = True,
 
     def save(done: int, metrics: dict) -> None:
         nonlocal saved_step
-        state.last_checkpoint = state.save(state, done, metrics)
+        try:
+            state.last_checkpoint = state.save(state, done, metrics)
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "write" not in str(err):  # torch.save reports a full disk so
+                raise
+            kept = state.last_checkpoint.name if state.last_checkpoint is not None else "none yet"
+            detail = " ".join(str(err).split())[-200:]  # torch's message spans lines
+            raise CheckpointError(f"saving the checkpoint of step {done} in {state.run_dir} failed ({detail}); "
+                                  f"nothing of it was kept, the last checkpoint is {kept}: free disk space, then run "
+                                  "the same command to resume") from err
         saved_step = done
 
     bar = None

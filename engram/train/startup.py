@@ -104,6 +104,10 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
                          "to train; raise train.max_steps, or --resume-from an earlier step")
     # a new run that starts from another run's weights (context extension); a started run just resumes
     init_from = tc.checkpoint.init_from
+    if ckpt is not None and init_from is not None and ckpt.run_config.train.checkpoint.init_from != init_from:
+        raise ValueError(f"{run_dir} already holds checkpoints (step {ckpt.step}), so it resumes and "
+                         f"train.init_from={init_from!r} would be ignored; start the new run in another --out, or "
+                         "--no-resume to move this history to the archive first")
     init = open_checkpoint(init_from) if ckpt is None and init_from is not None else None
     if rt.is_main():  # rank 0 builds the tokenizer and token caches; the others then read them
         data = _prepare(run.data, ckpt or init)

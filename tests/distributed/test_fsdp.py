@@ -211,3 +211,32 @@ def test_a_model_without_tables_resumes_under_fsdp_with_muon(corpus_dir, cache_d
     assert not first["tables_sharded"] and first["dense_sharded"]
     _assert_same_steps(first["steps"] + second["steps"], want["steps"])
     assert abs(second["final_eval"]["val_loss"] - want["final_eval"]["val_loss"]) <= TOL
+
+
+@pytest.mark.parametrize("world", [1500, 4099])
+def test_a_plan_for_many_ranks_lists_one_rank_per_class_and_the_same_numbers(world, monkeypatch):
+    """Past ALL_RANKS the plan lists one rank per run of equal ranks: every rank's numbers are still those of
+    the listed rank before it, so the largest total is the one an all-rank plan gives."""
+    from engram.distributed import plan as P
+    from engram.presets import get_preset
+
+    config = get_preset("tiny-engram")
+    few = P.memory_plan(config, world, "fsdp", "adamw")
+    assert not few.every_rank and len(few.ranks) < 200 and few.ranks[-1].rank == world - 1
+    monkeypatch.setattr(P, "ALL_RANKS", world)
+    every = P.memory_plan(config, world, "fsdp", "adamw")
+    assert every.every_rank and len(every.ranks) == world
+    listed = {r.rank: r for r in few.ranks}
+    last = None
+    for r in every.ranks:  # each rank equals the closest listed rank at or before it
+        last = listed.get(r.rank, last)
+        assert dataclasses.replace(r, rank=0) == dataclasses.replace(last, rank=0)
+    assert few.to_dict()["max_total"] == every.to_dict()["max_total"]
+
+
+def test_a_plan_for_a_billion_ranks_returns():
+    from engram.distributed.plan import memory_plan
+    from engram.presets import get_preset
+
+    plan = memory_plan(get_preset("tiny-engram"), 10**9, "fsdp", "adamw")
+    assert plan.world == 10**9 and plan.ranks[-1].rank == 10**9 - 1

@@ -106,3 +106,17 @@ def test_a_gather_found_warm_skips_the_disk_stores_own_check(tmp_path, monkeypat
 def test_an_empty_request_is_warm(tmp_path):
     (tmp_path / "t.bin").write_bytes(np.zeros((4, 4), np.float32).tobytes())
     assert DiskStore(tmp_path / "t.bin", 4, 4).warm(torch.empty(0, dtype=torch.int64))
+
+
+def test_a_cache_as_large_as_a_table_is_reported_not_silently_cut(fresh_model):
+    from engram.storage import apply_storage
+
+    model = fresh_model()
+    rows = min(layer.embedding.num_rows for layer in model.engram_layers.values())
+    with pytest.warns(UserWarning, match=f"cache_rows={rows + 5:,} is not below the rows of the tables"):
+        handle = apply_storage(model, "host", cache_rows=rows + 5)
+    handle.close()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_storage(fresh_model(), "host", cache_rows=8).close()  # a real cache: nothing to say

@@ -96,3 +96,14 @@ def test_init_from_inside_the_run_directory_with_no_resume_is_refused(source, tm
     with pytest.raises(ValueError, match="lies inside .* --no-resume moves to the archive"):
         train(extended(run, inside, out), progress=False, resume=False)
     assert inside.exists()  # nothing was archived
+
+
+def test_init_from_on_a_run_that_has_checkpoints_is_refused_not_ignored(source, tmp_path):
+    """A run directory with checkpoints resumes; an --init-from it did not start with would be silently ignored."""
+    run, ckpt = source
+    plain = dataclasses.replace(run, train=dataclasses.replace(run.train, max_steps=2, save_every=2,
+                                                               out_dir=str(tmp_path / "r")))
+    train(plain, progress=False)
+    asked = dataclasses.replace(plain, train=dataclasses.replace(plain.train, max_steps=3, init_from=str(ckpt)))
+    with pytest.raises(ValueError, match="already holds checkpoints \\(step 2\\).*init_from=.* would be ignored"):
+        train(asked, progress=False)

@@ -324,3 +324,33 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(corpus_dir, cache_dir, tm
         f.write('{"kind": "train", "step": 5, "lo')  # a crash mid-write
     train(tiny_run(corpus_dir, cache_dir, run_dir, max_steps=6), progress=False)
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+                 "PytorchStreamWriter failed writing file data/0: file write failed"),  # torch.save's, disk full
+    OSError(28, "No space left on device"),
+])
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(corpus_dir, cache_dir, tmp_path,
+                                                                              monkeypatch, capsys, failure):
+    from engram.train import checkpoint_files
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--preset", "tiny-engram", "--out", str(run_dir), "--no-progress",
+            "--set", f"data.source={corpus_dir}", "--set", f"data.cache_dir={cache_dir}", "--set", "data.vocab_size=300",
+            "--set", "data.val_fraction=0.2", "--set", "train.max_steps=4", "--set", "train.save_every=2",
+            "--set", "train.batch_size=4", "--set", "train.seq_len=32", "--set", "train.eval_every=100",
+            "--set", "train.eval_batches=1"]
+    real, calls = checkpoint_files.write_replicated, []
+
+    def fails_second_time(tmp, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 2:
+            raise failure
+        return real(tmp, step, *args, **kwargs)
+    monkeypatch.setattr(checkpoint_files, "write_replicated", fails_second_time)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "saving the checkpoint of step 4" in err and "the last checkpoint is step_0000002" in err
+    assert "Traceback" not in capsys.readouterr().err
+    assert latest_checkpoint(run_dir).name == "step_0000002" and not list((run_dir / "checkpoints").glob(".*"))
