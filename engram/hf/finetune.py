@@ -156,7 +156,9 @@ def _check_resume(checkpoint: Path, config: FinetuneConfig, base: dict) -> None:
     else:
         print(f"[engram] {checkpoint} records no base model (written by an earlier version): the base is not "
               "checked", file=sys.stderr)
-    stored = flatten_fields(json.loads((checkpoint / "finetune_config.json").read_text()))
+    # read through today's schema: a file written before a field existed holds its default
+    stored = flatten_fields(FinetuneConfig.from_dict(json.loads((checkpoint / "finetune_config.json").read_text()))
+                            .to_dict())
     now = flatten_fields(config.to_dict())
     changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)
                and not k.startswith(_MAY_CHANGE)]

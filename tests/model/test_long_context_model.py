@@ -28,10 +28,13 @@ def model_of(name, G=None, **backbone):
 
 @pytest.mark.parametrize("name, G", [("tiny-engram", 2), ("tiny-engram", 1), ("tiny-moe", 1), ("tiny-dense", 2),
                                      ("tiny-engram-v41", 2)])
-def test_a_packed_batch_equals_each_document_alone(name, G):
+@pytest.mark.parametrize("layout", [([5, 11, 1, 15], [32]),
+                                    ([1, 31], [1, 1, 30])],  # documents starting at position 1 (and 2)
+                         ids=["mixed", "start-at-1"])
+def test_a_packed_batch_equals_each_document_alone(name, G, layout):
     model = model_of(name, G)
     gen = torch.Generator().manual_seed(3)
-    docs = [[torch.randint(3, 512, (n,), generator=gen) for n in lengths] for lengths in ([5, 11, 1, 15], [32])]
+    docs = [[torch.randint(3, 512, (n,), generator=gen) for n in lengths] for lengths in layout]
     ids = torch.stack([torch.cat(row) for row in docs])  # (2, 32)
     boundary = torch.zeros_like(ids, dtype=torch.bool)
     for b, row in enumerate(docs):

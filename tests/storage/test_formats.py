@@ -213,3 +213,37 @@ def test_fp16_overflow_is_refused_and_float_export_removes_stale_scales(tables, 
         model.engram_layers[1].embedding.weight[7, 0] = 1e6
     with pytest.raises(TableError, match="row 7 .* not finite as float16"):
         export_tables(model, tmp_path / "half", dtype="float16")
+
+
+def e4m3fn_value(byte: int) -> float:
+    """OCP FP8 E4M3FN, from its bits: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+    subnormal (2^-6 * m/8); S.1111.111 is NaN; there is no infinity."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+    if exponent == 0xF and mantissa == 0x7:
+        return float("nan")
+    if exponent == 0:
+        return sign * 2.0**-6 * mantissa / 8
+    return sign * 2.0 ** (exponent - 7) * (1 + mantissa / 8)
+
+
+def test_fp8_and_int8_decode_as_their_bits_say_not_as_our_encoder_does():
+    """Codes and scales written by hand (every fp8 byte, several ue8m0 scales), decoded against a decoder
+    written here from the formats' definitions: the encoder plays no part."""
+    assert [e4m3fn_value(b) for b in (0x38, 0x7E, 0x01, 0x08, 0x80, 0xB8)] == [1.0, 448.0, 2.0**-9, 2.0**-6, -0.0, -1.0]
+    fmt = row_format("fp8_e4m3")  # 32 values per scale
+    finite = [b for b in range(256) if b & 0x7F != 0x7F]  # 254 bytes
+    codes = torch.tensor(finite + finite[:2], dtype=torch.uint8).view(8, 32)  # 8 blocks of 32
+    scale_bytes = [127, 128, 126, 100, 150, 0, 254, 127]  # 1, 2, 1/2, 2^-27, 2^23, 2^-127, 2^127, 1
+    scales = torch.tensor(scale_bytes, dtype=torch.uint8).view(2, 4)  # 2 rows of 128 values, 4 blocks each
+    got = fmt.decode(codes.view(2, 128), scales)
+    expected = torch.tensor([[e4m3fn_value(int(c)) * 2.0 ** (scale_bytes[i // 32 + 4 * r] - 127)
+                              for i, c in enumerate(codes.view(2, 128)[r].tolist())] for r in range(2)],
+                            dtype=torch.float64).float()
+    assert torch.equal(got, expected)
+    int8 = row_format("int8")
+    q = torch.tensor([[-127, -1, 0, 1, 127], [5, 6, 7, 8, 9]], dtype=torch.int8)
+    s = torch.tensor([[0.5], [2.0**-20]])
+    assert torch.equal(int8.decode(q, s), torch.tensor([[-63.5, -0.5, 0.0, 0.5, 63.5],
+                                                        [5 * 2.0**-20, 6 * 2.0**-20, 7 * 2.0**-20, 8 * 2.0**-20,
+                                                         9 * 2.0**-20]]))
