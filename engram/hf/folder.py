@@ -4,9 +4,9 @@
     .engram-incomplete   present only while files are being moved into a folder that already held files
 
 ``write_folder(directory, write)`` runs ``write(tmp)`` into a fresh sibling directory, records the checksums
-there, then puts the result in place: by one ``rename`` when the target is absent or empty (so an
-interrupted save leaves no folder at all), or, into a folder that already holds files (an earlier export, a
-Trainer checkpoint), file by file under the ``.engram-incomplete`` marker, removing the files the folder's
+there, then puts the result in place: by one ``rename`` when the target is absent (so an interrupted save
+leaves no folder at all), or, into a folder that exists (an earlier export, a Trainer checkpoint, the
+working directory), file by file under the ``.engram-incomplete`` marker, removing the files the folder's
 previous checksums listed that this save did not write. ``verify_folder`` refuses a folder whose marker is
 there, or whose listed files are missing or differ; files the list does not name (a README) are not
 checked. Folders written before checksums existed load with a warning.
@@ -55,7 +55,7 @@ def listed_files(directory: Path) -> dict | None:
 
 def write_folder(directory, write: Callable[[Path], None]) -> Path:
     """Save into ``directory`` atomically (see the module docstring); ``write(tmp)`` writes the files."""
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise FolderError(f"{directory} is a file, not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -63,9 +63,7 @@ def write_folder(directory, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         write_checksums(tmp)
-        if not directory.exists() or not any(directory.iterdir()):
-            if directory.exists():
-                directory.rmdir()
+        if not directory.exists():
             os.replace(tmp, directory)  # one rename: the folder appears whole, or not at all
             return directory
         previous = _previous_files(directory)
