@@ -5,6 +5,7 @@ of the wrong kind (an Engram model, a vocabulary smaller than its tokenizer's) i
 after the weights have loaded, and a resumed run can check that it continues on the base it started with:
 
     {"model_type", "hidden_size", "num_hidden_layers", "vocab_size",   the architecture (base_identity's fields)
+     "revision",                                                       the hub commit of a hub base (None: a folder)
      "files": {name: {"bytes", "sampled_sha256"}},                     each weight file: its size and the sha256
                                                                        of its first and last MiB (a full sha256
                                                                        of a 15 GB base would take half a minute)
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 SAMPLE_BYTES = 1 << 20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+WEIGHT_FILES = ("model*.safetensors", "pytorch_model*.bin", "consolidated*.pth", "*.gguf")  # not optimizer.pt, ...
 
 
 def sampled_sha256(path: Path) -> str:
@@ -67,8 +68,9 @@ def describe_base(config, tokenizer) -> dict:
                          "trained with (or resize the model's embeddings first)")
     folder = Path(config.base)
     names = [config.gguf_file] if config.gguf_file else sorted(
-        p.name for p in folder.glob("*") if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
-    return {"model_type": model_type, "hidden_size": getattr(text, "hidden_size", None),
+        {p.name for pattern in WEIGHT_FILES for p in folder.glob(pattern)}) if folder.is_dir() else []
+    return {"model_type": model_type, "revision": getattr(hf_config, "_commit_hash", None),
+            "hidden_size": getattr(text, "hidden_size", None),
             "num_hidden_layers": getattr(text, "num_hidden_layers", None), "vocab_size": vocab,
             "files": {name: {"bytes": (folder / name).stat().st_size, "sampled_sha256": sampled_sha256(folder / name)}
                       for name in names if (folder / name).is_file()},
@@ -77,10 +79,10 @@ def describe_base(config, tokenizer) -> dict:
 
 def check_same_base(stored: dict, now: dict, checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` (trained on ``stored``) on another base, naming what differs."""
-    differ = [key for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "files",
+    differ = [key for key in ("model_type", "revision", "hidden_size", "num_hidden_layers", "vocab_size", "files",
                               "tokenizer_sha256") if stored.get(key) != now.get(key)]
     if differ:
-        what = {"files": "its weight files", "tokenizer_sha256": "its tokenizer"}
+        what = {"files": "its weight files", "tokenizer_sha256": "its tokenizer", "revision": "its hub revision"}
         raise ValueError(f"{checkpoint} was trained on another base model ({', '.join(what.get(k, k) for k in differ)}"
                          " differ): an adapter continues on the base it started with; give that --base, or "
                          "--no-resume to start afresh (the old history is moved to the archive)")

@@ -41,6 +41,10 @@ def folder_tokenizers(folder, kwargs: dict | None = None):
         return stored, None
     tokenizer = read_tokenizer_file(tokenizer_file)
     rebuilt = CompressedTokenizer.from_pretrained(tokenizer)
+    n = rebuilt.raw_vocab_size
+    if stored is not None and stored.raw_vocab_size > n and stored.vocab_size == rebuilt.vocab_size and \
+            bool((stored.lookup[:n] == rebuilt.lookup).all()):
+        return stored, tokenizer  # a vocabulary padded past the tokenizer (resize_token_embeddings): its table
     if stored is not None and rebuilt != stored:
         raise ValueError(f"{tokenizer_file} compresses to V'={rebuilt.vocab_size} (sha256 {rebuilt.sha256[:12]}) but "
                          f"the tables in {folder} were addressed with V'={stored.vocab_size} (sha256 "

@@ -197,6 +197,9 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
         from engram.hf.folder import write_folder
         from engram.hf.io import save_tokenizers
 
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True): save to a folder first (written atomically, with "
+                             "checksums), then upload the folder (huggingface_hub.upload_folder)")
         if not kwargs.get("is_main_process", True):
             return  # one process writes the folder
 
@@ -236,27 +239,34 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True, tokenizer=None):
         """transformers' resize, kept consistent with what Engram hashes. The token embedding and the head grow
-        (or shrink) and the config follows, so the model runs and reloads at its new size.
+        (or shrink) and the config follows, so the model runs and reloads at its new size; ``tokenizer=`` (the
+        tokenizer that now has the new ids, e.g. after ``add_tokens``) is saved with the model from then on.
 
         A model with hashed tables (Engram, OverEncoding) addresses rows through its compressed tokenizer,
-        whose size V' fixes every hash multiplier. It is resized only with ``tokenizer=`` (the tokenizer that
-        now has ``new_num_tokens`` ids, e.g. after ``add_tokens``): every old id must keep its compressed id
-        and V' must not change, i.e. each new token must normalise to a form the vocabulary already had.
-        Otherwise the call is refused, saying why: every table row would move."""
+        whose size V' fixes every hash multiplier. It is resized only with ``tokenizer=``: every old id must
+        keep its compressed id and V' must not change, i.e. each new token must normalise to a form the
+        vocabulary already had. Ids past the tokenizer's (``pad_to_multiple_of`` padding, never produced by
+        it) read as the pad token. Otherwise the call is refused, saying why (every table row would move),
+        and nothing changes."""
         old = self.config.model_config.backbone.vocab_size
         target = new_num_tokens if new_num_tokens is not None else old
         if pad_to_multiple_of is not None:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        if target == old:
+        ids = None if tokenizer is None else (len(tokenizer) if hasattr(tokenizer, "__len__")
+                                              else tokenizer.get_vocab_size(with_added_tokens=True))
+        if ids is not None and ids > target:
+            raise ValueError(f"the tokenizer given has {ids} ids, more than the {target} asked for")
+        if target == old and tokenizer is None:
             return self.get_input_embeddings()
         compressed = self._resized_compressed(target, tokenizer)
+        hashers = self._hashers_for(compressed)  # built before anything changes: a refusal leaves the model whole
         embeddings = super().resize_token_embeddings(target, None, mean_resizing)
-        if not mean_resizing:  # transformers initialises new rows through _init_weights, a no-op here
+        if not mean_resizing and target > old:  # transformers initialises new rows through _init_weights, a no-op
             with torch.no_grad():
                 self.model.tok_embeddings.weight[old:].normal_(0.0, 1.0)
                 std = self.model.output.weight[:old].std().item()
                 self.model.output.weight[old:].normal_(0.0, std)
-        self._set_vocab(target, compressed, tokenizer)
+        self._set_vocab(target, compressed, hashers, tokenizer)
         return embeddings
 
     def _resized_compressed(self, size: int, tokenizer) -> CompressedTokenizer | None:
@@ -268,12 +278,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
         old = inner.compressed_tokenizer
         if tokenizer is None:
             raise ValueError(f"this model's Engram tables are addressed through its compressed tokenizer (V'="
-                             f"{old.vocab_size}); pass the tokenizer that now has {size} ids: "
+                             f"{old.vocab_size}); pass the tokenizer that now has the new ids: "
                              "resize_token_embeddings(len(tokenizer), tokenizer=tokenizer)")
         new = CompressedTokenizer.from_pretrained(tokenizer)
-        if new.raw_vocab_size != size:
-            raise ValueError(f"the tokenizer given has {new.raw_vocab_size} ids, not the {size} asked for")
-        kept = min(size, old.raw_vocab_size)
+        kept = min(new.raw_vocab_size, old.raw_vocab_size)
         if not torch.equal(new.lookup[:kept], old.lookup[:kept]):
             raise ValueError("the tokenizer given compresses the existing ids differently: every Engram row "
                              "would be addressed by other n-grams; resize with the tokenizer the model was trained "
@@ -282,38 +290,53 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
             raise ValueError(f"the new tokens would change the compressed vocabulary from V'={old.vocab_size} to "
                              f"{new.vocab_size}: every hash multiplier depends on V', so every Engram row would move. "
                              "Add tokens that normalise to existing forms, or retrain the tables")
+        if new.raw_vocab_size < size:  # padding ids past the tokenizer's: read as the pad token, never produced
+            tables = inner.config.engram if inner.hasher is not None else inner.config.overencoding
+            pad = int(old.lookup[tables.pad_id if tables.pad_id is not None else 0])
+            lookup = torch.cat([new.lookup, torch.full((size - new.raw_vocab_size,), pad, dtype=torch.long)])
+            new = CompressedTokenizer(lookup, new.vocab_size)
         return new
 
-    def _set_vocab(self, size: int, compressed: CompressedTokenizer | None, tokenizer) -> None:
-        """The config, the inner model's config and, for a hashing model, its hashers follow a new vocabulary."""
-        import dataclasses
-
+    def _hashers_for(self, compressed: CompressedTokenizer | None) -> dict:
+        """The model's hashers rebuilt on ``compressed`` (the same multipliers: V' is unchanged), by role."""
         from engram.hashing import NgramHasher
+
+        inner, hashers = self.model, {}
+        if compressed is None:
+            return hashers
+        device = inner.tok_embeddings.weight.device
+        if inner.hasher is not None:
+            hashers["engram"] = NgramHasher(inner.config.engram, compressed).to(device)
+        if inner.overencoding is not None:
+            hashers["overencoding"] = NgramHasher(inner.config.overencoding, compressed,
+                                                  layer_ids=[inner.overencoding.layer_id]).to(device)
+        for hasher in hashers.values():
+            hasher.reset_buffers()
+        return hashers
+
+    def _set_vocab(self, size: int, compressed: CompressedTokenizer | None, hashers: dict, tokenizer) -> None:
+        """The config, the inner model's config, its hashers and tokenizers follow a new vocabulary."""
+        import dataclasses
 
         inner = self.model
         bb = dataclasses.replace(inner.config.backbone, vocab_size=size)
         inner.config = dataclasses.replace(inner.config, backbone=bb)
         self.config.engram_config = inner.config.to_dict()
         self.config.vocab_size = size
-        if compressed is None:
-            return
-        device = inner.tok_embeddings.weight.device
-        inner.compressed_tokenizer = compressed
-        if inner.hasher is not None:
-            hasher = NgramHasher(inner.config.engram, compressed)
-            inner.hasher = hasher.to(device)
-            inner.hasher.reset_buffers()
+        if compressed is not None:
+            inner.compressed_tokenizer = compressed
+        if "engram" in hashers:
+            inner.hasher = hashers["engram"]
             self.config.hash_layout = inner.hasher.layout()
-        if inner.overencoding is not None:
-            hasher = NgramHasher(inner.config.overencoding, compressed, layer_ids=[inner.overencoding.layer_id])
-            inner.overencoding.hasher = hasher.to(device)
-            inner.overencoding.hasher.reset_buffers()
+        if "overencoding" in hashers:
+            inner.overencoding.hasher = hashers["overencoding"]
             self.config.overencoding_layout = inner.overencoding.hasher.layout()
-        from tokenizers import Tokenizer
+        if tokenizer is not None:
+            from tokenizers import Tokenizer
 
-        backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            self.engram_tokenizer = backend
+            backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                self.engram_tokenizer = backend
 
     @torch.no_grad()
     def reset_derived_buffers(self) -> None:

@@ -10,6 +10,7 @@ residual/hyper-connection -> mean over branches -> norm -> head (B, T, V).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,16 @@ from engram.model.tables import HashedTable, TableHost
 from engram.tokenizer import CompressedTokenizer, check_token_ids
 
 IGNORE_INDEX = -100
+
+
+def _run_block(block: Block, keep_weights: bool, *args) -> torch.Tensor:
+    """``block(*args)``, its attention keeping its weights for ``output_attentions`` while it runs (set inside
+    the call, so an activation-checkpointing recomputation computes exactly what the forward did)."""
+    block.attn.keep_weights = keep_weights
+    try:
+        return block(*args)
+    finally:
+        block.attn.keep_weights = False
 
 
 def _checkpoint(fn, *args):
@@ -319,11 +330,8 @@ class EngramLM(nn.Module, TableHost):
         for i, blk in enumerate(self.layers):
             args = (x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
                     token_mask, attn_mask)
-            blk.attn.keep_weights = output_attentions
-            try:
-                x = (self._gradient_checkpointing_func or _checkpoint)(blk.__call__, *args) if checkpointed else blk(*args)
-            finally:
-                blk.attn.keep_weights = False
+            run = functools.partial(_run_block, blk, output_attentions)  # recomputed in backward the same way
+            x = (self._gradient_checkpointing_func or _checkpoint)(run, *args) if checkpointed else run(*args)
             if output_attentions:
                 attentions.append(blk.attn.weights)
                 blk.attn.weights = None

@@ -93,7 +93,9 @@ class OffloadedEmbedding(HashedTable):
         if self.prefetcher is None or self.prefetcher.closed:
             return
         unique, inverse = self._rows(hash_ids)
-        if self.device.type == "cpu" and self.store.warm(unique):
+        with self._lock:  # the store's state (its pacing, a cache's keys) is the worker's too
+            warm = self.device.type == "cpu" and self.store.warm(unique)
+        if warm:
             future = Future()
             future.set_result(self._gather(unique, warm=True))
         else:

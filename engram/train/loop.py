@@ -10,6 +10,7 @@ The pieces the loop uses live beside it: ``step`` (``train_step``, ``TrainState`
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import sys
 import threading
@@ -116,9 +117,11 @@ def run_loop(state: TrainState, progress: bool = True,
                 raise
             kept = state.last_checkpoint.name if state.last_checkpoint is not None else "none yet"
             detail = " ".join(str(err).split())[-200:]  # torch's message spans lines
+            full = isinstance(err, RuntimeError) or getattr(err, "errno", None) == errno.ENOSPC
             raise CheckpointError(f"saving the checkpoint of step {done} in {state.run_dir} failed ({detail}); "
-                                  f"nothing of it was kept, the last checkpoint is {kept}: free disk space, then run "
-                                  "the same command to resume") from err
+                                  f"nothing of it was kept, the last checkpoint is {kept}: "
+                                  f"{'free disk space' if full else 'fix the cause'}, then run the same command to "
+                                  "resume") from err
         saved_step = done
 
     bar = None

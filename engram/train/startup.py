@@ -34,6 +34,21 @@ from engram.train.step import TrainState
 from engram.tokenizer import CompressedTokenizer
 
 
+def _same_source(a: str | None, b: str) -> bool:
+    """Whether two ``init_from`` values name one checkpoint (a run directory or its latest step, relative or
+    absolute); the stored one may no longer exist."""
+    from engram.train.checkpoint_files import resolve_checkpoint
+
+    if a is None:
+        return False
+    if a == b:
+        return True
+    try:
+        return resolve_checkpoint(a).resolve() == resolve_checkpoint(b).resolve()
+    except (OSError, ValueError):
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def check_splits(data, seq_len: int) -> None:
     """Both splits must hold at least one window of ``seq_len`` tokens, before any step is spent."""
     for name, shards in (("training", data.train), ("validation", data.val)):
@@ -104,7 +119,8 @@ def setup(run: RunConfig, out_dir: str | Path | None = None, resume: bool = True
                          "to train; raise train.max_steps, or --resume-from an earlier step")
     # a new run that starts from another run's weights (context extension); a started run just resumes
     init_from = tc.checkpoint.init_from
-    if ckpt is not None and init_from is not None and ckpt.run_config.train.checkpoint.init_from != init_from:
+    started_from = ckpt.run_config.train.checkpoint.init_from if ckpt is not None else None
+    if ckpt is not None and init_from is not None and not _same_source(started_from, init_from):
         raise ValueError(f"{run_dir} already holds checkpoints (step {ckpt.step}), so it resumes and "
                          f"train.init_from={init_from!r} would be ignored; start the new run in another --out, or "
                          "--no-resume to move this history to the archive first")

@@ -152,3 +152,42 @@ def checkpoint_for_export():
     from pathlib import Path
 
     return Path(__file__).parents[1] / "fixtures" / "v0_1" / "sharded_run"
+
+
+def test_a_sharded_save_over_a_folder_from_before_checksums_leaves_no_old_weights(tmp_path):
+    """transformers' own clean-up of an earlier save's weight files runs in the save's temporary folder, so the
+    folder's old model.safetensors (listed nowhere) must go too, or transformers would load it instead."""
+    first, second = model(seed=0), model(seed=1)
+    PreTrainedModel.save_pretrained(first, tmp_path)  # as an earlier version wrote it: no checksums
+    second.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert not (tmp_path / "model.safetensors").exists() and (tmp_path / "model.safetensors.index.json").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded(ids(), use_cache=False).logits, second(ids(), use_cache=False).logits)
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "model-00001-of-00002.safetensors").read_bytes()
+                                                  if (tmp_path / "model-00001-of-00002.safetensors").exists()
+                                                  else b"stray")
+    with pytest.raises(F.FolderError, match=r"weight files its checksums.json does not list: \['model.safetensors'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_save_into_an_existing_folder_never_renames_across_its_boundary(tmp_path, monkeypatch):
+    """Into an existing folder (a mount point, a parent without write access) every rename stays inside it."""
+    target = tmp_path / "mounted"
+    target.mkdir()
+    real, moves = os.replace, []
+
+    def replace(src, dst):
+        moves.append((os.path.abspath(src), os.path.abspath(dst)))
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    model().save_pretrained(target)
+    monkeypatch.undo()
+    inside = str(target) + os.sep
+    assert moves and all(src.startswith(inside) and dst.startswith(inside) for src, dst in moves)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mounted"]  # nothing written beside it
+    AutoModelForCausalLM.from_pretrained(target)
+
+
+def test_push_to_hub_is_refused_with_the_way_to_do_it(tmp_path):
+    with pytest.raises(ValueError, match="upload the folder"):
+        model().save_pretrained(tmp_path / "x", push_to_hub=True)

@@ -101,9 +101,16 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("preset", ["tiny-engram", "tiny-moe", "tiny-engram-v41"])
+def mla_hf() -> H.EngramForCausalLM:
+    from engram.config import MLAConfig
+
+    mla = MLAConfig(q_lora_rank=20, kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10)
+    return engram_hf("tiny-engram", mla=mla, n_kv_heads=None)
+
+
+@pytest.mark.parametrize("preset", ["tiny-engram", "tiny-moe", "tiny-engram-v41", "mla"])
 def test_hidden_states_and_attentions_come_back_when_asked(preset):
-    model = engram_hf(preset).eval()
+    model = (mla_hf() if preset == "mla" else engram_hf(preset)).eval()
     ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     plain = model(ids, use_cache=False)
     assert plain.hidden_states is None and plain.attentions is None
@@ -122,6 +129,21 @@ def test_hidden_states_and_attentions_come_back_when_asked(preset):
     step = model(ids, use_cache=True)
     nxt = model(ids[:, :1], cache=step.cache, use_cache=True)
     assert nxt.attentions[0].shape == (2, bb.n_heads, 1, 11)
+
+
+def test_activation_checkpointing_with_attention_weights_trains():
+    """Attention weights written out under activation checkpointing: the recomputation takes the same path."""
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+    grads = []
+    for checkpointed in (False, True):
+        model = engram_hf().train()
+        if checkpointed:
+            model.activation_checkpointing_enable()
+        out = model(ids, labels=ids, output_attentions=True)
+        out.loss.backward()
+        assert len(out.attentions) == model.config.model_config.backbone.n_layers
+        grads.append(model.model.layers[0].attn.wq.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_forward_arguments_are_refused():
@@ -197,3 +219,42 @@ def test_an_engram_model_resizes_only_when_no_row_moves(data, tmp_path):
     with pytest.raises(ValueError, match="V'="):
         model.resize_token_embeddings(V + 2, tokenizer=other)
     assert model.config.vocab_size == V + 1 and model.model.tok_embeddings.weight.shape[0] == V + 1
+
+
+def test_padding_the_vocabulary_of_an_engram_model_and_a_plain_models_tokenizer(data, tmp_path):
+    from tokenizers import Tokenizer
+
+    model = trained_with_tokenizer(data)
+    V = data.vocab_size
+    ids = torch.tensor([data.tokenizer.encode("def alpha(x):").ids])
+    before = model(ids, use_cache=False).logits
+    model.resize_token_embeddings(V, pad_to_multiple_of=64, tokenizer=data.tokenizer)  # padding ids only
+    size = -(-V // 64) * 64
+    assert model.config.vocab_size == size and model.model.compressed_tokenizer.raw_vocab_size == size
+    torch.testing.assert_close(model(ids, use_cache=False).logits[..., :V], before)
+    model.save_pretrained(tmp_path / "padded")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "padded")  # its tokenizer is shorter than its table
+    assert torch.equal(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    # a model that hashes nothing takes the tokenizer along: the folder it saves holds the grown one
+    plain = H.to_hf(EngramLM(get_preset("tiny-moe").without_data().with_data(V, data.pad_id)), data.tokenizer)
+    grown = Tokenizer.from_str(data.tokenizer.to_str())
+    grown.add_tokens(["zqxv_never_seen"])
+    plain.resize_token_embeddings(V + 1, tokenizer=grown)
+    plain.save_pretrained(tmp_path / "plain")
+    from transformers import AutoTokenizer
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "plain")) == V + 1
+
+
+def test_a_refused_resize_changes_nothing(data):
+    from tokenizers import Tokenizer
+
+    model = trained_with_tokenizer(data)
+    V = data.vocab_size
+    other = Tokenizer.from_str(data.tokenizer.to_str())
+    other.add_tokens(["zqxv_never_seen"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = dict(model.config.hash_layout)
+    with pytest.raises(ValueError, match="V'="):
+        model.resize_token_embeddings(V + 1, tokenizer=other)
+    assert model.config.hash_layout == layout and model.config.vocab_size == V
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -107,3 +107,13 @@ def test_init_from_on_a_run_that_has_checkpoints_is_refused_not_ignored(source, 
     asked = dataclasses.replace(plain, train=dataclasses.replace(plain.train, max_steps=3, init_from=str(ckpt)))
     with pytest.raises(ValueError, match="already holds checkpoints \\(step 2\\).*init_from=.* would be ignored"):
         train(asked, progress=False)
+
+
+def test_a_run_started_from_a_source_resumes_however_the_source_is_written(source, tmp_path, monkeypatch):
+    run, ckpt = source
+    new = extended(run, ckpt, tmp_path / "ext", max_steps=2, save_every=2)
+    train(new, progress=False)
+    monkeypatch.chdir(ckpt.parent.parent.parent)  # the same source, by a relative path to its run directory
+    relative = dataclasses.replace(new, train=dataclasses.replace(new.train, max_steps=3,
+                                                                  init_from=ckpt.parent.parent.name))
+    assert train(relative, progress=False).steps == 3

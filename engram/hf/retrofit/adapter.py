@@ -7,8 +7,8 @@ How it sits in the base model (no second copy of it, no change to its code):
     from h (docs/ALGORITHM.md §2: the module adds to the residual stream before the block's attention).
     The module is registered on the block as ``engram_adapter``: ``model.parameters()`` holds it (for
     optimizers, PEFT and Trainer, the last with ``sparse_tables=False``). The base model's own
-    ``save_pretrained`` is shadowed while attached: it writes the base's files without the adapter's
-    tensors and the adapter in ``engram_adapter/`` beside them.
+    ``save_pretrained`` is shadowed while attached: it writes the model atomically, with checksums, and
+    the adapter alone in ``engram_adapter/`` beside it.
   - A forward pre-hook on the top model reads ``input_ids``, ``attention_mask`` and the cache, hashes
     once for every inserted module (``NgramHasher`` on the base tokenizer's ``CompressedTokenizer``),
     and starts the storage tiers' prefetch.
@@ -258,17 +258,25 @@ class EngramAdapter(nn.Module, TableHost):
 ADAPTER_FOLDER = "engram_adapter"
 
 
-def _save_retrofitted(model: nn.Module, adapter: "EngramAdapter", save_directory, *args, state_dict=None,
-                      **kwargs):
-    """``save_pretrained`` of a model with an adapter attached: the base model's files as transformers writes
-    them, without any adapter tensor (so a plain ``from_pretrained`` loads exactly the base and drops nothing
-    silently), and the adapter in ``engram_adapter/`` beside them (``EngramAdapter.load(model, folder)``
-    attaches it again). Trainer's checkpoints go through here too."""
-    state = model.state_dict() if state_dict is None else state_dict
-    base = {k: v for k, v in state.items() if ".engram_adapter." not in f".{k}"}
-    type(model).save_pretrained(model, save_directory, *args, state_dict=base, **kwargs)
-    if kwargs.get("is_main_process", True):
-        adapter.save(Path(save_directory) / ADAPTER_FOLDER)
+def _save_retrofitted(model: nn.Module, adapter: "EngramAdapter", save_directory, *args, **kwargs):
+    """``save_pretrained`` of a model with an adapter attached, through ``engram.hf.folder`` (atomic, with
+    checksums): the model's files as transformers writes them, the adapter's tensors included (so Trainer's
+    ``resume_from_checkpoint`` and ``load_state_dict`` restore them; a plain ``from_pretrained`` of the base
+    class lists them as UNEXPECTED in its load report), and the adapter alone in ``engram_adapter/``
+    (``EngramAdapter.load(model, folder)`` attaches it to a freshly loaded base)."""
+    from engram.hf.folder import write_folder
+
+    if kwargs.get("push_to_hub"):
+        raise ValueError("save_pretrained(push_to_hub=True) of a retrofitted model: save to a folder, then upload "
+                         "the folder (huggingface_hub.upload_folder)")
+    if not kwargs.get("is_main_process", True):
+        return
+
+    def write(directory: Path) -> None:
+        type(model).save_pretrained(model, directory, *args, **kwargs)
+        adapter.save(directory / ADAPTER_FOLDER)
+
+    write_folder(save_directory, write)
 
 
 def _pad_id(tokenizer) -> int:
