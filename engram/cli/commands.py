@@ -74,10 +74,11 @@ LONG_CONTEXT_TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_m
 
 
 def eval_flags(p) -> None:
-    p.add_argument("what", nargs="?", default="loss", choices=["loss", "long-context"],
+    p.add_argument("what", nargs="?", default="loss", choices=["loss", "long-context", "recall"],
                    help="loss (default): validation loss and bits per byte; long-context: RULER-style tasks "
                         "(needles, variable tracking, word extraction) at --lengths, and the loss of long "
-                        "held-out documents")
+                        "held-out documents; recall: an induction probe (a random token sequence repeated, "
+                        "loss on the copy) at --lengths and multi-query associative recall at --pairs")
     add_ckpt(p)
     p.add_argument("--batches", type=positive_int, default=None,
                    help="evaluation batches (default: the run's eval_batches)")
@@ -97,8 +98,12 @@ def eval_flags(p) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="long-context: seed of the samples (default 0)")
     p.add_argument("--ppl-docs", type=positive_int, default=16,
                    help="long-context: held-out documents per length for the long-document loss (default 16)")
+    p.add_argument("--pairs", type=positive_int, nargs="+", default=None, metavar="P",
+                   help="recall: key-value pairs per MQAR sample (default 2 4 8 16)")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="recall: score every checkpoint the run keeps, by step (when recall appears)")
     p.add_argument("--out", default=None, type=directory,
-                   help="long-context: write long_context.json, .md and .png here")
+                   help="long-context: write long_context.json, .md and .png here; recall: recall.json and .md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device(p)
 
@@ -111,6 +116,11 @@ def evaluate(args) -> int:
     long_only = [f for f, v in (("--lengths", args.lengths), ("--tasks", args.tasks), ("--out", args.out),
                                 ("--samples", args.samples != 20), ("--seed", args.seed != 0),
                                 ("--ppl-docs", args.ppl_docs != 16), ("--no-progress", args.no_progress)) if v]
+    if args.what == "recall":
+        return _evaluate_recall(args, where)
+    recall_only = [f for f, v in (("--pairs", args.pairs), ("--every-checkpoint", args.every_checkpoint)) if v]
+    if recall_only:
+        raise ValueError(f"{', '.join(recall_only)} belong to `engram eval recall`")
     if args.what == "long-context":
         return _evaluate_long_context(args, where)
     if long_only:
@@ -159,6 +169,32 @@ def _stream_completion(model, tokenizer, args) -> None:
     generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, seed=args.seed, stop_ids={eos} if eos is not None else None, on_token=stream)
     sys.stdout.write("\n")
+
+
+def _evaluate_recall(args, where) -> int:
+    from engram.fileio import atomic_write_json, atomic_write_text
+    from engram.longctx.recall import DEFAULT_LENGTHS, DEFAULT_PAIRS, evaluate_recall, markdown, recall_curve
+
+    loss_only = [f for f, v in (("--batches", args.batches), ("--batch-size", args.batch_size),
+                                ("--seq-len", args.seq_len), ("--data", args.data), ("--tasks", args.tasks)) if v]
+    if loss_only:
+        raise ValueError(f"{', '.join(loss_only)} do not apply to `engram eval recall`")
+    options = dict(lengths=args.lengths or DEFAULT_LENGTHS, pair_counts=args.pairs or DEFAULT_PAIRS,
+                   samples=args.samples, seed=args.seed, device=str(where))
+    if args.every_checkpoint:
+        from engram.train.checkpoint import resolve_checkpoint, run_directory
+
+        results = recall_curve(run_directory(resolve_checkpoint(args.ckpt)), **options)
+    else:
+        results = [evaluate_recall(args.ckpt, **options)]
+    table = markdown(results)
+    print(table, end="")
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "recall.json", results, indent=1)
+        atomic_write_text(out / "recall.md", table)
+    return 0
 
 
 def _evaluate_long_context(args, where) -> int:

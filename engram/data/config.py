@@ -22,6 +22,8 @@ class DataConfig(Serialisable):
     retrieval_docs: this many synthetic retrieval documents (``engram.data.retrieval``: the long-context
         tasks' formats, with filler lines from the training split) join the corpus, so that a small model
         can learn retrieval at all (docs/LONG_CONTEXT.md); they split like any document, by name.
+    recall_docs: this many synthetic in-context recall documents (``engram.data.recall``: multi-query
+        associative recall and repeated random word sequences) join the corpus, likewise.
     """
 
     source: str = "stdlib"
@@ -32,10 +34,12 @@ class DataConfig(Serialisable):
     text_field: str = "text"
     cache_dir: str = "runs/cache"
     retrieval_docs: int = 0
+    recall_docs: int = 0
 
     def __post_init__(self) -> None:
         c = "DataConfig"
         pos_int(c, "retrieval_docs", self.retrieval_docs, minimum=0)
+        pos_int(c, "recall_docs", self.recall_docs, minimum=0)
         require(isinstance(self.source, str) and self.source != "", c, "source",
                 f"must be 'stdlib', a path, or 'hf:NAME', got {self.source!r}")
         require(isinstance(self.tokenizer, str) and self.tokenizer != "", c, "tokenizer",

@@ -214,7 +214,7 @@ def split_documents(docs: Iterable[Document], val_fraction: float) -> dict[str, 
 
 def source_documents(config: "DataConfig") -> list[Document]:
     """All documents of ``config.source`` ("stdlib", "hf:NAME[:CONFIG]" or a local path), plus
-    ``config.retrieval_docs`` synthetic retrieval documents."""
+    ``config.retrieval_docs`` synthetic retrieval documents and ``config.recall_docs`` recall documents."""
     if config.source == "stdlib":
         docs = stdlib_documents(config.include_tests)
     elif config.source.startswith("hf:"):
@@ -226,6 +226,10 @@ def source_documents(config: "DataConfig") -> list[Document]:
 
         filler = [d.text for d in docs if split_of(d.name, config.val_fraction) == "train"]  # no held-out text
         docs = docs + [Document(name, text) for name, text in retrieval_documents(filler, config.retrieval_docs)]
+    if config.recall_docs:
+        from engram.data.recall import recall_documents
+
+        docs = docs + [Document(name, text) for name, text in recall_documents(config.recall_docs)]
     return docs
 
 

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from engram.data.config import DataConfig
 from engram.data.bpe import load_tokenizer, special_ids, tokenizer_sha256, train_bpe
 from engram.data.corpus import TEXT_SUFFIXES, load_documents, source_documents
+from engram.data.recall import RECALL_FORMAT
 from engram.data.retrieval import RETRIEVAL_FORMAT
 from engram.data.shards import TokenShards, write_split
 from engram.fileio import FileLock, atomic_write_json
@@ -90,7 +91,9 @@ def cache_key(config: DataConfig) -> str:
         "include_tests": config.include_tests,
         "text_field": config.text_field,
     } | ({"retrieval_docs": config.retrieval_docs, "retrieval_format": RETRIEVAL_FORMAT}
-         if config.retrieval_docs else {}))[:16]  # keys without retrieval documents are unchanged
+         if config.retrieval_docs else {})
+      | ({"recall_docs": config.recall_docs, "recall_format": RECALL_FORMAT}
+         if config.recall_docs else {}))[:16]  # keys without synthetic documents are unchanged
 
 
 @dataclass

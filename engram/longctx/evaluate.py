@@ -26,10 +26,10 @@ GenerateFn = Callable[[list[list[int]], int], list[list[int]]]  # (prompts, max 
 
 
 def held_out_texts(data_config) -> list[str]:
-    """The real documents of the validation split (synthetic retrieval documents left out)."""
+    """The real documents of the validation split (synthetic retrieval and recall documents left out)."""
     from engram.data.corpus import load_documents
 
-    return [d.text for d in load_documents(data_config)["val"] if not d.name.startswith("retrieval/")]
+    return [d.text for d in load_documents(data_config)["val"] if not d.name.startswith(("retrieval/", "recall/"))]
 
 
 def fit(task: str, seed: int, texts: list[str], length: int, encode: Callable[[str], list[int]],
