@@ -70,20 +70,6 @@ class Out:
     logits: torch.Tensor
 
 
-class Copier(torch.nn.Module):
-    """Predicts, at every position of the second copy, the token L back: an ideal induction head."""
-
-    def __init__(self, vocab: int, L: int, prefix: int):
-        super().__init__()
-        self.vocab, self.L, self.prefix = vocab, L, prefix
-
-    def forward(self, ids):
-        logits = torch.zeros(*ids.shape, self.vocab)
-        for t in range(self.prefix + self.L - 1, ids.shape[1] - 1):  # predicting t + 1, a copy of t + 1 - L
-            logits[torch.arange(ids.shape[0]), t, ids[:, t + 1 - self.L]] = 50.0
-        return Out(logits)
-
-
 class Uniform(torch.nn.Module):
     def __init__(self, vocab: int):
         super().__init__()
@@ -93,33 +79,45 @@ class Uniform(torch.nn.Module):
         return Out(torch.zeros(*ids.shape, self.vocab))
 
 
-@pytest.mark.parametrize("bos", [None, 1])
-def test_the_induction_probe_tells_a_copier_from_a_guesser(bos):
-    V, L = 40, 12
-    prefix = 0 if bos is None else 1
-    copier = induction_probe(Copier(V, L, prefix), V, [L], samples=6, bos=bos, exclude=(0, 1, 2))[L]
-    guesser = induction_probe(Uniform(V), V, [L], samples=6, bos=bos, exclude=(0, 1, 2))[L]
-    assert copier["second_loss"] < 1e-6 and copier["second_accuracy"] == 1.0
-    assert math.isclose(copier["first_loss"], math.log(V), rel_tol=1e-6)  # nothing to copy yet
-    assert copier["gain"] > math.log(V) - 1e-3
-    assert math.isclose(guesser["second_loss"], math.log(V), rel_tol=1e-6) and abs(guesser["gain"]) < 1e-6
-    again = induction_probe(Copier(V, L, prefix), V, [L], samples=6, bos=bos, exclude=(0, 1, 2))
-    assert again[L] == copier  # the same sequences from the same seed
+class Oracle(torch.nn.Module):
+    """Teacher forcing lets it read the next token: it is right wherever it is allowed to be (``after``: only
+    past the first occurrence of that token id, i.e. an ideal copier of the second copy)."""
+
+    def __init__(self, vocab: int, after: int | None = None):
+        super().__init__()
+        self.vocab, self.after = vocab, after
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, self.vocab)
+        start = 0 if self.after is None else int((ids[0] == self.after).nonzero()[0])
+        logits[0, torch.arange(start, ids.shape[1] - 1), ids[0, start + 1:]] = 50.0
+        return Out(logits)
 
 
-def test_mqar_accuracy_of_an_oracle_and_of_a_guesser():
+@pytest.fixture(scope="module")
+def tokenizer():
     from engram.train import open_checkpoint
 
-    tokenizer = open_checkpoint(FIXTURE, check_hashes=False).tokenizer
+    return open_checkpoint(FIXTURE, check_hashes=False).tokenizer
+
+
+def test_the_induction_probe_tells_a_copier_from_a_guesser(tokenizer):
     V = tokenizer.get_vocab_size()
+    bar = tokenizer.encode(" |", add_special_tokens=False).ids[-1]  # where the copy starts
+    copier = induction_probe(Oracle(V, after=bar), tokenizer, [6, 12], samples=4)
+    guesser = induction_probe(Uniform(V), tokenizer, [6, 12], samples=4)
+    for L in (6, 12):
+        assert copier[L]["second_loss"] < 1e-6 and copier[L]["second_accuracy"] == 1.0
+        assert math.isclose(copier[L]["first_loss"], math.log(V), rel_tol=1e-6)  # nothing to copy yet
+        assert math.isclose(copier[L]["gain"], math.log(V), rel_tol=1e-6)
+        assert math.isclose(guesser[L]["second_loss"], math.log(V), rel_tol=1e-6) and abs(guesser[L]["gain"]) < 1e-6
+        assert guesser[L]["second_accuracy"] == 0.0
+    assert induction_probe(Oracle(V, after=bar), tokenizer, [6], samples=4)[6] == copier[6]  # same seed, same
 
-    class Oracle(torch.nn.Module):  # teacher forcing lets it read the next token: it is always right
-        def forward(self, ids):
-            logits = torch.zeros(*ids.shape, V)
-            logits[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]] = 50.0
-            return Out(logits)
 
-    right = mqar_accuracy(Oracle(), tokenizer, [2, 6], samples=4)
+def test_mqar_accuracy_of_an_oracle_and_of_a_guesser(tokenizer):
+    V = tokenizer.get_vocab_size()
+    right = mqar_accuracy(Oracle(V), tokenizer, [2, 6], samples=4)
     wrong = mqar_accuracy(Uniform(V), tokenizer, [2, 6], samples=4)
     assert right[2]["accuracy"] == right[6]["accuracy"] == 1.0 and right[6]["value_loss"] < 1e-6
     assert wrong[2]["accuracy"] == 0.0 and math.isclose(wrong[6]["value_loss"], math.log(V), rel_tol=1e-6)
@@ -129,13 +127,14 @@ def test_mqar_accuracy_of_an_oracle_and_of_a_guesser():
 def test_eval_recall_on_a_checkpoint_writes_its_tables(tmp_path, capsys):
     from engram.cli import main
 
-    assert main(["eval", "recall", "--ckpt", str(FIXTURE), "--lengths", "4", "8", "64", "--pairs", "1", "2",
+    assert main(["eval", "recall", "--ckpt", str(FIXTURE), "--lengths", "1", "2", "40", "--pairs", "1", "30",
                  "--samples", "3", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     stored = json.loads((tmp_path / "recall.json").read_text())
-    assert len(stored) == 1 and set(stored[0]["induction"]) == {"4", "8"} and stored[0]["skipped_lengths"] == [64]
+    assert len(stored) == 1 and set(stored[0]["induction"]) == {"1", "2"} and stored[0]["skipped_lengths"] == [40]
+    assert set(stored[0]["mqar"]) == {"1"} and stored[0]["skipped_pairs"] == [30]
     assert (tmp_path / "recall.md").read_text() == printed
-    assert "L=64" in printed.splitlines()[-1]  # named as too long for the context
+    assert "L=40" in printed.splitlines()[-1] and "P=30" in printed.splitlines()[-1]  # too long for the context
     assert main(["eval", "recall", "--ckpt", str(FIXTURE), "--seq-len", "16"]) == 2
     assert "do not apply to `engram eval recall`" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(FIXTURE), "--pairs", "2"]) == 2
