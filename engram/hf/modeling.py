@@ -247,96 +247,25 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin, TableHost):
         keep its compressed id and V' must not change, i.e. each new token must normalise to a form the
         vocabulary already had. Ids past the tokenizer's (``pad_to_multiple_of`` padding, never produced by
         it) read as the pad token. Otherwise the call is refused, saying why (every table row would move),
-        and nothing changes."""
+        and nothing changes (``engram.hf.vocab``)."""
+        from engram.hf import vocab
+
         old = self.config.model_config.backbone.vocab_size
         target = new_num_tokens if new_num_tokens is not None else old
         if pad_to_multiple_of is not None:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-        ids = None if tokenizer is None else (len(tokenizer) if hasattr(tokenizer, "__len__")
-                                              else tokenizer.get_vocab_size(with_added_tokens=True))
-        if ids is not None and ids > target:
-            raise ValueError(f"the tokenizer given has {ids} ids, more than the {target} asked for")
+        if tokenizer is not None and vocab.token_count(tokenizer) > target:
+            raise ValueError(f"the tokenizer given has {vocab.token_count(tokenizer)} ids, more than the {target} "
+                             "asked for")
         if target == old and tokenizer is None:
             return self.get_input_embeddings()
-        compressed = self._resized_compressed(target, tokenizer)
-        hashers = self._hashers_for(compressed)  # built before anything changes: a refusal leaves the model whole
+        compressed = vocab.resized_compressed(self.model, target, tokenizer)
+        hashers = vocab.rebuilt_hashers(self.model, compressed)  # before anything changes: a refusal leaves it whole
         embeddings = super().resize_token_embeddings(target, None, mean_resizing)
         if not mean_resizing and target > old:  # transformers initialises new rows through _init_weights, a no-op
-            with torch.no_grad():
-                self.model.tok_embeddings.weight[old:].normal_(0.0, 1.0)
-                std = self.model.output.weight[:old].std().item()
-                self.model.output.weight[old:].normal_(0.0, std)
-        self._set_vocab(target, compressed, hashers, tokenizer)
+            vocab.init_new_rows(self.model, old)
+        vocab.follow_vocab(self, target, compressed, hashers, tokenizer)
         return embeddings
-
-    def _resized_compressed(self, size: int, tokenizer) -> CompressedTokenizer | None:
-        """The compressed tokenizer for a vocabulary of ``size`` ids, or None for a model that hashes nothing;
-        ValueError when the tables' addresses cannot stay where they are."""
-        inner = self.model
-        if inner.hasher is None and inner.overencoding is None:
-            return None
-        old = inner.compressed_tokenizer
-        if tokenizer is None:
-            raise ValueError(f"this model's Engram tables are addressed through its compressed tokenizer (V'="
-                             f"{old.vocab_size}); pass the tokenizer that now has the new ids: "
-                             "resize_token_embeddings(len(tokenizer), tokenizer=tokenizer)")
-        new = CompressedTokenizer.from_pretrained(tokenizer)
-        kept = min(new.raw_vocab_size, old.raw_vocab_size)
-        if not torch.equal(new.lookup[:kept], old.lookup[:kept]):
-            raise ValueError("the tokenizer given compresses the existing ids differently: every Engram row "
-                             "would be addressed by other n-grams; resize with the tokenizer the model was trained "
-                             "with, tokens added at its end")
-        if new.vocab_size != old.vocab_size:
-            raise ValueError(f"the new tokens would change the compressed vocabulary from V'={old.vocab_size} to "
-                             f"{new.vocab_size}: every hash multiplier depends on V', so every Engram row would move. "
-                             "Add tokens that normalise to existing forms, or retrain the tables")
-        if new.raw_vocab_size < size:  # padding ids past the tokenizer's: read as the pad token, never produced
-            tables = inner.config.engram if inner.hasher is not None else inner.config.overencoding
-            pad = int(old.lookup[tables.pad_id if tables.pad_id is not None else 0])
-            lookup = torch.cat([new.lookup, torch.full((size - new.raw_vocab_size,), pad, dtype=torch.long)])
-            new = CompressedTokenizer(lookup, new.vocab_size)
-        return new
-
-    def _hashers_for(self, compressed: CompressedTokenizer | None) -> dict:
-        """The model's hashers rebuilt on ``compressed`` (the same multipliers: V' is unchanged), by role."""
-        from engram.hashing import NgramHasher
-
-        inner, hashers = self.model, {}
-        if compressed is None:
-            return hashers
-        device = inner.tok_embeddings.weight.device
-        if inner.hasher is not None:
-            hashers["engram"] = NgramHasher(inner.config.engram, compressed).to(device)
-        if inner.overencoding is not None:
-            hashers["overencoding"] = NgramHasher(inner.config.overencoding, compressed,
-                                                  layer_ids=[inner.overencoding.layer_id]).to(device)
-        for hasher in hashers.values():
-            hasher.reset_buffers()
-        return hashers
-
-    def _set_vocab(self, size: int, compressed: CompressedTokenizer | None, hashers: dict, tokenizer) -> None:
-        """The config, the inner model's config, its hashers and tokenizers follow a new vocabulary."""
-        import dataclasses
-
-        inner = self.model
-        bb = dataclasses.replace(inner.config.backbone, vocab_size=size)
-        inner.config = dataclasses.replace(inner.config, backbone=bb)
-        self.config.engram_config = inner.config.to_dict()
-        self.config.vocab_size = size
-        if compressed is not None:
-            inner.compressed_tokenizer = compressed
-        if "engram" in hashers:
-            inner.hasher = hashers["engram"]
-            self.config.hash_layout = inner.hasher.layout()
-        if "overencoding" in hashers:
-            inner.overencoding.hasher = hashers["overencoding"]
-            self.config.overencoding_layout = inner.overencoding.hasher.layout()
-        if tokenizer is not None:
-            from tokenizers import Tokenizer
-
-            backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
-            if backend is not None:
-                self.engram_tokenizer = backend
 
     @torch.no_grad()
     def reset_derived_buffers(self) -> None:

@@ -21,13 +21,44 @@ from __future__ import annotations
 
 
 import torch
-import torch.nn.functional as F
 
 from engram.data.bpe import special_ids, with_bos
 from engram.data.recall import induction, mqar
 
 DEFAULT_LENGTHS = (8, 16, 32)  # words per induction sequence
 DEFAULT_PAIRS = (2, 4, 8, 16)
+
+
+class _Scored:
+    """One sample read by ``model`` with teacher forcing: per span of its text, the log-probability of each of
+    its tokens given everything before it, and whether every one of them is the argmax."""
+
+    def __init__(self, model, tokenizer, text: str, bos: int | None):
+        self.encoding = tokenizer.encode(text, add_special_tokens=False)
+        self.ids = torch.tensor(with_bos(self.encoding.ids, bos))  # (T,)
+        self.shift = 0 if bos is None else 1
+        self.logp = model(self.ids[None]).logits[0].float().log_softmax(-1)  # (T, V)
+
+    def positions(self, start: int, end: int) -> torch.Tensor:
+        """Positions in ``ids`` of the tokens overlapping characters [start, end) that something precedes."""
+        return torch.tensor([t + self.shift for t, (a, b) in enumerate(self.encoding.offsets)
+                             if a < end and b > start and b > a and t + self.shift > 0], dtype=torch.long)
+
+    def losses(self, at: torch.Tensor) -> torch.Tensor:  # (k,) positions -> (k,) nats, each from the one before
+        return -self.logp[at - 1, self.ids[at]]
+
+    def right(self, at: torch.Tensor) -> bool:
+        return bool((self.logp[at - 1].argmax(-1) == self.ids[at]).all())
+
+
+def _spans(sample) -> list[tuple[int, int]]:
+    """Character spans of the targets (the odd parts) of ``sample``."""
+    spans, at = [], 0
+    for i, part in enumerate(sample.parts):
+        if i % 2:
+            spans.append((at, at + len(part)))
+        at += len(part)
+    return spans
 
 
 @torch.no_grad()
@@ -37,68 +68,40 @@ def induction_probe(model, tokenizer, word_counts, samples: int, seed: int = 0) 
     each copy, the gain (first minus second), and the share of second-copy words whose every token is the
     argmax. The training documents of ``DataConfig.recall_docs`` have this form, with other seeds."""
     bos = special_ids(tokenizer).bos
-    shift = 0 if bos is None else 1
     out = {}
     for L in word_counts:
         first_losses, second_losses, recalled = [], [], 0
         for s in range(samples):
             sample = induction(seed * 1_000_003 + s, L)
-            enc = tokenizer.encode(sample.text, add_special_tokens=False)
-            ids = torch.tensor([with_bos(enc.ids, bos)])
-            logp = model(ids).logits[0].float().log_softmax(-1)  # (T, V)
-            words = sample.parts[0].removeprefix("repeat: ").removesuffix(" | ").split(" ")
-            at, spans = len("repeat: "), []
-            for w in words:  # the first copy's words, by character span
-                spans.append((at, at + len(w)))
-                at += len(w) + 1
-            first = [t for t, (a, b) in enumerate(enc.offsets) if b > a and any(a < e and b > st for st, e in spans)]
-            second = _target_tokens(enc, sample.text, sample.parts)
-            at = torch.tensor([t + shift for t in first if t + shift > 0])
-            first_losses.append(-logp[at - 1, ids[0, at]].mean().item())
-            flat = torch.tensor([t + shift for word in second for t in word])
-            second_losses.append(-logp[flat - 1, ids[0, flat]].mean().item())
-            for word in second:
-                w = torch.tensor([t + shift for t in word])
-                recalled += bool((logp[w - 1].argmax(-1) == ids[0, w]).all())
+            scored = _Scored(model, tokenizer, sample.text, bos)
+            words_start = len("repeat: ")  # the first copy: "repeat: w1 ... wL |"
+            first = scored.positions(words_start, len(sample.parts[0]) - len(" | "))
+            second = [scored.positions(*span) for span in _spans(sample)]
+            first_losses.append(scored.losses(first).mean().item())
+            second_losses.append(scored.losses(torch.cat(second)).mean().item())
+            recalled += sum(scored.right(word) for word in second)
         first, second = sum(first_losses) / samples, sum(second_losses) / samples
         out[L] = {"first_loss": first, "second_loss": second, "gain": first - second,
                   "second_accuracy": recalled / (samples * L)}
     return out
 
 
-def _target_tokens(encoding, text: str, parts: tuple[str, ...]) -> list[list[int]]:
-    """Token indices of each target (the odd parts): every token whose characters overlap it."""
-    spans, at = [], 0
-    for i, part in enumerate(parts):
-        if i % 2:
-            spans.append((at, at + len(part)))
-        at += len(part)
-    return [[t for t, (a, b) in enumerate(encoding.offsets) if a < end and b > start and b > a]
-            for start, end in spans]
-
-
 @torch.no_grad()
 def mqar_accuracy(model, tokenizer, pair_counts, samples: int, seed: int = 0) -> dict:
     """{P: {"accuracy", "value_loss", "tokens"}} of ``model`` on MQAR samples of P pairs (all keys asked)."""
     bos = special_ids(tokenizer).bos
-    shift = 0 if bos is None else 1
     out = {}
     for pairs in pair_counts:
         recalled = asked = 0
         losses, lengths = [], []
         for s in range(samples):
             sample = mqar(seed * 1_000_003 + s, pairs)
-            enc = tokenizer.encode(sample.text, add_special_tokens=False)
-            ids = torch.tensor([with_bos(enc.ids, bos)])
-            logits = model(ids).logits[0].float()  # (T, V)
-            lengths.append(ids.shape[1])
-            for tokens in _target_tokens(enc, sample.text, sample.parts):
-                at = torch.tensor([t + shift for t in tokens])  # positions in ids
-                if (at == 0).any():
-                    continue  # a target at the very start has nothing before it (never, with the templates)
-                pred = logits[at - 1]  # predicted from the position before
-                losses.append(F.cross_entropy(pred, ids[0, at], reduction="sum").item() / len(tokens))
-                recalled += bool((pred.argmax(-1) == ids[0, at]).all())
+            scored = _Scored(model, tokenizer, sample.text, bos)
+            lengths.append(len(scored.ids))
+            for span in _spans(sample):
+                value = scored.positions(*span)
+                losses.append(scored.losses(value).mean().item())
+                recalled += scored.right(value)
                 asked += 1
         out[pairs] = {"accuracy": recalled / max(1, asked), "value_loss": sum(losses) / max(1, len(losses)),
                       "tokens": sum(lengths) / len(lengths)}

@@ -35,10 +35,9 @@ from engram.tokenizer import CompressedTokenizer, check_token_ids
 IGNORE_INDEX = -100
 
 
-def _run_block(block: Block, keep_weights: bool, *args) -> torch.Tensor:
-    """``block(*args)``, its attention keeping its weights for ``output_attentions`` while it runs (set inside
-    the call, so an activation-checkpointing recomputation computes exactly what the forward did)."""
-    block.attn.keep_weights = keep_weights
+def _keeping_weights(block: Block, *args) -> torch.Tensor:
+    """``block(*args)`` with its attention keeping its weights (``output_attentions``) while it runs."""
+    block.attn.keep_weights = True
     try:
         return block(*args)
     finally:
@@ -330,7 +329,9 @@ class EngramLM(nn.Module, TableHost):
         for i, blk in enumerate(self.layers):
             args = (x, cos, sin, hash_ids.get(blk.layer_id), doc_ids, None if cache is None else cache.layers[i],
                     token_mask, attn_mask)
-            run = functools.partial(_run_block, blk, output_attentions)  # recomputed in backward the same way
+            # with attention weights asked for, the block keeps them inside the call, so a recomputation in
+            # backward takes the same path
+            run = functools.partial(_keeping_weights, blk) if output_attentions else blk
             x = (self._gradient_checkpointing_func or _checkpoint)(run, *args) if checkpointed else run(*args)
             if output_attentions:
                 attentions.append(blk.attn.weights)

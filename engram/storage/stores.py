@@ -386,28 +386,29 @@ class ConcatStore:
             groups.append((self.parts[p], local[order], at[order]))
         return groups
 
-    def _groups_warm(self, groups: list, n: int) -> bool:
-        """One residency sample for the whole request, not one per part: ``RESIDENT_SAMPLE`` rows (one per 64 of
-        a larger request) spread over the parts it touches; paced like ``DiskStore``'s."""
-        return self._pacing.warm(n, lambda: self._sample_warm(groups, n))
+    def _sample_warm(self, idx: np.ndarray) -> bool:
+        """One residency sample for the whole request, not one per part: ``RESIDENT_SAMPLE`` of its rows (one
+        per 64 of a larger request), each checked in the part that holds it."""
+        count = max(RESIDENT_SAMPLE, len(idx) // 64)
+        sample = np.sort(idx[:: max(1, len(idx) // count)][:count])
+        which = np.searchsorted(self.bounds, sample, side="right") - 1  # the part of each sampled row
+        for p in np.unique(which):
+            part, local = self.parts[p], sample[which == p] - self.bounds[p]
+            if not (part._resident(local) if isinstance(part, DiskStore) else part.warm(torch.from_numpy(local))):
+                return False
+        return True
 
-    @staticmethod
-    def _sample_warm(groups: list, n: int) -> bool:
-        count = max(RESIDENT_SAMPLE, n // 64)
-        per = max(1, count // max(1, len(groups)))  # rows sampled in each sampled part
-        sampled = groups[:: max(1, len(groups) // count)][:count]
-        return all(part._resident(local[:: max(1, len(local) // per)][:per]) if isinstance(part, DiskStore)
-                   else part.warm(torch.from_numpy(local)) for part, local, _ in sampled)
+    def _warm(self, idx: np.ndarray) -> bool:
+        return self._pacing.warm(len(idx), lambda: self._sample_warm(idx))
 
     def warm(self, rows: torch.Tensor) -> bool:
-        idx = rows.numpy()
-        return self._groups_warm(self._groups(idx), len(idx))
+        return self._warm(rows.numpy())
 
     def gather_encoded(self, rows: torch.Tensor, warm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
         groups = self._groups(idx)
         on_disk = all(isinstance(part, DiskStore) for part, _, _ in groups)
-        if on_disk and not (warm or self._groups_warm(groups, len(idx))):  # one read-ahead pass for the request
+        if on_disk and not (warm or self._warm(idx)):  # one read-ahead pass for the request
             for part, local, _ in groups:
                 part.read_ahead(local)
         codes = torch.empty(len(idx), self.dim, dtype=self.format.code_dtype)

@@ -128,7 +128,7 @@ def test_residency_and_the_budget_are_checked_at_their_pace(tmp_path, parts):
         store._resident = lambda idx: checks.append(len(idx)) or verdict[0]
         store.over_budget = lambda: budget_checks.append(1) or False
     else:
-        store._sample_warm = lambda groups, n: checks.append(n) or verdict[0]
+        store._sample_warm = lambda idx: checks.append(len(idx)) or verdict[0]
         part_stores[0].over_budget = lambda: budget_checks.append(1) or False
     small = torch.arange(0, 7000, 70)  # 100 rows
     for _ in range(stores.WARM_TRUST * 2):
