@@ -46,7 +46,8 @@ from engram.train.config import TrainConfig
 from engram.train.device import resolve_device
 from engram.train.loop import run_loop
 from engram.train.optim import Optimizers
-from engram.train.resume import INIT_ONLY_FIELDS, apply_run_dir, checkpoint_to_resume, flatten_fields
+from engram.train.resume import (INIT_ONLY_FIELDS, apply_run_dir, checkpoint_to_resume, config_changes,
+                                 describe_changes)
 from engram.train.startup import check_splits
 from engram.train.step import TrainState
 
@@ -157,21 +158,17 @@ def _check_resume(checkpoint: Path, config: FinetuneConfig, base: dict) -> None:
         print(f"[engram] {checkpoint} records no base model (written by an earlier version): the base is not "
               "checked", file=sys.stderr)
     # read through today's schema: a file written before a field existed holds its default
-    stored = flatten_fields(FinetuneConfig.from_dict(json.loads((checkpoint / "finetune_config.json").read_text()))
-                            .to_dict())
-    now = flatten_fields(config.to_dict())
-    changed = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)
-               and not k.startswith(_MAY_CHANGE)]
+    stored = FinetuneConfig.from_dict(json.loads((checkpoint / "finetune_config.json").read_text()))
+    changed = [c for c in config_changes(stored, config) if not c[0].startswith(_MAY_CHANGE)]
     init_only = tuple(f".{name}" for name in INIT_ONLY_FIELDS)  # decided the first weights only: the checkpoint's stand
-    fixed = [k for k in changed if k.startswith(("adapter.", "train.optim.name", "data.tokenizer"))
-             and not k.endswith(init_only)]
+    fixed = [c for c in changed if c[0].startswith(("adapter.", "train.optim.name", "data.tokenizer"))
+             and not c[0].endswith(init_only)]
     if fixed:
-        raise ValueError(f"{checkpoint} was trained with another adapter or optimizer ("
-                         + ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in fixed)
-                         + "); use another --out, or --no-resume to start afresh")
+        raise ValueError(f"{checkpoint} was trained with another adapter or optimizer ({describe_changes(fixed)}); "
+                         "use another --out, or --no-resume to start afresh")
     if changed:
-        print(f"[engram] resuming {checkpoint.name} with changed settings: "
-              + ", ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in changed), file=sys.stderr)
+        print(f"[engram] resuming {checkpoint.name} with changed settings: {describe_changes(changed)}",
+              file=sys.stderr)
 
 
 def _prepare(config: FinetuneConfig, tokenizer, run_dir: Path):

@@ -23,12 +23,11 @@ from engram.train.config import MOVED, RunConfig
 _NOT_COMPARED = {"train.out_dir", "train.placement.device"}
 
 
-def flatten_fields(d: dict, prefix: str = "") -> dict:
-    """A nested config dict as {dotted field: value}."""
+def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out |= flatten_fields(value, f"{prefix}{key}.")
+            out |= _flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -37,7 +36,7 @@ def flatten_fields(d: dict, prefix: str = "") -> dict:
 def config_changes(stored: RunConfig, now: RunConfig) -> list[tuple[str, object, object]]:
     """(dotted field, stored value, new value) for every field that differs, paths compared resolved
     (give both with their data paths absolute); ``train.out_dir`` and ``train.placement.device`` are not compared."""
-    a, b = flatten_fields(stored.to_dict()), flatten_fields(now.to_dict())
+    a, b = _flatten(stored.to_dict()), _flatten(now.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in _NOT_COMPARED and a.get(k) != b.get(k)]
 
@@ -47,7 +46,8 @@ def config_changes(stored: RunConfig, now: RunConfig) -> list[tuple[str, object,
 _SHORT = {f"train.{new}": f"train.{old}" for old, new in MOVED.items()}
 
 
-def _describe(changes) -> str:
+def describe_changes(changes) -> str:
+    """``config_changes``'s list as one line: ``train.lr: 0.003 -> 0.001, ...`` (short training-field names)."""
     return ", ".join(f"{_SHORT.get(k, k)}: {old!r} -> {new!r}" for k, old, new in changes)
 
 
@@ -80,18 +80,18 @@ def check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
         if any(k == "model.backbone.document_mask" and old is False for k, old, _ in model):
             hint = ("; it was trained before document-masked attention: --set model.backbone.document_mask=false "
                     "continues it as it was trained")
-        raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) of a different model ({_describe(model)}); "
-                         "use another --out, or --no-resume to start afresh (the old history is moved to "
+        raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) of a different model "
+                         f"({describe_changes(model)}); use another --out, or --no-resume to start afresh (the old history is moved to "
                          f"{run_dir / rundir.ARCHIVE}){hint}")
     optimizer = [c for c in changes if c[0] == "train.optim.name"]
     if optimizer:  # the checkpoint's optimizer state is the old optimizer's
         raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) trained with another optimizer "
-                         f"({_describe(optimizer)}): a run resumes with the optimizer it started with; to switch, "
-                         "start a new run (another --out) with --init-from this checkpoint")
+                         f"({describe_changes(optimizer)}): a run resumes with the optimizer it started with; to "
+                         "switch, start a new run (another --out) with --init-from this checkpoint")
     if changes and rt.is_main():
         print(f"[engram] resuming {ckpt.path.name} with changed settings (allowed; the run is no longer one "
               f"uninterrupted run of a single config; data is tokenized with the checkpoint's tokenizer): "
-              f"{_describe(changes)}", file=sys.stderr)
+              f"{describe_changes(changes)}", file=sys.stderr)
     return run
 
 
@@ -121,7 +121,8 @@ def check_init_from(init, run: RunConfig, run_dir: Path, resume: bool) -> None:
                if c[0].startswith("model.") and not c[0].startswith(INIT_FROM_MAY_CHANGE)]
     if changed:
         raise ValueError(f"train.init_from={run.train.checkpoint.init_from!r} ({init.path}) holds another architecture "
-                         f"({_describe(changed)}); only {', '.join(f.split('.', 1)[1] for f in INIT_FROM_MAY_CHANGE)} "
+                         f"({describe_changes(changed)}); only "
+                         f"{', '.join(f.split('.', 1)[1] for f in INIT_FROM_MAY_CHANGE)} "
                          "may differ")
 
 
