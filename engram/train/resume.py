@@ -81,8 +81,8 @@ def check_resume(ckpt, run: RunConfig, run_dir: Path) -> RunConfig:
             hint = ("; it was trained before document-masked attention: --set model.backbone.document_mask=false "
                     "continues it as it was trained")
         raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) of a different model "
-                         f"({describe_changes(model)}); use another --out, or --no-resume to start afresh (the old history is moved to "
-                         f"{run_dir / rundir.ARCHIVE}){hint}")
+                         f"({describe_changes(model)}); use another --out, or --no-resume to start afresh (the old "
+                         f"history is moved to {run_dir / rundir.ARCHIVE}){hint}")
     optimizer = [c for c in changes if c[0] == "train.optim.name"]
     if optimizer:  # the checkpoint's optimizer state is the old optimizer's
         raise ValueError(f"{run_dir} holds a checkpoint ({ckpt.path.name}) trained with another optimizer "
