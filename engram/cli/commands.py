@@ -78,7 +78,8 @@ def eval_flags(p) -> None:
                    help="loss (default): validation loss and bits per byte; long-context: RULER-style tasks "
                         "(needles, variable tracking, word extraction) at --lengths, and the loss of long "
                         "held-out documents; recall: an induction probe (a random token sequence repeated, "
-                        "loss on the copy) at --lengths and multi-query associative recall at --pairs")
+                        "loss on the copy) at --lengths, multi-query associative recall at --pairs, and at a "
+                        "distance (--gaps)")
     add_ckpt(p)
     p.add_argument("--batches", type=positive_int, default=None,
                    help="evaluation batches (default: the run's eval_batches)")
@@ -100,6 +101,11 @@ def eval_flags(p) -> None:
                    help="long-context: held-out documents per length for the long-document loss (default 16)")
     p.add_argument("--pairs", type=positive_int, nargs="+", default=None, metavar="P",
                    help="recall: key-value pairs per MQAR sample (default 2 4 8 16)")
+    p.add_argument("--gaps", type=nonnegative_int, nargs="+", default=None, metavar="G",
+                   help="recall: also MQAR with G filler words between the pairs and the queries (the length "
+                        "axis: the same task over more tokens)")
+    p.add_argument("--gap-pairs", type=positive_int, default=None, metavar="P",
+                   help="recall: key-value pairs of the --gaps samples (default 8)")
     p.add_argument("--every-checkpoint", action="store_true",
                    help="recall: score every checkpoint the run keeps, by step (when recall appears)")
     p.add_argument("--out", default=None, type=directory,
@@ -118,7 +124,8 @@ def evaluate(args) -> int:
                                 ("--ppl-docs", args.ppl_docs != 16), ("--no-progress", args.no_progress)) if v]
     if args.what == "recall":
         return _evaluate_recall(args, where)
-    recall_only = [f for f, v in (("--pairs", args.pairs), ("--every-checkpoint", args.every_checkpoint)) if v]
+    recall_only = [f for f, v in (("--pairs", args.pairs), ("--gaps", args.gaps), ("--gap-pairs", args.gap_pairs),
+                                  ("--every-checkpoint", args.every_checkpoint)) if v]
     if recall_only:
         raise ValueError(f"{', '.join(recall_only)} belong to `engram eval recall`")
     if args.what == "long-context":
@@ -173,14 +180,18 @@ def _stream_completion(model, tokenizer, args) -> None:
 
 def _evaluate_recall(args, where) -> int:
     from engram.fileio import atomic_write_json, atomic_write_text
-    from engram.longctx.recall import DEFAULT_LENGTHS, DEFAULT_PAIRS, evaluate_recall, markdown, recall_curve
+    from engram.longctx.recall import (DEFAULT_GAP_PAIRS, DEFAULT_LENGTHS, DEFAULT_PAIRS, evaluate_recall,
+                                       markdown, recall_curve)
 
     loss_only = [f for f, v in (("--batches", args.batches), ("--batch-size", args.batch_size),
                                 ("--seq-len", args.seq_len), ("--data", args.data), ("--tasks", args.tasks)) if v]
     if loss_only:
         raise ValueError(f"{', '.join(loss_only)} do not apply to `engram eval recall`")
+    if args.gap_pairs is not None and not args.gaps:
+        raise ValueError("--gap-pairs sets the pairs of the --gaps samples; give --gaps too")
     options = dict(lengths=args.lengths or DEFAULT_LENGTHS, pair_counts=args.pairs or DEFAULT_PAIRS,
-                   samples=args.samples, seed=args.seed, device=str(where))
+                   samples=args.samples, seed=args.seed, device=str(where), gaps=tuple(args.gaps or ()),
+                   gap_pairs=args.gap_pairs or DEFAULT_GAP_PAIRS)
     if args.every_checkpoint:
         from engram.train.checkpoint import resolve_checkpoint, run_directory
 

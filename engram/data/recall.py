@@ -8,7 +8,8 @@ haystacks (docs/LONG_CONTEXT.md) can still be given, and be tested on, the plain
     MQAR       "recall: nozi=8341 bame=2209 tuvo=5120 ... ; bame=2209 nozi=8341 ...\n"
                pairs of a key (two syllables) and a value (4 digits), then some of the keys again in another
                order, each followed by its value: predicting a value after "key=" in the second part needs the
-               first part (the values are random).
+               first part (the values are random). With ``gap`` words of plain filler between the pairs and the
+               " ;", the distance from a pair to its query grows while the number of pairs stays fixed.
     induction  "repeat: dako suli ... mepa | dako suli ... mepa\n"
                words drawn at random, then the same words again: from the "|" on, every word is a copy.
 
@@ -25,6 +26,8 @@ from engram.data.retrieval import distinct_words
 
 RECALL_FORMAT = 1  # bump when a template changes: prepared corpora with recall documents then miss
 KINDS = ("mqar", "induction")
+# the filler of a gap: plain English with nothing to remember, cycled word by word
+FILLER = ("the weather was mild and nothing of note happened here today so the notes go on .").split()
 
 
 @dataclass(frozen=True)
@@ -44,18 +47,22 @@ class RecallSample:
         return self.parts[1::2]
 
 
-def mqar(seed: int, pairs: int, queries: int | None = None) -> RecallSample:
-    """``pairs`` key=value pairs, then ``queries`` (default all) of the keys in a shuffled order, each value
-    a target. Keys are distinct two-syllable words, values distinct 4-digit numbers."""
+def mqar(seed: int, pairs: int, queries: int | None = None, gap: int = 0) -> RecallSample:
+    """``pairs`` key=value pairs, ``gap`` filler words, then ``queries`` (default all) of the keys in a shuffled
+    order, each value a target. Keys are distinct two-syllable words, values distinct 4-digit numbers. The
+    pairs, values and order depend on (seed, pairs, queries) only: the same sample at every gap."""
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
+    if gap < 0:
+        raise ValueError(f"gap must be >= 0 words, got {gap}")
     queries = pairs if queries is None else queries
     if not 1 <= queries <= pairs:
         raise ValueError(f"queries must be in [1, {pairs}], got {queries}")
     rng = random.Random(f"mqar:{seed}:{pairs}:{queries}")
     keys = distinct_words(rng, pairs)
     values = [str(v) for v in rng.sample(range(1000, 10000), pairs)]
-    context = "recall: " + " ".join(f"{k}={v}" for k, v in zip(keys, values)) + " ;"
+    filler = "".join(" " + FILLER[i % len(FILLER)] for i in range(gap))
+    context = "recall: " + " ".join(f"{k}={v}" for k, v in zip(keys, values)) + filler + " ;"
     asked = rng.sample(range(pairs), queries)
     parts: list[str] = [context]
     for i in asked:

@@ -11,6 +11,9 @@ Legend: L words of an induction sequence, V vocabulary, P key-value pairs.
   order, each followed by its value. A query is recalled when every token of its value is the argmax
   given the text before it. Reported per P: recall accuracy, the loss per value token, and the sample's
   length in tokens (it grows with P).
+- **MQAR at a distance** (``gaps``): P fixed (``gap_pairs``), with G words of plain filler between the pairs and
+  the queries, so the recall spans more tokens while the task stays the same size: the length axis of a
+  context extension. Reported per G as for MQAR.
 
 Samples depend only on their seed (0, 1, ...), so two models are asked exactly the same things. A run
 directory's every checkpoint can be scored (``recall_curve``), which gives the step at which recall
@@ -27,6 +30,7 @@ from engram.data.recall import induction, mqar
 
 DEFAULT_LENGTHS = (8, 16, 32)  # words per induction sequence
 DEFAULT_PAIRS = (2, 4, 8, 16)
+DEFAULT_GAP_PAIRS = 8
 
 
 class _Scored:
@@ -87,15 +91,16 @@ def induction_probe(model, tokenizer, word_counts, samples: int, seed: int = 0) 
 
 
 @torch.no_grad()
-def mqar_accuracy(model, tokenizer, pair_counts, samples: int, seed: int = 0) -> dict:
-    """{P: {"accuracy", "value_loss", "tokens"}} of ``model`` on MQAR samples of P pairs (all keys asked)."""
+def mqar_accuracy(model, tokenizer, pair_counts, samples: int, seed: int = 0, gap: int = 0) -> dict:
+    """{P: {"accuracy", "value_loss", "tokens"}} of ``model`` on MQAR samples of P pairs (all keys asked),
+    ``gap`` filler words between the pairs and the queries."""
     bos = special_ids(tokenizer).bos
     out = {}
     for pairs in pair_counts:
         recalled = asked = 0
         losses, lengths = [], []
         for s in range(samples):
-            sample = mqar(seed * 1_000_003 + s, pairs)
+            sample = mqar(seed * 1_000_003 + s, pairs, gap=gap)
             scored = _Scored(model, tokenizer, sample.text, bos)
             lengths.append(len(scored.ids))
             for span in _spans(sample):
@@ -108,9 +113,15 @@ def mqar_accuracy(model, tokenizer, pair_counts, samples: int, seed: int = 0) ->
     return out
 
 
+def mqar_distance(model, tokenizer, pairs: int, gaps, samples: int, seed: int = 0) -> dict:
+    """{G: {"accuracy", "value_loss", "tokens"}}: MQAR with ``pairs`` pairs and G filler words before the
+    queries (the same pairs and queries at every G)."""
+    return {g: mqar_accuracy(model, tokenizer, [pairs], samples, seed, gap=g)[pairs] for g in gaps}
+
+
 def evaluate_recall(checkpoint, lengths=DEFAULT_LENGTHS, pair_counts=DEFAULT_PAIRS, samples: int = 32,
-                    seed: int = 0, device: str = "cpu") -> dict:
-    """Both probes on one checkpoint (a path or a run directory's latest); lengths and pairs beyond the
+                    seed: int = 0, device: str = "cpu", gaps=(), gap_pairs: int = DEFAULT_GAP_PAIRS) -> dict:
+    """The probes on one checkpoint (a path or a run directory's latest); lengths, pairs and gaps beyond the
     model's context are left out and named."""
     from engram.train import load_checkpoint
 
@@ -130,6 +141,11 @@ def evaluate_recall(checkpoint, lengths=DEFAULT_LENGTHS, pair_counts=DEFAULT_PAI
     for P in pair_counts:
         (pairs_fit if fits(mqar(seed, P).text) else result.setdefault("skipped_pairs", [])).append(P)
     result["mqar"] = mqar_accuracy(model, ckpt.tokenizer, pairs_fit, samples, seed)
+    if gaps:
+        gaps_fit = [g for g in gaps if fits(mqar(seed, gap_pairs, gap=g).text)]
+        result["gap_pairs"] = gap_pairs
+        result["mqar_gap"] = mqar_distance(model, ckpt.tokenizer, gap_pairs, gaps_fit, samples, seed)
+        result["skipped_gaps"] = [g for g in gaps if g not in gaps_fit]
     return result
 
 
@@ -152,7 +168,7 @@ def markdown(results: list[dict]) -> str:
             return lines + [f"(none fits the model's context of {results[0]['context']} tokens)", ""]
         lines += ["| step | " + " | ".join(f"{name}={c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for r in results:
-            cells = [(lambda m: "-" if m is None else cell(m))(r[key].get(c) or r[key].get(str(c))) for c in columns]
+            cells = [(lambda m: "-" if m is None else cell(m))(r.get(key, {}).get(c) or r.get(key, {}).get(str(c))) for c in columns]
             lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
         return lines + [""]
 
@@ -162,8 +178,16 @@ def markdown(results: list[dict]) -> str:
                   lengths, "L", lambda m: f"{m['second_loss']:.2f} ({m['gain']:+.2f})")
     lines += table("MQAR: recall accuracy (loss per value token), by pairs", "mqar", pairs, "P",
                    lambda m: f"{m['accuracy']:.0%} ({m['value_loss']:.2f})")
+    gaps = sorted({int(G) for r in results for G in r.get("mqar_gap", {})})
+    if gaps or any("mqar_gap" in r for r in results):
+        tokens = {int(G): m["tokens"] for r in results for G, m in r.get("mqar_gap", {}).items()}
+        lines += table(f"MQAR at a distance: P={results[0].get('gap_pairs')} pairs, G filler words before the "
+                       "queries; recall accuracy (loss per value token). Tokens per sample: "
+                       + ", ".join(f"G={G}: {tokens[G]:.0f}" for G in gaps), "mqar_gap", gaps, "G",
+                       lambda m: f"{m['accuracy']:.0%} ({m['value_loss']:.2f})")
     skipped = sorted({f"L={L}" for r in results for L in r.get("skipped_lengths", [])}
-                     | {f"P={P}" for r in results for P in r.get("skipped_pairs", [])})
+                     | {f"P={P}" for r in results for P in r.get("skipped_pairs", [])}
+                     | {f"G={G}" for r in results for G in r.get("skipped_gaps", [])})
     if skipped:
         lines.append(f"not run, longer than the model's context: {', '.join(skipped)}")
     return "\n".join(lines).rstrip() + "\n"

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram.data.recall import induction, mqar, recall_documents
-from engram.longctx.recall import induction_probe, markdown, mqar_accuracy
+from engram.longctx.recall import induction_probe, markdown, mqar_accuracy, mqar_distance
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "v0_1" / "sharded_run"
 
@@ -31,6 +31,22 @@ def test_mqar_asks_keys_of_the_context_and_answers_with_their_values(seed, pairs
     assert len(sample.targets) == queries and len(set(asked)) == queries
     assert [table[k] for k in asked] == list(sample.targets)  # each target is its key's value
     assert sample.text.endswith("\n")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), pairs=st.integers(1, 30), gap=st.integers(1, 400))
+def test_a_gap_moves_the_queries_away_and_changes_nothing_else(seed, pairs, gap):
+    near, far = mqar(seed, pairs), mqar(seed, pairs, gap=gap)
+    assert far.targets == near.targets and far.parts[1:] == near.parts[1:]  # same pairs, queries, order
+    pairs_text, rest = near.parts[0].split(" ;", 1)
+    assert far.parts[0].startswith(pairs_text) and far.parts[0].endswith(" ;" + rest)
+    filler = far.parts[0][len(pairs_text):-len(" ;" + rest)].split()
+    assert len(filler) == gap and "=" not in "".join(filler)  # nothing in it looks like a pair
+
+
+def test_mqar_refuses_a_negative_gap():
+    with pytest.raises(ValueError, match="gap must be >= 0"):
+        mqar(0, 4, gap=-1)
 
 
 @settings(max_examples=40, deadline=None)
@@ -124,6 +140,15 @@ def test_mqar_accuracy_of_an_oracle_and_of_a_guesser(tokenizer):
     assert right[6]["tokens"] > right[2]["tokens"]  # more pairs, longer samples
 
 
+def test_mqar_at_a_distance_scores_the_same_task_over_more_tokens(tokenizer):
+    V = tokenizer.get_vocab_size()
+    right = mqar_distance(Oracle(V), tokenizer, 3, [0, 20, 60], samples=3)
+    wrong = mqar_distance(Uniform(V), tokenizer, 3, [0, 60], samples=3)
+    assert [right[g]["accuracy"] for g in (0, 20, 60)] == [1.0] * 3 and wrong[60]["accuracy"] == 0.0
+    assert right[0]["tokens"] < right[20]["tokens"] < right[60]["tokens"]
+    assert right[0] == mqar_accuracy(Oracle(V), tokenizer, [3], samples=3)[3]  # no gap: plain MQAR
+
+
 def test_eval_recall_on_a_checkpoint_writes_its_tables(tmp_path, capsys):
     from engram.cli import main
 
@@ -138,6 +163,20 @@ def test_eval_recall_on_a_checkpoint_writes_its_tables(tmp_path, capsys):
     assert main(["eval", "recall", "--ckpt", str(FIXTURE), "--seq-len", "16"]) == 2
     assert "do not apply to `engram eval recall`" in capsys.readouterr().err
     assert main(["eval", "--ckpt", str(FIXTURE), "--pairs", "2"]) == 2
+    assert main(["eval", "--ckpt", str(FIXTURE), "--gaps", "2"]) == 2
+    assert main(["eval", "recall", "--ckpt", str(FIXTURE), "--gap-pairs", "2"]) == 2
+    assert "give --gaps too" in capsys.readouterr().err
+
+
+def test_eval_recall_at_a_distance_names_the_gaps_that_do_not_fit(tmp_path, capsys):
+    from engram.cli import main
+
+    assert main(["eval", "recall", "--ckpt", str(FIXTURE), "--lengths", "1", "--pairs", "1", "--gaps", "0",
+                 "500", "--gap-pairs", "1", "--samples", "2", "--out", str(tmp_path)]) == 0
+    stored = json.loads((tmp_path / "recall.json").read_text())[0]
+    assert stored["gap_pairs"] == 1 and set(stored["mqar_gap"]) == {"0"} and stored["skipped_gaps"] == [500]
+    printed = capsys.readouterr().out
+    assert "MQAR at a distance: P=1" in printed and "G=500" in printed.splitlines()[-1]
 
 
 def test_the_markdown_has_a_row_per_checkpoint():
