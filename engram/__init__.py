@@ -17,7 +17,7 @@ from engram.model.transformer import EngramLM, LMOutput
 from engram.presets import get_preset
 from engram.tokenizer import CompressedTokenizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackboneConfig", "CompressedTokenizer", "Engram", "EngramConfig", "EngramLM", "LMOutput", "ModelConfig",
