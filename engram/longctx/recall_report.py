@@ -190,21 +190,26 @@ def plot_end(summary: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     colours = dict(zip(summary["models"], ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-    for ax, field, title in zip(axes, ("mqar_by_pairs", "mqar_by_gap", "copy_by_length"),
-                                ("MQAR accuracy by pairs", f"MQAR (P={summary['criteria']['mqar_pairs']}) by "
-                                 "filler words", "second-copy accuracy by words")):
+    for ax, field, title, xlabel in zip(axes, ("mqar_by_pairs", "mqar_by_gap", "copy_by_length"),
+                                        ("MQAR accuracy by pairs", f"MQAR (P={summary['criteria']['mqar_pairs']}) "
+                                         "by filler words", "second-copy accuracy by words"),
+                                        ("pairs", "filler words before the queries", "words repeated")):
+        shown = set()
         for stage, style in (("final", "--"), ("yarn4", "-")):
             for m, per in summary["end"].get(stage, {}).items():
                 keys = sorted({k for v in per.values() for k in v[field]})
                 if not keys:
                     continue
+                shown |= set(keys)
                 means = [100 * _mean_row(per, field, k)[0] for k in keys]
                 ax.plot(keys, means, style, color=colours[m], label=f"{m}, {stage}")
                 for k in keys:
                     ax.plot([k] * len(_mean_row(per, field, k)[1]), [100 * v for v in _mean_row(per, field, k)[1]],
                             ".", color=colours[m], alpha=0.4)
-        ax.set(title=title, ylabel="%", ylim=(-2, 102))
-        ax.set_xscale("symlog", linthresh=8)
+        ax.set(title=title, xlabel=xlabel, ylabel="%", ylim=(-2, 102))
+        if field != "mqar_by_gap" and shown:  # pairs and words double from one column to the next
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(shown), [str(k) for k in sorted(shown)])
     axes[0].legend(fontsize=6)
     save_figure(fig, path)
 
