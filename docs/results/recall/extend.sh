@@ -1,6 +1,6 @@
 #!/bin/bash
 # YaRN x4 extension of a seed's pair (300 steps at 1,024 tokens, batch 2, LR 1e-3), then every recall eval
-cd /work/main
+cd "$(git rev-parse --show-toplevel)"  # from anywhere in the repository
 export OMP_NUM_THREADS=1
 s=$1
 for m in moe engram; do
