@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from engram.fileio import atomic_write_json, atomic_write_text
+from engram.sweeps.stats import sample_std
 
 STAGES = ("curve", "final", "yarn4")
 _NAME = re.compile(r"^s(\d+)-(.+)-(" + "|".join(STAGES) + r")$")
@@ -62,8 +63,7 @@ def read_results(directory) -> dict[tuple[int, str, str], list[dict]]:
 
 
 def _spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {"mean": statistics.fmean(values), "std": sample_std(values), "n": len(values)}
 
 
 def _cells(result: dict, probe: str, field: str) -> dict[int, float]:
@@ -201,11 +201,10 @@ def plot_end(summary: dict, path: Path) -> None:
                 if not keys:
                     continue
                 shown |= set(keys)
-                means = [100 * _mean_row(per, field, k)[0] for k in keys]
-                ax.plot(keys, means, style, color=colours[m], label=f"{m}, {stage}")
-                for k in keys:
-                    ax.plot([k] * len(_mean_row(per, field, k)[1]), [100 * v for v in _mean_row(per, field, k)[1]],
-                            ".", color=colours[m], alpha=0.4)
+                rows = {k: _mean_row(per, field, k) for k in keys}  # k -> (mean, per-seed values)
+                ax.plot(keys, [100 * rows[k][0] for k in keys], style, color=colours[m], label=f"{m}, {stage}")
+                for k, (_, values) in rows.items():
+                    ax.plot([k] * len(values), [100 * v for v in values], ".", color=colours[m], alpha=0.4)
         ax.set(title=title, xlabel=xlabel, ylabel="%", ylim=(-2, 102))
         if field != "mqar_by_gap" and shown:  # pairs and words double from one column to the next
             ax.set_xscale("log", base=2)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # paired seeds of the recall test, 6000 steps; seed 1 continues the 4000-step run from step 3000 (identical
 # up to its first LR decay at 3200)
+# seed 1 starts from a copy of that run: cp -r <4,000-step run>/{moe,engram} runs/recall6k/s1/
 cd "$(git rev-parse --show-toplevel)"  # from anywhere in the repository
 export OMP_NUM_THREADS=1
 common="--set data.recall_docs=150000 --set train.max_steps=6000 --set train.checkpoint.every=500 --set train.checkpoint.keep=0 --set train.eval.every=1000 --no-progress"
