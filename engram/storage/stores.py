@@ -75,11 +75,31 @@ def _file_map(path, random: bool = True) -> np.memmap:
     return found
 
 
-def _release(maps) -> None:
-    """Drop this process's page-table entries of ``maps`` (``MADV_DONTNEED``: the pages stay in the page cache)."""
-    for m in maps:
-        if hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED"):
+RELEASE_CHUNK = 32 << 20  # bytes of a map released at a time, from where the last release stopped
+
+
+def _release(maps, limit: int | None = None) -> None:
+    """Drop this process's page-table entries of ``maps`` (``MADV_DONTNEED``: the pages stay in the page cache).
+
+    ``limit=None``: all of them. Otherwise only until the process maps at most ``limit`` bytes of files
+    (``_mapped_bytes``), ``RELEASE_CHUNK`` at a time, each map's releases going round it from where its last
+    one stopped (a clock hand), and at most once round every map. A table a little larger than the budget is
+    then mostly still mapped after a release: hashed rows touch every part of it, and each part released is
+    mapped again by the next gathers, one page fault per row, so releasing all of it costs most."""
+    maps = [m for m in maps if hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED")]
+    if limit is None:
+        for m in maps:
             m._mmap.madvise(mmap.MADV_DONTNEED)
+        return
+    for m in maps:
+        size, hand = len(m._mmap), getattr(m, "_release_hand", 0)
+        for _ in range(-(-size // RELEASE_CHUNK)):
+            if _mapped_bytes() <= limit:
+                return
+            hand = 0 if hand >= size else hand
+            m._mmap.madvise(mmap.MADV_DONTNEED, hand, min(RELEASE_CHUNK, size - hand))
+            hand += RELEASE_CHUNK
+            m._release_hand = hand
 
 
 def _view(file_map: np.memmap, dtype: np.dtype, shape: tuple[int, int], offset: int, path) -> np.ndarray:
@@ -330,13 +350,18 @@ class DiskStore:
             if self._pacing.budget_due(len(idx)) and self.over_budget():
                 self.release_mappings()
 
-    def release_mappings(self) -> None:
+    def release_limit(self) -> int:
+        """Mapped file bytes a release brings the process down to: one ``RELEASE_CHUNK`` below the budget."""
+        return self._baseline + max(0, self.mapped_budget - RELEASE_CHUNK)
+
+    def release_mappings(self, everything: bool = False) -> None:
         """Drop this process's page-table entries of the maps (``MADV_DONTNEED``; the pages stay in the page
-        cache, and the next touch maps them again). Without it a table's mapped pages count in the process's
-        RSS and only grow: a fault maps a whole large folio of the page cache (up to 2 MiB), so a few
-        thousand random rows map an entire freshly written 1 GiB file. A gather calls it once the process
-        maps ``mapped_budget`` bytes of files more than when the store was made; ~0.3 ms after 4k rows."""
-        _release(self._maps)
+        cache, and the next touch maps them again) until it maps ``release_limit()`` bytes of files, or all
+        of them (``everything=True``). Without it a table's mapped pages count in the process's RSS and only grow: a
+        fault maps a whole large folio of the page cache (up to 2 MiB), so a few thousand random rows map an
+        entire freshly written 1 GiB file. A gather calls it once the process maps ``mapped_budget`` bytes
+        of files more than when the store was made; ~0.3 ms to release 1 GiB."""
+        _release(self._maps, None if everything else self.release_limit())
 
     def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.format.decode(*self.gather_encoded(rows, warm))
@@ -424,7 +449,8 @@ class ConcatStore:
                     scales[where] = s
         finally:
             if on_disk and groups and self._pacing.budget_due(len(idx)) and groups[0][0].over_budget():
-                _release({id(m): m for part, _, _ in groups for m in part._maps}.values())  # shared maps once
+                _release({id(m): m for part, _, _ in groups for m in part._maps}.values(),  # shared maps once
+                         groups[0][0].release_limit())
         return codes, scales
 
     def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)

@@ -170,6 +170,30 @@ def test_gathers_leave_no_table_pages_mapped(tmp_path):
     assert rss_file_kb() - before < 8 * 1024  # under 8 MiB of 64: nothing of the table stays mapped
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="statm is Linux's")
+def test_a_release_drops_only_what_brings_the_process_under_its_budget(tmp_path, monkeypatch):
+    """A table a little larger than the budget stays mostly mapped: a release goes round the map a chunk at a
+    time until the process maps one chunk less than its budget, not the whole table (each part released is
+    mapped again by later gathers, one fault per row)."""
+    monkeypatch.setattr(stores, "RELEASE_CHUNK", 1 << 20)
+    rows, dim = 1 << 16, 256  # 64 MiB
+    path = tmp_path / "t.bin"
+    path.write_bytes(np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32).tobytes())
+    store = DiskStore(path, rows, dim)
+    store.mapped_budget = 32 << 20
+    mib = lambda: (stores._mapped_bytes() - store._baseline) / (1 << 20)
+    for _ in range(3):  # each time from where the last release stopped
+        float(store.array.sum())  # every page of the table mapped
+        assert mib() > 60
+        store.release_mappings()
+        assert 24 < mib() <= 31.5
+    store.release_mappings(everything=True)
+    assert mib() < 4
+    for seed in range(5):  # a gather of SMALL_REQUEST rows or more checks the budget as it ends
+        store.gather(torch.from_numpy(np.unique(np.random.default_rng(seed).integers(0, rows, 4000))))
+        assert 16 < mib() <= 31.5
+
+
 def test_an_offloaded_table_follows_the_model_to_its_device(tmp_path):
     from engram.storage import OffloadedEmbedding
 
