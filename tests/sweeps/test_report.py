@@ -57,7 +57,7 @@ def test_write_report_separates_budgets(tmp_path):
 RESULTS = Path(__file__).parents[2] / "docs" / "results"
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-v0.2", "init"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-v0.2", "tiny-v0.2-confirm", "init"])
 def test_report_reproduces_the_committed_results(tmp_path, name):
     """`engram sweep report --budget tiny` is a function of the results alone: fed the committed runs.jsonl, it
     rewrites docs/results/tiny (the allocation, memory and ablation sweeps) and docs/results/init (the init
