@@ -17,7 +17,9 @@ same layers held in memory.
 3. **Paired layer calls, V4.1**: a miniature V4.1 release with fp8 tables of ``--v41-rows`` rows per
    layer, written in the released layout; its Engram layers served from the shards (``open_v41``)
    against the same layers loaded whole (``from_release_state_dict``: the decoded fp32 rows in memory),
-   timed round-robin on decode-sized calls (hash, gather, gate; B = 8, T = 1). Outputs must be equal.
+   and against the release's own fp8 rows held in RAM (a ``HostStore``: decoded on gather, as the disk
+   tier does), timed round-robin on decode-sized calls (hash, gather, gate; B = 8, T = 1). Per round:
+   each in-memory arm's time over the served one's. Outputs must be equal.
 
     python benchmarks/qwen4exp_offload.py [--big-gb 30] [--paired-gb 1] [--v41-rows 2000000] [--json PATH]
 """
@@ -35,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engram.bench.offload import drop_page_cache, proc_status_mb
@@ -228,6 +231,9 @@ def run_v41(args) -> dict:
 
     from engram.compat.deepseek import open_v41
     from engram.model.engram_v41 import EngramV41
+    from engram.storage.apply import OffloadedEmbedding
+    from engram.storage.formats import from_numpy
+    from engram.storage.stores import HostStore
 
     directory = Path(tempfile.mkdtemp(prefix="engram-v41-", dir="/tmp"))
     try:
@@ -236,34 +242,47 @@ def run_v41(args) -> dict:
             tensors = load_file(str(directory / "model.safetensors"))
             whole = {lid: EngramV41.from_release_state_dict(tensors, release.config, lid)
                      for lid in release.engram_layers}
+            fp8_in_ram = {lid: EngramV41.from_release_state_dict(tensors, release.config, lid)
+                          for lid in release.engram_layers}
             del tensors
+            for lid, layer in fp8_in_ram.items():  # the served table's fp8 codes and scales, read into RAM
+                served = release.engram_layers[lid].embedding
+                disk = served.store
+                store = HostStore(from_numpy(np.array(disk.array), disk.format.code_dtype), False, disk.format,
+                                  from_numpy(np.array(disk.scales), disk.format.scale_dtype))
+                layer.embedding = OffloadedEmbedding(store, served.offsets, torch.device("cpu"), torch.float32,
+                                                     served.prefetcher)
             g = torch.Generator().manual_seed(1)
             calls = [torch.randint(1, 4096, (8, 1), generator=g) for _ in range(args.v41_calls)]
             hidden = torch.randn(8, 1, 4, 256, generator=g)
+            arms = {"served": release.engram_layers, "whole": whole, "fp8_in_ram": fp8_in_ram}
 
-            def step(layers, served: bool) -> tuple[float, list]:
-                outs, history = [], torch.zeros(8, 3, dtype=torch.long)
+            def step(name: str) -> tuple[float, list]:
+                layers, outs, history = arms[name], [], torch.zeros(8, 3, dtype=torch.long)
                 t0 = time.perf_counter()
                 for ids in calls:
                     hash_ids, history = release.hasher.hash_with_history(ids, history)
-                    if served:
-                        release.prefetch(hash_ids)
+                    if name != "whole":  # the tiers' prefetch: the rows of every layer, gathered once
+                        for lid, layer in layers.items():
+                            layer.embedding.prefetch(hash_ids[lid])
                     outs.append([layers[lid](hidden, hash_ids[lid]) for lid in sorted(layers)])
                 return time.perf_counter() - t0, outs
 
-            served_out, whole_out = step(release.engram_layers, True)[1], step(whole, False)[1]
-            equal = all(torch.equal(a, b) for x, y in zip(served_out, whole_out) for a, b in zip(x, y))
-            ratios = []
+            out = {name: step(name)[1] for name in arms}
+            equal = all(torch.equal(a, b) for name in ("whole", "fp8_in_ram")
+                        for x, y in zip(out["served"], out[name]) for a, b in zip(x, y))
+            ratios = {"whole": [], "fp8_in_ram": []}
+            order = list(arms)
             for r in range(args.rounds):
-                if r % 2 == 0:
-                    t_whole, t_served = step(whole, False)[0], step(release.engram_layers, True)[0]
-                else:
-                    t_served, t_whole = step(release.engram_layers, True)[0], step(whole, False)[0]
-                ratios.append(t_whole / t_served)
+                times = {name: step(name)[0] for name in order[r % 3:] + order[:r % 3]}  # each arm first in turn
+                for name in ratios:
+                    ratios[name].append(times[name] / times["served"])
             rows = sum(layer.embedding.num_rows for layer in release.engram_layers.values())
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return {"rows": rows, "outputs_equal": equal, "call_ratios": ratios, "call_ratio_median": statistics.median(ratios)}
+    return {"rows": rows, "outputs_equal": equal, "call_ratios": ratios["whole"],
+            "call_ratio_median": statistics.median(ratios["whole"]), "fp8_in_ram_ratios": ratios["fp8_in_ram"],
+            "fp8_in_ram_ratio_median": statistics.median(ratios["fp8_in_ram"])}
 
 
 def worker(args, name: str, directory: Path | None = None) -> dict:
@@ -299,6 +318,8 @@ def main() -> int:
     results["v41"] = worker(args, "v41")
     print(f"V4.1 layers ({results['v41']['rows']:,} rows, fp8): whole / served call time, median "
           f"{results['v41']['call_ratio_median']:.3f} {[round(r, 3) for r in results['v41']['call_ratios']]}; "
+          f"fp8 rows in RAM / served: median {results['v41']['fp8_in_ram_ratio_median']:.3f} "
+          f"{[round(r, 3) for r in results['v41']['fp8_in_ram_ratios']]}; "
           f"outputs equal: {results['v41']['outputs_equal']}", flush=True)
     if args.big_gb > 0:
         directory = Path(tempfile.mkdtemp(prefix="engram-q4big-", dir="/tmp"))

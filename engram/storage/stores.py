@@ -24,6 +24,7 @@ import ctypes.util
 import mmap
 import os
 import sys
+import warnings
 import weakref
 
 import numpy as np
@@ -100,6 +101,17 @@ def _release(maps, limit: int | None = None) -> None:
             m._mmap.madvise(mmap.MADV_DONTNEED, hand, min(RELEASE_CHUNK, size - hand))
             hand += RELEASE_CHUNK
             m._release_hand = hand
+
+
+def _as_tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor | None:
+    """The rows of a mapped file as a tensor of ``dtype`` over the same bytes (no copy), for ``index_select``:
+    ~2-4x faster than numpy's fancy indexing on a decode step's rows. None for a byte order not the CPU's."""
+    if not arr.dtype.isnative:
+        return None
+    raw = arr.view({1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[arr.dtype.itemsize])
+    with warnings.catch_warnings():  # a read-only map: torch warns that the tensor must not be written, and never is
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(raw).view(dtype)
 
 
 def _view(file_map: np.memmap, dtype: np.dtype, shape: tuple[int, int], offset: int, path) -> np.ndarray:
@@ -230,6 +242,8 @@ class DiskStore:
         self.scales = None if scales_path is None else _view(
             self._maps[1], np.dtype(self.format.scale_numpy_dtype),
             (num_rows, self.format.scales_per_row(dim)), scales_offset, scales_path)
+        self._codes = _as_tensor(self.array, self.format.code_dtype)  # the same bytes, for index_select
+        self._scales = None if self.scales is None else _as_tensor(self.scales, self.format.scale_dtype)
         self._addresses = [self.array.ctypes.data] + ([] if self.scales is None else [self.scales.ctypes.data])
         # (path, first byte, bytes per row) of each file, for the batched read-ahead
         self._files = [(path, offset, self.array.strides[0])] + (
@@ -326,8 +340,12 @@ class DiskStore:
 
     def copy_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``idx`` (ascending) copied out of the maps, as stored: no read-ahead, no release."""
-        codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
-        return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
+        if self._codes is None or (self.scales is not None and self._scales is None):  # a foreign byte order
+            codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
+            return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
+        at = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        codes = self._codes.index_select(0, at)  # (n, d_h): just these rows
+        return codes, None if self._scales is None else self._scales.index_select(0, at)
 
     def over_budget(self) -> bool:
         return _mapped_bytes() - self._baseline > self.mapped_budget

@@ -247,3 +247,28 @@ def test_fp8_and_int8_decode_as_their_bits_say_not_as_our_encoder_does():
     assert torch.equal(int8.decode(q, s), torch.tensor([[-63.5, -0.5, 0.0, 0.5, 63.5],
                                                         [5 * 2.0**-20, 6 * 2.0**-20, 7 * 2.0**-20, 8 * 2.0**-20,
                                                          9 * 2.0**-20]]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["float32", "float16", "bfloat16", "int8", "fp8_e4m3"]), st.integers(1, 40), st.integers(1, 70),
+       st.data())
+def test_a_disk_gather_copies_exactly_the_stored_bytes_of_its_rows(tmp_path_factory, name, n, d, data):
+    """The disk tier copies rows out of the map with ``index_select`` on a tensor over the same bytes; a byte
+    order other than the CPU's takes numpy's indexing instead. Both give the stored codes and scales, bit for bit."""
+    fmt = row_format(name)
+    x = torch.from_numpy(data.draw(arrays(np.float32, (n, d), elements=unit32)))
+    codes, scales = fmt.encode(x)
+    tmp = tmp_path_factory.mktemp("rows")
+    files = {"codes": tmp / "codes.bin", "scales": tmp / "scales.bin"}
+    files["codes"].write_bytes(codes.contiguous().view(torch.uint8).numpy().tobytes())
+    if scales is not None:
+        files["scales"].write_bytes(scales.contiguous().view(torch.uint8).numpy().tobytes())
+    rows = torch.tensor(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))))
+    store = DiskStore(files["codes"], n, d, fmt, None if scales is None else files["scales"])
+    numpy_path = DiskStore(files["codes"], n, d, fmt, None if scales is None else files["scales"])
+    numpy_path._codes = numpy_path._scales = None  # as on a CPU of the other byte order
+    for got in (store.gather_encoded(rows), numpy_path.gather_encoded(rows)):
+        assert got[0].dtype == codes.dtype and torch.equal(got[0].view(torch.uint8), codes[rows].view(torch.uint8))
+        assert (got[1] is None) == (scales is None)
+        if scales is not None:
+            assert got[1].dtype == scales.dtype and torch.equal(got[1].view(torch.uint8), scales[rows].view(torch.uint8))
