@@ -20,107 +20,18 @@ format) and the embedding casts once to the model's dtype.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import mmap
 import os
-import sys
-import warnings
-import weakref
 
 import numpy as np
 import torch
 
 from engram.storage.export import TableEntry
 from engram.storage.formats import RowFormat, from_numpy, row_format
-
-PAGE = mmap.PAGESIZE
+from engram.storage import mapping
+from engram.storage.mapping import PAGE, as_tensor, file_map, mapped_bytes, release, view_rows
 RESIDENT_SAMPLE = 8  # row pages checked before a read-ahead: all cached means the table is warm
 SMALL_REQUEST = 1024  # rows: below it a request is decode-sized, and the checks below are spread over calls
 WARM_TRUST = 8  # after a warm verdict, the next small requests up to this many are trusted warm unchecked
-
-
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    return libc
-
-
-_LIBC = _libc()
-
-
-def _mapped_bytes() -> int:
-    """Bytes of file pages mapped by this process (``/proc/self/statm``'s shared pages; 0 where it is absent)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[2]) * PAGE
-    except OSError:
-        return 0
-
-
-_FILE_MAPS: "weakref.WeakValueDictionary[tuple, np.memmap]" = weakref.WeakValueDictionary()
-
-
-def _file_map(path, random: bool = True) -> np.memmap:
-    """The whole file ``path`` mapped read-only, once per process while any store uses it (a map holds a
-    file descriptor: one per part would exhaust them). ``MADV_RANDOM``: a fault reads its own page only."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)  # a rewritten file gets a new map
-    found = _FILE_MAPS.get(key)
-    if found is None:
-        found = np.memmap(path, dtype=np.uint8, mode="r")
-        if random and hasattr(found, "_mmap") and hasattr(mmap, "MADV_RANDOM"):
-            found._mmap.madvise(mmap.MADV_RANDOM)
-        _FILE_MAPS[key] = found
-    return found
-
-
-RELEASE_CHUNK = 32 << 20  # bytes of a map released at a time, from where the last release stopped
-
-
-def _release(maps, limit: int | None = None) -> None:
-    """Drop this process's page-table entries of ``maps`` (``MADV_DONTNEED``: the pages stay in the page cache).
-
-    ``limit=None``: all of them. Otherwise only until the process maps at most ``limit`` bytes of files
-    (``_mapped_bytes``), ``RELEASE_CHUNK`` at a time, each map's releases going round it from where its last
-    one stopped (a clock hand), and at most once round every map. A table a little larger than the budget is
-    then mostly still mapped after a release: hashed rows touch every part of it, and each part released is
-    mapped again by the next gathers, one page fault per row, so releasing all of it costs most."""
-    maps = [m for m in maps if hasattr(m, "_mmap") and hasattr(mmap, "MADV_DONTNEED")]
-    if limit is None:
-        for m in maps:
-            m._mmap.madvise(mmap.MADV_DONTNEED)
-        return
-    for m in maps:
-        size, hand = len(m._mmap), getattr(m, "_release_hand", 0)
-        for _ in range(-(-size // RELEASE_CHUNK)):
-            if _mapped_bytes() <= limit:
-                return
-            hand = 0 if hand >= size else hand
-            m._mmap.madvise(mmap.MADV_DONTNEED, hand, min(RELEASE_CHUNK, size - hand))
-            hand += RELEASE_CHUNK
-            m._release_hand = hand
-
-
-def _as_tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor | None:
-    """The rows of a mapped file as a tensor of ``dtype`` over the same bytes (no copy), for ``index_select``:
-    ~2-4x faster than numpy's fancy indexing on a decode step's rows. None for a byte order not the CPU's."""
-    if not arr.dtype.isnative:
-        return None
-    raw = arr.view({1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}[arr.dtype.itemsize])
-    with warnings.catch_warnings():  # a read-only map: torch warns that the tensor must not be written, and never is
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(raw).view(dtype)
-
-
-def _view(file_map: np.memmap, dtype: np.dtype, shape: tuple[int, int], offset: int, path) -> np.ndarray:
-    """(rows, width) values of ``dtype`` at byte ``offset`` of a file's map; refused when the file is too short."""
-    nbytes = shape[0] * shape[1] * dtype.itemsize
-    if offset + nbytes > file_map.shape[0]:
-        raise ValueError(f"{path} holds {file_map.shape[0]} bytes; the table needs {nbytes} from byte {offset} "
-                         "(truncated?)")
-    return np.ndarray(shape, dtype=dtype, buffer=file_map, offset=offset)
 
 
 class _Pacing:
@@ -236,19 +147,19 @@ class DiskStore:
         self.path = path
         self.dtype = self.format.name
         # one map per file, shared by every store in it (a checkpoint's 512 table parts in a few shards)
-        self._maps = [_file_map(path, self.readahead)] + (
-            [] if scales_path is None else [_file_map(scales_path, self.readahead)])
-        self.array = _view(self._maps[0], np.dtype(self.format.numpy_dtype), (num_rows, dim), offset, path)
-        self.scales = None if scales_path is None else _view(
+        self._maps = [file_map(path, self.readahead)] + (
+            [] if scales_path is None else [file_map(scales_path, self.readahead)])
+        self.array = view_rows(self._maps[0], np.dtype(self.format.numpy_dtype), (num_rows, dim), offset, path)
+        self.scales = None if scales_path is None else view_rows(
             self._maps[1], np.dtype(self.format.scale_numpy_dtype),
             (num_rows, self.format.scales_per_row(dim)), scales_offset, scales_path)
-        self._codes = _as_tensor(self.array, self.format.code_dtype)  # the same bytes, for index_select
-        self._scales = None if self.scales is None else _as_tensor(self.scales, self.format.scale_dtype)
+        self._codes = as_tensor(self.array, self.format.code_dtype)  # the same bytes, for index_select
+        self._scales = None if self.scales is None else as_tensor(self.scales, self.format.scale_dtype)
         self._addresses = [self.array.ctypes.data] + ([] if self.scales is None else [self.scales.ctypes.data])
         # (path, first byte, bytes per row) of each file, for the batched read-ahead
         self._files = [(path, offset, self.array.strides[0])] + (
             [] if self.scales is None else [(scales_path, scales_offset, self.scales.strides[0])])
-        self._baseline = _mapped_bytes()  # files the process mapped before: not this store's to release
+        self._baseline = mapped_bytes()  # files the process mapped before: not this store's to release
         self._pacing = _Pacing()
 
     @classmethod
@@ -317,14 +228,14 @@ class DiskStore:
         or one per 64 rows of a larger request (a 90%-cached batch of 4k rows then reads ahead with probability
         1 - 0.9^64 > 99.8%), and one scale page per 8 of those (a scale page holds the scales of hundreds of
         rows, so it is cached whenever its rows are). ~1 us per page checked."""
-        if _LIBC is None:
+        if mapping.LIBC is None:
             return False
         if len(idx) == 0:
             return True
         count = max(RESIDENT_SAMPLE, len(idx) // 64)
         sample = idx[:: max(1, len(idx) // count)][:count].astype(np.int64)
         flag = ctypes.c_ubyte()
-        ref, mincore = ctypes.byref(flag), _LIBC.mincore
+        ref, mincore = ctypes.byref(flag), mapping.LIBC.mincore
         for i, (base, (_, _, row_bytes)) in enumerate(zip(self._addresses, self._files)):
             rows = sample if i == 0 else sample[::8]
             for address in np.unique((base + rows * row_bytes) & ~(PAGE - 1)).tolist():
@@ -348,7 +259,7 @@ class DiskStore:
         return codes, None if self._scales is None else self._scales.index_select(0, at)
 
     def over_budget(self) -> bool:
-        return _mapped_bytes() - self._baseline > self.mapped_budget
+        return mapped_bytes() - self._baseline > self.mapped_budget
 
     def gather_encoded(self, rows: torch.Tensor, warm: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = rows.numpy()
@@ -370,7 +281,7 @@ class DiskStore:
 
     def release_limit(self) -> int:
         """Mapped file bytes a release brings the process down to: one ``RELEASE_CHUNK`` below the budget."""
-        return self._baseline + max(0, self.mapped_budget - RELEASE_CHUNK)
+        return self._baseline + max(0, self.mapped_budget - mapping.RELEASE_CHUNK)
 
     def release_mappings(self, everything: bool = False) -> None:
         """Drop this process's page-table entries of the maps (``MADV_DONTNEED``; the pages stay in the page
@@ -379,7 +290,7 @@ class DiskStore:
         fault maps a whole large folio of the page cache (up to 2 MiB), so a few thousand random rows map an
         entire freshly written 1 GiB file. A gather calls it once the process maps ``mapped_budget`` bytes
         of files more than when the store was made; ~0.3 ms to release 1 GiB."""
-        _release(self._maps, None if everything else self.release_limit())
+        release(self._maps, None if everything else self.release_limit())
 
     def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)
         return self.format.decode(*self.gather_encoded(rows, warm))
@@ -467,7 +378,7 @@ class ConcatStore:
                     scales[where] = s
         finally:
             if on_disk and groups and self._pacing.budget_due(len(idx)) and groups[0][0].over_budget():
-                _release({id(m): m for part, _, _ in groups for m in part._maps}.values(),  # shared maps once
+                release({id(m): m for part, _, _ in groups for m in part._maps}.values(),  # shared maps once
                          groups[0][0].release_limit())
         return codes, scales
 

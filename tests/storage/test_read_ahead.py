@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engram.storage import stores
+from engram.storage import mapping, stores
 from engram.storage.stores import PAGE, ConcatStore, DiskStore
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
@@ -91,7 +91,7 @@ def test_parts_of_another_width_are_refused(tmp_path):
         ConcatStore([DiskStore(tmp_path / "a.bin", 4, 8), DiskStore(tmp_path / "b.bin", 4, 4)])
 
 
-@pytest.mark.skipif(stores._LIBC is None, reason="mincore is read through Linux's libc")
+@pytest.mark.skipif(mapping.LIBC is None, reason="mincore is read through Linux's libc")
 def test_a_warm_table_skips_the_read_ahead(tmp_path, monkeypatch):
     path, values = table_file(tmp_path, 20000, 64, 0)
     store = DiskStore(path, 20000, 64)
@@ -107,7 +107,7 @@ def test_a_warm_table_skips_the_read_ahead(tmp_path, monkeypatch):
         def mincore(address, length, flag):
             flag._obj.value = 0
             return 0
-    monkeypatch.setattr(stores, "_LIBC", NotCached)
+    monkeypatch.setattr(mapping, "LIBC", NotCached)
     store = DiskStore(path, 20000, 64)  # a new store: the first found its table warm and trusts that a while
     assert torch.equal(store.gather(rows), torch.from_numpy(values[rows.numpy()]))
     assert calls
@@ -175,13 +175,13 @@ def test_a_release_drops_only_what_brings_the_process_under_its_budget(tmp_path,
     """A table a little larger than the budget stays mostly mapped: a release goes round the map a chunk at a
     time until the process maps one chunk less than its budget, not the whole table (each part released is
     mapped again by later gathers, one fault per row)."""
-    monkeypatch.setattr(stores, "RELEASE_CHUNK", 1 << 20)
+    monkeypatch.setattr(mapping, "RELEASE_CHUNK", 1 << 20)
     rows, dim = 1 << 16, 256  # 64 MiB
     path = tmp_path / "t.bin"
     path.write_bytes(np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32).tobytes())
     store = DiskStore(path, rows, dim)
     store.mapped_budget = 32 << 20
-    mib = lambda: (stores._mapped_bytes() - store._baseline) / (1 << 20)
+    mib = lambda: (mapping.mapped_bytes() - store._baseline) / (1 << 20)
     for _ in range(3):  # each time from where the last release stopped
         float(store.array.sum())  # every page of the table mapped
         assert mib() > 60
