@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000, help="table rows (default 2M)")
     parser.add_argument("--dim", type=int, default=64, help="row width d_h (default 64)")
-    parser.add_argument("--format", default="float32", choices=sorted(FORMATS), help="stored row format (default float32)")
+    parser.add_argument("--format", default="float32", choices=sorted(FORMATS),
+                        help="stored row format (default float32)")
     parser.add_argument("--batches", type=int, nargs="+", default=[192, 1024, 8192, 32768],
                         help="distinct rows per call (default 192 1024 8192 32768; 192: a V4.1 decode step)")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per median (default 30)")

@@ -38,21 +38,20 @@ def write_table(path: str, rows: int, dim: int) -> None:
             f.write(block[: min(len(block), rows - start)].tobytes())
 
 
-def run(store: DiskStore, policy: str, budget: int, requests: list[torch.Tensor]) -> tuple[float, float]:
-    """(seconds, minor faults) for ``requests`` gathered under ``policy``."""
-    store.mapped_budget = 1 << 60 if policy == "no budget" else budget
-    release = store.release_mappings
-    if policy == "release all":
-        store.release_mappings = lambda: release(everything=True)
+class ReleaseAll(DiskStore):
+    """The release the store did before: every page-table entry of its maps."""
+
+    def release_mappings(self, everything: bool = True) -> None:
+        super().release_mappings(everything=True)
+
+
+def run(store: DiskStore, requests: list[torch.Tensor]) -> tuple[float, float]:
+    """(seconds, minor faults) for ``requests`` gathered from ``store``."""
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    try:
-        for rows in requests:
-            store.gather(rows)
-    finally:
-        seconds = time.perf_counter() - start
-        store.__dict__.pop("release_mappings", None)
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    for rows in requests:
+        store.gather(rows)
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,19 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="engram-budget-", dir="/tmp") as tmp:
         path = os.path.join(tmp, "table.bin")
         write_table(path, rows, args.dim)
-        store = DiskStore(path, rows, args.dim)
+        # one store per policy, all over the same map (one per file and process), so they share its pages
+        kinds = (DiskStore, ReleaseAll, DiskStore)
+        stores = {policy: kind(path, rows, args.dim) for policy, kind in zip(POLICIES, kinds)}
+        stores["no budget"].mapped_budget = 1 << 60
+        stores["release all"].mapped_budget = stores["release to budget"].mapped_budget = budget
         rng = np.random.default_rng(1)
         requests = [torch.from_numpy(np.unique(rng.integers(0, rows, args.rows_per_gather)))
                     for _ in range(args.gathers)]
-        run(store, "no budget", budget, requests)  # every page read into the cache and mapped once
+        run(stores["no budget"], requests)  # every page read into the cache and mapped once
         times = {p: [] for p in POLICIES}
         faults = {p: [] for p in POLICIES}
         for _ in range(args.rounds):
-            for policy in POLICIES:
-                seconds, minflt = run(store, policy, budget, requests)
+            for policy, store in stores.items():
+                seconds, minflt = run(store, requests)
                 times[policy].append(seconds / len(requests) * 1e6)
                 faults[policy].append(minflt / len(requests))
-        del store
+        del stores
     base = statistics.median(times["no budget"])
     print(f"table {rows * args.dim * 4 / (1 << 30):.2f} GiB ({rows:,} rows of {args.dim} fp32), budget "
           f"{args.budget_gb:.2f} GiB, {args.rows_per_gather} rows per gather, {args.rounds} rounds of {args.gathers}")

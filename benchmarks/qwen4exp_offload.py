@@ -37,7 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engram.bench.offload import drop_page_cache, proc_status_mb
@@ -232,7 +231,6 @@ def run_v41(args) -> dict:
     from engram.compat.deepseek import open_v41
     from engram.model.engram_v41 import EngramV41
     from engram.storage.apply import OffloadedEmbedding
-    from engram.storage.formats import from_numpy
     from engram.storage.stores import HostStore
 
     directory = Path(tempfile.mkdtemp(prefix="engram-v41-", dir="/tmp"))
@@ -247,11 +245,8 @@ def run_v41(args) -> dict:
             del tensors
             for lid, layer in fp8_in_ram.items():  # the served table's fp8 codes and scales, read into RAM
                 served = release.engram_layers[lid].embedding
-                disk = served.store
-                store = HostStore(from_numpy(np.array(disk.array), disk.format.code_dtype), False, disk.format,
-                                  from_numpy(np.array(disk.scales), disk.format.scale_dtype))
-                layer.embedding = OffloadedEmbedding(store, served.offsets, torch.device("cpu"), torch.float32,
-                                                     served.prefetcher)
+                layer.embedding = OffloadedEmbedding(HostStore.from_store(served.store, pin=False), served.offsets,
+                                                     torch.device("cpu"), torch.float32, served.prefetcher)
             g = torch.Generator().manual_seed(1)
             calls = [torch.randint(1, 4096, (8, 1), generator=g) for _ in range(args.v41_calls)]
             hidden = torch.randn(8, 1, 4, 256, generator=g)

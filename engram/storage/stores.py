@@ -25,10 +25,11 @@ import os
 import numpy as np
 import torch
 
+from engram.storage import mapping
 from engram.storage.export import TableEntry
 from engram.storage.formats import RowFormat, from_numpy, row_format
-from engram.storage import mapping
 from engram.storage.mapping import PAGE, as_tensor, file_map, mapped_bytes, release, view_rows
+
 RESIDENT_SAMPLE = 8  # row pages checked before a read-ahead: all cached means the table is warm
 SMALL_REQUEST = 1024  # rows: below it a request is decode-sized, and the checks below are spread over calls
 WARM_TRUST = 8  # after a warm verdict, the next small requests up to this many are trusted warm unchecked
@@ -153,8 +154,9 @@ class DiskStore:
         self.scales = None if scales_path is None else view_rows(
             self._maps[1], np.dtype(self.format.scale_numpy_dtype),
             (num_rows, self.format.scales_per_row(dim)), scales_offset, scales_path)
-        self._codes = as_tensor(self.array, self.format.code_dtype)  # the same bytes, for index_select
-        self._scales = None if self.scales is None else as_tensor(self.scales, self.format.scale_dtype)
+        # the same bytes as tensors, for index_select; None where the files' byte order is not the CPU's
+        codes, scales = as_tensor(self.array, self.format.code_dtype), as_tensor(self.scales, self.format.scale_dtype)
+        self._tensors = None if codes is None or (self.scales is not None and scales is None) else (codes, scales)
         self._addresses = [self.array.ctypes.data] + ([] if self.scales is None else [self.scales.ctypes.data])
         # (path, first byte, bytes per row) of each file, for the batched read-ahead
         self._files = [(path, offset, self.array.strides[0])] + (
@@ -251,12 +253,11 @@ class DiskStore:
 
     def copy_rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``idx`` (ascending) copied out of the maps, as stored: no read-ahead, no release."""
-        if self._codes is None or (self.scales is not None and self._scales is None):  # a foreign byte order
+        if self._tensors is None:  # numpy's indexing, which converts the byte order
             codes = from_numpy(self.array[idx], self.format.code_dtype)  # (n, d_h): just these rows
             return codes, None if self.scales is None else from_numpy(self.scales[idx], self.format.scale_dtype)
-        at = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-        codes = self._codes.index_select(0, at)  # (n, d_h): just these rows
-        return codes, None if self._scales is None else self._scales.index_select(0, at)
+        at, (codes, scales) = torch.from_numpy(np.asarray(idx, dtype=np.int64)), self._tensors
+        return codes.index_select(0, at), None if scales is None else scales.index_select(0, at)  # (n, d_h), (n, S)
 
     def over_budget(self) -> bool:
         return mapped_bytes() - self._baseline > self.mapped_budget
@@ -286,10 +287,11 @@ class DiskStore:
     def release_mappings(self, everything: bool = False) -> None:
         """Drop this process's page-table entries of the maps (``MADV_DONTNEED``; the pages stay in the page
         cache, and the next touch maps them again) until it maps ``release_limit()`` bytes of files, or all
-        of them (``everything=True``). Without it a table's mapped pages count in the process's RSS and only grow: a
-        fault maps a whole large folio of the page cache (up to 2 MiB), so a few thousand random rows map an
-        entire freshly written 1 GiB file. A gather calls it once the process maps ``mapped_budget`` bytes
-        of files more than when the store was made; ~0.3 ms to release 1 GiB."""
+        of them (``everything=True``). Without it a table's mapped pages count in the process's RSS and only
+        grow: a fault maps a whole large folio of the page cache (up to 2 MiB), so a few thousand random rows
+        map an entire freshly written 1 GiB file. A gather calls it once the process maps ``mapped_budget``
+        bytes of files more than when the store was made; ~0.15 ms in a model's decode step
+        (docs/BENCHMARKS.md)."""
         release(self._maps, None if everything else self.release_limit())
 
     def gather(self, rows: torch.Tensor, warm: bool | None = None) -> torch.Tensor:  # (n,) -> (n, d_h)
